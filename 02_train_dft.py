@@ -1,0 +1,624 @@
+"""
+Stage 2: Deep Supervision Fine-Tuning (DFT) with hand-written hidden-state supervision.
+
+One plain PyTorch loop (accelerate for multi-device) trains one of four methods on the pairs
+written by 01_build_pairs.py:
+  sft          L_TFT on the English side only (x_en -> y_en)
+  tft          L_TFT on the target side (x_tgt -> y_tgt), the paper's main baseline
+  dft-logits   L_TFT + L_LC + L_ET, each a logit-lens cross-entropy against English tokens
+  dft-feature  L_TFT + L_LC + L_ET, each a cosine distance to the parallel English hidden states
+(../shared/DESIGN.md §2 defines every term; `--lc/--et` mix the signals freely.)
+
+Examples:
+  # CPU, the offline default model (SmolLM2-135M-Instruct), a few hundred zh pairs
+  python 02_train_dft.py --pairs out/pairs_zh.jsonl --out out/dft-logits --method dft-logits --max-steps 50
+  # the paper's recipe for LLaMA-2-7B (i=2, j=15) on 8 GPUs
+  accelerate launch --config_file configs/fsdp_8gpu.yaml 02_train_dft.py --preset llama2-7b \
+      --pairs pairs_zh.jsonl --out runs/llama2-dft-logits --method dft-logits
+  # layers chosen from the logit-lens entropy curve (written next to the model as JSON + PNG)
+  python 02_train_dft.py --pairs p.jsonl --out o --method dft-feature --lc-layer auto --et-layer auto
+
+Outputs in --out: a Hugging Face model folder (or a LoRA adapter with --lora), the tokenizer,
+train_config.json, train_log.jsonl (one line per optimizer step), layer_entropy.{json,png} when a
+layer is 'auto', and checkpoint/ (every --save-every steps; --resume continues from it).
+"""
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections import Counter
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+import common
+
+# -----------------------------------------------------------------------------
+# methods and recipes
+
+METHODS = {  # which sequences the loss sees; DESIGN §2 "named presets"
+    "sft": dict(tft_side="en", lc="none", et="none"),
+    "tft": dict(tft_side="tgt", lc="none", et="none"),
+    "dft-logits": dict(tft_side="tgt", lc="logits", et="logits"),
+    "dft-feature": dict(tft_side="tgt", lc="feature", et="feature"),
+}
+
+# The paper's recipe (stanford_alpaca defaults: batch 128, lr 2e-5, 3 epochs, max length 512, cosine,
+# warmup 3%, no weight decay) and the layers: LLaMA-2-7B i=2, j=15 from the paper; the paper gives no
+# layers for Gemma-2-2B and we have not run its analysis, so it uses the entropy rule (auto).
+PAPER_RECIPE = dict(global_batch_size=128, lr=2e-5, epochs=3, max_length=512, warmup_ratio=0.03, weight_decay=0.0)
+PRESETS = {
+    "llama2-7b": dict(PAPER_RECIPE, model="meta-llama/Llama-2-7b-hf", batch_size=4, lc_layer="2", et_layer="15",
+                      dtype="bfloat16", grad_checkpointing=True),
+    "gemma2-2b": dict(PAPER_RECIPE, model="google/gemma-2-2b", batch_size=8, lc_layer="auto", et_layer="auto",
+                      dtype="bfloat16", grad_checkpointing=True),
+    # CPU-sized: the same schedule, a small batch; layers from the entropy rule
+    "smollm2-135m": dict(PAPER_RECIPE, model=common.DEFAULT_MODEL, global_batch_size=8, batch_size=8,
+                         lc_layer="auto", et_layer="auto", dtype="float32"),
+}
+
+DEFAULTS = dict(model=common.DEFAULT_MODEL, method="tft", lc=None, et=None, lc_layer="auto", et_layer="auto",
+                lc_weight=1.0, et_weight=1.0, tft_weight=1.0, pool="mean", feature_grad="target",
+                epochs=3, max_steps=None, batch_size=4, grad_accum=None, global_batch_size=None, lr=2e-5,
+                warmup_ratio=0.03, weight_decay=0.0, max_grad_norm=1.0, max_length=512, seed=42, dtype="float32",
+                grad_checkpointing=False, ce_chunk=1024, lora=False, lora_r=16, lora_alpha=32, lora_dropout=0.05,
+                lora_targets="q_proj,k_proj,v_proj,o_proj", merge_lora=False, save_every=0, resume=False,
+                log_every=1, layer_sample=64, allow_layer_order=False, stop_after_steps=None)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Flags left unset take the --preset value, then the --method value, then the default.")
+    g = p.add_argument_group("data and model")
+    g.add_argument("--pairs", required=True, help="pairs JSONL from 01_build_pairs.py")
+    g.add_argument("--out", required=True, help="output folder (model, logs, checkpoints)")
+    g.add_argument("--model", help=f"HF hub name or local folder (default {common.DEFAULT_MODEL})")
+    g.add_argument("--preset", choices=sorted(PRESETS), help="the paper's recipe for a model (layers, batch, lr, ...)")
+    g = p.add_argument_group("objective (DESIGN §2)")
+    g.add_argument("--method", choices=sorted(METHODS), help="sft | tft | dft-logits | dft-feature (default tft)")
+    g.add_argument("--lc", choices=["none", "logits", "feature"], help="language-conversion signal (overrides --method)")
+    g.add_argument("--et", choices=["none", "logits", "feature"], help="English-thinking signal (overrides --method)")
+    g.add_argument("--lc-layer", help="block i for L_LC, 1-based (HF hidden_states index), or 'auto' (entropy rule)")
+    g.add_argument("--et-layer", help="block j for L_ET, 1-based, or 'auto'")
+    g.add_argument("--lc-weight", type=float, help="w_LC (paper: 1); 0 computes L_LC for the log only")
+    g.add_argument("--et-weight", type=float, help="w_ET (paper: 1); 0 computes L_ET for the log only")
+    g.add_argument("--tft-weight", type=float, help="weight of L_TFT (default 1; 0 trains the intermediate objectives alone)")
+    g.add_argument("--pool", choices=["mean", "last"], help="feature pooling over the tokens of x (default mean)")
+    g.add_argument("--feature-grad", choices=["target", "both"],
+                   help="feature losses: gradient into the target branch only (default) or into the English branch too")
+    g.add_argument("--allow-layer-order", action="store_true", default=None, help="allow an LC layer >= the ET layer")
+    g.add_argument("--layer-sample", type=int, help="target prompts used by the auto layer rule (default 64)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=float, help="passes over the pairs (default 3)")
+    g.add_argument("--max-steps", type=int, help="optimizer steps; overrides --epochs")
+    g.add_argument("--batch-size", type=int, help="sequences per device per micro-batch (default 4)")
+    g.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1, or from --global-batch-size)")
+    g.add_argument("--global-batch-size", type=int, help="checked against batch-size x devices x grad-accum")
+    g.add_argument("--lr", type=float, help="peak learning rate (default 2e-5)")
+    g.add_argument("--warmup-ratio", type=float, help="linear warm-up fraction, then cosine decay (default 0.03)")
+    g.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0, as stanford_alpaca)")
+    g.add_argument("--max-grad-norm", type=float, help="gradient clipping (default 1.0)")
+    g.add_argument("--max-length", type=int, help="tokens per sequence; longer ones are cut and counted (default 512)")
+    g.add_argument("--seed", type=int, help="data order and initialisation (default 42)")
+    g = p.add_argument_group("memory and speed")
+    g.add_argument("--dtype", choices=["float32", "bfloat16"], help="parameter dtype (default float32)")
+    g.add_argument("--grad-checkpointing", action="store_true", default=None, help="recompute blocks in backward")
+    g.add_argument("--ce-chunk", type=int, help="tokens per cross-entropy chunk; logits of one chunk live at a time (0: no chunking)")
+    g.add_argument("--lora", action="store_true", default=None, help="train LoRA adapters (peft) instead of all weights")
+    g.add_argument("--lora-r", type=int, help="LoRA rank (default 16)")
+    g.add_argument("--lora-alpha", type=int, help="LoRA alpha (default 32)")
+    g.add_argument("--lora-dropout", type=float, help="LoRA dropout (default 0.05)")
+    g.add_argument("--lora-targets", help="comma-separated module names (default q_proj,k_proj,v_proj,o_proj)")
+    g.add_argument("--merge-lora", action="store_true", default=None, help="save the merged full model instead of the adapter")
+    g = p.add_argument_group("checkpoints and logging")
+    g.add_argument("--save-every", type=int, help="checkpoint every N optimizer steps (0: only the final model)")
+    g.add_argument("--resume", action="store_true", default=None, help="continue from --out/checkpoint")
+    g.add_argument("--log-every", type=int, help="print every N steps (train_log.jsonl gets every step)")
+    g.add_argument("--stop-after-steps", type=int, help="stop after N steps as if interrupted (to test --resume)")
+    return p.parse_args(argv)
+
+
+
+def resolve_config(args):
+    """Explicit flag > --preset > --method > DEFAULTS. Returns a plain dict: what train_config.json records."""
+    cfg = dict(DEFAULTS)
+    if args.preset:
+        cfg.update(PRESETS[args.preset])
+    method = args.method or cfg["method"]
+    cfg.update(METHODS[method], method=method)
+    for key, value in vars(args).items():
+        if value is not None:
+            cfg[key] = value
+    if cfg["method"] == "sft" and (cfg["lc"] != "none" or cfg["et"] != "none"):
+        raise common.UserError("--method sft trains on English only; --lc/--et need target-language inputs (use tft or dft-*)")
+    return cfg
+
+
+# -----------------------------------------------------------------------------
+# data: pairs -> token sequences
+
+REQUIRED_FIELDS = ("id", "x_en", "y_en", "x_tgt", "y_tgt")
+
+
+def load_pairs(path):
+    rows = common.read_jsonl(path)
+    if not rows:
+        raise common.UserError(f"{path} holds no pairs; build them with 01_build_pairs.py")
+    for n, row in enumerate(rows, 1):
+        missing = [f for f in REQUIRED_FIELDS if not isinstance(row.get(f), str)]
+        if missing:
+            raise common.UserError(f"{path} line {n}: missing or non-string field(s) {missing}; "
+                                   f"each line needs {list(REQUIRED_FIELDS)} (01_build_pairs.py writes them)")
+    return rows
+
+
+def encode_prompt(tokenizer, x):
+    """Token ids of build_prompt(x) and the mask of the tokens that carry x itself (for pooling)."""
+    prompt = common.build_prompt(x)
+    start, end = common.prompt_span(x)
+    enc = tokenizer(prompt, add_special_tokens=True, return_offsets_mapping=True)
+    x_mask = [int(s < end and e > start and e > s) for s, e in enc["offset_mapping"]]
+    return enc["input_ids"], x_mask
+
+
+def encode_sequence(tokenizer, x, y, add_eos):
+    """[P(x); y] with labels -100 on the prompt: the layout of every CE term (DESIGN §2)."""
+    prompt_ids, x_mask = encode_prompt(tokenizer, x)
+    y_ids = tokenizer(y, add_special_tokens=False)["input_ids"] + ([tokenizer.eos_token_id] if add_eos else [])
+    return dict(input_ids=prompt_ids + y_ids, labels=[-100] * len(prompt_ids) + y_ids,
+                pool_mask=x_mask + [0] * len(y_ids))
+
+
+def encode_pair(tokenizer, row, cfg):
+    """All sequences one pair needs for the configured objective."""
+    side = cfg["tft_side"]
+    seqs = {"tft": encode_sequence(tokenizer, row[f"x_{side}"], row[f"y_{side}"], add_eos=True)}
+    if cfg["lc"] == "logits":  # x_en tokens after the target prompt (ours: this layout, DESIGN §2)
+        seqs["lc"] = encode_sequence(tokenizer, row["x_tgt"], row["x_en"], add_eos=False)
+    if cfg["et"] == "logits":  # y_en is a response, so it ends with EOS like every response
+        seqs["et"] = encode_sequence(tokenizer, row["x_tgt"], row["y_en"], add_eos=True)
+    if "feature" in (cfg["lc"], cfg["et"]):
+        ids, x_mask = encode_prompt(tokenizer, row["x_en"])
+        seqs["en"] = dict(input_ids=ids, labels=[-100] * len(ids), pool_mask=x_mask)
+    return seqs
+
+
+def encode_pairs(tokenizer, rows, cfg):
+    """Encode and cut to --max-length; a pair whose TFT prompt alone fills the budget is dropped (counted)."""
+    examples, stats = [], Counter()
+    for row in rows:
+        seqs = encode_pair(tokenizer, row, cfg)
+        if seqs["tft"]["labels"][:cfg["max_length"]].count(-100) == min(len(seqs["tft"]["labels"]), cfg["max_length"]):
+            stats["dropped_prompt_too_long"] += 1
+            continue
+        for name, seq in seqs.items():
+            if len(seq["input_ids"]) > cfg["max_length"]:
+                stats[f"truncated_{name}"] += 1
+                seqs[name] = {k: v[:cfg["max_length"]] for k, v in seq.items()}
+        examples.append(dict(id=row["id"], seqs=seqs))
+    if not examples:
+        raise common.UserError(f"no pair fits --max-length {cfg['max_length']} (every prompt is longer); raise it")
+    return examples, dict(stats)
+
+
+def collate(examples, pad_id):
+    """Right-padded tensors per sequence kind: {kind: {input_ids, attention_mask, labels, pool_mask}}."""
+    batch = {"ids": [ex["id"] for ex in examples]}
+    for kind in examples[0]["seqs"]:
+        seqs = [ex["seqs"][kind] for ex in examples]
+        width = max(len(s["input_ids"]) for s in seqs)
+        pad = lambda v, fill: v + [fill] * (width - len(v))
+        batch[kind] = dict(
+            input_ids=torch.tensor([pad(s["input_ids"], pad_id) for s in seqs]),
+            attention_mask=torch.tensor([pad([1] * len(s["input_ids"]), 0) for s in seqs]),
+            labels=torch.tensor([pad(s["labels"], -100) for s in seqs]),
+            pool_mask=torch.tensor([pad(s["pool_mask"], 0) for s in seqs]))
+    return batch
+
+
+def micro_batch_order(num_examples, batch_size, world_size, rank, seed, epoch):
+    """Example indices of this rank's micro-batches in one epoch: a seeded shuffle, cut into global
+    micro-batches of batch_size x world_size (an incomplete last one is dropped), rank r takes slice r."""
+    order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    global_size = batch_size * world_size
+    return [order[s + rank * batch_size: s + (rank + 1) * batch_size]
+            for s in range(0, num_examples - global_size + 1, global_size)]
+
+
+# -----------------------------------------------------------------------------
+# the objective: every loss inside one module's forward (FSDP/ZeRO-3 gather lm_head and norm there)
+
+
+def chunked_cross_entropy(hidden, targets, logits_fn, chunk_size):
+    """Mean CE of logits_fn(hidden) against targets, `chunk_size` rows at a time.
+
+    Each chunk is checkpointed, so its (chunk x vocab) logits are freed after the forward and
+    recomputed in backward: at most one chunk of logits is alive at any time.
+    """
+    if hidden.shape[0] == 0:
+        return hidden.sum() * 0.0  # keeps the graph connected when a micro-batch has no labelled token
+    chunk_size = chunk_size or hidden.shape[0]
+
+    def chunk_loss(h, t):
+        return F.cross_entropy(logits_fn(h).float(), t, reduction="sum")
+
+    total = 0.0
+    for s in range(0, hidden.shape[0], chunk_size):
+        h, t = hidden[s:s + chunk_size], targets[s:s + chunk_size]
+        total = total + (checkpoint(chunk_loss, h, t, use_reentrant=False) if torch.is_grad_enabled() else chunk_loss(h, t))
+    return total / hidden.shape[0]
+
+
+def shifted(hidden, labels):
+    """Hidden states at the positions that predict a label (position t predicts token t+1), and those labels."""
+    keep = labels[:, 1:] != -100
+    return hidden[:, :-1][keep], labels[:, 1:][keep]
+
+
+def pool(hidden, mask, how):
+    mask = mask.to(hidden.dtype).unsqueeze(-1)
+    if how == "mean":
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+    last = (mask.squeeze(-1) * torch.arange(mask.shape[1], device=mask.device)).argmax(1)  # last token of x
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+def cosine_distance(a, b):
+    return (1 - F.cosine_similarity(a.float(), b.float(), dim=-1)).mean()
+
+
+class DFTObjective(nn.Module):
+    """L = w_tft L_TFT + w_lc L_LC + w_et L_ET for one micro-batch (DESIGN §2)."""
+
+    def __init__(self, model, cfg):
+        super().__init__()
+        self.model = model
+        self.cfg = cfg
+        self.lc, self.et = cfg["lc"], cfg["et"]
+        self.lc_layer, self.et_layer = cfg.get("lc_layer_used"), cfg.get("et_layer_used")
+
+    def forward(self, batch):
+        cfg, parts = self.cfg, common.model_parts(self.model)
+        zero = torch.zeros((), device=batch["tft"]["input_ids"].device)
+        terms = {"loss_lc": zero, "loss_et": zero}
+
+        # L_TFT: the last layer, lm_head trained; h_i / h_j of the target prompt are read from this pass
+        # (causal attention: the prompt positions of [P(x_tgt); y_tgt] equal those of P(x_tgt) alone)
+        feature_layers = [k for sig, k in ((self.lc, self.lc_layer), (self.et, self.et_layer)) if sig == "feature"]
+        tft = batch["tft"]
+        with common.capture_blocks(parts, feature_layers) as tgt_states:
+            out = parts.backbone(input_ids=tft["input_ids"], attention_mask=tft["attention_mask"], use_cache=False)
+        h, y = shifted(out.last_hidden_state, tft["labels"])
+        terms["loss_tft"] = chunked_cross_entropy(h, y, lambda z: self.head(parts, z), cfg["ce_chunk"])
+        loss = cfg["tft_weight"] * terms["loss_tft"]
+
+        if "feature" in (self.lc, self.et):
+            en_states, en_last = self.english_states(parts, batch["en"])
+        for name, signal, layer, weight in (("lc", self.lc, self.lc_layer, cfg["lc_weight"]),
+                                            ("et", self.et, self.et_layer, cfg["et_weight"])):
+            if signal == "none":
+                continue
+            # weight 0: the term is only watched, so it must not touch the graph (bit-equal to a run without it)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and weight != 0):
+                if signal == "logits":
+                    seq = batch[name]
+                    hidden = common.run_truncated(parts, layer, seq["input_ids"], seq["attention_mask"])
+                    h, y = shifted(hidden, seq["labels"])
+                    term = chunked_cross_entropy(h, y, lambda z: common.lens_logits(parts, z), cfg["ce_chunk"])
+                else:
+                    tgt = tgt_states[layer]
+                    if name == "et":  # h_L of HF is after the final norm: compare in that space (DESIGN §2)
+                        tgt = common.frozen_call(parts.final_norm, tgt)
+                    en = en_states[layer] if name == "lc" else en_last
+                    mask_tgt = tft["pool_mask"]
+                    term = cosine_distance(pool(tgt, mask_tgt, cfg["pool"]), pool(en, batch["en"]["pool_mask"], cfg["pool"]))
+            terms[f"loss_{name}"] = term
+            if weight != 0:
+                loss = loss + weight * term
+        terms["loss"] = loss
+        terms["tokens"] = (tft["labels"][:, 1:] != -100).sum()
+        return terms
+
+    @staticmethod
+    def head(parts, hidden):
+        logits = parts.lm_head(hidden)
+        return torch.tanh(logits / parts.softcap) * parts.softcap if parts.softcap else logits
+
+    def english_states(self, parts, en):
+        """Hidden states of P(x_en): raw h_i for LC, the normed last layer h_L for ET. No gradient by default:
+        the English representation is the fixed point the target language is pulled toward."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.cfg["feature_grad"] == "both"):
+            need_last = self.et == "feature"
+            layers = [self.lc_layer] if self.lc == "feature" else []
+            if need_last:
+                with common.capture_blocks(parts, layers) as states:
+                    out = parts.backbone(input_ids=en["input_ids"], attention_mask=en["attention_mask"], use_cache=False)
+                return states, out.last_hidden_state
+            hidden = common.run_truncated(parts, self.lc_layer, en["input_ids"], en["attention_mask"])
+            return {self.lc_layer: hidden}, None
+
+
+# -----------------------------------------------------------------------------
+# layers (DESIGN §3)
+
+
+def pick_layers(entropy, min_gap=None):
+    """The entropy rule: i, j = the blocks ending the two largest entropy drops.
+
+    entropy[k-1] is the mean lens entropy after block k (k = 1..L). The drop of block k is
+    entropy[k-2] - entropy[k-1]; candidates are blocks 2..L-1 (the last block is the output itself).
+    The second drop must lie at least min_gap blocks from the first (default max(2, L // 8)), so
+    that one steep slope is not counted twice. Returns (i, j) with i < j.
+    """
+    L = len(entropy)
+    if L < 4:
+        raise common.UserError(f"the entropy rule needs at least 4 blocks, this model has {L}; pass --lc-layer/--et-layer")
+    min_gap = max(2, L // 8) if min_gap is None else min_gap
+    drops = {k: entropy[k - 2] - entropy[k - 1] for k in range(2, L)}
+    first = max(drops, key=drops.get)
+    rest = {k: d for k, d in drops.items() if abs(k - first) >= min_gap}
+    if not rest:
+        raise common.UserError(f"no two entropy drops {min_gap} blocks apart in {L} blocks; pass --lc-layer/--et-layer")
+    second = max(rest, key=rest.get)
+    return min(first, second), max(first, second)
+
+
+def save_entropy_curve(out_dir, entropy, picked, model_name, num_prompts):
+    common.write_json(os.path.join(out_dir, "layer_entropy.json"),
+                      dict(model=model_name, prompts=num_prompts, entropy_by_block=entropy, lc_layer=picked[0],
+                           et_layer=picked[1], rule="two largest drops, >= max(2, L//8) blocks apart"))
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    blocks = range(1, len(entropy) + 1)
+    ax.plot(blocks, entropy, marker="o", ms=3)
+    for k, label in zip(picked, ("LC (i)", "ET (j)")):
+        ax.axvline(k, ls="--", c="gray")
+        ax.text(k, max(entropy), f" {label}={k}", va="top")
+    ax.set(xlabel="block", ylabel="logit-lens entropy (nats)", title=f"{os.path.basename(model_name)}: target-language prompts")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "layer_entropy.png"), dpi=120)
+    plt.close(fig)
+
+
+def resolve_layers(cfg, model, tokenizer, rows, out_dir, is_main):
+    """Fill cfg['lc_layer_used'] / ['et_layer_used'] and say why; validate the range and the order."""
+    L = common.model_parts(model).num_layers
+    needed = {name: cfg[f"{name}_layer"] for name in ("lc", "et") if cfg[name] != "none"}
+    why = {}
+    if "auto" in needed.values():
+        texts = [common.build_prompt(r["x_tgt"]) for r in rows[:cfg["layer_sample"]]]
+        model.eval()
+        entropy = common.lens_entropy_curve(model, tokenizer, texts, max_length=cfg["max_length"])
+        picked = pick_layers(entropy)
+        if is_main:
+            save_entropy_curve(out_dir, entropy, picked, cfg["model"], len(texts))
+        for name, k in zip(("lc", "et"), picked):
+            if needed.get(name) == "auto":
+                needed[name] = k
+                why[name] = f"auto: entropy rule over {len(texts)} target prompts (layer_entropy.json)"
+    for name, value in needed.items():
+        try:
+            k = int(value)
+        except ValueError:
+            raise common.UserError(f"--{name}-layer must be a block number or 'auto', got {value!r}") from None
+        if not 1 <= k <= L:
+            raise common.UserError(f"--{name}-layer {k} is out of range: this model has blocks 1..{L}")
+        cfg[f"{name}_layer_used"] = k
+        why.setdefault(name, "preset" if cfg.get("preset") else "flag")
+    if len(needed) == 2 and cfg["lc_layer_used"] >= cfg["et_layer_used"]:
+        msg = f"LC layer {cfg['lc_layer_used']} >= ET layer {cfg['et_layer_used']}: DESIGN §3 expects i < j"
+        if not cfg["allow_layer_order"]:
+            raise common.UserError(msg + " (pass --allow-layer-order to train anyway)")
+        print(f"warning: {msg}", flush=True)
+    cfg["layers_why"] = why
+
+
+# -----------------------------------------------------------------------------
+# training
+
+
+def lr_at(step, total_steps, warmup_steps):
+    """Linear warm-up, then cosine decay to 0 (stanford_alpaca's schedule); a multiplier of --lr."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def prepare_model(cfg, accelerator):
+    model, tokenizer = common.load_model_and_tokenizer(cfg["model"], dtype=cfg["dtype"])
+    if cfg["grad_checkpointing"]:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    if cfg["lora"]:
+        from peft import LoraConfig, get_peft_model
+        targets = common.parse_list(cfg["lora_targets"])
+        model = get_peft_model(model, LoraConfig(r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"], lora_dropout=cfg["lora_dropout"],
+                                                 target_modules=targets, task_type="CAUSAL_LM"))
+    return model, tokenizer
+
+
+def save_checkpoint(accelerator, out_dir, step, cfg):
+    """accelerate's full state (model, optimizer, RNG; sharded under FSDP/ZeRO) + the step, swapped in atomically."""
+    final, tmp = os.path.join(out_dir, "checkpoint"), os.path.join(out_dir, "checkpoint.tmp")
+    if accelerator.is_main_process and os.path.isdir(tmp):
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    if accelerator.is_main_process:
+        common.write_json(os.path.join(tmp, "step.json"), dict(step=step, method=cfg["method"]))
+        if os.path.isdir(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    accelerator.wait_for_everyone()
+
+
+def save_final(accelerator, objective, tokenizer, out_dir, cfg):
+    """A normal HF folder (full state even under FSDP), or a LoRA adapter; written to a temp folder, then moved."""
+    state = accelerator.get_state_dict(objective)  # gathers full weights from every shard
+    if not accelerator.is_main_process:
+        return
+    model = accelerator.unwrap_model(objective).model
+    tmp = os.path.join(out_dir, ".model.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    if cfg["lora"] and cfg["merge_lora"]:
+        model.merge_and_unload().save_pretrained(tmp)
+    elif cfg["lora"]:
+        model.save_pretrained(tmp)  # adapter_config.json + adapter weights; 03_evaluate.py loads it on its base
+    else:
+        model.save_pretrained(tmp, state_dict=state)
+    tokenizer.save_pretrained(tmp)
+    for name in os.listdir(tmp):
+        os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+    os.rmdir(tmp)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg = resolve_config(args)
+    from accelerate import Accelerator
+    accelerator = Accelerator(mixed_precision="no")
+    is_main = accelerator.is_main_process
+    common.seed_everything(cfg["seed"])
+    out_dir = cfg["out"]
+    if os.path.exists(os.path.join(out_dir, "train_log.jsonl")) and not cfg["resume"]:
+        raise common.UserError(f"{out_dir} already holds a training run; pass --resume to continue it or choose a new --out")
+    os.makedirs(out_dir, exist_ok=True)
+
+    rows = load_pairs(cfg["pairs"])
+    model, tokenizer = prepare_model(cfg, accelerator)
+    resolve_layers(cfg, model, tokenizer, rows, out_dir, is_main)
+    examples, length_stats = encode_pairs(tokenizer, rows, cfg)
+
+    # batch arithmetic: global = per-device x devices x accumulation
+    world = accelerator.num_processes
+    if cfg["grad_accum"] is None:
+        if cfg["global_batch_size"]:
+            if cfg["global_batch_size"] % (cfg["batch_size"] * world):
+                raise common.UserError(f"--global-batch-size {cfg['global_batch_size']} is not a multiple of "
+                                       f"--batch-size {cfg['batch_size']} x {world} devices")
+            cfg["grad_accum"] = cfg["global_batch_size"] // (cfg["batch_size"] * world)
+        else:
+            cfg["grad_accum"] = 1
+    global_batch = cfg["batch_size"] * world * cfg["grad_accum"]
+    if cfg["global_batch_size"] and cfg["global_batch_size"] != global_batch:
+        raise common.UserError(f"global batch {cfg['batch_size']} x {world} devices x {cfg['grad_accum']} accumulation = "
+                               f"{global_batch}, but --global-batch-size is {cfg['global_batch_size']}")
+    micro_per_epoch = len(examples) // (cfg["batch_size"] * world)
+    if micro_per_epoch < cfg["grad_accum"]:
+        raise common.UserError(f"{len(examples)} pairs make fewer than one optimizer step of {global_batch} sequences; "
+                               "lower --batch-size/--grad-accum or add pairs")
+    steps_per_epoch = micro_per_epoch // cfg["grad_accum"]
+    total_steps = cfg["max_steps"] or max(1, int(cfg["epochs"] * steps_per_epoch))
+    warmup_steps = max(1, int(cfg["warmup_ratio"] * total_steps)) if cfg["warmup_ratio"] > 0 else 0
+
+    objective = DFTObjective(model, cfg)
+    objective.train()
+    decay = [p for n, p in objective.named_parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for n, p in objective.named_parameters() if p.requires_grad and p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg["lr"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, total_steps, warmup_steps))
+    # the scheduler stays outside accelerate.prepare: its wrapper would step it once per process
+    objective, optimizer = accelerator.prepare(objective, optimizer)
+
+    start_step = 0
+    ckpt = os.path.join(out_dir, "checkpoint")
+    if cfg["resume"]:
+        if not os.path.isdir(ckpt):
+            raise common.UserError(f"--resume: no checkpoint in {ckpt} (train with --save-every N first)")
+        accelerator.load_state(ckpt)
+        start_step = common.read_json(os.path.join(ckpt, "step.json"))["step"]
+        scheduler.last_epoch = start_step
+        for group, lr in zip(optimizer.param_groups, scheduler.get_lr()):
+            group["lr"] = lr
+
+    run_info = dict(cfg, pairs_sha256=common.sha256_file(cfg["pairs"]), num_pairs=len(rows), num_examples=len(examples),
+                    length_stats=length_stats, world_size=world, global_batch=global_batch, total_steps=total_steps,
+                    warmup_steps=warmup_steps, num_layers=common.model_parts(model).num_layers,
+                    versions=common.versions(), device=str(accelerator.device))
+    if is_main:
+        common.write_json(os.path.join(out_dir, "train_config.json"), run_info)
+        print("configuration:\n" + "\n".join(f"  {k}: {v}" for k, v in run_info.items() if k != "versions"), flush=True)
+        if length_stats:
+            print(f"max-length {cfg['max_length']}: {length_stats}", flush=True)
+
+    # the micro-batch stream, deterministic in (seed, epoch): --resume skips what was consumed
+    def micro_batches():
+        epoch = 0
+        while True:
+            for idx in micro_batch_order(len(examples), cfg["batch_size"], world, accelerator.process_index, cfg["seed"], epoch):
+                yield collate([examples[i] for i in idx], tokenizer.pad_token_id)
+            epoch += 1
+
+    stream = micro_batches()
+    for _ in range(start_step * cfg["grad_accum"]):
+        next(stream)
+
+    from tqdm import tqdm
+    log_path = os.path.join(out_dir, "train_log.jsonl")
+    if is_main:  # a resumed run rewrites the steps after its checkpoint
+        kept = [l for l in open(log_path)] if cfg["resume"] and os.path.exists(log_path) else []
+        with common.atomic_open(log_path) as f:
+            f.writelines(l for l in kept if json.loads(l)["step"] <= start_step)
+    bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, disable=not is_main, desc=cfg["method"])
+    t_start = time.time()
+    for step in bar:
+        t0 = time.time()
+        sums = Counter()
+        for micro in range(cfg["grad_accum"]):
+            batch = next(stream)
+            batch = {k: ({kk: vv.to(accelerator.device) for kk, vv in v.items()} if isinstance(v, dict) else v)
+                     for k, v in batch.items()}
+            sync = micro == cfg["grad_accum"] - 1
+            with (accelerator.no_sync(objective) if not sync and world > 1 else torch.enable_grad()):
+                terms = objective(batch)
+                if not torch.isfinite(terms["loss"]):
+                    raise common.UserError(f"non-finite loss at step {step + 1} (micro-batch {micro}, pair ids {batch['ids']}): "
+                                           f"{ {k: float(v) for k, v in terms.items()} }; the last good checkpoint is kept "
+                                           "in --out/checkpoint; lower --lr or check those pairs")
+                accelerator.backward(terms["loss"] / cfg["grad_accum"])
+            for k, v in terms.items():
+                sums[k] += float(v.detach())
+        grad_norm = accelerator.clip_grad_norm_(objective.parameters(), cfg["max_grad_norm"])
+        lr = scheduler.get_last_lr()[0]  # the rate this step used
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        means = {k: v / cfg["grad_accum"] for k, v in sums.items() if k != "tokens"}
+        reduced = accelerator.reduce(torch.tensor([means["loss"], means["loss_tft"], means["loss_lc"], means["loss_et"],
+                                                   sums["tokens"]], device=accelerator.device), reduction="sum")
+        loss, loss_tft, loss_lc, loss_et = (reduced[:4] / world).tolist()
+        record = dict(step=step + 1, loss=loss, loss_tft=loss_tft, loss_lc=loss_lc if cfg["lc"] != "none" else None,
+                      loss_et=loss_et if cfg["et"] != "none" else None, lr=lr,
+                      grad_norm=float(grad_norm), tokens=int(reduced[4]), seconds=round(time.time() - t0, 4),
+                      elapsed=round(time.time() - t_start, 2))
+        if is_main:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            bar.set_postfix(loss=f"{loss:.3f}")
+            if (step + 1) % cfg["log_every"] == 0:
+                bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+        if cfg["save_every"] and (step + 1) % cfg["save_every"] == 0 and step + 1 < total_steps:
+            save_checkpoint(accelerator, out_dir, step + 1, cfg)
+        if cfg["stop_after_steps"] and step + 1 >= cfg["stop_after_steps"] and step + 1 < total_steps:
+            if is_main:
+                print(f"stopping after step {step + 1} as asked (--stop-after-steps); continue with --resume", flush=True)
+            return
+    save_final(accelerator, objective, tokenizer, out_dir, cfg)
+    accelerator.wait_for_everyone()
+    if is_main:
+        print(f"saved {cfg['method']} model to {out_dir} ({total_steps} steps, {time.time() - t_start:.0f}s)", flush=True)
+
+
+if __name__ == "__main__":
+    common.run_main(main)
