@@ -526,8 +526,6 @@ def main(argv=None):
     no_decay = [p for n, p in objective.named_parameters() if p.requires_grad and p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg["lr"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, total_steps, warmup_steps))
-    # the scheduler stays outside accelerate.prepare: its wrapper would step it once per process
     objective, optimizer = accelerator.prepare(objective, optimizer)
 
     start_step = 0
@@ -537,9 +535,6 @@ def main(argv=None):
             raise common.UserError(f"--resume: no checkpoint in {ckpt} (train with --save-every N first)")
         accelerator.load_state(ckpt)
         start_step = common.read_json(os.path.join(ckpt, "step.json"))["step"]
-        scheduler.last_epoch = start_step
-        for group, lr in zip(optimizer.param_groups, scheduler.get_lr()):
-            group["lr"] = lr
 
     run_info = dict(cfg, pairs_sha256=common.sha256_file(cfg["pairs"]), num_pairs=len(rows), num_examples=len(examples),
                     length_stats=length_stats, world_size=world, global_batch=global_batch, total_steps=total_steps,
@@ -573,6 +568,9 @@ def main(argv=None):
     t_start = time.time()
     for step in bar:
         t0 = time.time()
+        lr = cfg["lr"] * lr_at(step, total_steps, warmup_steps)  # set by hand each step: nothing to restore on resume
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         sums = Counter()
         for micro in range(cfg["grad_accum"]):
             batch = next(stream)
@@ -589,9 +587,7 @@ def main(argv=None):
             for k, v in terms.items():
                 sums[k] += float(v.detach())
         grad_norm = accelerator.clip_grad_norm_(objective.parameters(), cfg["max_grad_norm"])
-        lr = scheduler.get_last_lr()[0]  # the rate this step used
         optimizer.step()
-        scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
         means = {k: v / cfg["grad_accum"] for k, v in sums.items() if k != "tokens"}

@@ -1,0 +1,288 @@
+"""02_train_dft.py: each loss term against a reference, gradient routing, the loop, resume, layer rule, errors."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import common
+from conftest import REPO, load_stage, make_tiny_model
+
+train = load_stage("02_train_dft")
+PAIRS = os.path.join(REPO, "tests", "fixtures", "pairs_zh.jsonl")
+
+
+def config(method="tft", **over):
+    cfg = dict(train.DEFAULTS)
+    cfg.update(train.METHODS[method], method=method, lc_layer_used=1, et_layer_used=3)
+    cfg.update(over)
+    return cfg
+
+
+def batch_for(tokenizer, cfg, rows):
+    examples, _ = train.encode_pairs(tokenizer, rows, cfg)
+    return train.collate(examples, tokenizer.pad_token_id)
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return train.load_pairs(PAIRS)[:4]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma2"])
+def test_tft_loss_equals_hf_loss(arch, tokenizer, rows):
+    model = make_tiny_model(arch, tokenizer)
+    cfg = config("tft", ce_chunk=7)  # chunking must not change the value
+    batch = batch_for(tokenizer, cfg, rows)
+    terms = train.DFTObjective(model, cfg)(batch)
+    tft = batch["tft"]
+    hf = model(input_ids=tft["input_ids"], attention_mask=tft["attention_mask"], labels=tft["labels"]).loss
+    torch.testing.assert_close(terms["loss_tft"], hf)
+    assert int(terms["tokens"]) == int((tft["labels"][:, 1:] != -100).sum())
+
+
+def test_sft_trains_on_english_side(tokenizer, rows):
+    cfg = config("sft")
+    batch = batch_for(tokenizer, cfg, rows[:1])
+    text = tokenizer.decode(batch["tft"]["input_ids"][0])
+    assert rows[0]["y_en"] in text and rows[0]["x_en"] in text and rows[0]["y_tgt"] not in text
+
+
+def test_sequence_layouts(tokenizer, rows):
+    cfg = config("dft-logits")
+    seqs = train.encode_pair(tokenizer, rows[0], cfg)
+    dec = lambda s: tokenizer.decode([t for t, l in zip(s["input_ids"], s["labels"]) if l != -100])
+    assert dec(seqs["tft"]) == rows[0]["y_tgt"] + tokenizer.eos_token
+    assert dec(seqs["lc"]) == rows[0]["x_en"]  # [P(x_tgt); x_en], CE on x_en
+    assert dec(seqs["et"]) == rows[0]["y_en"] + tokenizer.eos_token  # [P(x_tgt); y_en]
+    prompt = tokenizer.decode(seqs["lc"]["input_ids"][:seqs["lc"]["labels"].index(next(l for l in seqs["lc"]["labels"] if l != -100))])
+    assert prompt == common.build_prompt(rows[0]["x_tgt"])
+
+
+def test_pool_mask_covers_x_only(tokenizer, rows):
+    ids, mask = train.encode_prompt(tokenizer, rows[0]["x_tgt"])
+    pooled = tokenizer.decode([t for t, m in zip(ids, mask) if m])
+    assert pooled.strip() == rows[0]["x_tgt"]  # no template token is pooled
+    assert sum(mask) < len(ids)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_lens_terms_route_gradient_only_to_blocks_up_to_their_layer(arch, tokenizer, rows):
+    model = make_tiny_model(arch, tokenizer)
+    parts = common.model_parts(model)
+    for name, layer in (("lc", 1), ("et", 3)):
+        model.zero_grad(set_to_none=True)
+        cfg = config("dft-logits", lc="logits" if name == "lc" else "none", et="logits" if name == "et" else "none",
+                     tft_weight=0.0, lc_layer_used=1, et_layer_used=3)
+        terms = train.DFTObjective(model, cfg)(batch_for(tokenizer, cfg, rows))
+        terms[f"loss_{name}"].backward()
+        for k, block in enumerate(parts.blocks, 1):
+            has_grad = any(p.grad is not None and p.grad.abs().sum() > 0 for p in block.parameters())
+            assert has_grad == (k <= layer), (name, k)
+        assert all(p.grad is None for p in parts.final_norm.parameters())
+        head_grad = parts.lm_head.weight.grad
+        if parts.tied:  # only the rows of input tokens (the lookup) may move, never the readout rows
+            used = torch.zeros(len(tokenizer), dtype=torch.bool)
+            used[batch_for(tokenizer, cfg, rows)[name]["input_ids"].unique()] = True
+            assert head_grad[~used].abs().max() == 0
+        else:
+            assert head_grad is None
+
+
+def test_lens_loss_equals_brute_force(tokenizer, rows):
+    """L_LC logits == CE of lm_head(norm(hidden_states[i])) over the x_en tokens, computed the naive way."""
+    model = make_tiny_model("llama", tokenizer)
+    cfg = config("dft-logits", ce_chunk=5)
+    batch = batch_for(tokenizer, cfg, rows)
+    terms = train.DFTObjective(model, cfg)(batch)
+    for name, layer in (("lc", 1), ("et", 3)):
+        seq = batch[name]
+        hs = model(input_ids=seq["input_ids"], attention_mask=seq["attention_mask"], output_hidden_states=True).hidden_states
+        logits = model.lm_head(model.model.norm(hs[layer]))
+        ref = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), seq["labels"][:, 1:].flatten(), ignore_index=-100)
+        torch.testing.assert_close(terms[f"loss_{name}"], ref)
+
+
+def test_feature_losses_zero_for_identical_inputs(tokenizer, rows):
+    model = make_tiny_model("llama", tokenizer)
+    cfg = config("dft-feature", lc_layer_used=2, et_layer_used=4)
+    same = [dict(r, x_tgt=r["x_en"]) for r in rows]
+    terms = train.DFTObjective(model, cfg)(batch_for(tokenizer, cfg, same))
+    assert float(terms["loss_lc"].detach()) == pytest.approx(0, abs=1e-5)
+    # ET compares norm(h_j) of the target with h_L of English: zero when j == L and the inputs agree
+    assert float(terms["loss_et"]) == pytest.approx(0, abs=1e-5)
+    terms = train.DFTObjective(model, cfg)(batch_for(tokenizer, cfg, rows))
+    assert float(terms["loss_lc"]) > 1e-3 and float(terms["loss_et"]) > 1e-3
+
+
+def test_feature_pooling_ignores_template_tokens(tokenizer, rows):
+    """Changing only the template tokens' states must not move the pooled vector."""
+    h = torch.randn(1, 10, 4)
+    mask = torch.tensor([[0, 0, 1, 1, 1, 0, 0, 0, 0, 0]])
+    h2 = h.clone()
+    h2[:, [0, 1, 5, 9]] += 100
+    torch.testing.assert_close(train.pool(h, mask, "mean"), train.pool(h2, mask, "mean"))
+    torch.testing.assert_close(train.pool(h, mask, "mean"), h[:, 2:5].mean(1))
+    torch.testing.assert_close(train.pool(h, mask, "last"), h[:, 4])
+
+
+@pytest.mark.parametrize("feature_grad", ["target", "both"])
+def test_feature_grad_english_branch(feature_grad, tokenizer, rows):
+    model = make_tiny_model("llama", tokenizer)
+    cfg = config("dft-feature", feature_grad=feature_grad)
+    objective = train.DFTObjective(model, cfg)
+    batch = batch_for(tokenizer, cfg, rows)
+    states, last = objective.english_states(common.model_parts(model), batch["en"])
+    assert states[1].requires_grad == (feature_grad == "both") and last.requires_grad == (feature_grad == "both")
+    objective(batch)["loss"].backward()  # the target branch still trains
+
+
+def run(tmp_path, name, *flags, model_dir, pairs=PAIRS, lr="3e-3"):
+    out = str(tmp_path / name)
+    train.main(["--pairs", pairs, "--out", out, "--model", model_dir, "--batch-size", "4", "--lr", lr,
+                "--warmup-ratio", "0", *flags])
+    return out, [json.loads(line) for line in open(os.path.join(out, "train_log.jsonl"))]
+
+
+def weights(folder):
+    return load_file(os.path.join(folder, "model.safetensors"))
+
+
+def test_zero_weights_equal_tft_bit_for_bit(tmp_path, tiny_model_dirs):
+    common_flags = ["--max-steps", "3", "--lc-layer", "1", "--et-layer", "3"]
+    tft, _ = run(tmp_path, "tft", "--method", "tft", *common_flags, model_dir=tiny_model_dirs["llama"])
+    for method in ("dft-logits", "dft-feature"):
+        dft, log = run(tmp_path, method, "--method", method, "--lc-weight", "0", "--et-weight", "0", *common_flags,
+                       model_dir=tiny_model_dirs["llama"])
+        a, b = weights(tft), weights(dft)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        assert log[0]["loss_lc"] > 0 and log[0]["loss_et"] > 0  # still computed, for the log
+
+
+@pytest.mark.parametrize("method", ["sft", "tft", "dft-logits", "dft-feature"])
+def test_each_method_drives_its_terms_down(method, tmp_path, tiny_model_dirs, rows):
+    """Overfit four pairs (one batch): every term the method optimises must fall."""
+    four = str(tmp_path / "four.jsonl")
+    common.write_jsonl(four, rows)
+    _, log = run(tmp_path, method, "--method", method, "--max-steps", "25", "--lc-layer", "2", "--et-layer", "3",
+                 model_dir=tiny_model_dirs["llama"], pairs=four, lr="1e-2")
+    assert len(log) == 25
+    assert set(log[0]) >= {"step", "loss", "loss_tft", "loss_lc", "loss_et", "lr", "grad_norm", "tokens", "seconds"}
+    for term in ("loss_tft", "loss_lc", "loss_et"):
+        if log[0][term] is not None:
+            first, last = sum(r[term] for r in log[:3]) / 3, sum(r[term] for r in log[-3:]) / 3
+            assert last < first - 0.1, (method, term, first, last)  # one fixed batch: no noise
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path, tiny_model_dirs):
+    flags = ["--method", "dft-logits", "--max-steps", "6", "--lc-layer", "1", "--et-layer", "3", "--save-every", "2",
+             "--warmup-ratio", "0.2"]
+    full, log_full = run(tmp_path, "full", *flags, model_dir=tiny_model_dirs["llama"])
+    out = str(tmp_path / "cut")
+    base = ["--pairs", PAIRS, "--out", out, "--model", tiny_model_dirs["llama"], "--batch-size", "4", "--lr", "3e-3", *flags]
+    train.main(base + ["--stop-after-steps", "3"])  # interrupted after step 3; the checkpoint is from step 2
+    assert not os.path.exists(os.path.join(out, "model.safetensors"))
+    train.main(base + ["--resume"])
+    log_cut = [json.loads(line) for line in open(os.path.join(out, "train_log.jsonl"))]
+    assert [r["step"] for r in log_cut] == list(range(1, 7))
+    for a, b in zip(log_full, log_cut):
+        for k in ("loss", "loss_tft", "loss_lc", "loss_et", "lr"):
+            assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-9), (a["step"], k)
+    wa, wb = weights(full), weights(out)
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+def test_train_config_records_everything(tmp_path, tiny_model_dirs):
+    out, _ = run(tmp_path, "cfg", "--method", "dft-feature", "--max-steps", "1", "--lc-layer", "1", "--et-layer", "3",
+                 model_dir=tiny_model_dirs["gpt2"])
+    cfg = json.load(open(os.path.join(out, "train_config.json")))
+    assert cfg["lc_layer_used"] == 1 and cfg["et_layer_used"] == 3 and cfg["layers_why"] == {"lc": "flag", "et": "flag"}
+    assert cfg["pairs_sha256"] == common.sha256_file(PAIRS) and cfg["versions"]["torch"] == torch.__version__
+    assert cfg["global_batch"] == 4 and cfg["total_steps"] == 1
+    model, _ = common.load_model_and_tokenizer(out)  # a normal HF folder
+    assert type(model).__name__ == "GPT2LMHeadModel"
+
+
+def test_pick_layers_on_synthetic_curves():
+    # two plateaus ending at blocks 3 and 12 of 16 (drops of 2.0 and 1.5), noise elsewhere
+    curve = [8.0, 7.9, 5.9, 5.85, 5.8, 5.82, 5.7, 5.75, 5.6, 5.65, 5.6, 4.1, 4.0, 3.9, 3.0, 1.0]
+    assert train.pick_layers(curve) == (3, 12)
+    # the largest drop may come second in depth: order is by block, not by size
+    curve = [6.0, 5.9, 5.8, 5.0, 5.0, 4.9, 4.8, 4.7, 2.0, 1.9, 1.8, 1.0]
+    assert train.pick_layers(curve) == (4, 9)
+    # one steep slope over two blocks is one drop: the second pick must be min_gap blocks away
+    curve = [9.0, 9.0, 6.0, 3.5, 3.5, 3.4, 3.4, 3.3, 3.3, 2.5, 2.5, 2.4, 2.4, 2.4, 2.3, 0.5]
+    assert train.pick_layers(curve) == (3, 10)
+    with pytest.raises(common.UserError):
+        train.pick_layers([3.0, 2.0, 1.0])
+
+
+def test_auto_layers_write_curve(tmp_path, tokenizer):
+    model = make_tiny_model("llama", tokenizer)
+    model.config.num_hidden_layers = 8
+    deep = type(model)(model.config)
+    folder = str(tmp_path / "deep")
+    deep.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    out, _ = run(tmp_path, "auto", "--method", "dft-logits", "--max-steps", "1", model_dir=folder)
+    curve = json.load(open(os.path.join(out, "layer_entropy.json")))
+    cfg = json.load(open(os.path.join(out, "train_config.json")))
+    assert len(curve["entropy_by_block"]) == 8
+    assert (cfg["lc_layer_used"], cfg["et_layer_used"]) == train.pick_layers(curve["entropy_by_block"])
+    assert cfg["layers_why"]["lc"].startswith("auto") and os.path.getsize(os.path.join(out, "layer_entropy.png")) > 1000
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, os.path.join(REPO, "02_train_dft.py"), *args], capture_output=True, text=True)
+
+
+def test_bad_input_errors(tmp_path, tiny_model_dirs):
+    model = tiny_model_dirs["llama"]
+    out = str(tmp_path / "o")
+    cases = [
+        (["--lc-layer", "9", "--et-layer", "3", "--method", "dft-logits"], "out of range: this model has blocks 1..4"),
+        (["--lc-layer", "3", "--et-layer", "2", "--method", "dft-logits"], "pass --allow-layer-order"),
+        (["--method", "sft", "--lc", "logits"], "English only"),
+        (["--max-length", "10"], "no pair fits --max-length 10"),
+        (["--global-batch-size", "6"], "not a multiple"),
+    ]
+    for flags, message in cases:
+        r = cli("--pairs", PAIRS, "--out", out, "--model", model, "--max-steps", "1", *flags)
+        errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+        assert r.returncode == 2 and len(errors) == 1 and message in errors[0], (flags, r.stderr)
+        assert not os.path.exists(os.path.join(out, "model.safetensors"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"id": "1", "x_en": "a", "y_en": "b", "x_tgt": "c"}) + "\n")
+    r = cli("--pairs", str(bad), "--out", out, "--model", model)
+    assert r.returncode == 2 and "line 1: missing or non-string field(s) ['y_tgt']" in r.stderr
+    r = cli("--pairs", str(tmp_path / "none.jsonl"), "--out", out, "--model", model)
+    assert r.returncode == 2 and "file not found" in r.stderr
+
+
+def test_layer_order_allowed_with_flag(tmp_path, tiny_model_dirs):
+    out, log = run(tmp_path, "order", "--method", "dft-logits", "--max-steps", "1", "--lc-layer", "3", "--et-layer", "2",
+                   "--allow-layer-order", model_dir=tiny_model_dirs["llama"])
+    assert len(log) == 1
+
+
+def test_truncation_is_counted(tmp_path, tiny_model_dirs):
+    out, _ = run(tmp_path, "trunc", "--max-steps", "1", "--max-length", "80", model_dir=tiny_model_dirs["llama"])
+    stats = json.load(open(os.path.join(out, "train_config.json")))["length_stats"]
+    assert stats.get("truncated_tft", 0) + stats.get("dropped_prompt_too_long", 0) > 0
+
+
+def test_nan_loss_stops_with_step_and_ids(tmp_path, tiny_model_dirs):
+    out = str(tmp_path / "nan")
+    with pytest.raises(common.UserError, match=r"non-finite loss at step \d+ .*pair ids \['alpaca-"):
+        train.main(["--pairs", PAIRS, "--out", out, "--model", tiny_model_dirs["llama"], "--max-steps", "6",
+                    "--lr", "1e30", "--max-grad-norm", "1e30", "--save-every", "1", "--warmup-ratio", "0"])
+    assert os.path.isdir(os.path.join(out, "checkpoint")) and not os.path.exists(os.path.join(out, "model.safetensors"))
+
+
+def test_existing_run_is_not_overwritten(tmp_path, tiny_model_dirs):
+    out, _ = run(tmp_path, "again", "--max-steps", "1", model_dir=tiny_model_dirs["llama"])
+    with pytest.raises(common.UserError, match="already holds a training run"):
+        run(tmp_path, "again", "--max-steps", "1", model_dir=tiny_model_dirs["llama"])
