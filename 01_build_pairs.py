@@ -1,0 +1,714 @@
+"""
+Stage 1: build the parallel 4-tuples (x_en, y_en, x_tgt, y_tgt) that DFT trains on (DESIGN §1).
+
+    # the paper's setting: Stanford Alpaca paired by id with its Chinese / Vietnamese translation
+    python 01_build_pairs.py --source alpaca --lang zh --out out/pairs_zh.jsonl
+    python 01_build_pairs.py --source alpaca --lang vi --out out/pairs_vi.jsonl
+    # math track toward MGSM: GSM8K train + translated questions (de es fr ja ru sw zh)
+    python 01_build_pairs.py --source gsm8k --lang sw --out out/gsm8k_sw.jsonl
+    # line-aligned parallel sentences (Tatoeba by default; --corpus ntrex is 03_evaluate's test set)
+    python 01_build_pairs.py --source parallel --lang ar --out out/tatoeba_ar.jsonl
+    # Arabic Alpaca does not ship: machine-translate the English side (GPU advised), or load it from the hub
+    python 01_build_pairs.py --source alpaca --lang ar --translate-model facebook/nllb-200-distilled-600M \
+        --limit 5000 --out out/pairs_ar_mt.jsonl
+    python 01_build_pairs.py --source hub --hub-dataset NAME --hub-layout columns \
+        --hub-fields x_en=COL,y_en=COL,x_tgt=COL,y_tgt=COL --lang ar --out out/pairs_ar.jsonl
+    # any source: drop pairs that would not fit the training length
+    ... --max-tokens 512 --tokenizer HuggingFaceTB/SmolLM2-135M-Instruct
+
+Writes OUT.jsonl (train), OUT.dev.jsonl (dev, --dev-size rows) and OUT.stats.json (counts, drops by
+reason, length percentiles, alignment check, examples), one row per line:
+{"id", "lang", "source", "x_en", "y_en", "x_tgt", "y_tgt"}.
+
+Alignment is verified, not assumed: ids must exist once on each side; where the data allows a strict
+check it is made per pair (Alpaca: empty `input` on one side only; GSM8K: equal final answers), and for
+every source a sliding window over the pairs whose English side has numbers requires most of them to
+share those numbers with the target side. Aligned files score > 0.9, ids shifted by one < 0.35.
+
+Our conventions (DESIGN **ours**), each a constant below:
+- Alpaca: x = instruction + "\n\n" + input (input non-empty); the Vietnamese file merged instruction and
+  input into one `prompt` before translation, so its x_tgt is that prompt while x_en keeps our join.
+- GSM8K: y_en is the chain of thought with calculator annotations <<...>> removed and the final
+  "#### N" line rewritten as GSM8K_ANSWER_TEMPLATE. No translated answers ship, so y_tgt = y_en
+  (English) and the stats count it in `y_tgt_is_english`; target-side checks skip y there.
+- Parallel sentences: a "repeat" task, PARALLEL_TEMPLATE with the English sentence on the English side
+  and the target sentence on the target side. Each side then stays in one language, so x_en/x_tgt and
+  y_en/y_tgt are translations of each other, as DFT's losses assume: the LC/ET lens losses become
+  "read the English sentence out of the target sentence's hidden states". A translation instruction
+  ("Translate into Chinese: <en>" -> <zh>) would put both languages on one side and break that.
+  The TFT term alone is only copying on these pairs: mix them with instruction data.
+- Splits: an id's place is sha256(seed:id), so train/dev membership does not depend on the input order
+  or on what else was filtered; --limit keeps the first --limit ids of that order, dev is its head.
+"""
+import argparse
+import hashlib
+import html
+import itertools
+import math
+import os
+import re
+import time
+import unicodedata
+from collections import Counter
+
+import common
+from common import UserError
+
+# -----------------------------------------------------------------------------
+# data layout and conventions
+
+ALPACA_EN = "alpaca/alpaca_data_en.json"  # names without .gz: common.resolve_path finds either
+ALPACA_TGT = {
+    "zh": ["alpaca/alpaca_data_zh_carbonz0_0-20437.json"],
+    "vi": ["alpaca/alpaca_vi_telexyz_aligned_0-20437.json", "alpaca/alpaca_vi_telexyz_aligned_20438-52001.json"],
+}
+GSM8K_EN = "gsm8k/train.jsonl"
+GSM8K_TGT = "gsm8k_translated_qalign/train_{lang}.tsv"
+GSM8K_LANGS = ("de", "es", "fr", "ja", "ru", "sw", "zh")
+GSM8K_ANSWER_TEMPLATE = "The answer is {answer}."  # replaces the final "#### N" line (the MGSM scorers read it)
+GSM8K_CALCULATOR = re.compile(r"<<[^>]*>>")  # GSM8K's calculator annotations: not natural text, removed
+PARALLEL_TEMPLATE = "Repeat the following sentence:\n{sentence}"
+PARALLEL = {  # corpus -> (English file, target file, our code -> the corpus's code)
+    "tatoeba": ("tatoeba_laser/tatoeba.{code}-eng.eng", "tatoeba_laser/tatoeba.{code}-eng.{code}",
+                dict(de="deu", es="spa", fr="fra", ru="rus", zh="cmn", ja="jpn", th="tha", sw="swh", bn="ben",
+                     te="tel", ar="ara", bg="bul", el="ell", hi="hin", tr="tur", ur="urd", vi="vie")),
+    "ntrex": ("ntrex128/newstest2019-src.eng.txt", "ntrex128/newstest2019-ref.{code}.txt",
+              dict(de="deu", es="spa", fr="fra", ru="rus", zh="zho-CN", ja="jpn", th="tha", sw="swa", bn="ben",
+                   te="tel")),
+}
+
+# chars(tgt) / chars(en) outside these bounds is a broken pair. Measured on the shipped data (0.1% / 99.9%
+# quantiles): zh 0.16 / 1.45, ja 0.29 / 0.81, vi 0.33 / 2.5, de es fr ru sw 0.7 / 1.6; pairs with ids
+# shifted by one reach 0.0 and 25. CJK writes a word in ~1-2 characters, hence its lower band.
+LENGTH_RATIO_BOUNDS = {"zh": (0.1, 2.0), "ja": (0.1, 2.0), "ko": (0.15, 2.5)}
+DEFAULT_RATIO_BOUNDS = (0.25, 4.0)
+RATIO_MIN_CHARS = 10  # "Yes" -> "是" says nothing about alignment: the ratio is checked on longer texts only
+# A short response is often the same in every language (a name, a formula, a URL, "12 cm"): the
+# untranslated and wrong-script filters judge y only from this many letters on (x, the instruction, always).
+NEUTRAL_MAX_LETTERS = 20
+
+ALIGN_WINDOW = 50  # pairs (with >= 2 numbers on the English side) per window of the alignment check
+ALIGN_MIN_EVIDENCE = 8  # fewer such pairs than this: the window check has nothing to say
+DROP_REASONS = ("misaligned", "not_anchor", "empty", "untranslated", "wrong_script", "length_ratio",
+                "duplicate", "over_token_budget")
+
+# target codes of the multilingual MT models (NLLB-200 uses these, M2M100 uses the bare ISO code)
+NLLB_CODES = dict(en="eng_Latn", zh="zho_Hans", ja="jpn_Jpan", ko="kor_Hang", vi="vie_Latn", ar="arb_Arab",
+                  ur="urd_Arab", ru="rus_Cyrl", bg="bul_Cyrl", el="ell_Grek", th="tha_Thai", hi="hin_Deva",
+                  bn="ben_Beng", te="tel_Telu", ta="tam_Taml", de="deu_Latn", es="spa_Latn", fr="fra_Latn",
+                  it="ita_Latn", pt="por_Latn", sw="swh_Latn", tr="tur_Latn", id="ind_Latn", et="est_Latn",
+                  ht="hat_Latn", qu="quy_Latn")
+
+# -----------------------------------------------------------------------------
+# loading: each load_* returns rows {id, x_en, y_en, x_tgt, y_tgt} (+ private keys starting with "_")
+
+
+def join_x(instruction, inp):
+    instruction, inp = (instruction or "").strip(), (inp or "").strip()
+    return instruction + "\n\n" + inp if inp else instruction
+
+
+def as_index(value, where):
+    if isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit()):
+        return int(value)
+    raise UserError(f"{where}: id {value!r} is not a non-negative integer index into the English file")
+
+
+def load_alpaca(en_rows, tgt_rows, tgt_name, source="alpaca"):
+    """Pair English Alpaca items (id = list position) with target items by their `id` (or by position when
+    no target item has an id, which requires equal lengths)."""
+    has_id = ["id" in r for r in tgt_rows]
+    if any(has_id) and not all(has_id):
+        raise UserError(f"{tgt_name}: item {has_id.index(False)} has no 'id' field while others do")
+    if not any(has_id) and len(tgt_rows) != len(en_rows):
+        raise UserError(f"{tgt_name} has {len(tgt_rows)} items and no 'id' field, the English file has "
+                        f"{len(en_rows)}: index alignment needs equal lengths (add an 'id' = English index)")
+    rows, seen = [], {}
+    for pos, t in enumerate(tgt_rows):
+        where = f"{tgt_name} item {pos}"
+        i = as_index(t["id"], where) if any(has_id) else pos
+        if i >= len(en_rows):
+            raise UserError(f"{where}: id {i} is beyond the English file ({len(en_rows)} items): wrong file or shifted ids")
+        if i in seen:
+            raise UserError(f"{where}: id {i} appears twice (first at item {seen[i]}): duplicated or shifted ids")
+        seen[i] = pos
+        e = en_rows[i]
+        row = {"id": f"alpaca-{i}", "source": source, "x_en": join_x(e.get("instruction"), e.get("input")),
+               "y_en": (e.get("output") or "").strip(), "_align": t.get("align")}
+        if "instruction" in t:
+            row.update(x_tgt=join_x(t["instruction"], t.get("input")), y_tgt=(t.get("output") or "").strip())
+            # strict check: a translation keeps the input field empty exactly when the English one is
+            if bool((e.get("input") or "").strip()) != bool((t.get("input") or "").strip()):
+                row["_misaligned"] = "input field empty on one side only"
+        elif "prompt" in t:
+            row.update(x_tgt=(t["prompt"] or "").strip(), y_tgt=(t.get("response") or "").strip())
+        else:
+            raise UserError(f"{where}: expected fields instruction/input/output or prompt/response, got {sorted(t)}")
+        rows.append(row)
+    rows.sort(key=lambda r: int(r["id"].split("-")[1]))
+    return rows
+
+
+def gsm8k_answer(text):
+    """GSM8K chain of thought -> our y (see module docstring) and its final number."""
+    text = GSM8K_CALCULATOR.sub("", text.strip())
+    m = re.search(r"\n?####\s*(.+?)\s*$", text)
+    if m:
+        number = m.group(1).replace(",", "")
+        return text[:m.start()].rstrip() + "\n" + GSM8K_ANSWER_TEMPLATE.format(answer=number), number
+    numbers = re.findall(r"-?\d[\d,]*(?:\.\d+)?", unicodedata.normalize("NFKC", text))
+    return text, numbers[-1].replace(",", "") if numbers else None
+
+
+def same_number(a, b):
+    try:
+        return a is not None and b is not None and float(a) == float(b)
+    except ValueError:
+        return a == b
+
+
+def load_gsm8k(en_rows, tgt_rows, tgt_name, source="gsm8k"):
+    """tgt_rows: (where, gsm8k_train_index, question, answer or None). The English answer is copied to the
+    target side when there is no translated one; the final numbers must agree either way."""
+    bad = next((k for k, r in enumerate(en_rows) if not {"question", "answer"} <= set(r)), None)
+    if bad is not None:
+        raise UserError(f"English GSM8K item {bad} lacks 'question' or 'answer': pass GSM8K's train.jsonl")
+    rows, seen = [], {}
+    for where, i, question, answer in tgt_rows:
+        i = as_index(i, where)
+        if i >= len(en_rows):
+            raise UserError(f"{where}: index {i} is not a GSM8K train index (0..{len(en_rows) - 1}): wrong file?")
+        if i in seen:
+            raise UserError(f"{where}: index {i} appears twice (first at {seen[i]})")
+        seen[i] = where
+        y_en, n_en = gsm8k_answer(en_rows[i]["answer"])
+        row = {"id": f"gsm8k-{i}", "source": source, "x_en": en_rows[i]["question"].strip(), "y_en": y_en,
+               "x_tgt": (question or "").strip(), "_y_english": not answer}
+        row["y_tgt"], n_tgt = gsm8k_answer(answer) if answer else (y_en, n_en)
+        if not same_number(n_en, n_tgt):
+            row["_misaligned"] = f"final answer {n_en} (English) != {n_tgt} (target)"
+        rows.append(row)
+    rows.sort(key=lambda r: int(r["id"].split("-")[1]))
+    return rows
+
+
+def read_gsm8k_tsv(path):
+    out = []
+    with common.open_text(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            cols = line.rstrip("\r\n").split("\t")
+            if len(cols) not in (2, 3) or not cols[0].strip().isdigit():
+                raise UserError(f"{path}: line {lineno} is not 'gsm8k_train_index<TAB>question[<TAB>answer]'")
+            answer = cols[2].replace("\\n", "\n") if len(cols) == 3 else None  # one line per item: newlines as \n
+            out.append((f"{path} line {lineno}", int(cols[0]), cols[1], answer))
+    return out
+
+
+def read_lines(path):
+    with common.open_text(path) as f:
+        return [line.rstrip("\r\n") for line in f]
+
+
+def load_parallel(en_lines, tgt_lines, en_name, tgt_name, corpus):
+    if len(en_lines) != len(tgt_lines):
+        raise UserError(f"line-aligned files differ in length: {en_name} has {len(en_lines)} lines, {tgt_name} "
+                        f"has {len(tgt_lines)} (line {min(len(en_lines), len(tgt_lines)) + 1} exists on one side only)")
+    return [{"id": f"{corpus}-{i}", "source": corpus, "x_en": PARALLEL_TEMPLATE.format(sentence=en.strip()),
+             "y_en": en.strip(), "x_tgt": PARALLEL_TEMPLATE.format(sentence=tgt.strip()), "y_tgt": tgt.strip()}
+            for i, (en, tgt) in enumerate(zip(en_lines, tgt_lines))]
+
+
+def parse_fields(spec, required, optional=()):
+    fields = dict(item.split("=", 1) for item in common.parse_list(spec or "") if "=" in item)
+    missing = [k for k in required if k not in fields]
+    unknown = [k for k in fields if k not in required and k not in optional]
+    if missing or unknown:
+        raise UserError(f"--hub-fields must map {', '.join(required)} (optional: {', '.join(optional) or '-'}) to "
+                        f"dataset columns, e.g. {','.join(k + '=COLUMN' for k in required)}"
+                        + (f"; missing {missing}" if missing else "") + (f"; unknown {unknown}" if unknown else ""))
+    return fields
+
+
+def load_hub_rows(name, config, split):
+    import datasets
+    try:
+        ds = datasets.load_dataset(name, config, split=split)
+    except Exception as e:  # unreachable hub, unknown name or config, missing split
+        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise UserError(f"cannot load hub dataset {name!r} (config {config}, split {split}): {type(e).__name__}: {msg}; "
+                        "check the name while the hub is reachable, or use local files (--source alpaca/gsm8k/parallel "
+                        "with --en-file/--tgt-file)") from None
+    return [dict(r) for r in ds]
+
+
+def rename(rows, fields):
+    return [{**r, **{key: r.get(col) for key, col in fields.items()}} for r in rows]
+
+
+def load_rows(args, translate):
+    """Rows for --source (target fields None when `translate`), and the input files for the stats."""
+    data = lambda p: os.path.join(args.data_dir, p)
+    lang = args.lang
+    if args.source == "alpaca":
+        en_path = args.en_file or data(ALPACA_EN)
+        en_rows = read_json_list(en_path)
+        if translate:
+            return [{"id": f"alpaca-{i}", "source": "alpaca", "x_en": join_x(e.get("instruction"), e.get("input")),
+                     "y_en": (e.get("output") or "").strip()} for i, e in enumerate(en_rows)], [en_path]
+        tgt_paths = args.tgt_file or [data(p) for p in ALPACA_TGT[lang]]
+        tgt_rows = [r for p in tgt_paths for r in read_json_list(p)]
+        return load_alpaca(en_rows, tgt_rows, " + ".join(tgt_paths)), [en_path, *tgt_paths]
+    if args.source == "gsm8k":
+        en_path = args.en_file or data(GSM8K_EN)
+        en_rows = common.read_jsonl(en_path)
+        if translate:
+            return load_gsm8k(en_rows, [(f"{en_path} line {i + 1}", i, None, None) for i in range(len(en_rows))],
+                              en_path), [en_path]
+        tgt_paths = args.tgt_file or [data(GSM8K_TGT.format(lang=lang))]
+        return load_gsm8k(en_rows, [r for p in tgt_paths for r in read_gsm8k_tsv(p)], " + ".join(tgt_paths)), \
+            [en_path, *tgt_paths]
+    if args.source == "parallel":
+        en_tpl, tgt_tpl, codes = PARALLEL[args.corpus]
+        code = codes.get(lang, lang)
+        en_path = args.en_file or data(en_tpl.format(code=code))
+        tgt_path = (args.tgt_file or [data(tgt_tpl.format(code=code))])[0]
+        if args.corpus == "ntrex":
+            print("warning: NTREX is 03_evaluate's translation test set: do not evaluate translation on a model "
+                  "trained on these pairs")
+        return load_parallel(read_lines(en_path), read_lines(tgt_path), en_path, tgt_path, args.corpus), \
+            [en_path, tgt_path]
+    # hub: load, rename columns, then the same code path as the local files
+    hub = load_hub_rows(args.hub_dataset, args.hub_config, args.hub_split)
+    source = f"hub:{args.hub_dataset}"
+    if args.hub_layout == "columns":
+        req = ("x_en", "y_en") if translate else ("x_en", "y_en", "x_tgt", "y_tgt")
+        fields = parse_fields(args.hub_fields, req, ("id",))
+        rows = []
+        for i, r in enumerate(rename(hub, fields)):
+            rows.append({"id": f"hub-{r['id'] if 'id' in fields else i}", "source": source,
+                         **{k: str(r[k] or "").strip() for k in req}})
+        if len({r["id"] for r in rows}) != len(rows):
+            dup = next(k for k, n in Counter(r["id"] for r in rows).items() if n > 1)
+            raise UserError(f"hub dataset {args.hub_dataset}: id {dup!r} appears more than once")
+        return rows, [source]
+    if translate:
+        raise UserError("--translate-model with --source hub needs --hub-layout columns (x_en=..,y_en=..)")
+    en_path = args.en_file or data(ALPACA_EN if args.hub_layout == "alpaca" else GSM8K_EN)
+    if args.hub_layout == "alpaca":
+        hub = rename(hub, parse_fields(args.hub_fields, (), ("id", "instruction", "input", "output", "prompt", "response")))
+        return load_alpaca(read_json_list(en_path), hub, source, source), [en_path, source]
+    fields = parse_fields(args.hub_fields, ("id", "question"), ("answer",))
+    hub = [(f"{source} row {k}", r["id"], r["question"], r.get("answer")) for k, r in enumerate(rename(hub, fields))]
+    return load_gsm8k(common.read_jsonl(en_path), hub, source, source), [en_path, source]
+
+
+def read_json_list(path):
+    """A JSON list, or JSONL (one object per line) when the name ends in .jsonl."""
+    rows = common.read_jsonl(path) if path.endswith((".jsonl", ".jsonl.gz")) else common.read_json(path)
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise UserError(f"{path}: expected a JSON list of objects")
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# alignment check, filters, split, stats
+
+NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
+HTML_ENTITY = re.compile(r"&(#\d+|#x[0-9a-fA-F]+|[a-zA-Z]+);")
+
+
+def unescape_targets(rows):
+    """Undo HTML escaping that MT services leave behind (zh carbonz0: &quot; &lt; &gt; &#39; in 3% of the
+    items, never in the English): code and quotes would otherwise be trained with entities. Returns the count."""
+    n = 0
+    for r in rows:
+        for f in ("x", "y"):
+            t = r.get(f + "_tgt")
+            if t and HTML_ENTITY.search(t) and not HTML_ENTITY.search(r[f + "_en"]):
+                r[f + "_tgt"] = html.unescape(t)
+                n += 1
+    return n
+
+
+def numbers(text):
+    return {re.sub(r"[.,]", "", n) for n in NUMBER.findall(unicodedata.normalize("NFKC", text))}
+
+
+def verify_alignment(rows, min_agreement, max_misaligned):
+    """Raise a UserError naming where the pairs stop matching; return a summary for the stats."""
+    bad = [r for r in rows if r.get("_misaligned")]
+    if len(bad) > max_misaligned * len(rows):
+        raise UserError(f"{len(bad)} of {len(rows)} pairs fail the per-pair alignment check, first {bad[0]['id']}: "
+                        f"{bad[0]['_misaligned']} (also {', '.join(r['id'] for r in bad[1:4])}); the target side looks "
+                        "shifted or mismatched: check the ids / files (--max-misaligned sets the tolerance)")
+    evidence = []  # (id, agrees) for pairs whose English side carries >= 2 numbers
+    for r in rows:
+        y_en, y_tgt = ("", "") if r.get("_y_english") else (r["y_en"], r["y_tgt"])
+        en = numbers(r["x_en"] + "\n" + y_en)
+        if len(en) >= 2:
+            evidence.append((r["id"], len(en & numbers(r["x_tgt"] + "\n" + y_tgt)) >= len(en) / 2))
+    summary = {"per_pair_failures": len(bad), "number_pairs": len(evidence),
+               "number_agreement": round(sum(a for _, a in evidence) / len(evidence), 4) if evidence else None,
+               "window": min(ALIGN_WINDOW, len(evidence)), "min_window_agreement": None}
+    if len(evidence) < ALIGN_MIN_EVIDENCE:
+        return summary
+    w = summary["window"]
+    cum = [0, *itertools.accumulate(a for _, a in evidence)]
+    scores = [(cum[k + w] - cum[k]) / w for k in range(len(evidence) - w + 1)]
+    summary["min_window_agreement"] = round(min(scores), 4)
+    if min_agreement > 0 and min(scores) < min_agreement:
+        k = next(k for k, s in enumerate(scores) if s < min_agreement)
+        raise UserError(f"alignment check failed at {evidence[k][0]} .. {evidence[k + w - 1][0]}: only "
+                        f"{round(scores[k] * w)} of {w} pairs there share their numbers between the English and "
+                        f"target side (aligned data: > 90%, needed {min_agreement:.0%}); the ids or lines look "
+                        "shifted from there on (--align-min-agreement 0 skips this check)")
+    return summary
+
+
+def letters(text):
+    return sum(c.isalpha() for c in text)
+
+
+def token_lengths(rows, tokenizer):
+    """Tokens of each sequence the trainer builds from a pair (prompt and response tokenized apart, + EOS)."""
+    n = lambda texts: [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    p_en = n([common.build_prompt(r["x_en"]) for r in rows])
+    p_tgt = n([common.build_prompt(r["x_tgt"]) for r in rows])
+    x_en, y_en, y_tgt = (n([r[k] for r in rows]) for k in ("x_en", "y_en", "y_tgt"))
+    # SFT [P(x_en); y_en], TFT [P(x_tgt); y_tgt], LC [P(x_tgt); x_en], ET [P(x_tgt); y_en]
+    return [max(a + d, b + e, b + c, b + d) + 1 for a, b, c, d, e in zip(p_en, p_tgt, x_en, y_en, y_tgt)]
+
+
+def filter_pairs(rows, lang, min_ratio, max_ratio, tokenizer=None, max_tokens=None, anchors_only=False):
+    """Return (kept rows, Counter of drops by reason, {reason: first dropped row}); first failing reason counts.
+    With a tokenizer, kept rows get "_tokens" (their longest training sequence) for the budget and the stats."""
+    drops, first, kept, seen = Counter({r: 0 for r in DROP_REASONS}), {}, [], set()
+
+    def drop(row, reason):
+        drops[reason] += 1
+        first.setdefault(reason, row)
+
+    for row in rows:
+        pairs = [(row["x_en"], row["x_tgt"])] + ([] if row.get("_y_english") else [(row["y_en"], row["y_tgt"])])
+        judged = [(en, tgt) for k, (en, tgt) in enumerate(pairs) if k == 0 or letters(tgt) >= NEUTRAL_MAX_LETTERS]
+        if row.get("_misaligned"):
+            drop(row, "misaligned")
+        elif anchors_only and row.get("_align") not in (None, "anchor"):
+            drop(row, "not_anchor")
+        elif not all(row[k].strip() for k in ("x_en", "y_en", "x_tgt", "y_tgt")):
+            drop(row, "empty")
+        elif any(en == tgt and letters(en) for en, tgt in judged):
+            drop(row, "untranslated")  # number-only texts ("42") are the same in every language
+        elif any(letters(tgt) and not common.has_script(tgt, lang) for _, tgt in judged):
+            drop(row, "wrong_script")
+        elif any(len(en) >= RATIO_MIN_CHARS and not min_ratio <= len(tgt) / len(en) <= max_ratio for en, tgt in pairs):
+            drop(row, "length_ratio")
+        elif (row["x_tgt"], row["y_tgt"]) in seen:
+            drop(row, "duplicate")  # the target example TFT trains on would count twice
+        else:
+            seen.add((row["x_tgt"], row["y_tgt"]))
+            kept.append(row)
+    if tokenizer is not None:  # last: the only slow filter, run on the survivors only
+        for row, n in zip(kept, token_lengths(kept, tokenizer)):
+            row["_tokens"] = n
+        if max_tokens:
+            for row in kept:
+                if row["_tokens"] > max_tokens:
+                    drop(row, "over_token_budget")
+            kept = [r for r in kept if r["_tokens"] <= max_tokens]
+    return kept, drops, first
+
+
+def split_order(row_id, seed):
+    return hashlib.sha256(f"{seed}:{row_id}".encode()).hexdigest()
+
+
+def id_key(row_id):
+    m = re.match(r"^(.*?)(\d+)$", row_id)
+    return (m.group(1), int(m.group(2))) if m else (row_id, -1)
+
+
+def split_dev(rows, dev_size, seed, limit=None):
+    """(train, dev): --limit ids kept by hash order, dev its head; both returned in id order."""
+    order = sorted(rows, key=lambda r: split_order(r["id"], seed))
+    if limit:
+        order = order[:limit]
+    if dev_size and dev_size >= len(order):
+        raise UserError(f"--dev-size {dev_size} leaves no training pairs ({len(order)} pairs after filtering"
+                        f"{' and --limit' if limit else ''}); lower --dev-size")
+    dev, train = order[:dev_size], order[dev_size:]
+    return sorted(train, key=lambda r: id_key(r["id"])), sorted(dev, key=lambda r: id_key(r["id"]))
+
+
+def percentiles(values, ps=(5, 50, 95)):
+    if not values:
+        return None
+    v = sorted(values)
+    out = {f"p{p}": v[min(len(v) - 1, max(0, math.ceil(p / 100 * len(v)) - 1))] for p in ps}
+    out["max"] = v[-1]
+    return out
+
+
+def public(row, lang):
+    return {"id": row["id"], "lang": lang, "source": row["source"], "x_en": row["x_en"], "y_en": row["y_en"],
+            "x_tgt": row["x_tgt"], "y_tgt": row["y_tgt"]}
+
+
+def compute_stats(lang, source, n_in, drops, first_dropped, kept, train, dev, alignment, n_examples=3):
+    out = train + dev
+    short = lambda r: {k: (v[:300] + "...") if isinstance(v, str) and len(v) > 300 else v for k, v in public(r, lang).items()}
+    stats = {
+        "lang": lang, "source": source,
+        "counts": {"in": n_in, "kept": len(kept), "dropped": sum(drops.values()),
+                   "over_limit": len(kept) - len(out), "train": len(train), "dev": len(dev)},
+        "drops": dict(drops),
+        "alignment": alignment,
+        "y_tgt_is_english": sum(bool(r.get("_y_english")) for r in out),
+        "lengths_chars": {k: percentiles([len(r[k]) for r in out]) for k in ("x_en", "y_en", "x_tgt", "y_tgt")},
+        "examples": [short(r) for r in train[:n_examples]],
+        "dropped_examples": {reason: short(r) for reason, r in first_dropped.items()},
+    }
+    if stats["y_tgt_is_english"]:
+        stats["note"] = "y_tgt is the English answer for y_tgt_is_english pairs (no translated answers exist)"
+    if out and "_tokens" in out[0]:
+        stats["lengths_tokens"] = {"longest_training_sequence": percentiles([r["_tokens"] for r in out])}
+    return stats
+
+
+# -----------------------------------------------------------------------------
+# machine translation (NLLB, M2M100, Marian, or any transformers seq2seq model)
+
+
+def load_translator(name, device):
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForSeq2SeqLM.from_pretrained(name)
+    except Exception as e:  # unreachable hub, not a seq2seq model, no such folder
+        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise UserError(f"cannot load translation model {name!r}: {type(e).__name__}: {msg}; pass a local folder "
+                        "or the hub name of a seq2seq model (NLLB, Marian, M2M100) while the hub is reachable") from None
+    return tok, model.to(device).eval()
+
+
+def lang_tokens(tok, src, tgt):
+    """(src_lang value, id of the forced first target token) for multilingual models; (None, None) otherwise."""
+    if NLLB_CODES.get(tgt) in tok.get_vocab():
+        return NLLB_CODES[src], tok.convert_tokens_to_ids(NLLB_CODES[tgt])
+    if hasattr(tok, "get_lang_id"):  # M2M100: ISO codes
+        return src, tok.get_lang_id(tgt)
+    return None, None
+
+
+def translate(texts, tok, model, src, tgt, batch_size=16, max_length=256, desc="translate"):
+    """Translate line by line (these are sentence-level models; long outputs keep their layout),
+    each distinct line once, batches of similar length."""
+    import torch
+    from tqdm import tqdm
+    src_lang, bos = lang_tokens(tok, src, tgt)
+    kwargs = {}
+    if bos is not None:
+        tok.src_lang = src_lang
+        kwargs["forced_bos_token_id"] = bos
+    segments = sorted({s.strip() for t in texts for s in t.split("\n") if s.strip()}, key=lambda s: (len(s), s))
+    done = {}
+    for i in tqdm(range(0, len(segments), batch_size), desc=desc, unit="batch"):
+        batch = segments[i:i + batch_size]
+        enc = tok(batch, return_tensors="pt", padding=True, truncation=True, max_length=max_length).to(model.device)
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=max_length, num_beams=1, do_sample=False, **kwargs)
+        done.update(zip(batch, (s.strip() for s in tok.batch_decode(out, skip_special_tokens=True))))
+    return ["\n".join(done[s.strip()] if s.strip() else s for s in t.split("\n")) for t in texts]
+
+
+def machine_translate(rows, args, device):
+    """Fill x_tgt / y_tgt by MT; back-translate a sample of x to English and report chrF against x_en."""
+    import sacrebleu
+    tok, model = load_translator(args.translate_model, device)
+    xs = translate([r["x_en"] for r in rows], tok, model, "en", args.lang, args.translate_batch_size,
+                   args.translate_max_length, "translate x")
+    english_y = rows and rows[0].get("_y_english")  # GSM8K: answers stay English (module docstring)
+    ys = [r["y_en"] for r in rows] if english_y else translate(
+        [r["y_en"] for r in rows], tok, model, "en", args.lang, args.translate_batch_size,
+        args.translate_max_length, "translate y")
+    for r, x, y in zip(rows, xs, ys):
+        r["x_tgt"], r["y_tgt"] = x, y
+    info = {"model": args.translate_model, "device": device, "rows": len(rows), "bt_model": None,
+            "bt_sample": 0, "bt_chrf": None}
+    bt_name = args.bt_model or (args.translate_model if lang_tokens(tok, "en", args.lang)[1] is not None else None)
+    if not bt_name or not args.bt_sample:
+        info["bt_note"] = "no back-translation: a one-direction model needs --bt-model (target -> English)"
+        print(f"[translate] {info['bt_note']}")
+        return info
+    if bt_name != args.translate_model:
+        tok, model = load_translator(bt_name, device)
+    sample = sorted(rows, key=lambda r: split_order(r["id"], args.seed))[:args.bt_sample]
+    back = translate([r["x_tgt"] for r in sample], tok, model, args.lang, "en", args.translate_batch_size,
+                     args.translate_max_length, "back-translate")
+    chrf = sacrebleu.corpus_chrf(back, [[r["x_en"] for r in sample]]).score
+    info.update(bt_model=bt_name, bt_sample=len(sample), bt_chrf=round(chrf, 2))
+    print(f"[translate] back-translation chrF of {len(sample)} sampled x (target -> English vs x_en): {chrf:.1f}")
+    return info
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("input")
+    g.add_argument("--source", required=True, choices=["alpaca", "gsm8k", "parallel", "hub"])
+    g.add_argument("--lang", required=True, help="target language code (common.LANGUAGES)")
+    g.add_argument("--data-dir", default=common.DATA_DIR, help="folder laid out like data/ (default: the shipped data)")
+    g.add_argument("--en-file", help="English file instead of the shipped one")
+    g.add_argument("--tgt-file", nargs="+", help="target file(s) instead of the shipped ones (concatenated)")
+    g.add_argument("--corpus", choices=sorted(PARALLEL), default="tatoeba", help="--source parallel: which corpus")
+    g.add_argument("--anchors-only", action="store_true",
+                   help="Vietnamese Alpaca: keep only the pairs aligned by an anchor (README-alignment.md)")
+    g = p.add_argument_group("hub (--source hub)")
+    g.add_argument("--hub-dataset", help="datasets.load_dataset name")
+    g.add_argument("--hub-config", default=None)
+    g.add_argument("--hub-split", default="train")
+    g.add_argument("--hub-layout", choices=["columns", "alpaca", "gsm8k"], default="columns",
+                   help="columns: each row holds both sides (--hub-fields x_en=..,y_en=..,x_tgt=..,y_tgt=..[,id=..]); "
+                        "alpaca / gsm8k: rows are the target side of the shipped English file, joined by id "
+                        "(fields id,instruction,input,output or id,prompt,response; gsm8k: id,question[,answer])")
+    g.add_argument("--hub-fields", help="KEY=COLUMN,... mapping our keys to the dataset's columns")
+    g = p.add_argument_group("filters and checks")
+    g.add_argument("--min-ratio", type=float, help="min chars(tgt)/chars(en) (default per language, LENGTH_RATIO_BOUNDS)")
+    g.add_argument("--max-ratio", type=float, help="max chars(tgt)/chars(en)")
+    g.add_argument("--max-tokens", type=int, help="drop pairs whose longest training sequence exceeds this")
+    g.add_argument("--tokenizer", help="tokenizer (model name or folder) for --max-tokens")
+    g.add_argument("--align-min-agreement", type=float, default=0.45,
+                   help="min share of number-bearing pairs per window that share their numbers (0 disables)")
+    g.add_argument("--max-misaligned", type=float, default=0.01,
+                   help="max fraction of pairs failing the per-pair check (dropped); more is an error")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", required=True, help="PAIRS.jsonl; also writes PAIRS.dev.jsonl and PAIRS.stats.json")
+    g.add_argument("--dev-size", type=int, default=200, help="pairs held out to PAIRS.dev.jsonl (0: none)")
+    g.add_argument("--limit", type=int, help="cap on train+dev pairs (seeded choice after filtering)")
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("machine translation of the English side")
+    g.add_argument("--translate-model", help="transformers seq2seq model (e.g. facebook/nllb-200-distilled-600M)")
+    g.add_argument("--bt-model", help="target->English model for the back-translation chrF (default: the same "
+                                      "model when it is multilingual)")
+    g.add_argument("--bt-sample", type=int, default=50, help="items back-translated for the chrF estimate")
+    g.add_argument("--translate-batch-size", type=int, default=16)
+    g.add_argument("--translate-max-length", type=int, default=256, help="max tokens per translated line")
+    g.add_argument("--device", default=None, help="default: cuda when available")
+    return p.parse_args(argv)
+
+
+def check_args(args):
+    common.check_lang(args.lang)
+    if args.lang == "en":
+        raise UserError("--lang must be the non-English target language (the English side is always built)")
+    if not args.out.endswith(".jsonl"):
+        raise UserError(f"--out must end in .jsonl (got {args.out}); the dev split and stats are named after it")
+    if args.dev_size < 0 or (args.limit is not None and args.limit <= 0):
+        raise UserError("--dev-size must be >= 0 and --limit > 0")
+    if args.max_tokens and not args.tokenizer:
+        raise UserError("--max-tokens needs --tokenizer (the model you will train, e.g. " + common.DEFAULT_MODEL + ")")
+    name = common.LANGUAGES[args.lang][0]
+    translate = bool(args.translate_model)
+    if args.source == "alpaca" and not translate and not args.tgt_file and args.lang not in ALPACA_TGT:
+        raise UserError(f"no aligned {name} Alpaca ships with the repo (only {', '.join(ALPACA_TGT)}); use --source "
+                        "hub, --translate-model, or --tgt-file with an id-aligned translation")
+    if args.source == "gsm8k" and not translate and not args.tgt_file and args.lang not in GSM8K_LANGS:
+        raise UserError(f"no GSM8K translation into {name} ships (only {' '.join(GSM8K_LANGS)}); use --translate-model "
+                        "or --tgt-file")
+    if args.source == "parallel":
+        if translate:
+            raise UserError("--source parallel already has both sides; --translate-model is for alpaca, gsm8k or hub")
+        if not args.tgt_file and args.lang not in PARALLEL[args.corpus][2]:
+            others = [c for c in PARALLEL if args.lang in PARALLEL[c][2]]
+            raise UserError(f"the {args.corpus} corpus here has no {name}"
+                            + (f"; try --corpus {others[0]}" if others else "; pass --en-file and --tgt-file"))
+    if args.source == "hub" and not args.hub_dataset:
+        raise UserError("--source hub needs --hub-dataset NAME")
+
+
+def load_tokenizer(name):
+    from transformers import AutoTokenizer
+    path = name if os.path.isdir(name) else common.resolve_model(name)[0]
+    return AutoTokenizer.from_pretrained(path)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    check_args(args)
+    common.seed_everything(args.seed)
+    t0 = time.time()
+    base = args.out[:-len(".jsonl")]
+    dev_path, stats_path = base + ".dev.jsonl", base + ".stats.json"
+    translate = bool(args.translate_model)
+    rows, inputs = load_rows(args, translate)
+    if not rows:
+        raise UserError(f"no pairs in {', '.join(inputs)}: the target file(s) hold no items")
+    translation = None
+    if translate:
+        if args.limit:  # translate only what can be kept; filtered rows are not replaced
+            rows = sorted(sorted(rows, key=lambda r: split_order(r["id"], args.seed))[:args.limit],
+                          key=lambda r: id_key(r["id"]))
+        import torch
+        translation = machine_translate(rows, args, args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        alignment = {"note": "target side machine-translated from the English side"}
+    else:
+        alignment = verify_alignment(rows, args.align_min_agreement, args.max_misaligned)
+    unescaped = unescape_targets(rows)
+    lo, hi = LENGTH_RATIO_BOUNDS.get(args.lang, DEFAULT_RATIO_BOUNDS)
+    lo = lo if args.min_ratio is None else args.min_ratio
+    hi = hi if args.max_ratio is None else args.max_ratio
+    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
+    kept, drops, first = filter_pairs(rows, args.lang, lo, hi, tokenizer, args.max_tokens, args.anchors_only)
+    name = common.LANGUAGES[args.lang][0]
+    if drops["wrong_script"] > len(rows) / 2:
+        raise UserError(f"{drops['wrong_script']} of {len(rows)} target texts lack the {name} script: is --lang "
+                        f"{args.lang} the language of the target file?")
+    if not kept:
+        raise UserError(f"0 pairs left after filtering: drops by reason {dict((k, v) for k, v in drops.items() if v)}")
+    train, dev = split_dev(kept, args.dev_size, args.seed, args.limit)
+    stats = compute_stats(args.lang, args.source, len(rows), drops, first, kept, train, dev, alignment)
+    stats["ratio_bounds"] = [lo, hi]
+    stats["html_unescaped_fields"] = unescaped
+    stats["translation"] = translation
+    stats["inputs"] = [{"path": p} if p.startswith("hub:") else {"path": common.resolve_path(p), "sha256": common.sha256_file(p)}
+                       for p in inputs]
+    stats["args"] = {k: v for k, v in vars(args).items()}
+    stats["outputs"] = {"train": args.out, "dev": dev_path if dev else None}
+    stats["seconds"] = round(time.time() - t0, 1)
+    # everything is computed before the first write; each file is written atomically
+    common.write_jsonl(args.out, (public(r, args.lang) for r in train))
+    if dev:
+        common.write_jsonl(dev_path, (public(r, args.lang) for r in dev))
+    elif os.path.exists(dev_path):
+        os.remove(dev_path)  # a stale dev file from an earlier run could share ids with this train file
+    common.write_json(stats_path, stats)
+    print_summary(stats, args, dev_path, stats_path)
+
+
+def print_summary(stats, args, dev_path, stats_path):
+    c = stats["counts"]
+    print(f"\n{args.source} -> {args.lang}: {c['in']} pairs in, {c['kept']} kept, "
+          f"{c['train']} train + {c['dev']} dev ({stats['seconds']}s)")
+    print(f"  {'drop reason':<18}{'pairs':>8}")
+    for reason, n in stats["drops"].items():
+        print(f"  {reason:<18}{n:>8}")
+    if c["over_limit"]:
+        print(f"  {'(over --limit)':<18}{c['over_limit']:>8}")
+    print(f"  {'chars p50 / p95':<18}" + "   ".join(
+        f"{k} {v['p50']}/{v['p95']}" for k, v in stats["lengths_chars"].items()))
+    a = stats["alignment"]
+    if a.get("number_pairs"):
+        print(f"  alignment: {a['number_pairs']} pairs with numbers, {a['number_agreement']:.1%} agree "
+              f"(worst window {a['min_window_agreement']}), {a['per_pair_failures']} per-pair failures")
+    if stats["y_tgt_is_english"]:
+        print(f"  y_tgt is the English answer in {stats['y_tgt_is_english']} pairs (no translated answers)")
+    print(f"  wrote {args.out}" + (f", {dev_path}" if c["dev"] else "") + f", {stats_path}")
+
+
+if __name__ == "__main__":
+    common.run_main(main)
