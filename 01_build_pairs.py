@@ -85,7 +85,7 @@ DEFAULT_RATIO_BOUNDS = (0.25, 4.0)
 RATIO_MIN_CHARS = 10  # "Yes" -> "是" says nothing about alignment: the ratio is checked on longer texts only
 # A short response is often the same in every language (a name, a formula, a URL, "12 cm"): the
 # untranslated and wrong-script filters judge y only from this many letters on (x, the instruction, always).
-NEUTRAL_MAX_LETTERS = 20
+JUDGE_MIN_LETTERS = 20
 
 ALIGN_WINDOW = 50  # pairs (with >= 2 numbers on the English side) per window of the alignment check
 ALIGN_MIN_EVIDENCE = 8  # fewer such pairs than this: the window check has nothing to say
@@ -372,11 +372,12 @@ def letters(text):
 
 
 def token_lengths(rows, tokenizer):
-    """Tokens of each sequence the trainer builds from a pair (prompt and response tokenized apart, + EOS)."""
-    n = lambda texts: [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-    p_en = n([common.build_prompt(r["x_en"]) for r in rows])
-    p_tgt = n([common.build_prompt(r["x_tgt"]) for r in rows])
-    x_en, y_en, y_tgt = (n([r[k] for r in rows]) for k in ("x_en", "y_en", "y_tgt"))
+    """Tokens of the longest sequence the trainer builds from each pair: prompt (with the tokenizer's special
+    tokens, e.g. BOS) and response tokenized apart, + EOS, as 02_train_dft.py encodes them."""
+    n = lambda texts, special: [len(ids) for ids in tokenizer(texts, add_special_tokens=special)["input_ids"]]
+    p_en = n([common.build_prompt(r["x_en"]) for r in rows], True)
+    p_tgt = n([common.build_prompt(r["x_tgt"]) for r in rows], True)
+    x_en, y_en, y_tgt = (n([r[k] for r in rows], False) for k in ("x_en", "y_en", "y_tgt"))
     # SFT [P(x_en); y_en], TFT [P(x_tgt); y_tgt], LC [P(x_tgt); x_en], ET [P(x_tgt); y_en]
     return [max(a + d, b + e, b + c, b + d) + 1 for a, b, c, d, e in zip(p_en, p_tgt, x_en, y_en, y_tgt)]
 
@@ -392,7 +393,7 @@ def filter_pairs(rows, lang, min_ratio, max_ratio, tokenizer=None, max_tokens=No
 
     for row in rows:
         pairs = [(row["x_en"], row["x_tgt"])] + ([] if row.get("_y_english") else [(row["y_en"], row["y_tgt"])])
-        judged = [(en, tgt) for k, (en, tgt) in enumerate(pairs) if k == 0 or letters(tgt) >= NEUTRAL_MAX_LETTERS]
+        judged = [(en, tgt) for k, (en, tgt) in enumerate(pairs) if k == 0 or letters(tgt) >= JUDGE_MIN_LETTERS]
         if row.get("_misaligned"):
             drop(row, "misaligned")
         elif anchors_only and row.get("_align") not in (None, "anchor"):
@@ -675,9 +676,9 @@ def main(argv=None):
     stats["ratio_bounds"] = [lo, hi]
     stats["html_unescaped_fields"] = unescaped
     stats["translation"] = translation
-    stats["inputs"] = [{"path": p} if p.startswith("hub:") else {"path": common.resolve_path(p), "sha256": common.sha256_file(p)}
-                       for p in inputs]
-    stats["args"] = {k: v for k, v in vars(args).items()}
+    stats["inputs"] = [{"path": p} if p.startswith("hub:") else
+                       {"path": common.resolve_path(p), "sha256": common.sha256_file(p)} for p in inputs]
+    stats["args"] = vars(args)
     stats["outputs"] = {"train": args.out, "dev": dev_path if dev else None}
     stats["seconds"] = round(time.time() - t0, 1)
     # everything is computed before the first write; each file is written atomically

@@ -46,7 +46,8 @@ def data(tmp_path_factory):
             lines = [line.rstrip("\n") for line in f if int(line.split("\t")[0]) < 120]
         dump_lines(f"{d}/{bp.GSM8K_TGT.format(lang=lang)}.gz", lines, gz=True)
     for ext in ("eng", "ara"):
-        dump_lines(f"{d}/tatoeba_laser/tatoeba.ara-eng.{ext}", common.open_text(real(f"tatoeba_laser/tatoeba.ara-eng.{ext}")).read().splitlines()[:60])
+        path = f"tatoeba_laser/tatoeba.ara-eng.{ext}"
+        dump_lines(f"{d}/{path}", common.open_text(real(path)).read().splitlines()[:60])
     return d
 
 
