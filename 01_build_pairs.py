@@ -559,20 +559,21 @@ def machine_translate(rows, args, device):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("input")
     g.add_argument("--source", required=True, choices=["alpaca", "gsm8k", "parallel", "hub"])
     g.add_argument("--lang", required=True, help="target language code (common.LANGUAGES)")
     g.add_argument("--data-dir", default=common.DATA_DIR, help="folder laid out like data/ (default: the shipped data)")
     g.add_argument("--en-file", help="English file instead of the shipped one")
     g.add_argument("--tgt-file", nargs="+", help="target file(s) instead of the shipped ones (concatenated)")
-    g.add_argument("--corpus", choices=sorted(PARALLEL), default="tatoeba", help="--source parallel: which corpus")
+    g.add_argument("--corpus", choices=sorted(PARALLEL), default="tatoeba",
+                   help="--source parallel: which corpus (default %(default)s; ntrex is 03_evaluate's test set)")
     g.add_argument("--anchors-only", action="store_true",
                    help="Vietnamese Alpaca: keep only the pairs aligned by an anchor (README-alignment.md)")
     g = p.add_argument_group("hub (--source hub)")
     g.add_argument("--hub-dataset", help="datasets.load_dataset name")
-    g.add_argument("--hub-config", default=None)
-    g.add_argument("--hub-split", default="train")
+    g.add_argument("--hub-config", default=None, help="dataset config (subset), if it has several")
+    g.add_argument("--hub-split", default="train", help="default %(default)s")
     g.add_argument("--hub-layout", choices=["columns", "alpaca", "gsm8k"], default="columns",
                    help="columns: each row holds both sides (--hub-fields x_en=..,y_en=..,x_tgt=..,y_tgt=..[,id=..]); "
                         "alpaca / gsm8k: rows are the target side of the shipped English file, joined by id "
@@ -584,21 +585,23 @@ def parse_args(argv=None):
     g.add_argument("--max-tokens", type=int, help="drop pairs whose longest training sequence exceeds this")
     g.add_argument("--tokenizer", help="tokenizer (model name or folder) for --max-tokens")
     g.add_argument("--align-min-agreement", type=float, default=0.45,
-                   help="min share of number-bearing pairs per window that share their numbers (0 disables)")
+                   help="min share of number-bearing pairs per window that share their numbers "
+                        "(default %(default)s; 0 disables)")
     g.add_argument("--max-misaligned", type=float, default=0.01,
-                   help="max fraction of pairs failing the per-pair check (dropped); more is an error")
+                   help="max fraction of pairs failing the per-pair check, dropped as misaligned; more is an "
+                        "error (default %(default)s)")
     g = p.add_argument_group("output")
     g.add_argument("--out", required=True, help="PAIRS.jsonl; also writes PAIRS.dev.jsonl and PAIRS.stats.json")
-    g.add_argument("--dev-size", type=int, default=200, help="pairs held out to PAIRS.dev.jsonl (0: none)")
+    g.add_argument("--dev-size", type=int, default=200, help="pairs held out to PAIRS.dev.jsonl (default %(default)s; 0: none)")
     g.add_argument("--limit", type=int, help="cap on train+dev pairs (seeded choice after filtering)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seeds the split and --limit (default %(default)s)")
     g = p.add_argument_group("machine translation of the English side")
     g.add_argument("--translate-model", help="transformers seq2seq model (e.g. facebook/nllb-200-distilled-600M)")
     g.add_argument("--bt-model", help="target->English model for the back-translation chrF (default: the same "
                                       "model when it is multilingual)")
-    g.add_argument("--bt-sample", type=int, default=50, help="items back-translated for the chrF estimate")
-    g.add_argument("--translate-batch-size", type=int, default=16)
-    g.add_argument("--translate-max-length", type=int, default=256, help="max tokens per translated line")
+    g.add_argument("--bt-sample", type=int, default=50, help="items back-translated for the chrF estimate (default %(default)s)")
+    g.add_argument("--translate-batch-size", type=int, default=16, help="default %(default)s")
+    g.add_argument("--translate-max-length", type=int, default=256, help="max tokens per translated line (default %(default)s)")
     g.add_argument("--device", default=None, help="default: cuda when available")
     return p.parse_args(argv)
 
