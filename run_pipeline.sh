@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The whole pipeline on the offline default model (SmolLM2-135M-Instruct), sized for a laptop CPU:
+#   1. 400 Chinese Alpaca pairs (+100 dev)  2. 30 steps of DFT (logit lens, auto layers)
+#   3. the base and the trained model on a few benchmark items, side by side.
+# Rerunning starts afresh: it deletes $OUT (default runs/pipeline). Sizes are environment variables.
+set -euo pipefail
+cd "$(dirname "$0")"
+bash setup.sh
+PY=.venv/bin/python
+OUT=${OUT:-runs/pipeline}
+TGT=${TGT:-zh}              # alpaca ships zh and vi
+METHOD=${METHOD:-dft-logits}
+STEPS=${STEPS:-30}
+LIMIT=${LIMIT:-50}          # items per task x language in the evaluation
+BASE=HuggingFaceTB/SmolLM2-135M-Instruct
+rm -rf "$OUT"
+
+echo "== 1/3 parallel pairs"
+$PY 01_build_pairs.py --source alpaca --lang "$TGT" --limit 500 --dev-size 100 \
+    --max-tokens 256 --tokenizer "$BASE" --out "$OUT/pairs_$TGT.jsonl"
+
+echo "== 2/3 DFT training ($METHOD, $STEPS steps)"
+$PY 02_train_dft.py --pairs "$OUT/pairs_$TGT.jsonl" --out "$OUT/$METHOD" --model "$BASE" --method "$METHOD" \
+    --max-steps "$STEPS" --batch-size 4 --max-length 256 --lr 1e-4 --log-every 10
+
+echo "== 3/3 evaluation: base vs $METHOD"
+$PY 03_evaluate.py --model "$BASE" "$OUT/$METHOD" --run-name base "$METHOD" \
+    --tasks xnli,xcopa,xstorycloze,xquad,nll --langs "$TGT" --limit "$LIMIT" \
+    --pairs "$OUT/pairs_$TGT.dev.jsonl" --out "$OUT/eval"
+echo "results: $OUT/eval/results.md"
