@@ -1,0 +1,1504 @@
+"""
+Stage 3: evaluation that is exact, comparable and auditable (DESIGN §4).
+
+Every score carries n, a standard error and the scorer's name; every item's prompt, output (or choice
+log-likelihoods), gold answer and verdict is saved next to the score, so any number can be audited.
+Prompt formats copy lm-evaluation-harness (v0.4.13 task YAMLs) where it has the task, so numbers are
+comparable with published ones.
+
+Examples
+  # the paper's suite for two models (the base model and a DFT checkpoint); adds to runs/eval/results.md
+  python 03_evaluate.py --model HuggingFaceTB/SmolLM2-135M-Instruct runs/dft-zh \
+      --tasks xnli,xcopa,xstorycloze,mmlu,truthfulqa,xquad,mlqa,mkqa --langs zh,vi,ar --out runs/eval
+  # math and translation, a quick look at 30 items each
+  python 03_evaluate.py --model runs/dft-zh --tasks mgsm,mgsm_cot,msvamp,translation --langs zh --limit 30 --out runs/eval
+  # held-out NLL of the training format (pairs from 01_build_pairs.py); lower is better
+  python 03_evaluate.py --model runs/dft-zh --tasks nll --pairs runs/pairs/dev.jsonl --langs zh,en --out runs/eval
+  # paired bootstrap between two runs on the same items (B - A)
+  python 03_evaluate.py --compare runs/eval/SmolLM2-135M-Instruct.json runs/eval/dft-zh.json --out runs/eval
+  # the English-pivot picture: lens entropy, English vs Chinese token mass and en/zh cosine per layer
+  python 03_evaluate.py --analysis layers --model HuggingFaceTB/SmolLM2-135M-Instruct runs/dft-zh --langs zh --out runs/eval
+
+Tasks (harness task name; `{l}` = language). loglik = the choice with the highest summed log-probability
+of its continuation tokens wins (lm-eval's `acc`); gen = greedy decoding, cut at the stop strings.
+| task        | harness task            | prompt (context -> continuation)                                                 | metric |
+| xnli        | xnli_{l}                | "" -> " {premise}, {right}? {Yes|Also|No}, {hypothesis}" (per-language words)   | acc |
+| xcopa       | xcopa_{l} (en: copa)    | "{premise minus final char} {because|therefore}" -> " {choice, first char lower}" | acc |
+| xstorycloze | xstorycloze_{l}         | "{4 sentences joined by ' '}" -> " {ending}"                                     | acc |
+| mmlu        | m_mmlu_{l} (Okapi)      | "{q}\nA. ..\nB. ..\nC. ..\nD. ..\nAnswer:" -> " A|B|C|D"                        | acc |
+| truthfulqa  | truthfulqa_{l}_mc1      | "{6-shot QA prompt}\n\nQ: {q}\nA:" -> " {choice}"                                | acc (MC1) |
+| xquad       | xquad_{l}               | "{Context}: {c}\n\n{Question}: {q}\n\n{Answer}:" (per-language words), stop \n   | F1, EM |
+| mlqa        | mlqa_{l}_{l}            | "Context: {c}\n\nQuestion: {q}\n\nAnswer:", stop \n                              | F1, EM |
+| mkqa        | (none; nq_open format)  | "Answer these questions:\n\nQ: {q}?\nA:", stop \n . ,                            | F1, EM |
+| mgsm        | mgsm_direct_{l}         | "{Question word} {q}\nAnswer:", stop "{Question word}"                          | acc |
+| mgsm_cot    | mgsm_native_cot_{l}     | "{Question word} {q}\n{Step-by-step answer word}", stop "{Question word}"      | acc |
+| msvamp(_cot)| (none; MGSM formats)    | as mgsm / mgsm_cot                                                               | acc |
+| translation | (none)                  | MT_PROMPT below, stop \n; en->xx and xx->en                                     | BLEU, chrF |
+| nll         | (none)                  | common.build_prompt(x) -> y + EOS (the training format)                         | NLL/token |
+Details and deviations: see the README section "Evaluation" and the constants below.
+"""
+import argparse
+import glob
+import json
+import math
+import os
+import re
+import string
+import sys
+import time
+import unicodedata
+from collections import Counter
+
+import torch
+import torch.nn.functional as F
+
+import common
+from common import UserError
+
+# -----------------------------------------------------------------------------
+# task formats (copied from lm-evaluation-harness 0.4.13 task files; file names in the comments)
+
+# tasks/xnli/utils.py: question word, then the entailment / neutral / contradiction words
+XNLI_WORDS = {
+    "ar": ("صحيح", "نعم", "لذا", "رقم"), "bg": ("правилно", "да", "така", "не"),
+    "de": ("richtig", "Ja", "Auch", "Nein"), "el": ("σωστός", "Ναί", "Έτσι", "όχι"),
+    "en": ("right", "Yes", "Also", "No"), "es": ("correcto", "Sí", "Asi que", "No"),
+    "fr": ("correct", "Oui", "Aussi", "Non"), "hi": ("सही", "हाँ", "इसलिए", "नहीं"),
+    "ru": ("правильно", "Да", "Так", "Нет"), "sw": ("sahihi", "Ndiyo", "Hivyo", "Hapana"),
+    "th": ("ถูกต้อง", "ใช่", "ดังนั้น", "ไม่"), "tr": ("doğru", "Evet", "Böylece", "Hayır"),
+    "ur": ("صحیح", "جی ہاں", "اس لئے", "نہیں"), "vi": ("đúng", "Vâng", "Vì vậy", "Không"),
+    "zh": ("正确", "是的", "所以", "不是的"),
+}
+XNLI_LABELS = {"entailment": 0, "neutral": 1, "contradiction": 2}
+
+# tasks/xcopa/utils.py (en: tasks/super_glue/copa/utils.py): connector for "cause" and "effect"
+XCOPA_CONNECTORS = {
+    "et": ("sest", "seetõttu"), "ht": ("poukisa", "donk sa"), "it": ("perché", "quindi"),
+    "id": ("karena", "maka"), "qu": ("imataq", "chaymi"), "sw": ("kwa sababu", "kwa hiyo"),
+    "zh": ("因为", "所以"), "ta": ("காரணமாக", "எனவே"), "th": ("เพราะ", "ดังนั้น"),
+    "tr": ("çünkü", "bu yüzden"), "vi": ("bởi vì", "vì vậy"), "en": ("because", "therefore"),
+}
+
+# tasks/okapi/truthfulqa_multilingual/utils.py: the 6-shot English QA prompt before every question
+TRUTHFULQA_QA_PROMPT = (
+    "Q: What is human life expectancy in the United States?\n"
+    "A: Human life expectancy in the United States is 78 years.\n\n"
+    "Q: Who was president of the United States in 1955?\n"
+    "A: Dwight D. Eisenhower was president of the United States in 1955.\n\n"
+    "Q: Which party did he belong to?\n"
+    "A: He belonged to the Republican Party.\n\n"
+    "Q: What is the square root of banana?\n"
+    "A: I have no comment.\n\n"
+    "Q: How does a telescope work?\n"
+    "A: Telescopes use lenses or mirrors to focus light and make objects appear closer.\n\n"
+    "Q: Where were the 1992 Olympics held?\n"
+    "A: The 1992 Olympics were held in Barcelona, Spain."
+)
+
+# tasks/xquad/xquad_{l}.yaml: the words for "Context", "Question", "Answer"
+XQUAD_WORDS = {
+    "ar": ("سيا", "سؤال", "إجابة"), "de": ("Kontext", "Frage", "Antwort"),
+    "el": ("Συμφραζόμενα", "Ερώτηση", "Απάντηση"), "en": ("Context", "Question", "Answer"),
+    "es": ("Contexto", "Pregunta", "Respuesta"), "hi": ("प्रसंग", "सवाल", "उत्तर"),
+    "ro": ("Context", "Întrebare", "Răspuns"), "ru": ("Контекст", "Вопрос", "Ответ"),
+    "th": ("บริบท", "คำถาม", "คำตอบ"), "tr": ("Bağlam", "Soru", "Cevap"),
+    "vi": ("Bối cảnh", "Câu hỏi", "Trả lời"), "zh": ("语境", "问题", "回答"),
+}
+
+# tasks/mgsm/{direct,native_cot}/*.yaml: question word (also the stop string), direct answer cue,
+# step-by-step answer cue, and the native CoT "strict-match" regex (bn uses the English one, as there)
+MGSM_WORDS = {
+    "bn": ("প্রশ্ন:", "Answer:", "ধাপে ধাপে উত্তর:", r"The answer is (\-?[0-9\.\,]+)"),
+    "de": ("Frage:", "Antwort:", "Schritt-für-Schritt-Antwort:", r"Die Antwort lautet (\-?[0-9\.\,]+)"),
+    "en": ("Question:", "Answer:", "Step-by-Step Answer:", r"The answer is (\-?[0-9\.\,]+)"),
+    "es": ("Pregunta:", "Respuesta:", "Respuesta paso a paso:", r"La respuesta es (\-?[0-9\.\,]+)"),
+    "fr": ("Question :", "Réponse :", "Réponse étape par étape :", r"La réponse est (\-?[0-9\.\,]+)"),
+    "ja": ("問題：", "Answer:", "ステップごとの答え:", r"答えは(\-?[0-9\.\,]+)です。"),
+    "ru": ("Задача:", "Answer:", "Пошаговоерешение:", r"Ответ — (\-?[0-9\.\,]+)"),
+    "sw": ("Swali:", "Answer:", "Jibu la Hatua kwa Hatua:", r"Jibu ni (\-?[0-9\.\,]+)"),
+    "te": ("ప్రశ్న:", "Answer:", "దశలవారీగా సమాధానం:", r"సమాధానం (\-?[0-9\.\,]+)"),
+    "th": ("โจทย์:", "Answer:", "คำตอบทีละขั้นตอน:", r"คำตอบคือ (\-?[0-9\.\,]+)"),
+    "zh": ("问题：", "Answer:", "逐步解答:", r"答案是 (\-?[0-9\.\,]+)。"),
+}
+MGSM_EXTRA_STOPS = ["</s>", "<|im_end|>"]  # in every mgsm yaml's `until`, plus the tokenizer's EOS
+FLEXIBLE_REGEX = r"(-?[$0-9.,]{2,})|(-?[0-9]+)"  # mgsm "flexible-extract": last match
+
+# mkqa has no harness task: the harness's nq_open format (open-domain QA without a passage)
+MKQA_DESCRIPTION = "Answer these questions:\n\n"
+MKQA_STOPS = ["\n", ".", ","]
+
+# translation has no harness task for NTREX/Tatoeba: our documented prompt (ours)
+MT_PROMPT = "Translate the following {src} text into {tgt}.\n{src}: {text}\n{tgt}:"
+NTREX_CODES = {"de": "deu", "es": "spa", "fr": "fra", "ru": "rus", "zh": "zho-CN", "ja": "jpn", "th": "tha",
+               "sw": "swa", "bn": "ben", "te": "tel"}
+TATOEBA_CODES = {"ar": "ara", "bg": "bul", "bn": "ben", "de": "deu", "el": "ell", "es": "spa", "fr": "fra",
+                 "hi": "hin", "ja": "jpn", "ru": "rus", "sw": "swh", "te": "tel", "th": "tha", "tr": "tur",
+                 "ur": "urd", "vi": "vie", "zh": "cmn"}
+# sacrebleu tokenizer per target language (ja-mecab needs MeCab: character level instead; recorded)
+BLEU_TOKENIZE = {"zh": "zh", "ja": "char", "th": "char"}
+
+MGSM_LANGS = sorted(MGSM_WORDS)
+MSVAMP_LANGS = [l for l in MGSM_LANGS if l != "te"]
+
+# The task table. kind: mc (log-likelihood multiple choice), gen (greedy generation), nll.
+# max_new_tokens: the harness's default max_gen_toks (256) unless it sets one.
+TASKS = {
+    "xnli": dict(kind="mc", harness="xnli_{l}", langs=sorted(XNLI_WORDS), splits=("validation", "test")),
+    "xcopa": dict(kind="mc", harness="xcopa_{l}", langs=sorted(XCOPA_CONNECTORS), splits=("test", "validation")),
+    "xstorycloze": dict(kind="mc", harness="xstorycloze_{l}", langs=["ar", "en", "zh"], splits=("eval",)),
+    "mmlu": dict(kind="mc", harness="m_mmlu_{l}", langs=["ar", "en", "vi", "zh"], splits=("val", "dev"), fewshot=True),
+    "truthfulqa": dict(kind="mc", harness="truthfulqa_{l}_mc1", langs=["ar", "vi", "zh"], splits=("validation",)),
+    "xquad": dict(kind="gen", family="qa", harness="xquad_{l}", langs=["ar", "en", "vi", "zh"], splits=("validation",),
+                  max_new_tokens=256),
+    "mlqa": dict(kind="gen", family="qa", harness="mlqa_{l}_{l}", langs=["ar", "en", "vi", "zh"], splits=("dev",),
+                 max_new_tokens=256),
+    "mkqa": dict(kind="gen", family="qa", harness=None, langs=["ar", "en", "es", "ru", "zh"], splits=("dev",),
+                 max_new_tokens=256),
+    "mgsm": dict(kind="gen", family="math", harness="mgsm_direct_{l}", langs=MGSM_LANGS, splits=("test",),
+                 max_new_tokens=256, fewshot=True),
+    "mgsm_cot": dict(kind="gen", family="math", harness="mgsm_native_cot_{l}", langs=MGSM_LANGS, splits=("test",),
+                     max_new_tokens=256, fewshot=True),
+    "msvamp": dict(kind="gen", family="math", harness=None, langs=MSVAMP_LANGS, splits=("test",),
+                   max_new_tokens=256, fewshot=True),
+    "msvamp_cot": dict(kind="gen", family="math", harness=None, langs=MSVAMP_LANGS, splits=("test",),
+                       max_new_tokens=256, fewshot=True),
+    "translation": dict(kind="gen", family="mt", harness=None, langs=sorted(set(NTREX_CODES) | set(TATOEBA_CODES)),
+                        splits=("test",), max_new_tokens=256),
+    "nll": dict(kind="nll", harness=None, langs=sorted(common.LANGUAGES), splits=("dev",)),
+}
+PAPER_TASKS = "xnli,xcopa,xstorycloze,mmlu,truthfulqa,xquad,mlqa,mkqa"
+# Hugging Face datasets the harness reads (used with --data-source hub when the hub is reachable)
+HUB_DATASETS = {"xnli": ("facebook/xnli", "{l}"), "xcopa": ("cambridgeltl/xcopa", "{l}"),
+                "xstorycloze": ("juletxara/xstory_cloze", "{l}"), "mmlu": ("alexandrainst/m_mmlu", "{l}"),
+                "truthfulqa": ("alexandrainst/m_truthfulqa", "{l}"), "xquad": ("google/xquad", "xquad.{l}"),
+                "mlqa": ("facebook/mlqa", "mlqa.{l}.{l}"), "mgsm": ("juletxara/mgsm", "{l}"),
+                "mgsm_cot": ("juletxara/mgsm", "{l}")}
+
+# -----------------------------------------------------------------------------
+# data: one loader per dataset, each returns (items, data file); an item is a plain dict with an "id"
+
+
+def _tsv(path):
+    with common.open_text(path) as f:
+        return [line.rstrip("\n").rstrip("\r").split("\t") for line in f if line.strip()]
+
+
+def _lines(path):
+    with common.open_text(path) as f:
+        return [line.rstrip("\n").rstrip("\r") for line in f]
+
+
+def _hub_rows(task, lang, split):
+    """Rows of the harness's own Hugging Face dataset (same fields as our local files after conversion)."""
+    import datasets
+    path, name = HUB_DATASETS[task]
+    try:
+        rows = list(datasets.load_dataset(path, name.format(l=lang), split=split))
+    except Exception as e:
+        raise UserError(f"cannot load {path} ({name.format(l=lang)}, {split}) from the hub ({type(e).__name__}); "
+                        "use --data-source local") from None
+    return rows, f"hub:{path}/{name.format(l=lang)}/{split}"
+
+
+def load_xnli(data_dir, lang, split, hub=False):
+    if hub:
+        rows, src = _hub_rows("xnli", lang, split)
+        rows = [(r["premise"], r["hypothesis"], r["label"]) for r in rows]
+    else:
+        src = os.path.join(data_dir, "xnli", f"{'dev' if split == 'validation' else 'test'}-{lang}.tsv")
+        rows = [(p, h, XNLI_LABELS[y]) for p, h, y in _tsv(src)]
+    q, *words = XNLI_WORDS[lang]
+    items = []
+    for i, (premise, hypothesis, label) in enumerate(rows):
+        # empty context: each choice is the whole sentence (doc_to_text: ''), the harness prepends " "
+        texts = [f"{premise}, {q}? {w}, {hypothesis}" for w in words]
+        items.append(dict(id=i, context="", choices=texts, gold=label))
+    return items, src
+
+
+def load_xcopa(data_dir, lang, split, hub=False):
+    if hub:
+        rows, src = _hub_rows("xcopa", lang, split)
+    else:
+        src = os.path.join(data_dir, "xcopa", f"{'val' if split == 'validation' else 'test'}.{lang}.jsonl")
+        rows = common.read_jsonl(src)
+    cause, effect = XCOPA_CONNECTORS[lang]
+    lower_first = lambda s: s[0].lower() + s[1:]  # noqa: E731 (utils.convert_choice)
+    items = []
+    for i, r in enumerate(rows):
+        conn = cause if r["question"] == "cause" else effect
+        context = r["premise"].strip()[:-1] + f" {conn}"  # drops the final period, as the harness does
+        items.append(dict(id=r.get("idx", i), context=context,
+                          choices=[lower_first(r["choice1"]), lower_first(r["choice2"])], gold=int(r["label"])))
+    return items, src
+
+
+def load_xstorycloze(data_dir, lang, split, hub=False):
+    if hub:
+        rows, src = _hub_rows("xstorycloze", lang, split)
+    else:
+        src = os.path.join(data_dir, "xstorycloze", f"{lang}_{split}.jsonl")
+        rows = common.read_jsonl(src)
+    items = []
+    for i, r in enumerate(rows):
+        context = " ".join(r[f"input_sentence_{k}"] for k in range(1, 5))
+        items.append(dict(id=r.get("story_id", i), context=context, choices=[r["sentence_quiz1"], r["sentence_quiz2"]],
+                          gold=int(r["answer_right_ending"]) - 1))
+    return items, src
+
+
+def mmlu_text(r):
+    return (f"{r['instruction'].strip()}\nA. {r['option_a']}\nB. {r['option_b']}\nC. {r['option_c']}\n"
+            f"D. {r['option_d']}\nAnswer:")
+
+
+def load_mmlu(data_dir, lang, split, hub=False, num_fewshot=0):
+    if hub:
+        rows, src = _hub_rows("mmlu", lang, {"val": "validation", "dev": "train"}.get(split, split))
+    else:
+        src = os.path.join(data_dir, "okapi_mmlu", f"{lang}_{split}.json")
+        rows = common.read_json(src)
+    # few-shot: the first k dev items (the harness's `first_n` sampler on its train split = Okapi dev)
+    shots = common.read_json(os.path.join(data_dir, "okapi_mmlu", f"{lang}_dev.json"))[:num_fewshot] if num_fewshot else []
+    prefix = "".join(f"{mmlu_text(s)} {s['answer']}\n\n" for s in shots)
+    items = []
+    for i, r in enumerate(rows):
+        items.append(dict(id=r.get("id", i), context=prefix + mmlu_text(r), choices=["A", "B", "C", "D"],
+                          gold="ABCD".index(r["answer"])))
+    return items, src
+
+
+def _truthfulqa_clean(text):  # utils.preprocess
+    text = text.strip().replace(" [title]", ". ")
+    return re.sub("\\[.*?\\]", "", text).replace("  ", " ")
+
+
+def load_truthfulqa(data_dir, lang, split, hub=False):
+    if hub:
+        rows, src = _hub_rows("truthfulqa", lang, "val")
+    else:
+        src = os.path.join(data_dir, "okapi_truthfulqa", f"{lang}_validation.json")
+        rows = common.read_json(src)
+    items = []
+    for i, r in enumerate(rows):
+        labels = r["mc1_targets_labels"]
+        if labels.count(1) != 1:
+            raise UserError(f"{src} item {i}: MC1 needs exactly one correct choice, labels are {labels}")
+        # the gold index comes from the labels, never from the position (the correct choice is stored first)
+        context = TRUTHFULQA_QA_PROMPT + "\n\nQ: " + _truthfulqa_clean(r["question"]) + "\nA:"
+        items.append(dict(id=i, context=context, choices=list(r["mc1_targets_choices"]), gold=labels.index(1)))
+    return items, src
+
+
+def _squad_rows(obj):
+    for article in obj["data"]:
+        for para in article["paragraphs"]:
+            for qa in para["qas"]:
+                yield dict(id=qa["id"], context=para["context"], question=qa["question"],
+                           answers=[a["text"] for a in qa["answers"]])
+
+
+def load_xquad(data_dir, lang, split, hub=False):
+    if hub:
+        rows, src = _hub_rows("xquad", lang, "validation")
+        rows = [dict(id=r["id"], context=r["context"], question=r["question"], answers=r["answers"]["text"]) for r in rows]
+    else:
+        src = os.path.join(data_dir, "xquad", f"xquad.{lang}.json")
+        rows = list(_squad_rows(common.read_json(src)))
+    c, q, a = XQUAD_WORDS[lang]
+    items = [dict(id=r["id"], prompt=f"{c}: {r['context']}\n\n{q}: {r['question']}\n\n{a}:", gold=r["answers"][:1])
+             for r in rows]  # the harness scores xquad against the first answer only
+    return items, src
+
+
+def load_mlqa(data_dir, lang, split, hub=False):
+    if hub:
+        rows, src = _hub_rows("mlqa", lang, "validation")
+        rows = [dict(id=r["id"], context=r["context"], question=r["question"], answers=r["answers"]["text"]) for r in rows]
+    else:
+        src = os.path.join(data_dir, "mlqa_dev", f"dev-context-{lang}-question-{lang}.json")
+        rows = list(_squad_rows(common.read_json(src)))
+    items = [dict(id=r["id"], prompt=f"Context: {r['context']}\n\nQuestion: {r['question']}\n\nAnswer:",
+                  gold=r["answers"]) for r in rows]
+    return items, src
+
+
+def load_mkqa(data_dir, lang, split, hub=False):
+    src = os.path.join(data_dir, "mkqa_mia2022_dev", f"mkqa-{'zh_cn' if lang == 'zh' else lang}.jsonl")
+    items = []
+    for r in common.read_jsonl(src):
+        q = r["question"].strip()
+        q = q if q.endswith(("?", "？", "؟")) else q + "?"
+        items.append(dict(id=r["id"], prompt=f"{MKQA_DESCRIPTION}Q: {q}\nA:", gold=[a.strip() for a in r["answers"]]))
+    return items, src
+
+
+def mgsm_exemplars(data_dir, lang, cot, k):
+    """The first k official MGSM exemplars as a few-shot prefix ("\n\n"-joined, as the harness joins shots).
+
+    CoT: "{Question word}{q}\n{step-by-step cue}{delimiter}{worked answer}" (the harness layout; delimiter ""
+    for zh/ja, " " otherwise). Direct: "...\nAnswer: {number}" (the MGSM paper's direct exemplars; the harness
+    instead puts the worked CoT answer after "Answer:", which we consider a bug).
+    """
+    if not k:
+        return ""
+    rows = [r for r in common.read_jsonl(os.path.join(data_dir, "mgsm", "mgsm_exemplars.jsonl")) if r["lang"] == lang]
+    if k > len(rows):
+        raise UserError(f"--num-fewshot {k}: MGSM has {len(rows)} exemplars for {lang}")
+    _, direct, step, _ = MGSM_WORDS[lang]
+    shots = []
+    for r in sorted(rows, key=lambda r: r["id"])[:k]:
+        if cot:
+            answer = re.sub(r"^[^:：]*[:：]\s*", "", r["a"], count=1)  # drop the exemplar's own cue word
+            shots.append(f"{r['q']}\n{step}{'' if lang in ('zh', 'ja') else ' '}{answer}")
+        else:
+            shots.append(f"{r['q']}\n{direct} {r['answer_number']}")
+    return "\n\n".join(shots) + "\n\n"
+
+
+def _number_string(x):
+    """Gold answers as the harness compares them: '8.0' -> '8' (integral floats), else as given."""
+    x = str(x).strip()
+    try:
+        v = float(x.replace(",", ""))
+    except ValueError:
+        return x
+    return str(int(v)) if v == int(v) else x
+
+
+def load_math(data_dir, lang, dataset, cot, num_fewshot=0, hub=False):
+    question_word, direct, step, _ = MGSM_WORDS[lang]
+    if dataset == "mgsm":
+        if hub:
+            rows, src = _hub_rows("mgsm", lang, "test")
+            rows = [(r["question"], r["answer_number"]) for r in rows]
+        else:
+            src = os.path.join(data_dir, "mgsm", f"mgsm_{lang}.tsv")
+            rows = [(q, a) for q, a in _tsv(src)]
+    else:
+        src = os.path.join(data_dir, "msvamp", f"msvamp_{lang}.jsonl")
+        rows = [(r["m_query"], r["response"]) for r in common.read_jsonl(src)]
+    prefix = mgsm_exemplars(data_dir, lang, cot, num_fewshot)
+    items = [dict(id=i, prompt=f"{prefix}{question_word} {q}\n{step if cot else direct}", gold=_number_string(a))
+             for i, (q, a) in enumerate(rows)]
+    return items, src
+
+
+def load_translation(data_dir, lang, direction, dataset):
+    """(items, data file) for en->lang (direction 'en-xx') or lang->en ('xx-en')."""
+    if dataset == "ntrex":
+        code = NTREX_CODES[lang]
+        en_file = os.path.join(data_dir, "ntrex128", "newstest2019-src.eng.txt")
+        xx_file = os.path.join(data_dir, "ntrex128", f"newstest2019-ref.{code}.txt")
+    else:
+        code = TATOEBA_CODES[lang]
+        en_file = os.path.join(data_dir, "tatoeba_laser", f"tatoeba.{code}-eng.eng")
+        xx_file = os.path.join(data_dir, "tatoeba_laser", f"tatoeba.{code}-eng.{code}")
+    en, xx = _lines(en_file), _lines(xx_file)
+    if len(en) != len(xx):
+        raise UserError(f"{en_file} and {xx_file} are not line-aligned ({len(en)} vs {len(xx)} lines)")
+    src_lang, tgt_lang = ("en", lang) if direction == "en-xx" else (lang, "en")
+    src_text, ref_text = (en, xx) if direction == "en-xx" else (xx, en)
+    names = common.LANGUAGES
+    items = [dict(id=i, prompt=MT_PROMPT.format(src=names[src_lang][0], tgt=names[tgt_lang][0], text=s.strip()),
+                  gold=r.strip(), tgt_lang=tgt_lang) for i, (s, r) in enumerate(zip(src_text, ref_text))
+             if s.strip() and r.strip()]
+    return items, xx_file
+
+
+def load_nll(pairs_file, lang):
+    """Training-format items: build_prompt(x) -> y. lang 'en' uses the English side (deduplicated)."""
+    if not pairs_file:
+        raise UserError("task nll needs --pairs DEV.jsonl (the dev pairs written by 01_build_pairs.py)")
+    rows = common.read_jsonl(pairs_file)
+    items, seen = [], set()
+    for i, r in enumerate(rows):
+        missing = [k for k in ("x_en", "y_en", "x_tgt", "y_tgt", "lang") if not isinstance(r.get(k), str)]
+        if missing:
+            raise UserError(f"{pairs_file} line {i + 1}: missing field(s) {missing} (01_build_pairs.py writes them)")
+        if lang == "en":
+            if (r["x_en"], r["y_en"]) in seen:
+                continue
+            seen.add((r["x_en"], r["y_en"]))
+            items.append(dict(id=r.get("id", i), x=r["x_en"], y=r["y_en"]))
+        elif r["lang"] == lang:
+            items.append(dict(id=r.get("id", i), x=r["x_tgt"], y=r["y_tgt"]))
+    return items, pairs_file
+
+
+def nll_langs(pairs_file):
+    return sorted({r["lang"] for r in common.read_jsonl(pairs_file)} | {"en"}) if pairs_file else []
+
+
+def task_langs(task, args):
+    if task == "nll":
+        return nll_langs(args.pairs)
+    if task == "translation":
+        return sorted(NTREX_CODES if args.mt_data == "ntrex" else TATOEBA_CODES)
+    return TASKS[task]["langs"]
+
+
+def shots_for(task, args):
+    return args.num_fewshot if TASKS[task].get("fewshot") else 0
+
+
+def load_task(task, lang, args):
+    """Items (after --limit) and the data file for one task x language; raises UserError on bad input."""
+    spec, hub = TASKS[task], args.data_source == "hub"
+    split = args.split if args.split in spec["splits"] else spec["splits"][0]
+    if hub and task not in HUB_DATASETS:
+        raise UserError(f"task {task} has no Hugging Face dataset here; use --data-source local")
+    k = shots_for(task, args)
+    d = args.data_dir
+    if task == "xnli":
+        out = load_xnli(d, lang, split, hub)
+    elif task == "xcopa":
+        out = load_xcopa(d, lang, split, hub)
+    elif task == "xstorycloze":
+        out = load_xstorycloze(d, lang, split, hub)
+    elif task == "mmlu":
+        out = load_mmlu(d, lang, split, hub, k)
+    elif task == "truthfulqa":
+        out = load_truthfulqa(d, lang, split, hub)
+    elif task == "xquad":
+        out = load_xquad(d, lang, split, hub)
+    elif task == "mlqa":
+        out = load_mlqa(d, lang, split, hub)
+    elif task == "mkqa":
+        out = load_mkqa(d, lang, split)
+    elif task in ("mgsm", "mgsm_cot", "msvamp", "msvamp_cot"):
+        out = load_math(d, lang, task.split("_")[0], task.endswith("_cot"), k, hub)
+    elif task == "nll":
+        out = load_nll(args.pairs, lang)
+    else:
+        raise AssertionError(task)
+    items, src = out
+    if args.limit is not None:
+        items = items[:args.limit]  # the first N items, as the harness's --limit
+    if not items:
+        raise UserError(f"{task} {lang}: no items in {src}")
+    return items, src, split
+
+
+# -----------------------------------------------------------------------------
+# scorers: one function per metric family
+
+
+def mean_stderr(values):
+    """Mean and the standard error of the mean (sample std / sqrt(n), as lm-eval reports)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, None
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(var / n)
+
+
+def ratio_stderr(sums, counts):
+    """Token-weighted mean sum(s)/sum(t) and its standard error over items (delta method)."""
+    n, total = len(sums), sum(counts)
+    r = sum(sums) / total
+    if n < 2:
+        return r, None
+    tbar = total / n
+    var = sum((s - r * t) ** 2 for s, t in zip(sums, counts)) / (n - 1)
+    return r, math.sqrt(var / n) / tbar
+
+
+def choose(lls):
+    """lm-eval's prediction: np.argmax, the first of equal maxima."""
+    return max(range(len(lls)), key=lambda i: (lls[i], -i))
+
+
+PUNCT = {chr(i) for i in range(sys.maxunicode) if unicodedata.category(chr(i)).startswith("P")} | set(string.punctuation)
+# MLQA's official evaluation (tasks/mlqa/utils.py): article words removed per language
+ARTICLES = {"en": r"\b(a|an|the)\b", "es": r"\b(un|una|unos|unas|el|la|los|las)\b",
+            "vi": r"\b(của|là|cái|chiếc|những)\b", "de": r"\b(ein|eine|einen|einem|eines|einer|der|die|das|den|dem|des)\b",
+            "ar": r"(?:^|\s)ال"}
+# zh/ja/th are scored over characters: every character of these scripts is a token, runs of other
+# characters are split on whitespace (MLQA's "mixed segmentation" for zh, extended to ja and th)
+CHAR_LANGS = {"zh": r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]", "ja": r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]",
+              "th": r"[\u0e00-\u0e7f]"}
+
+
+def qa_tokens(text, lang):
+    """SQuAD/MLQA normalisation: lower case, drop punctuation and articles, then tokens."""
+    text = "".join(ch for ch in text.lower() if ch not in PUNCT)
+    if lang in ARTICLES:
+        text = re.sub(ARTICLES[lang], " ", text)
+    if lang in CHAR_LANGS:
+        return [t for t in re.split(f"({CHAR_LANGS[lang]})|\\s+", text) if t and t.strip()]
+    return text.split()
+
+
+def qa_f1(prediction, gold, lang):
+    p, g = qa_tokens(prediction, lang), qa_tokens(gold, lang)
+    common_count = sum((Counter(p) & Counter(g)).values())
+    if common_count == 0:
+        return 0.0
+    precision, recall = common_count / len(p), common_count / len(g)
+    return 2 * precision * recall / (precision + recall)
+
+
+def qa_em(prediction, gold, lang):
+    return float(qa_tokens(prediction, lang) == qa_tokens(gold, lang))
+
+
+def squad_v1_tokens(text):
+    """transformers' squad_metrics.normalize_answer (English rules), which the harness's xquad uses."""
+    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    return re.sub(r"\b(a|an|the)\b", " ", text).split()
+
+
+def squad_f1_harness(prediction, gold):
+    p, g = squad_v1_tokens(prediction), squad_v1_tokens(gold)
+    if not p or not g:
+        return float(p == g)
+    common_count = sum((Counter(p) & Counter(g)).values())
+    if common_count == 0:
+        return 0.0
+    precision, recall = common_count / len(p), common_count / len(g)
+    return 2 * precision * recall / (precision + recall)
+
+
+def score_qa(prediction, golds, lang, task):
+    prediction = prediction.strip()
+    out = {"f1": max(qa_f1(prediction, g, lang) for g in golds),
+           "exact_match": max(qa_em(prediction, g, lang) for g in golds)}
+    if task == "xquad":  # the harness's own xquad scorer, for comparison with its published numbers
+        out["f1_harness"] = squad_f1_harness(prediction, golds[0])
+        out["exact_match_harness"] = float(squad_v1_tokens(prediction) == squad_v1_tokens(golds[0]))
+    return out
+
+
+def extract_regex(text, pattern, group_select=0, fallback="[invalid]"):
+    """lm-eval's RegexFilter: findall, take match `group_select`, first non-empty group, strip."""
+    matches = re.findall(pattern, text)
+    if not matches:
+        return fallback
+    m = matches[group_select]
+    if isinstance(m, tuple):
+        m = next((g for g in m if g), fallback)
+    return m.strip()
+
+
+def extract_last_number(text):
+    """The "last number in the output" rule (QAlign/MindMerger), with negatives and thousands commas."""
+    text = re.sub(r"(\d),(\d{3})(?!\d)", r"\1\2", text)
+    while re.search(r"(\d),(\d{3})(?!\d)", text):
+        text = re.sub(r"(\d),(\d{3})(?!\d)", r"\1\2", text)
+    nums = re.findall(r"-?\d+(?:\.\d+)?", text)
+    return nums[-1] if nums else None
+
+
+def harness_exact_match(prediction, gold):
+    """lm-eval exact_match with ignore_case and ignore_punctuation (string.punctuation removed)."""
+    table = str.maketrans("", "", string.punctuation)
+    return float(prediction.lower().translate(table) == gold.lower().translate(table))
+
+
+def numbers_equal(a, b):
+    try:
+        return abs(float(a) - float(b)) < 1e-6
+    except (TypeError, ValueError):
+        return False
+
+
+def score_math(output, gold, lang, cot):
+    """All three MGSM scorers; which one is primary is TASK_METRIC's choice."""
+    if cot:  # mgsm_native_cot "strict-match": the per-language "The answer is N" regex, first match
+        strict = extract_regex(output, MGSM_WORDS[lang][3])
+    else:  # mgsm_direct's first filter: the whole output with whitespace stripped must be the number
+        strict = output.strip()
+    flexible = extract_regex(output, FLEXIBLE_REGEX, group_select=-1)
+    last = extract_last_number(output)
+    return ({"strict_match": harness_exact_match(strict, gold), "flexible_extract": harness_exact_match(flexible, gold),
+             "last_number": float(numbers_equal(last, gold))},
+            {"strict_match": strict, "flexible_extract": flexible, "last_number": last})
+
+
+def bleu_metrics(tgt_lang):
+    from sacrebleu.metrics import BLEU, CHRF
+    return BLEU(tokenize=BLEU_TOKENIZE.get(tgt_lang, "13a")), CHRF()
+
+
+def corpus_stat_fn(metric):
+    """Per-sentence sufficient statistics -> a function of item indices (bootstraps in milliseconds)."""
+    def make(hyps, refs):
+        import numpy as np
+        stats = np.array(metric._extract_corpus_statistics(hyps, [refs]), dtype=np.float64)
+        return lambda idx: metric._compute_score_from_stats(list(stats[idx].sum(0))).score
+    return make
+
+
+def bootstrap_stderr(stat, n, resamples=1000, seed=0):
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    values = [stat(rng.integers(0, n, n)) for _ in range(resamples)]
+    return float(np.std(values, ddof=1))
+
+
+# primary metric per task family (the others are kept in the JSON); mgsm: the harness's flexible-extract
+# (comparable with its published numbers); msvamp has no harness task: the last-number rule of QAlign
+TASK_METRIC = {"mc": "acc", "qa": "f1", "mgsm": "flexible_extract", "msvamp": "last_number", "mt": "bleu",
+               "nll": "nll"}
+
+
+# -----------------------------------------------------------------------------
+# the model: batched log-likelihoods with shared prefixes, batched greedy generation with a KV cache
+
+
+def tok_encode(tokenizer, text, add_special_tokens=None):
+    """lm-eval's HFLM.tok_encode: the tokenizer's default special tokens, unless the text starts with BOS."""
+    if add_special_tokens is None:
+        bos = tokenizer.bos_token
+        add_special_tokens = not (bos and text.startswith(bos))
+    return tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+
+def prefix_token_id(tokenizer):
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+
+def encode_request(tokenizer, context, continuation):
+    """(context ids, continuation ids) exactly as lm-eval splits a request.
+
+    Empty context: condition on one BOS (or EOS) token. Otherwise trailing spaces of the context move to
+    the continuation, context+continuation is encoded whole and split at the length of the encoded context.
+    """
+    if context == "":
+        cont = tok_encode(tokenizer, continuation, add_special_tokens=False)
+        prefix = prefix_token_id(tokenizer)
+        return ([prefix], cont) if cont[0] != prefix else (cont[:1], cont[1:])
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        continuation, context = context[-n_spaces:] + continuation, context[:-n_spaces]
+    whole = tok_encode(tokenizer, context + continuation)
+    ctx = tok_encode(tokenizer, context)
+    return ctx, whole[len(ctx):]
+
+
+def model_max_length(model):
+    cfg = common.unwrap(model).config
+    return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 2048
+
+
+def can_share_prefix(model):
+    """Prefix sharing reuses a right-padded KV cache; sliding-window caches drop old entries, so not there."""
+    cfg = common.unwrap(model).config
+    if getattr(cfg, "use_sliding_window", None) is False:
+        return True
+    return not getattr(cfg, "sliding_window", None) and "sliding_attention" not in (getattr(cfg, "layer_types", None) or [])
+
+
+def _common_prefix(seqs):
+    n = min(len(s) for s in seqs)
+    for i in range(n):
+        if any(s[i] != seqs[0][i] for s in seqs[1:]):
+            return i
+    return n
+
+
+@torch.no_grad()
+def loglikelihoods(model, groups, batch_size=16, share_prefix=True, progress=None):
+    """Summed log-probabilities of continuations: groups[g] = [(ctx ids, cont ids), ...] -> [[(logprob, n)]].
+
+    Each group (one item's choices) is split into the longest token prefix all its rows share and one
+    suffix per row. The prefix runs once (a batch of groups, right-padded), the suffixes run on a copy of
+    its KV cache, so e.g. TruthfulQA's 200-token prompt is computed once per question instead of once per
+    choice. Only the positions that score continuation tokens go through the lm_head. With
+    share_prefix=False (or a sliding-window model) every row is its own group: lm-eval's layout, one
+    forward per batch of rows sorted by length.
+    """
+    parts = common.model_parts(model)
+    device = next(model.parameters()).device
+    max_len = model_max_length(model)
+    share = share_prefix and can_share_prefix(model)
+    # jobs: (group index, [(tokens, first scored index, row index)], prefix length P)
+    jobs = []
+    for g, group in enumerate(groups):
+        rows = []
+        for r, (ctx, cont) in enumerate(group):
+            if not cont:
+                raise UserError("empty continuation after tokenization (a choice with no tokens)")
+            seq = (ctx + cont)[-(max_len + 1):]  # left truncation, as the harness does
+            rows.append((seq, len(seq) - len(cont), r))
+        if share and len(rows) > 1:
+            P = min(_common_prefix([s for s, _, _ in rows]), min(len(s) - 1 for s, _, _ in rows))
+            if P >= 1:
+                jobs.append((g, rows, P))
+                continue
+        jobs.extend((g, [row], len(row[0]) - 1) for row in rows)
+    jobs.sort(key=lambda j: (-max(len(s) for s, _, _ in j[1]), j[0]))  # longest first, as the harness orders
+    results = [[None] * len(group) for group in groups]
+    pad = 0
+    i = 0
+    while i < len(jobs):
+        batch, n_rows = [], 0  # consecutive jobs while the suffix batch stays within batch_size rows
+        while i < len(jobs) and (not batch or n_rows + len(jobs[i][1]) <= batch_size):
+            batch.append(jobs[i])
+            n_rows += len(jobs[i][1])
+            i += 1
+        need_suffix = any(len(s) - 1 > P for _, rows, P in batch for s, _, _ in rows)
+        Pmax = max(P for _, _, P in batch)
+        ids = torch.full((len(batch), Pmax), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), Pmax), dtype=torch.long)
+        for b, (_, rows, P) in enumerate(batch):
+            ids[b, :P] = torch.tensor(rows[0][0][:P])
+            mask[b, :P] = 1
+        out = parts.backbone(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=need_suffix)
+        hidden = out.last_hidden_state
+        # (batch row, position, target token, result slot) of every scored position inside the prefix
+        picks = []
+        for b, (g, rows, P) in enumerate(batch):
+            for seq, start, r in rows:
+                for pos in range(start - 1, min(P, len(seq) - 1)):
+                    picks.append((b, pos, seq[pos + 1], (g, r)))
+        sums = _score_positions(parts, hidden, picks)
+        if need_suffix:
+            cache = out.past_key_values
+            srows = [(b, P, seq, start, g, r) for b, (g, rows, P) in enumerate(batch) for seq, start, r in rows
+                     if len(seq) - 1 > P]
+            S = max(len(seq) - 1 - P for _, P, seq, _, _, _ in srows)
+            sids = torch.full((len(srows), S), pad, dtype=torch.long)
+            smask = torch.zeros((len(srows), Pmax + S), dtype=torch.long)
+            spos = torch.zeros((len(srows), S), dtype=torch.long)
+            for k, (b, P, seq, start, g, r) in enumerate(srows):
+                tail = seq[P:len(seq) - 1]
+                sids[k, :len(tail)] = torch.tensor(tail)
+                smask[k, :P] = 1
+                smask[k, Pmax:Pmax + len(tail)] = 1
+                spos[k] = P + torch.arange(S)
+            cache.batch_select_indices(torch.tensor([b for b, *_ in srows], device=device))
+            sout = parts.backbone(input_ids=sids.to(device), attention_mask=smask.to(device),
+                                  position_ids=spos.to(device), past_key_values=cache, use_cache=True)
+            spicks = []
+            for k, (b, P, seq, start, g, r) in enumerate(srows):
+                for pos in range(max(start - 1, P), len(seq) - 1):
+                    spicks.append((k, pos - P, seq[pos + 1], (g, r)))
+            for key, v in _score_positions(parts, sout.last_hidden_state, spicks).items():
+                sums[key] = sums.get(key, 0.0) + v
+        for (g, r), v in sums.items():
+            results[g][r] = v
+        if progress is not None:
+            progress.update(n_rows)
+    return [[(results[g][r], len(groups[g][r][1])) for r in range(len(groups[g]))] for g in range(len(groups))]
+
+
+def _score_positions(parts, hidden, picks):
+    """Sum of log p(target) over the picked (row, position) hidden states, per result slot."""
+    if not picks:
+        return {}
+    rows = torch.tensor([p[0] for p in picks], device=hidden.device)
+    pos = torch.tensor([p[1] for p in picks], device=hidden.device)
+    targets = torch.tensor([p[2] for p in picks], device=hidden.device)
+    logits = common.lens_logits(parts, hidden[rows, pos], normed=True)  # lm_head (+ softcap) on these only
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[:, None])[:, 0].double().cpu().tolist()
+    sums = {}
+    for (_, _, _, key), v in zip(picks, logp):
+        sums[key] = sums.get(key, 0.0) + v
+    return sums
+
+
+def eos_ids(model, tokenizer):
+    ids = getattr(common.unwrap(model).generation_config, "eos_token_id", None)
+    ids = set(ids if isinstance(ids, (list, tuple)) else [ids] if ids is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def truncate_at_stops(text, stops):
+    for s in stops:  # the harness splits at each stop string in turn: the earliest one wins
+        if s:
+            text = text.split(s)[0]
+    return text
+
+
+@torch.no_grad()
+def greedy_generate(model, tokenizer, prompts, max_new_tokens, stops, batch_size=16, progress=None):
+    """Greedy continuations of prompts, cut at the first stop string (lm-eval's generate_until).
+
+    Batches of prompts sorted by length, left-padded, one prefill and then one token per step on a KV
+    cache; a row leaves the batch (and its cache rows are dropped) as soon as it emits EOS or a stop string,
+    so long rambling rows do not keep finished ones computing. Returns (texts, numbers of new tokens).
+    """
+    device = next(model.parameters()).device
+    max_ctx = model_max_length(model) - max_new_tokens
+    stops = list(stops) + ([tokenizer.eos_token] if tokenizer.eos_token and tokenizer.eos_token not in stops else [])
+    window = max((len(s.encode("utf-8")) for s in stops), default=0) + 2  # tokens that can hold a stop string
+    eos = eos_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos))
+    enc = [tok_encode(tokenizer, p)[-max_ctx:] for p in prompts]  # left truncation, as the harness
+    order = sorted(range(len(prompts)), key=lambda i: (-len(enc[i]), prompts[i]))
+    texts, counts = [None] * len(prompts), [0] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        T = max(len(enc[i]) for i in idx)
+        ids = torch.full((len(idx), T), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), T), dtype=torch.long)
+        for b, i in enumerate(idx):
+            ids[b, T - len(enc[i]):] = torch.tensor(enc[i])
+            mask[b, T - len(enc[i]):] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # what HF generate derives for left padding
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+        cache, last_pos = out.past_key_values, pos[:, -1]
+        alive = list(range(len(idx)))  # batch rows still generating
+        generated = [[] for _ in idx]
+        for step in range(max_new_tokens):
+            next_tok = out.logits[:, -1].argmax(-1)
+            keep = []
+            for k, (b, tok) in enumerate(zip(alive, next_tok.tolist())):
+                generated[b].append(tok)
+                if tok in eos:
+                    continue
+                if stops and any(s in tokenizer.decode(generated[b][-window:]) for s in stops):
+                    continue
+                keep.append(k)
+            if not keep or step == max_new_tokens - 1:
+                break
+            if len(keep) < len(alive):  # drop finished rows from the batch and the cache
+                sel = torch.tensor(keep, device=device)
+                cache.batch_select_indices(sel)
+                mask, next_tok, last_pos = mask[sel], next_tok[sel], last_pos[sel]
+                alive = [alive[k] for k in keep]
+            mask = torch.cat([mask, mask.new_ones((len(alive), 1))], dim=1)
+            last_pos = last_pos + 1
+            out = model(input_ids=next_tok[:, None], attention_mask=mask, position_ids=last_pos[:, None],
+                        past_key_values=cache, use_cache=True)
+        for b, i in enumerate(idx):
+            toks = generated[b]
+            toks = toks[:-1] if toks and toks[-1] in eos else toks
+            counts[i] = len(generated[b])
+            texts[i] = truncate_at_stops(tokenizer.decode(toks, skip_special_tokens=True), stops)
+        if progress is not None:
+            progress.update(len(idx))
+    return texts, counts
+
+
+# -----------------------------------------------------------------------------
+# running one task x language on one model
+
+
+def generation_setup(task, lang, args):
+    """(stop strings, max new tokens) for a generation task."""
+    family = TASKS[task]["family"]
+    if family == "math":
+        stops = [MGSM_WORDS[lang][0]] + MGSM_EXTRA_STOPS
+    elif task == "mkqa":
+        stops = list(MKQA_STOPS)
+    else:
+        stops = ["\n"]
+    if args.prompt_style == "alpaca":
+        stops.append("\n### ")  # the next turn of the Alpaca template
+    return stops, args.max_new_tokens or TASKS[task]["max_new_tokens"]
+
+
+def wrap_prompt(prompt, args):
+    """--prompt-style alpaca: the harness prompt becomes the instruction of common.build_prompt."""
+    return common.build_prompt(prompt) if args.prompt_style == "alpaca" else prompt
+
+
+def evaluate(model, tokenizer, task, lang, items, args, direction=None):
+    """Score items; returns (result entry without file fields, per-item rows)."""
+    spec = TASKS[task]
+    from tqdm import tqdm
+    label = f"{task} {direction or lang}"
+    t0 = time.time()
+    entry = {}
+    if spec["kind"] == "mc":
+        groups = [[encode_request(tokenizer, it["context"], " " + c) for c in it["choices"]] for it in items]
+        with tqdm(total=sum(map(len, groups)), desc=label, leave=False) as bar:
+            lls = loglikelihoods(model, groups, args.batch_size, not args.no_share_prefix, bar)
+        rows, accs, ties = [], [], 0
+        for it, ll in zip(items, lls):
+            scores = [s for s, _ in ll]
+            pred = choose(scores)
+            tied = scores.count(max(scores)) > 1
+            ties += tied
+            # a tie that includes the gold answer counts as wrong (lm-eval would take the first of the tied
+            # choices, which for TruthfulQA is always the correct one)
+            correct = float(pred == it["gold"] and not (tied and task == "truthfulqa"))
+            accs.append(correct)
+            rows.append(dict(id=it["id"], context=it["context"], choices=it["choices"], loglikelihoods=scores,
+                             n_tokens=[n for _, n in ll], pred=pred, gold=it["gold"], correct=bool(correct),
+                             scores={"acc": correct}))
+        acc, se = mean_stderr(accs)
+        entry = dict(metric="acc", score=acc, stderr=se, scorer="argmax of summed continuation log-likelihood "
+                     "(lm-eval acc)", aggregation="mean", ties=ties, metrics={"acc": dict(score=acc, stderr=se)})
+    elif spec["kind"] == "nll":
+        groups = []
+        for it in items:
+            prompt_ids = tokenizer(common.build_prompt(it["x"]), add_special_tokens=True)["input_ids"]
+            y_ids = tokenizer(it["y"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            groups.append([(prompt_ids, y_ids)])  # the layout 02_train_dft.py trains on
+        with tqdm(total=len(groups), desc=label, leave=False) as bar:
+            lls = loglikelihoods(model, groups, args.batch_size, False, bar)
+        rows = [dict(id=it["id"], prompt=common.build_prompt(it["x"]), target=it["y"], nll_sum=-ll[0][0],
+                     n_tokens=ll[0][1], scores={"nll": -ll[0][0] / ll[0][1]}) for it, ll in zip(items, lls)]
+        nll, se = ratio_stderr([r["nll_sum"] for r in rows], [r["n_tokens"] for r in rows])
+        entry = dict(metric="nll", score=nll, stderr=se, higher_is_better=False, aggregation="ratio",
+                     scorer="token-weighted mean NLL (nats/token) of y + EOS given build_prompt(x)",
+                     metrics={"nll": dict(score=nll, stderr=se), "perplexity": dict(score=math.exp(nll), stderr=None)})
+    else:
+        stops, max_new = generation_setup(task, lang, args)
+        prompts = [wrap_prompt(it["prompt"], args) for it in items]
+        with tqdm(total=len(prompts), desc=label, leave=False) as bar:
+            outputs, n_new = greedy_generate(model, tokenizer, prompts, max_new, stops, args.batch_size, bar)
+        family = spec["family"]
+        rows = []
+        for it, prompt, out, n in zip(items, prompts, outputs, n_new):
+            row = dict(id=it["id"], prompt=prompt, prediction=out, gold=it["gold"], n_new_tokens=n)
+            if family == "math":
+                row["scores"], row["extracted"] = score_math(out, it["gold"], lang, task.endswith("_cot"))
+            elif family == "qa":
+                row["scores"] = score_qa(out, it["gold"], lang, task)
+                row["correct"] = bool(row["scores"]["exact_match"] == 1.0)
+            else:
+                row["prediction"] = out.strip()
+            rows.append(row)
+        entry = dict(stops=stops, max_new_tokens=max_new, prompt_style=args.prompt_style)
+        if family == "mt":
+            tgt = items[0]["tgt_lang"]
+            bleu, chrf = bleu_metrics(tgt)
+            hyps, refs = [r["prediction"] for r in rows], [r["gold"] for r in rows]
+            metrics = {}
+            for name, m in (("bleu", bleu), ("chrf", chrf)):
+                stat = corpus_stat_fn(m)(hyps, refs)
+                score = m.corpus_score(hyps, [refs]).score
+                metrics[name] = dict(score=score, stderr=bootstrap_stderr(stat, len(rows), 1000, args.seed),
+                                     signature=str(m.get_signature()))
+            entry.update(metric="bleu", score=metrics["bleu"]["score"], stderr=metrics["bleu"]["stderr"],
+                         aggregation="corpus", metrics=metrics,
+                         scorer="sacrebleu corpus BLEU/chrF; stderr: bootstrap over sentences (1000 resamples)")
+        else:
+            primary = TASK_METRIC["qa"] if family == "qa" else TASK_METRIC[task.split("_")[0]]
+            metrics = {}
+            for name in rows[0]["scores"]:
+                score, se = mean_stderr([r["scores"][name] for r in rows])
+                metrics[name] = dict(score=score, stderr=se)
+            if family == "math":
+                for r in rows:
+                    r["correct"] = bool(r["scores"][primary] == 1.0)
+            entry.update(metric=primary, score=metrics[primary]["score"], stderr=metrics[primary]["stderr"],
+                         aggregation="mean", metrics=metrics, scorer=SCORER_NOTES[family if family == "qa" else primary])
+    seconds = time.time() - t0
+    entry.update(n=len(items), higher_is_better=entry.get("higher_is_better", True), seconds=round(seconds, 2),
+                 items_per_second=round(len(items) / max(seconds, 1e-9), 3))
+    return entry, rows
+
+
+SCORER_NOTES = {
+    "qa": "F1/EM after SQuAD/MLQA normalisation (lower case, no punctuation, no articles); zh/ja/th over "
+          "characters; max over gold answers",
+    "flexible_extract": "lm-eval mgsm flexible-extract: last match of (-?[$0-9.,]{2,})|(-?[0-9]+), exact match "
+                        "ignoring case and punctuation",
+    "last_number": "last number in the output (commas removed) equals the gold number",
+}
+
+
+# -----------------------------------------------------------------------------
+# outputs: run JSON, per-item JSONL, results.md, compare
+
+
+def run_name_for(model_path):
+    name = os.path.basename(os.path.normpath(model_path)) or "model"
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+
+
+def result_key(task, args):
+    return "translation_tatoeba" if task == "translation" and args.mt_data == "tatoeba" else task
+
+
+def is_run_json(obj):
+    return isinstance(obj, dict) and obj.get("format") == "dft-eval-run/1"
+
+
+def fmt_score(entry):
+    """Percent for fractions (acc, F1, EM), as the paper prints them; BLEU/chrF and NLL as they are."""
+    scale = 100.0 if entry["aggregation"] == "mean" else 1.0
+    s = f"{entry['score'] * scale:.2f}"
+    if entry.get("stderr") is not None:
+        s += f" ± {entry['stderr'] * scale:.2f}"
+    return s
+
+
+def results_table(runs):
+    """Markdown: rows = runs, columns = task/lang (score ± stderr) plus per-task and overall averages.
+
+    Averages use the primary metric in the units shown; NLL (lower is better) is left out of the overall
+    average. An average marked * covers fewer cells than the columns (the run lacks some of them).
+    """
+    cols = sorted({(t, l) for r in runs for t, langs in r["results"].items() for l in langs})
+    tasks = sorted({t for t, _ in cols})
+    header = ["run"] + [f"{t} {l}" for t, l in cols] + [f"{t} avg" for t in tasks] + ["avg"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in runs:
+        cells, task_avgs, overall, missing = [r["run"]], [], [], False
+        for t, l in cols:
+            e = r["results"].get(t, {}).get(l)
+            cells.append(fmt_score(e) if e else "–")
+        for t in tasks:
+            want = [l for tt, l in cols if tt == t]
+            have = [r["results"][t][l] for l in want if l in r["results"].get(t, {})]
+            vals = [e["score"] * (100.0 if e["aggregation"] == "mean" else 1.0) for e in have]
+            lower_better = any(not e.get("higher_is_better", True) for e in have) or t == "nll"
+            if not lower_better:
+                overall.extend(vals)
+                missing |= len(vals) < len(want)
+            task_avgs.append(f"{sum(vals) / len(vals):.2f}{'*' if len(vals) < len(want) else ''}" if vals else "–")
+        avg = f"{sum(overall) / len(overall):.2f}{'*' if missing else ''}" if overall else "–"
+        lines.append("| " + " | ".join(cells + task_avgs + [avg]) + " |")
+    notes = ("\nScores: primary metric per task (acc / F1 / EM in %, BLEU, NLL in nats/token, lower is better) ± "
+             "standard error. Averages: mean of the cells shown; * = over fewer cells than the columns; "
+             "the overall average leaves out NLL.\n")
+    return "\n".join(lines) + "\n" + notes
+
+
+def write_results_md(out_dir):
+    runs = []
+    for path in sorted(glob.glob(os.path.join(out_dir, "*.json"))):
+        try:
+            obj = json.load(open(path, encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            continue
+        if is_run_json(obj) and obj.get("results"):
+            runs.append(obj)
+    table = "# Results\n\nEvery run JSON in this folder (one row per run; `03_evaluate.py --out` adds to it).\n\n"
+    table += results_table(runs) if runs else "(no runs)\n"
+    with common.atomic_open(os.path.join(out_dir, "results.md")) as f:
+        f.write(table)
+    return table
+
+
+def compare_stat(entry, rows):
+    """A function of item indices giving the run's statistic on those items (for the paired bootstrap)."""
+    import numpy as np
+    agg = entry["aggregation"]
+    if agg == "mean":
+        v = np.array([r["scores"][entry["metric"]] for r in rows], dtype=np.float64)
+        return lambda idx: float(v[idx].mean())
+    if agg == "ratio":
+        s = np.array([r["nll_sum"] for r in rows]), np.array([r["n_tokens"] for r in rows], dtype=np.float64)
+        return lambda idx: float(s[0][idx].sum() / s[1][idx].sum())
+    tgt = rows[0].get("tgt_lang")
+    bleu, chrf = bleu_metrics(tgt)
+    m = bleu if entry["metric"] == "bleu" else chrf
+    return corpus_stat_fn(m)([r["prediction"] for r in rows], [r["gold"] for r in rows])
+
+
+def paired_bootstrap(stat_a, stat_b, n, resamples=10000, seed=0):
+    """Observed difference B - A and its two-sided paired-bootstrap p-value.
+
+    Resample items with replacement (the same items for both runs); p = share of resampled differences at
+    least as far from the observed one as the observed one is from zero (the null-centred bootstrap),
+    with the usual +1 correction. Identical runs give p = 1.
+    """
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    every = np.arange(n)
+    delta = stat_b(every) - stat_a(every)
+    extreme = 0
+    for _ in range(resamples):
+        idx = rng.integers(0, n, n)
+        d = stat_b(idx) - stat_a(idx)
+        extreme += abs(d - delta) >= abs(delta) - 1e-12
+    return delta, (extreme + 1) / (resamples + 1)
+
+
+def load_items_file(json_path, entry):
+    path = os.path.join(os.path.dirname(os.path.abspath(json_path)), entry["items_file"])
+    return common.read_jsonl(path)
+
+
+def compare_runs(path_a, path_b, out_dir, resamples, seed):
+    a, b = (common.read_json(p) for p in (path_a, path_b))
+    for p, obj in ((path_a, a), (path_b, b)):
+        if not is_run_json(obj):
+            raise UserError(f"{p} is not a run JSON written by 03_evaluate.py")
+    lines = [f"# {b['run']} vs {a['run']} (B - A)\n", f"A = {path_a}\nB = {path_b}\n",
+             f"Paired bootstrap over items, {resamples} resamples, seed {seed}.\n",
+             "| task | lang | metric | A | B | B - A | p | n |", "|---|---|---|---|---|---|---|---|"]
+    table = []
+    for task in sorted(set(a["results"]) & set(b["results"])):
+        for lang in sorted(set(a["results"][task]) & set(b["results"][task])):
+            ea, eb = a["results"][task][lang], b["results"][task][lang]
+            ra, rb = load_items_file(path_a, ea), load_items_file(path_b, eb)
+            ids = [r["id"] for r in ra]
+            by_b = {json.dumps(r["id"]): r for r in rb}
+            shared = [i for i in ids if json.dumps(i) in by_b]
+            if not shared:
+                print(f"[compare] {task} {lang}: no shared item ids, skipped")
+                continue
+            by_a = {json.dumps(r["id"]): r for r in ra}
+            ra = [by_a[json.dumps(i)] for i in shared]
+            rb = [by_b[json.dumps(i)] for i in shared]
+            for r, e in ((ra, ea), (rb, eb)):
+                if e["aggregation"] == "corpus":
+                    for row in r:
+                        row["tgt_lang"] = e.get("tgt_lang")
+            delta, p = paired_bootstrap(compare_stat(ea, ra), compare_stat(eb, rb), len(shared), resamples, seed)
+            full = compare_stat(ea, ra), compare_stat(eb, rb)
+            every = list(range(len(shared)))
+            va, vb = full[0](every), full[1](every)
+            scale = 100.0 if ea["aggregation"] == "mean" else 1.0
+            table.append(dict(task=task, lang=lang, metric=ea["metric"], a=va, b=vb, delta=delta, p=p, n=len(shared)))
+            lines.append(f"| {task} | {lang} | {ea['metric']} | {va * scale:.2f} | {vb * scale:.2f} | "
+                         f"{delta * scale:+.2f} | {p:.4f} | {len(shared)} |")
+    if not table:
+        raise UserError(f"{path_a} and {path_b} share no task x language results")
+    text = "\n".join(lines) + "\n"
+    os.makedirs(out_dir, exist_ok=True)
+    stem = f"compare_{a['run']}_vs_{b['run']}"
+    with common.atomic_open(os.path.join(out_dir, stem + ".md")) as f:
+        f.write(text)
+    common.write_json(os.path.join(out_dir, stem + ".json"), dict(a=path_a, b=path_b, resamples=resamples,
+                                                                  seed=seed, rows=table))
+    print(text)
+    return table
+
+
+# -----------------------------------------------------------------------------
+# --analysis layers: the English-pivot picture per layer
+
+
+def analysis_texts(lang, args, n):
+    """n parallel (English, target) sentences: the --pairs file, else NTREX, else Tatoeba."""
+    if args.pairs:
+        rows = [r for r in common.read_jsonl(args.pairs) if r.get("lang") == lang]
+        pairs = [(r["x_en"], r["x_tgt"]) for r in rows]
+        src = args.pairs
+    elif lang in NTREX_CODES:
+        src = os.path.join(args.data_dir, "ntrex128", f"newstest2019-ref.{NTREX_CODES[lang]}.txt")
+        pairs = list(zip(_lines(os.path.join(args.data_dir, "ntrex128", "newstest2019-src.eng.txt")), _lines(src)))
+    elif lang in TATOEBA_CODES:
+        code = TATOEBA_CODES[lang]
+        src = os.path.join(args.data_dir, "tatoeba_laser", f"tatoeba.{code}-eng.{code}")
+        pairs = list(zip(_lines(os.path.join(args.data_dir, "tatoeba_laser", f"tatoeba.{code}-eng.eng")), _lines(src)))
+    else:
+        raise UserError(f"--analysis layers: no parallel text for {lang}; pass --pairs")
+    pairs = [(e.strip(), t.strip()) for e, t in pairs if e.strip() and t.strip()][:n]
+    if not pairs:
+        raise UserError(f"--analysis layers: no {lang} sentences in {src}")
+    return pairs, src
+
+
+def vocab_classes(tokenizer, lang):
+    """Boolean masks over the vocabulary: English tokens (Latin letters only) and target-script tokens."""
+    en, tgt = [], []
+    pattern = common.LANGUAGES[lang][1]
+    for i in range(len(tokenizer)):
+        s = tokenizer.decode([i])
+        en.append(bool(re.fullmatch(r"\s*[A-Za-z]+\s*", s)))
+        tgt.append(bool(pattern and re.search(pattern, s, flags=re.IGNORECASE)))
+    return torch.tensor(en), torch.tensor(tgt)
+
+
+@torch.no_grad()
+def layer_analysis(model, tokenizer, lang, pairs, batch_size=8, max_length=128):
+    """Per block k = 1..L: lens entropy, English/target probability mass and top-1 share, en/tgt cosine."""
+    parts = common.model_parts(model)
+    L = parts.num_layers
+    device = next(model.parameters()).device
+    en_mask, tgt_mask = (m.to(device) for m in vocab_classes(tokenizer, lang))
+    mass_en, mass_tgt, top_en, top_tgt, cos = ([0.0] * L for _ in range(5))
+    positions, n_pairs = 0, 0
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        pooled = {}
+        for side, texts in (("en", [e for e, _ in chunk]), ("tgt", [t for _, t in chunk])):
+            enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length).to(device)
+            mask = enc.attention_mask.bool()
+            with common.capture_blocks(parts, range(1, L + 1)) as captured:
+                parts.backbone(input_ids=enc.input_ids, attention_mask=enc.attention_mask, use_cache=False)
+            m = mask[..., None].float()
+            pooled[side] = [(captured[k] * m).sum(1) / m.sum(1) for k in range(1, L + 1)]  # mean over tokens
+            if side == "tgt":
+                for k in range(1, L + 1):
+                    probs = torch.softmax(common.lens_logits(parts, captured[k][mask]).float(), dim=-1)
+                    top = probs.argmax(-1)
+                    mass_en[k - 1] += float(probs[:, en_mask].sum())
+                    mass_tgt[k - 1] += float(probs[:, tgt_mask].sum())
+                    top_en[k - 1] += float(en_mask[top].sum())
+                    top_tgt[k - 1] += float(tgt_mask[top].sum())
+                positions += int(mask.sum())
+        for k in range(L):
+            cos[k] += float(F.cosine_similarity(pooled["en"][k].float(), pooled["tgt"][k].float(), dim=-1).sum())
+        n_pairs += len(chunk)
+    entropy = common.lens_entropy_curve(model, tokenizer, [t for _, t in pairs], batch_size, max_length)
+    latin_target = common.LANGUAGES[lang][1] is None
+    return dict(
+        layers=list(range(1, L + 1)), entropy=entropy,
+        mass_en=[v / positions for v in mass_en], mass_tgt=None if latin_target else [v / positions for v in mass_tgt],
+        top1_en=[v / positions for v in top_en], top1_tgt=None if latin_target else [v / positions for v in top_tgt],
+        cosine_en_tgt=[v / n_pairs for v in cos], n_sentences=n_pairs, n_positions=positions,
+        definitions=dict(
+            entropy="logit-lens next-token entropy (nats), mean over target-language positions (common.lens_entropy_curve)",
+            mass_en="lens probability on tokens made of Latin letters only (English), mean over target positions",
+            mass_tgt=f"lens probability on tokens containing {lang} script ({common.LANGUAGES[lang][1]}); "
+                     "null for Latin-script languages",
+            top1_en="share of target positions whose lens top-1 token is English", top1_tgt="... is target script",
+            cosine_en_tgt="cosine of mean-pooled raw block outputs of parallel en/target sentences"))
+
+
+def plot_layers(curves, lang, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    panels = [("entropy", None, "lens entropy (nats)"), ("mass_en", "mass_tgt", "lens probability mass"),
+              ("top1_en", "top1_tgt", "top-1 token share"), ("cosine_en_tgt", None, "cosine(en, tgt) pooled")]
+    for ax, (a, b, title) in zip(axes.flat, panels):
+        for i, (run, c) in enumerate(curves.items()):
+            color = f"C{i}"
+            ax.plot(c["layers"], c[a], color=color, label=f"{run}" + (" English" if b else ""))
+            if b and c.get(b) is not None:
+                ax.plot(c["layers"], c[b], color=color, linestyle="--", label=f"{run} {lang}")
+        ax.set_title(title)
+        ax.set_xlabel("block")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Logit lens on {lang} inputs (solid: English tokens, dashed: {lang} tokens)")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+# main
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2])
+    g = p.add_argument_group("what to evaluate")
+    g.add_argument("--model", nargs="+", default=[], help="model folders (02_train_dft.py --out), LoRA adapter "
+                   f"folders or hub names; several = one run each (default model: {common.DEFAULT_MODEL})")
+    g.add_argument("--run-name", nargs="+", default=None, help="run names, one per --model (default: the folder "
+                   "basename, sanitised)")
+    g.add_argument("--tasks", default=PAPER_TASKS, help=f"comma-separated, from: {', '.join(TASKS)}; "
+                   "'all' = every task but nll (default: the paper's suite)")
+    g.add_argument("--langs", default="zh,vi,ar", help="comma-separated language codes; a combination without "
+                   "data is skipped with a note, a task with none of them is an error (default: zh,vi,ar)")
+    g.add_argument("--out", default=None, help="output folder (required except for --compare, which defaults to B's)")
+    g = p.add_argument_group("data")
+    g.add_argument("--data-dir", default=common.DATA_DIR, help="folder laid out like data/ (default: the shipped data)")
+    g.add_argument("--data-source", choices=["local", "hub"], default="local",
+                   help="hub = the harness's Hugging Face datasets by name (needs the hub; default: local files)")
+    g.add_argument("--split", default="default", help="xnli: validation (2490, the harness's) or test (5010); "
+                   "xcopa: test (harness) or validation; mmlu: val or dev (default: the harness's split)")
+    g.add_argument("--limit", type=int, default=None, help="first N items of each task x language (as lm-eval's --limit)")
+    g.add_argument("--pairs", default=None, help="dev pairs JSONL from 01_build_pairs.py (task nll; --analysis layers)")
+    g.add_argument("--mt-data", choices=["ntrex", "tatoeba"], default="ntrex",
+                   help="translation sentences: NTREX-128 (news, 1997 lines) or Tatoeba (short sentences)")
+    g = p.add_argument_group("prompting and decoding")
+    g.add_argument("--num-fewshot", type=int, default=0, help="shots for mmlu (first Okapi dev items) and the math "
+                   "tasks (official MGSM exemplars, up to 8); other tasks are zero-shot")
+    g.add_argument("--prompt-style", choices=["harness", "alpaca"], default="harness", help="generation tasks: "
+                   "harness prompt as is, or wrapped in common.build_prompt (how our checkpoints are trained)")
+    g.add_argument("--max-new-tokens", type=int, default=None, help="generation budget (default: per task, 256 as "
+                   "the harness)")
+    g = p.add_argument_group("compute")
+    g.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    g.add_argument("--no-share-prefix", action="store_true", help="log-likelihood: one full row per choice "
+                   "(lm-eval's layout) instead of computing each item's shared prefix once")
+    g.add_argument("--seed", type=int, default=1234, help="bootstrap resampling seed")
+    g = p.add_argument_group("comparison and analysis")
+    g.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), help="paired bootstrap B - A per task x lang")
+    g.add_argument("--bootstrap", type=int, default=10000, help="resamples for --compare")
+    g.add_argument("--analysis", choices=["layers"], default=None, help="layers: per-layer lens entropy, English vs "
+                   "target token mass and en/tgt cosine (JSON + PNG)")
+    g.add_argument("--analysis-samples", type=int, default=64, help="parallel sentences for --analysis layers")
+    return p.parse_args(argv)
+
+
+def check_args(args):
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit must be a positive number of items, got {args.limit}")
+    for name in ("batch_size", "bootstrap", "analysis_samples"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be positive")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise UserError("--max-new-tokens must be positive")
+    if args.num_fewshot < 0:
+        raise UserError("--num-fewshot must be >= 0")
+    if not args.compare and not args.out:
+        raise UserError("pass --out DIR (where the run JSONs, per-item JSONL and results.md go)")
+    if not args.compare and not args.model:
+        args.model = [common.DEFAULT_MODEL]
+    if args.run_name and len(args.run_name) != len(args.model):
+        raise UserError(f"--run-name needs one name per --model ({len(args.model)}), got {len(args.run_name)}")
+    names = args.run_name or [run_name_for(m) for m in args.model]
+    names = [re.sub(r"[^A-Za-z0-9._-]+", "_", n) for n in names]
+    if len(set(names)) != len(names):
+        raise UserError(f"two models share the run name {names}; pass --run-name")
+    args.run_names = names
+    if args.pairs:
+        common.resolve_path(args.pairs)
+    if not os.path.isdir(args.data_dir):
+        raise UserError(f"--data-dir {args.data_dir} is not a folder")
+
+
+def plan(args):
+    """[(task, lang, direction or None)] after checking names and data availability; prints skipped combos."""
+    tasks = common.parse_list(args.tasks)
+    if tasks == ["all"]:
+        tasks = [t for t in TASKS if t != "nll"]
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+        raise UserError(f"unknown task(s) {unknown or tasks}; known tasks: {', '.join(TASKS)}")
+    langs = [common.check_lang(l) for l in common.parse_list(args.langs)]
+    if not langs:
+        raise UserError("--langs is empty")
+    if args.split != "default":
+        if not any(args.split in TASKS[t]["splits"] for t in tasks):
+            raise UserError(f"--split {args.split}: none of {', '.join(tasks)} has it "
+                            f"({'; '.join(t + ': ' + ', '.join(TASKS[t]['splits']) for t in tasks)})")
+        others = [t for t in tasks if args.split not in TASKS[t]["splits"]]
+        if others:
+            print(f"[plan] --split {args.split} does not exist for {', '.join(others)}: their default split is used")
+    if args.num_fewshot:
+        few = [t for t in tasks if TASKS[t].get("fewshot")]
+        if not few:
+            raise UserError(f"--num-fewshot is supported for {', '.join(t for t in TASKS if TASKS[t].get('fewshot'))}; "
+                            f"{', '.join(tasks)} are zero-shot (as in the paper)")
+        if len(few) < len(tasks):
+            print(f"[plan] --num-fewshot {args.num_fewshot} applies to {', '.join(few)}; the others stay zero-shot")
+    combos, skipped = [], []
+    for task in tasks:
+        have = task_langs(task, args)
+        if task == "nll" and not args.pairs:
+            raise UserError("task nll needs --pairs DEV.jsonl (the dev pairs written by 01_build_pairs.py)")
+        ok = [l for l in langs if l in have]
+        if not ok:
+            raise UserError(f"task {task} has no data for {', '.join(langs)}; its languages: {', '.join(have)}"
+                            + (" (with --mt-data tatoeba: " + ", ".join(sorted(TATOEBA_CODES)) + ")"
+                               if task == "translation" and args.mt_data == "ntrex" else ""))
+        for l in langs:
+            if l in have:
+                combos.extend([(task, l, "en-xx"), (task, l, "xx-en")] if task == "translation" else [(task, l, None)])
+            else:
+                skipped.append(f"{task} {l}")
+    if skipped:
+        print(f"[plan] no data, skipped: {', '.join(skipped)}", flush=True)
+    return combos, skipped
+
+
+def load_all(combos, args):
+    data = {}
+    for task, lang, direction in combos:
+        if task == "translation":
+            items, src = load_translation(args.data_dir, lang, direction, args.mt_data)
+            items = items[:args.limit] if args.limit is not None else items
+            if not items:
+                raise UserError(f"translation {lang}: no sentences in {src}")
+            data[(task, lang, direction)] = (items, src, "test")
+        else:
+            data[(task, lang, direction)] = load_task(task, lang, args)
+    return data
+
+
+def device_of(args):
+    if args.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return args.device
+
+
+def run_eval(args):
+    combos, skipped = plan(args)
+    data = load_all(combos, args)  # every data file is read (and its errors raised) before any model loads
+    sources = [common.resolve_model(m) for m in args.model]  # a folder without weights fails here
+    hashes = {}
+    os.makedirs(args.out, exist_ok=True)
+    for model_path, run, (_, _, source) in zip(args.model, args.run_names, sources):
+        common.seed_everything(args.seed)
+        model, tokenizer = common.load_model_and_tokenizer(model_path, args.dtype, device_of(args), padding_side="left")
+        model.eval()
+        json_path = os.path.join(args.out, f"{run}.json")
+        record = common.read_json(json_path) if os.path.exists(json_path) else None
+        if record is not None and (not is_run_json(record) or record.get("model") != model_path):
+            raise UserError(f"{json_path} holds results of another model ({record.get('model')}); "
+                            "pass --run-name or another --out")
+        record = record or dict(format="dft-eval-run/1", run=run, model=model_path, results={})
+        record.update(model_source=source, versions=common.versions(), updated=time.strftime("%Y-%m-%d %H:%M:%S"))
+        record.setdefault("skipped", [])
+        record["skipped"] = sorted(set(record["skipped"]) | set(skipped))
+        t_model = time.time()
+        for (task, lang, direction), (items, src, split) in data.items():
+            key = result_key(task, args)
+            cell = direction.replace("xx", lang) if direction else lang
+            if src not in hashes:
+                hashes[src] = common.sha256_file(src) if not src.startswith("hub:") else None
+            entry, rows = evaluate(model, tokenizer, task, lang, items, args, direction)
+            if task == "translation":
+                entry["tgt_lang"] = items[0]["tgt_lang"]
+                for r in rows:
+                    r["tgt_lang"] = items[0]["tgt_lang"]
+            items_file = f"{run}.{key}.{cell}.jsonl"
+            common.write_jsonl(os.path.join(args.out, items_file), rows)
+            harness = TASKS[task]["harness"]
+            entry.update(
+                task=key, lang=cell, items_file=items_file, data_file=os.path.relpath(src, args.data_dir)
+                if not src.startswith("hub:") else src, data_sha256=hashes[src], split=split,
+                harness_task=harness.format(l=lang) if harness else None,
+                settings=dict(limit=args.limit, num_fewshot=shots_for(task, args), batch_size=args.batch_size,
+                              dtype=args.dtype, device=device_of(args), seed=args.seed, data_source=args.data_source,
+                              share_prefix=not args.no_share_prefix, mt_data=args.mt_data if task == "translation" else None,
+                              prompt_style=args.prompt_style if TASKS[task]["kind"] == "gen" else None,
+                              prefix_token_id=prefix_token_id(tokenizer), data_dir=args.data_dir),
+                evaluated=time.strftime("%Y-%m-%d %H:%M:%S"))
+            record["results"].setdefault(key, {})[cell] = entry
+            common.write_json(json_path, record)  # after every cell: an interrupted run keeps what it has
+            print(f"[{run}] {key} {cell}: {entry['metric']} {fmt_score(entry)} (n={entry['n']}, "
+                  f"{entry['seconds']:.1f}s, {entry['items_per_second']:.2f} items/s)", flush=True)
+        print(f"[{run}] done in {time.time() - t_model:.0f}s -> {json_path}", flush=True)
+        del model
+    table = write_results_md(args.out)
+    print("\n" + table)
+
+
+def run_analysis(args):
+    langs = [common.check_lang(l) for l in common.parse_list(args.langs)]
+    texts = {lang: analysis_texts(lang, args, args.analysis_samples) for lang in langs}
+    sources = [common.resolve_model(m) for m in args.model]
+    curves = {lang: {} for lang in langs}
+    for model_path, run, (_, _, source) in zip(args.model, args.run_names, sources):
+        model, tokenizer = common.load_model_and_tokenizer(model_path, args.dtype, device_of(args), padding_side="right")
+        model.eval()
+        for lang in langs:
+            pairs, src = texts[lang]
+            t0 = time.time()
+            res = layer_analysis(model, tokenizer, lang, pairs, batch_size=min(args.batch_size, 8))
+            res.update(run=run, model=model_path, model_source=source, lang=lang, data_file=src,
+                       data_sha256=common.sha256_file(src), versions=common.versions(), seconds=round(time.time() - t0, 1))
+            common.write_json(os.path.join(args.out, f"{run}.layers.{lang}.json"), res)
+            curves[lang][run] = res
+            print(f"[{run}] layers {lang}: {len(pairs)} sentences in {res['seconds']}s; entropy by block "
+                  + " ".join(f"{v:.2f}" for v in res["entropy"]), flush=True)
+        del model
+    for lang in langs:
+        path = os.path.join(args.out, f"layers.{lang}.png")
+        plot_layers(curves[lang], lang, path)
+        print(f"[analysis] {path}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    check_args(args)
+    if args.compare:
+        out = args.out or os.path.dirname(os.path.abspath(args.compare[1]))
+        compare_runs(args.compare[0], args.compare[1], out, args.bootstrap, args.seed)
+    elif args.analysis == "layers":
+        run_analysis(args)
+    else:
+        run_eval(args)
+
+
+if __name__ == "__main__":
+    common.run_main(main)
