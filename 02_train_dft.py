@@ -221,13 +221,15 @@ def collate(examples, pad_id):
     return batch
 
 
-def micro_batch_order(num_examples, batch_size, world_size, rank, seed, epoch):
+def micro_batch_order(num_examples, batch_size, world_size, rank, seed, epoch, grad_accum=1):
     """Example indices of this rank's micro-batches in one epoch: a seeded shuffle, cut into global
-    micro-batches of batch_size x world_size (an incomplete last one is dropped), rank r takes slice r."""
+    micro-batches of batch_size x world_size, rank r takes slice r. An incomplete last optimizer step
+    (grad_accum global micro-batches) is dropped, so optimizer step s always sees the same examples,
+    order[s*G:(s+1)*G] with G the global batch, whatever the split into devices and accumulation."""
     order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
     global_size = batch_size * world_size
-    return [order[s + rank * batch_size: s + (rank + 1) * batch_size]
-            for s in range(0, num_examples - global_size + 1, global_size)]
+    usable = num_examples // (global_size * grad_accum) * global_size * grad_accum
+    return [order[s + rank * batch_size: s + (rank + 1) * batch_size] for s in range(0, usable, global_size)]
 
 
 # -----------------------------------------------------------------------------
@@ -432,6 +434,52 @@ def lr_at(step, total_steps, warmup_steps):
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def make_accelerator():
+    """The Accelerator of this launch; mixed precision comes from the launcher (accelerate config; plain python: none).
+
+    Under torchrun / accelerate launch on a machine without GPUs, accelerate runs every process alone (each its own
+    main process, all writing --out): cpu=True makes them one gloo process group instead.
+    """
+    from accelerate import Accelerator
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    accelerator = Accelerator(cpu=launched > 1 and not torch.accelerator.is_available())
+    if launched > 1 and accelerator.num_processes == 1:
+        raise common.UserError(f"launched as {launched} processes but accelerate formed no process group; "
+                               "check the launcher (torchrun / accelerate launch) and the accelerate config")
+    return accelerator
+
+
+def check_distributed(accelerator, cfg):
+    """Refuse, before any work, the sharded set-ups that would silently train something else than asked."""
+    from accelerate.utils import DistributedType
+    frozen_readout = "logits" in (cfg["lc"], cfg["et"]) or cfg["et"] == "feature"  # common.frozen_call in the loss
+    if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
+        if not accelerator.state.fsdp_plugin.use_orig_params:
+            raise common.UserError("FSDP version 1 needs fsdp_use_orig_params: true (the optimizer holds the original "
+                                   "parameters); better, use fsdp_version: 2 as configs/fsdp_8gpu.yaml does")
+        if frozen_readout:
+            raise common.UserError("--lc/--et logits and the ET feature term need fsdp_version: 2 (configs/fsdp_8gpu.yaml): "
+                                   "FSDP1 sets lm_head's and the final norm's weights as plain module attributes, which "
+                                   "the frozen lens readout (common.frozen_call) cannot swap for detached copies, so "
+                                   "they would train")
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3:
+        if frozen_readout:
+            raise common.UserError("--lc/--et logits and the ET feature term do not run under DeepSpeed ZeRO-3: the frozen "
+                                   "lens readout (common.frozen_call) swaps ZeRO-3's partitioned lm_head / norm weights "
+                                   "for detached copies, which DeepSpeed cannot gather; use ZeRO-2 or FSDP2 (configs/)")
+        if any(cfg[name] != "none" and cfg[f"{name}_layer"] == "auto" for name in ("lc", "et")):
+            raise common.UserError("--lc-layer/--et-layer auto reads the logit lens before training, which ZeRO-3's "
+                                   "partitioned weights do not allow; pass the block numbers")
+
+
+def configure_deepspeed(accelerator, cfg):
+    """DeepSpeed takes batch, accumulation and clipping from its own config: make them this loop's, which accumulates
+    by itself (loss / grad_accum) and marks the last micro-batch of a step (sync_gradients) for DeepSpeed to step."""
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    ds.update(train_micro_batch_size_per_gpu=cfg["batch_size"], gradient_accumulation_steps=1,
+              train_batch_size=cfg["batch_size"] * accelerator.num_processes, gradient_clipping=cfg["max_grad_norm"])
+
+
 def prepare_model(cfg, accelerator):
     model, tokenizer = common.load_model_and_tokenizer(cfg["model"], dtype=cfg["dtype"])
     if cfg["grad_checkpointing"]:
@@ -484,8 +532,9 @@ def save_final(accelerator, objective, tokenizer, out_dir, cfg):
 def main(argv=None):
     args = parse_args(argv)
     cfg = resolve_config(args)
-    from accelerate import Accelerator
-    accelerator = Accelerator(mixed_precision="no")
+    from accelerate.utils import DistributedType
+    accelerator = make_accelerator()
+    check_distributed(accelerator, cfg)
     is_main = accelerator.is_main_process
     common.seed_everything(cfg["seed"])
     out_dir = cfg["out"]
@@ -520,6 +569,8 @@ def main(argv=None):
     total_steps = cfg["max_steps"] or max(1, int(cfg["epochs"] * steps_per_epoch))
     warmup_steps = max(1, int(cfg["warmup_ratio"] * total_steps)) if cfg["warmup_ratio"] > 0 else 0
 
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        configure_deepspeed(accelerator, cfg)
     objective = DFTObjective(model, cfg)
     objective.train()
     decay = [p for n, p in objective.named_parameters() if p.requires_grad and p.ndim >= 2]
@@ -539,10 +590,13 @@ def main(argv=None):
     run_info = dict(cfg, pairs_sha256=common.sha256_file(cfg["pairs"]), num_pairs=len(rows), num_examples=len(examples),
                     length_stats=length_stats, world_size=world, global_batch=global_batch, total_steps=total_steps,
                     warmup_steps=warmup_steps, num_layers=common.model_parts(model).num_layers,
-                    versions=common.versions(), device=str(accelerator.device))
+                    versions=common.versions(), device=str(accelerator.device),
+                    distributed_type=accelerator.distributed_type.value, mixed_precision=accelerator.mixed_precision)
     if is_main:
         common.write_json(os.path.join(out_dir, "train_config.json"), run_info)
         print("configuration:\n" + "\n".join(f"  {k}: {v}" for k, v in run_info.items() if k != "versions"), flush=True)
+        print(f"global batch {global_batch} = {cfg['batch_size']} per device x {world} devices x {cfg['grad_accum']} "
+              f"accumulation ({accelerator.distributed_type.value}, mixed precision {accelerator.mixed_precision})", flush=True)
         if length_stats:
             print(f"max-length {cfg['max_length']}: {length_stats}", flush=True)
 
@@ -550,7 +604,8 @@ def main(argv=None):
     def micro_batches():
         epoch = 0
         while True:
-            for idx in micro_batch_order(len(examples), cfg["batch_size"], world, accelerator.process_index, cfg["seed"], epoch):
+            for idx in micro_batch_order(len(examples), cfg["batch_size"], world, accelerator.process_index, cfg["seed"], epoch,
+                                         cfg["grad_accum"]):
                 yield collate([examples[i] for i in idx], tokenizer.pad_token_id)
             epoch += 1
 
@@ -577,9 +632,17 @@ def main(argv=None):
             batch = {k: ({kk: vv.to(accelerator.device) for kk, vv in v.items()} if isinstance(v, dict) else v)
                      for k, v in batch.items()}
             sync = micro == cfg["grad_accum"] - 1
-            with (accelerator.no_sync(objective) if not sync and world > 1 else torch.enable_grad()):
+            if accelerator.distributed_type == DistributedType.DEEPSPEED:  # DeepSpeed clips and steps inside backward
+                accelerator.gradient_state._set_sync_gradients(sync)
+            # no_sync for DDP only: under FSDP it would hold a full unsharded gradient per device; DeepSpeed accumulates itself
+            skip_sync = not sync and world > 1 and accelerator.distributed_type not in (DistributedType.FSDP,
+                                                                                        DistributedType.DEEPSPEED)
+            with (accelerator.no_sync(objective) if skip_sync else torch.enable_grad()):
                 terms = objective(batch)
-                if not torch.isfinite(terms["loss"]):
+                finite = torch.isfinite(terms["loss"].detach())
+                if world > 1:  # all ranks stop at the same micro-batch: none is left waiting in a collective
+                    finite = accelerator.reduce(finite.float(), reduction="sum") == world
+                if not finite:
                     raise common.UserError(f"non-finite loss at step {step + 1} (micro-batch {micro}, pair ids {batch['ids']}): "
                                            f"{ {k: float(v) for k, v in terms.items()} }; the last good checkpoint is kept "
                                            "in --out/checkpoint; lower --lr or check those pairs")
@@ -596,8 +659,8 @@ def main(argv=None):
         loss, loss_tft, loss_lc, loss_et = (reduced[:4] / world).tolist()
         record = dict(step=step + 1, loss=loss, loss_tft=loss_tft, loss_lc=loss_lc if cfg["lc"] != "none" else None,
                       loss_et=loss_et if cfg["et"] != "none" else None, lr=lr,
-                      grad_norm=float(grad_norm), tokens=int(reduced[4]), seconds=round(time.time() - t0, 4),
-                      elapsed=round(time.time() - t_start, 2))
+                      grad_norm=None if grad_norm is None else float(grad_norm), tokens=int(reduced[4]),
+                      seconds=round(time.time() - t0, 4), elapsed=round(time.time() - t_start, 2))
         if is_main:
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
