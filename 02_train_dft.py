@@ -517,10 +517,17 @@ def save_final(accelerator, objective, tokenizer, out_dir, cfg):
     tmp = os.path.join(out_dir, ".model.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
-    if cfg["lora"] and cfg["merge_lora"]:
-        model.merge_and_unload().save_pretrained(tmp)
-    elif cfg["lora"]:
-        model.save_pretrained(tmp)  # adapter_config.json + adapter weights; 03_evaluate.py loads it on its base
+    if cfg["lora"]:
+        # the adapter from the gathered state (under FSDP / ZeRO-3 the model's own tensors are shards), recorded on
+        # the base --model named (a folder as an absolute path), so common.load_model_and_tokenizer(out) finds it
+        model.peft_config["default"].base_model_name_or_path = (
+            os.path.abspath(cfg["model"]) if os.path.isdir(cfg["model"]) else cfg["model"])
+        model.save_pretrained(tmp, state_dict=state)  # adapter_config.json + adapter weights
+        tokenizer.save_pretrained(tmp)
+        if cfg["merge_lora"]:  # base + adapter merged on the CPU: the same path whether or not training was sharded
+            merged, _ = common.load_model_and_tokenizer(tmp, dtype=cfg["dtype"])
+            shutil.rmtree(tmp)
+            merged.merge_and_unload().save_pretrained(tmp)
     else:
         model.save_pretrained(tmp, state_dict=state)
     tokenizer.save_pretrained(tmp)
