@@ -481,6 +481,7 @@ def configure_deepspeed(accelerator, cfg):
 
 
 def prepare_model(cfg, accelerator):
+    from accelerate.utils import DistributedType
     model, tokenizer = common.load_model_and_tokenizer(cfg["model"], dtype=cfg["dtype"])
     if cfg["grad_checkpointing"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -490,6 +491,16 @@ def prepare_model(cfg, accelerator):
         targets = common.parse_list(cfg["lora_targets"])
         model = get_peft_model(model, LoraConfig(r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"], lora_dropout=cfg["lora_dropout"],
                                                  target_modules=targets, task_type="CAUSAL_LM"))
+    if accelerator.mixed_precision != "no":
+        # bf16 compute (autocast) on fp32 master weights: FSDP (accelerate) and ZeRO (DeepSpeed) upcast by themselves
+        if accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            for p in model.parameters():
+                if p.requires_grad and p.dtype != torch.float32:
+                    p.data = p.data.float()
+    elif cfg["dtype"] != "float32" and not cfg["lora"] and accelerator.is_main_process:
+        print(f"warning: training all weights in {cfg['dtype']} without fp32 master weights: AdamW updates of about --lr "
+              f"are below {cfg['dtype']} resolution for most weights and are lost; launch with mixed_precision: bf16 "
+              "(configs/*.yaml, fp32 master weights) or pass --dtype float32", flush=True)
     return model, tokenizer
 
 
@@ -667,7 +678,8 @@ def main(argv=None):
         record = dict(step=step + 1, loss=loss, loss_tft=loss_tft, loss_lc=loss_lc if cfg["lc"] != "none" else None,
                       loss_et=loss_et if cfg["et"] != "none" else None, lr=lr,
                       grad_norm=None if grad_norm is None else float(grad_norm), tokens=int(reduced[4]),
-                      seconds=round(time.time() - t0, 4), elapsed=round(time.time() - t_start, 2))
+                      seconds=round(time.time() - t0, 4), elapsed=round(time.time() - t_start, 2),
+                      peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None)
         if is_main:
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
