@@ -1030,8 +1030,11 @@ def results_table(runs):
     Averages use the primary metric in the units shown; NLL (lower is better) is left out of the overall
     average. An average marked * covers fewer cells than the columns (the run lacks some of them).
     """
-    cols = sorted({(t, l) for r in runs for t, langs in r["results"].items() for l in langs})
-    tasks = sorted({t for t, _ in cols})
+    order = list(TASKS) + ["translation_tatoeba"]
+    rank = lambda t: (order.index(t) if t in order else len(order), t)  # noqa: E731 (the task table's order)
+    cols = sorted({(t, l) for r in runs for t, langs in r["results"].items() for l in langs},
+                  key=lambda c: (rank(c[0]), c[1]))
+    tasks = sorted({t for t, _ in cols}, key=rank)
     header = ["run"] + [f"{t} {l}" for t, l in cols] + [f"{t} avg" for t in tasks] + ["avg"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in runs:

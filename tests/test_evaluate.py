@@ -254,3 +254,18 @@ def test_real_default_model_few_items(tmp_path):
     assert r.returncode == 0, r.stderr
     run = json.load(open(tmp_path / "SmolLM2-135M-Instruct.json"))
     assert run["results"]["xnli"]["zh"]["n"] == 3
+
+
+def test_analysis_layers_json_and_png(tiny_model_dirs, tmp_path):
+    out = tmp_path / "an"
+    r = run_cli("--analysis", "layers", "--model", tiny_model_dirs["llama"], tiny_model_dirs["gpt2"],
+                "--run-name", "before", "after", "--langs", "zh", "--analysis-samples", "4", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    res = json.load(open(out / "before.layers.zh.json"))
+    L = 4
+    for key in ("entropy", "mass_en", "mass_tgt", "top1_en", "top1_tgt", "cosine_en_tgt"):
+        assert len(res[key]) == L, key
+    assert all(0.0 <= v <= 1.0 + 1e-6 for v in res["mass_en"] + res["mass_tgt"])
+    assert all(-1.0 - 1e-6 <= v <= 1.0 + 1e-6 for v in res["cosine_en_tgt"])
+    assert res["n_sentences"] == 4 and len(res["data_sha256"]) == 64
+    assert (out / "after.layers.zh.json").exists() and (out / "layers.zh.png").stat().st_size > 1000
