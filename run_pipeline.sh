@@ -21,7 +21,7 @@ $PY 01_build_pairs.py --source alpaca --lang "$TGT" --limit 500 --dev-size 100 \
 
 echo "== 2/3 DFT training ($METHOD, $STEPS steps)"
 $PY 02_train_dft.py --pairs "$OUT/pairs_$TGT.jsonl" --out "$OUT/$METHOD" --model "$BASE" --method "$METHOD" \
-    --max-steps "$STEPS" --batch-size 4 --max-length 256 --lr 1e-4 --log-every 10
+    --max-steps "$STEPS" --batch-size 4 --max-length 256 --lr 1e-4 --log-every 10 --layer-sample 16
 
 echo "== 3/3 evaluation: base vs $METHOD"
 $PY 03_evaluate.py --model "$BASE" "$OUT/$METHOD" --run-name base "$METHOD" \
