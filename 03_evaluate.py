@@ -1407,6 +1407,15 @@ def load_all(combos, args):
     return data
 
 
+def data_label(src, data_dir):
+    """The data file as recorded: relative to --data-dir when inside it (portable), else absolute."""
+    if src.startswith("hub:"):
+        return src
+    src = os.path.abspath(common.resolve_path(src))  # the file actually read (x.tsv may be shipped as x.tsv.gz)
+    rel = os.path.relpath(src, os.path.abspath(data_dir))
+    return src if rel.startswith("..") else rel
+
+
 def device_of(args):
     if args.device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -1447,8 +1456,8 @@ def run_eval(args):
             common.write_jsonl(os.path.join(args.out, items_file), rows)
             harness = TASKS[task]["harness"]
             entry.update(
-                task=key, lang=cell, items_file=items_file, data_file=os.path.relpath(src, args.data_dir)
-                if not src.startswith("hub:") else src, data_sha256=hashes[src], split=split,
+                task=key, lang=cell, items_file=items_file, data_file=data_label(src, args.data_dir),
+                data_sha256=hashes[src], split=split,
                 harness_task=harness.format(l=lang) if harness else None,
                 settings=dict(limit=args.limit, num_fewshot=shots_for(task, args), batch_size=args.batch_size,
                               dtype=args.dtype, device=device_of(args), seed=args.seed, data_source=args.data_source,

@@ -245,6 +245,20 @@ def test_nll_and_translation_tasks(tiny_model_dirs, tmp_path):
     assert nll["higher_is_better"] is False and nll["score"] > 0 and nll["n"] == 3
     assert set(run["results"]["translation"]) == {"en-zh", "zh-en"}
     assert "zh" in run["results"]["translation"]["en-zh"]["metrics"]["bleu"]["signature"]
+    # the paired bootstrap also handles the ratio (NLL) and corpus (BLEU) statistics
+    r = run_cli("--compare", str(out / f"{name}.json"), str(out / f"{name}.json"), "--bootstrap", "100")
+    assert r.returncode == 0, r.stderr
+    comp = json.load(open(out / f"compare_{name}_vs_{name}.json"))
+    assert {(row["task"], row["lang"]) for row in comp["rows"]} == {("nll", "zh"), ("nll", "en"),
+                                                                    ("translation", "en-zh"), ("translation", "zh-en")}
+    assert all(row["delta"] == 0.0 and row["p"] == pytest.approx(1.0) for row in comp["rows"])
+
+
+def test_alpaca_prompt_style():
+    args = ev.parse_args(["--out", "x", "--prompt-style", "alpaca"])
+    assert ev.wrap_prompt("问题： 1+1?\nAnswer:", args) == ev.common.build_prompt("问题： 1+1?\nAnswer:")
+    stops, max_new = ev.generation_setup("mgsm", "zh", args)
+    assert stops[0] == "问题：" and "\n### " in stops and max_new == 256
 
 
 @pytest.mark.slow
