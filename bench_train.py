@@ -5,11 +5,14 @@ next to the arithmetic cost model of DESIGN §2 (a DFT step should cost what its
   python bench_train.py                                  # default model, CPU, fixture pairs
   python bench_train.py --model meta-llama/Llama-2-7b-hf --device cuda --dtype bfloat16 --lc-layer 2 --et-layer 15
 
-Each method runs in its own subprocess so that peak memory is its own. The cost model counts
+The methods are timed in one process, interleaved round by round (a busy machine slows them alike);
+peak memory is measured for each method alone in a fresh process. The cost model counts
 parameter FLOPs (2 x params x tokens per forward; attention's quadratic term is ignored):
-  trained blocks: forward + backward = 3 x forward    frozen lens readout: 2 x (no weight gradient)
+  trained blocks: forward + backward = 3 x forward
+  lm_head on the labelled tokens, chunks checkpointed (forward is recomputed in backward): 4 x forward
+  frozen lens readout: forward + recompute + input gradient only = 3 x forward
   no-grad English pass (feature): 1 x forward of the English prompt
-tft = 3 (P_blocks N_tft + P_head n_tft); dft-logits adds 3 P_block (i N_lc + j N_et) + 2 P_head (n_lc + n_et);
+tft = 3 P_block L N_tft + 4 P_head n_tft; dft-logits adds 3 P_block (i N_lc + j N_et) + 3 P_head (n_lc + n_et);
 dft-feature adds P_block L N_en (N: padded tokens through the blocks, n: labelled tokens through the head).
 A naive implementation (full forwards with all hidden states for every sequence) costs ~2-3x tft.
 Results: JSON and a markdown table in --out.
@@ -38,58 +41,100 @@ def load_train_module():
     return module
 
 
+def reset_peak_memory(device):
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    elif os.path.exists("/proc/self/clear_refs"):
+        with open("/proc/self/clear_refs", "w") as f:  # Linux: "5" resets the peak resident set (VmHWM)
+            f.write("5")
+
+
 def peak_memory_mb(device):
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+    if os.path.exists("/proc/self/status"):
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def measure(args):
-    """One method, in this process: median seconds per optimizer step, memory, token counts."""
-    train = load_train_module()
-    cfg = dict(train.DEFAULTS, **train.METHODS[args.method], method=args.method, max_length=args.max_length,
+def setup(args, train, method, model, tokenizer):
+    cfg = dict(train.DEFAULTS, **train.METHODS[method], method=method, max_length=args.max_length,
                lc_layer_used=args.lc_layer, et_layer_used=args.et_layer, ce_chunk=args.ce_chunk)
-    torch.set_num_threads(args.threads) if args.threads else None
-    model, tokenizer = common.load_model_and_tokenizer(args.model, dtype=args.dtype, device=args.device)
-    if args.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     rows = train.load_pairs(args.pairs)[:args.batch_size]
     examples, _ = train.encode_pairs(tokenizer, rows, cfg)
     batch = train.collate(examples, tokenizer.pad_token_id)
     batch = {k: ({kk: vv.to(args.device) for kk, vv in v.items()} if isinstance(v, dict) else v) for k, v in batch.items()}
-    objective = train.DFTObjective(model, cfg).train()
-    optimizer = torch.optim.AdamW(objective.parameters(), lr=1e-6)
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
-    if args.device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    base_mb = peak_memory_mb(args.device)
-    times = []
-    for i in range(args.warmup + args.repeats):
-        sync()
-        t0 = time.perf_counter()
+    return train.DFTObjective(model, cfg).train(), batch
+
+
+def load(args):
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = common.load_model_and_tokenizer(args.model, dtype=args.dtype, device=args.device)
+    if args.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, tokenizer
+
+
+def measure_memory(args):
+    """One method, alone in this process: peak memory of one optimizer step beyond the loaded model."""
+    train = load_train_module()
+    model, tokenizer = load(args)
+    objective, batch = setup(args, train, args.method, model, tokenizer)
+    optimizer = torch.optim.AdamW(objective.parameters(), lr=0.0)
+    reset_peak_memory(args.device)
+    before = peak_memory_mb(args.device)
+    for _ in range(2):  # the second step has AdamW's state allocated
         objective(batch)["loss"].backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        sync()
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t0)
+    return dict(peak_mb=peak_memory_mb(args.device), before_mb=before)
+
+
+def measure_times(args, methods):
+    """All methods in one process, interleaved round by round, so a busy machine slows them alike.
+    One optimizer step = forward + backward + AdamW (lr 0: the weights stay the same for every round)."""
+    train = load_train_module()
+    model, tokenizer = load(args)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)
+    setups = {m: setup(args, train, m, model, tokenizer) for m in methods}
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    times = {m: [] for m in methods}
+    cpu_times = {m: [] for m in methods}
+    for round_ in range(args.warmup + args.repeats):
+        for method, (objective, batch) in setups.items():
+            sync()
+            t0, c0 = time.perf_counter(), time.process_time()
+            objective(batch)["loss"].backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            sync()
+            if round_ >= args.warmup:
+                times[method].append(time.perf_counter() - t0)
+                cpu_times[method].append(time.process_time() - c0)
     parts = common.model_parts(model)
-    tokens = {k: dict(padded=int(v["input_ids"].numel()), labelled=int((v["labels"][:, 1:] != -100).sum()))
-              for k, v in batch.items() if isinstance(v, dict)}
-    return dict(method=args.method, seconds=statistics.median(times), all_seconds=times, tokens=tokens,
-                peak_mb=peak_memory_mb(args.device), before_mb=base_mb, num_layers=parts.num_layers,
-                block_params=sum(p.numel() for p in parts.blocks[0].parameters()),
-                head_params=parts.lm_head.weight.numel())
+    results = {}
+    for method, (objective, batch) in setups.items():
+        tokens = {k: dict(padded=int(v["input_ids"].numel()), labelled=int((v["labels"][:, 1:] != -100).sum()))
+                  for k, v in batch.items() if isinstance(v, dict)}
+        results[method] = dict(method=method, seconds=statistics.median(times[method]), all_seconds=times[method],
+                               cpu_seconds=statistics.median(cpu_times[method]), all_cpu_seconds=cpu_times[method],
+                               tokens=tokens, num_layers=parts.num_layers,
+                               block_params=sum(p.numel() for p in parts.blocks[0].parameters()),
+                               head_params=parts.lm_head.weight.numel())
+    return results
 
 
 def cost_model(result, lc_layer, et_layer):
     """Parameter-FLOPs of one step (arbitrary unit), as in the module docstring."""
     tok, P, H, L = result["tokens"], result["block_params"], result["head_params"], result["num_layers"]
-    cost = 3 * (P * L * tok["tft"]["padded"] + H * tok["tft"]["labelled"])
+    cost = 3 * P * L * tok["tft"]["padded"] + 4 * H * tok["tft"]["labelled"]
     if "lc" in tok:
-        cost += 3 * P * lc_layer * tok["lc"]["padded"] + 2 * H * tok["lc"]["labelled"]
+        cost += 3 * P * lc_layer * tok["lc"]["padded"] + 3 * H * tok["lc"]["labelled"]
     if "et" in tok:
-        cost += 3 * P * et_layer * tok["et"]["padded"] + 2 * H * tok["et"]["labelled"]
+        cost += 3 * P * et_layer * tok["et"]["padded"] + 3 * H * tok["et"]["labelled"]
     if "en" in tok:
         cost += P * L * tok["en"]["padded"]
     return cost
@@ -108,38 +153,44 @@ def main():
     g = p.add_argument_group("machine")
     g.add_argument("--device", default="cpu")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    g.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    g.add_argument("--threads", type=int, default=1,
+                   help="torch threads (0: torch's default); with 1 on a CPU the ratios use process time, robust to other jobs")
     g.add_argument("--grad-checkpointing", action="store_true")
     g = p.add_argument_group("measurement")
     g.add_argument("--warmup", type=int, default=1)
-    g.add_argument("--repeats", type=int, default=5)
+    g.add_argument("--repeats", type=int, default=5, help="timed rounds (each times every method once)")
     g.add_argument("--methods", default=",".join(METHODS))
     g.add_argument("--out", default="runs/bench_train")
     g.add_argument("--method", help=argparse.SUPPRESS)  # internal: measure one method in this process
     args = p.parse_args()
 
     if args.method:
-        print("RESULT " + json.dumps(measure(args)), flush=True)
+        print("RESULT " + json.dumps(measure_memory(args)), flush=True)
         return
-    results = {}
-    for method in common.parse_list(args.methods):
+    methods = common.parse_list(args.methods)
+    if "tft" not in methods:
+        raise common.UserError("--methods must include tft: every ratio is to tft")
+    results = measure_times(args, methods)
+    for method in methods:  # memory: each method alone in a fresh process
         cmd = [sys.executable, __file__, *sys.argv[1:], "--method", method]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
         if proc.returncode or not line:
             raise common.UserError(f"{method} failed:\n{proc.stderr[-2000:]}")
-        results[method] = json.loads(line[0][len("RESULT "):])
-        print(f"{method}: {results[method]['seconds']:.3f}s/step", flush=True)
+        results[method].update(json.loads(line[0][len("RESULT "):]))
+        print(f"{method}: {results[method]['seconds']:.3f}s/step, peak {results[method]['peak_mb']:.0f} MB", flush=True)
     base = results["tft"]
+    # on a CPU, process time of one thread counts the work even when other jobs share the cores
+    clock = "cpu_seconds" if args.device == "cpu" and args.threads == 1 else "seconds"
     rows = []
     for method, r in results.items():
-        measured = r["seconds"] / base["seconds"]
+        measured = r[clock] / base[clock]
         model = cost_model(r, args.lc_layer, args.et_layer) / cost_model(base, args.lc_layer, args.et_layer)
         r.update(ratio_measured=measured, ratio_model=model, over_model=measured / model - 1)
-        rows.append(f"| {method} | {r['seconds']:.3f} | {measured:.2f} | {model:.2f} | {100 * r['over_model']:+.0f}% | "
+        rows.append(f"| {method} | {r['seconds']:.3f} | {r['cpu_seconds']:.3f} | {measured:.2f} | {model:.2f} | {100 * r['over_model']:+.0f}% | "
                     f"{r['peak_mb']:.0f} ({r['peak_mb'] - r['before_mb']:+.0f}) |")
-    table = ("| method | s/step | measured / tft | cost model / tft | measured vs model | peak MB (step) |\n"
-             "|---|---|---|---|---|---|\n" + "\n".join(rows))
+    table = (f"| method | wall s/step | CPU s/step | measured / tft ({clock}) | cost model / tft | measured vs model | "
+             "peak MB (step) |\n|---|---|---|---|---|---|---|\n" + "\n".join(rows))
     header = (f"model {args.model}, {args.device} {args.dtype}, batch {args.batch_size}, max length {args.max_length}, "
               f"i={args.lc_layer}, j={args.et_layer}, L={base['num_layers']}, median of {args.repeats} steps")
     os.makedirs(args.out, exist_ok=True)
