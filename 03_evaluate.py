@@ -1035,7 +1035,8 @@ def results_table(runs):
     cols = sorted({(t, l) for r in runs for t, langs in r["results"].items() for l in langs},
                   key=lambda c: (rank(c[0]), c[1]))
     tasks = sorted({t for t, _ in cols}, key=rank)
-    header = ["run"] + [f"{t} {l}" for t, l in cols] + [f"{t} avg" for t in tasks] + ["avg"]
+    multi = [t for t in tasks if sum(1 for tt, _ in cols if tt == t) > 1]  # an average column only where it adds
+    header = ["run"] + [f"{t} {l}" for t, l in cols] + [f"{t} avg" for t in multi] + ["avg"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in runs:
         cells, task_avgs, overall, missing = [r["run"]], [], [], False
@@ -1050,12 +1051,14 @@ def results_table(runs):
             if not lower_better:
                 overall.extend(vals)
                 missing |= len(vals) < len(want)
-            task_avgs.append(f"{sum(vals) / len(vals):.2f}{'*' if len(vals) < len(want) else ''}" if vals else "–")
+            if t in multi:
+                task_avgs.append(f"{sum(vals) / len(vals):.2f}{'*' if len(vals) < len(want) else ''}" if vals else "–")
         avg = f"{sum(overall) / len(overall):.2f}{'*' if missing else ''}" if overall else "–"
         lines.append("| " + " | ".join(cells + task_avgs + [avg]) + " |")
     notes = ("\nScores: primary metric per task (acc / F1 / EM in %, BLEU, NLL in nats/token, lower is better) ± "
-             "standard error. Averages: mean of the cells shown; * = over fewer cells than the columns; "
-             "the overall average leaves out NLL.\n")
+             "standard error; n and every other scorer are in the run JSONs. Averages: mean of the cells shown "
+             "(task averages for tasks with several columns); * = over fewer cells than the columns; the overall "
+             "average leaves out NLL.\n")
     return "\n".join(lines) + "\n" + notes
 
 
