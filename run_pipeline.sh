@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole pipeline on the offline default model (SmolLM2-135M-Instruct), sized for a laptop CPU:
 #   1. 400 Chinese Alpaca pairs (+100 dev)  2. 30 steps of DFT (logit lens, auto layers)
-#   3. the base and the trained model on a few benchmark items, side by side.
+#   3. the base and the trained model on a few benchmark items, side by side (answers cut at 32 tokens).
 # Rerunning starts afresh: it deletes $OUT (default runs/pipeline). Sizes are environment variables.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -25,6 +25,6 @@ $PY 02_train_dft.py --pairs "$OUT/pairs_$TGT.jsonl" --out "$OUT/$METHOD" --model
 
 echo "== 3/3 evaluation: base vs $METHOD"
 $PY 03_evaluate.py --model "$BASE" "$OUT/$METHOD" --run-name base "$METHOD" \
-    --tasks xnli,xcopa,xstorycloze,xquad,nll --langs "$TGT" --limit "$LIMIT" \
+    --tasks xnli,xcopa,xstorycloze,xquad,nll --langs "$TGT" --limit "$LIMIT" --max-new-tokens 32 \
     --pairs "$OUT/pairs_$TGT.dev.jsonl" --out "$OUT/eval"
 echo "results: $OUT/eval/results.md"
