@@ -107,10 +107,16 @@ def test_batched_loglik_equals_brute_force(arch, tokenizer):
     model = make_tiny_model(arch, tokenizer)
     requests = [("The answer is", [" 42.", " Paris. The", " 你好"]), ("", ["你好，世界。今天", "你好，世界。天气很好"]),
                 ("Xin chào thế giới. ", ["Hôm nay", "trời đẹp."]), ("مرحبا", [" بالعالم"]),
-                ("What is the capital of France?", [" A", " B", " C", " D"])]
+                ("What is the capital of France?", [" A", " B", " C", " D"]),
+                ("Below is an instruction that describes a task. Write a response that appropriately completes "
+                 "the request. What is the capital of France? The answer is", [" 42.", " Paris.", " 你好"])]
     groups = [[ev.encode_request(tokenizer, c, x) for x in conts] for c, conts in requests]
     assert groups[1][0][0] == [tokenizer.eos_token_id]  # empty context: one BOS/EOS prefix token
     assert groups[2][0][1][:1] == tokenizer.encode(" Hôm nay")[:1]  # trailing space moves to the continuation
+    if arch != "gemma2":  # the last group takes the shared-prefix path with non-empty suffixes
+        seqs = [c + x for c, x in groups[-1]]
+        P = ev._common_prefix(seqs)
+        assert P >= ev.SHARE_MIN_RATIO * max(len(s) - 1 - P for s in seqs)
     for share in (True, False):
         got = ev.loglikelihoods(model, groups, batch_size=3, share_prefix=share)
         for g_out, group in zip(got, groups):
