@@ -61,6 +61,16 @@ def make_tiny_model(arch, tokenizer, seed=0):
     return AutoModelForCausalLM.from_config(config, **kwargs).eval()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread is faster and steadier (restored afterwards).
+    Opt in per module with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return make_tokenizer()

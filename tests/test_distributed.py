@@ -35,13 +35,7 @@ FLAGS = ["--pairs", PAIRS, "--method", "dft-logits", "--lc", "feature", "--et", 
 LOGGED = ("loss", "loss_tft", "loss_lc", "loss_et", "grad_norm", "lr")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread is faster and steadier (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def launch(nproc, *args, script=SCRIPT, timeout=300):

@@ -18,13 +18,7 @@ FLAGS = ["--pairs", PAIRS, "--method", "dft-logits", "--lc-layer", "1", "--et-la
          "--lr", "1e-2", "--warmup-ratio", "0", "--batch-size", "4", "--lora", "--lora-r", "4"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread is faster and steadier (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def read_log(out):
