@@ -457,11 +457,6 @@ def check_distributed(accelerator, cfg):
         if not accelerator.state.fsdp_plugin.use_orig_params:
             raise common.UserError("FSDP version 1 needs fsdp_use_orig_params: true (the optimizer holds the original "
                                    "parameters); better, use fsdp_version: 2 as configs/fsdp_8gpu.yaml does")
-        if frozen_readout:
-            raise common.UserError("--lc/--et logits and the ET feature term need fsdp_version: 2 (configs/fsdp_8gpu.yaml): "
-                                   "FSDP1 sets lm_head's and the final norm's weights as plain module attributes, which "
-                                   "the frozen lens readout (common.frozen_call) cannot swap for detached copies, so "
-                                   "they would train")
     if accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3:
         if frozen_readout:
             raise common.UserError("--lc/--et logits and the ET feature term do not run under DeepSpeed ZeRO-3: the frozen "

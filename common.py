@@ -403,9 +403,25 @@ def model_parts(model):
 
 
 def frozen_call(module, x):
-    """module(x) with its own parameters detached: gradient flows to x, never into the module's weights."""
-    params = {name: p.detach() for name, p in module.named_parameters()}
-    return torch.func.functional_call(module, params, (x,))
+    """module(x) with its own weights detached: gradient flows to x, never into the module's weights.
+
+    Every weight is swapped for a detached alias for the duration of the call and put back after. Weights are
+    looked up both in `_parameters` and among plain tensor attributes: FSDP1 (use_orig_params) sets the
+    unsharded weights as plain attributes during forward, and they stay plain in the backward recompute of
+    checkpointed chunks, where named_parameters() (and so torch.func.functional_call) would not see them.
+    """
+    swapped = []
+    try:
+        for sub in module.modules():
+            for store in (sub._parameters, sub.__dict__):
+                for name, value in list(store.items()):
+                    if isinstance(value, torch.Tensor):
+                        swapped.append((store, name, value))
+                        store[name] = value.detach()
+        return module(x)
+    finally:
+        for store, name, value in reversed(swapped):
+            store[name] = value
 
 
 def lens_logits(parts, hidden, normed=False):

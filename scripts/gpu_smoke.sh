@@ -6,10 +6,11 @@
 #   A  one GPU, no FSDP, mixed precision bf16 (python 02_train_dft.py)
 #   B  FSDP2 full shard with configs/fsdp_8gpu.yaml on 1 process (decoder blocks wrapped, root = the objective)
 #   C  as B with --grad-checkpointing, interrupted after step 3 (checkpoint at step 2), then --resume
-#   D  FSDP version 1 with the lens terms: must be refused (exit 2, one error line)
+#   D  FSDP version 1 (use_orig_params) with the lens terms
 #   E  as B with --lora: the adapter is gathered and saved by the main process and loads again
 # and prints per run the losses, the peak GPU memory (train_log.jsonl: peak_mem_gib) and the time, then checks
-# that A, B and C agree (bf16 tolerance). MODEL defaults to the offline SmolLM2-135M copy when it is already in
+# that A, B, C and D agree (bf16 tolerance). BENCH=1 then times one step of tft / dft-logits / dft-feature
+# (bench_train.py, bf16, batch 8 x 256) on the same model. MODEL defaults to the offline SmolLM2-135M copy when it is already in
 # the cache (or the hub is reachable), else to a random model of SmolLM2-135M's shape (no download needed).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -46,6 +47,7 @@ LlamaForCausalLM(cfg).save_pretrained(sys.argv[1]); tok.save_pretrained(sys.argv
 print(sys.argv[1])
 EOF
 ) || exit 1
+  MODEL=$(tail -n 1 <<< "$MODEL")  # the folder: the last line (a failed offline-copy attempt may print before it)
 fi
 echo "model: $MODEL"
 FLAGS=(--model "$MODEL" --pairs tests/fixtures/pairs_zh.jsonl --method dft-logits --lc-layer "${LC_LAYER:-2}" --et-layer "${ET_LAYER:-15}"
@@ -66,11 +68,8 @@ run C_fsdp2_ckpt_cut "${LAUNCH[@]}" --config_file configs/fsdp_8gpu.yaml 02_trai
     --grad-checkpointing --save-every 2 --stop-after-steps 3 || status=1
 run C_fsdp2_ckpt_resume "${LAUNCH[@]}" --config_file configs/fsdp_8gpu.yaml 02_train_dft.py "${FLAGS[@]}" --out "$OUT/C" \
     --grad-checkpointing --save-every 2 --resume || status=1
-run D_fsdp1_refused "${LAUNCH[@]}" --config_file configs/fsdp_8gpu.yaml --fsdp_version 1 02_train_dft.py "${FLAGS[@]}" \
-    --out "$OUT/D" > "$OUT/D.log" 2>&1
-rc=$?; grep -E "^error:|^== D" "$OUT/D.log"
-if [ $rc -ne 0 ] && grep -q "need fsdp_version: 2" "$OUT/D.log"; then echo "D: refused as expected"
-else echo "D: FSDP1 with the lens terms was NOT refused (see $OUT/D.log)"; status=1; fi
+run D_fsdp1 "${LAUNCH[@]}" --config_file configs/fsdp_8gpu.yaml --fsdp_version 1 --fsdp_use_orig_params true \
+    02_train_dft.py "${FLAGS[@]}" --out "$OUT/D" || status=1
 run E_fsdp2_lora "${LAUNCH[@]}" --config_file configs/fsdp_8gpu.yaml 02_train_dft.py "${FLAGS[@]}" --out "$OUT/E" \
     --lora --lr 1e-3 || status=1
 
@@ -80,7 +79,7 @@ import json, os, sys
 sys.path[:0] = ["."]
 out = sys.argv[1]
 logs = {}
-for run in "ABCE":
+for run in "ABCDE":
     path = os.path.join(out, run, "train_log.jsonl")
     if not os.path.exists(path):
         print(f"{run}: no train_log.jsonl"); continue
@@ -91,7 +90,7 @@ for run in "ABCE":
           f"peak {max(r['peak_mem_gib'] or 0 for r in logs[run]):.2f} GiB, "
           f"{sum(r['seconds'] for r in logs[run]):.1f} s for {len(logs[run])} steps")
 ok = True
-for a, b in (("A", "B"), ("B", "C")):
+for a, b in (("A", "B"), ("B", "C"), ("A", "D")):
     if a in logs and b in logs:
         diff = max(abs(x["loss"] - y["loss"]) / abs(y["loss"]) for x, y in zip(logs[a], logs[b]))
         good = len(logs[a]) == len(logs[b]) == 5 and diff < 2e-2
@@ -108,5 +107,10 @@ if os.path.exists(os.path.join(out, "E", "adapter_config.json")):
     print("E: adapter loads as", type(model).__name__)
 sys.exit(0 if ok else 1)
 EOF
+if [ "${BENCH:-0}" = 1 ]; then
+  run F_bench "$PY" bench_train.py --model "$MODEL" --device cuda --dtype bfloat16 --batch-size 8 --max-length 256 \
+      --lc-layer "${LC_LAYER:-2}" --et-layer "${ET_LAYER:-15}" --repeats 5 --out "$OUT/bench" || status=1
+  cat "$OUT"/bench/*.md 2>/dev/null
+fi
 echo; echo "== gpu_smoke: $([ $status -eq 0 ] && echo PASS || echo FAIL) (log: $LOG)"
 exit $status

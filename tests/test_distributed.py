@@ -195,13 +195,7 @@ def reference_grads():
     return {n: (grads[0][n] + grads[1][n]) / 2 for n in grads[0]}
 
 
-@pytest.mark.parametrize("variant", [
-    pytest.param(v, marks=pytest.mark.xfail(strict=True, reason=(
-        "FSDP1 (use_orig_params) sets the root's weights as instance attributes too, which shadow the swap "
-        "common.frozen_call makes in module._parameters, and in the backward recompute of the checkpointed lens chunks "
-        "they are plain tensors that named_parameters() does not list: the lens / ET-feature readout trains lm_head "
-        "and the final norm. 02 refuses FSDP1 with these terms (check_distributed); FSDP2 is exact"))) if v == "fsdp1" else v
-    for v in FSDP_VARIANTS])
+@pytest.mark.parametrize("variant", FSDP_VARIANTS)
 def test_fsdp_objective_gradients_equal_one_process(variant, fsdp_grads, reference_grads):
     grads = fsdp_grads[variant]
     assert set(grads) == set(reference_grads)
@@ -271,12 +265,11 @@ def test_shipped_configs(name, kind, processes, refused, monkeypatch):
             train.check_distributed(accelerator, method_config(method))
 
 
-def test_fsdp1_refused_for_lens_terms(monkeypatch):
+def test_fsdp1_needs_orig_params(monkeypatch):
     _, env = launch_env("fsdp_8gpu")
     accelerator = fake_accelerator(dict(env, FSDP_VERSION="1", FSDP_SYNC_MODULE_STATES="false"), monkeypatch, 8)
-    train.check_distributed(accelerator, method_config("tft"))
-    with pytest.raises(common.UserError, match="fsdp_version: 2"):
-        train.check_distributed(accelerator, method_config("dft-logits"))
+    for method in ALL_METHODS:  # the lens terms are exact under FSDP1 too (test_fsdp_objective_gradients...)
+        train.check_distributed(accelerator, method_config(method))
     accelerator = fake_accelerator(dict(env, FSDP_VERSION="1", FSDP_USE_ORIG_PARAMS="false", FSDP_SYNC_MODULE_STATES="false"),
                                    monkeypatch, 8)
     with pytest.raises(common.UserError, match="fsdp_use_orig_params: true"):
