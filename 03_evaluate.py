@@ -823,8 +823,13 @@ def truncate_at_stops(text, stops):
 
 
 @torch.no_grad()
-def greedy_generate(model, tokenizer, prompts, max_new_tokens, stops, batch_size=16, progress=None):
+def greedy_generate(model, tokenizer, prompts, max_new_tokens, stops, batch_size=16, progress=None,
+                    skip_leading_space=False):
     """Greedy continuations of prompts, cut at the first stop string (lm-eval's generate_until).
+
+    skip_leading_space: stop strings count only once the answer has begun, i.e. leading whitespace is
+    dropped first (an instruction-tuned model often answers "### Response:\n" with one more "\n", which
+    the harness's rule would turn into an empty answer). Used with --prompt-style alpaca only.
 
     Batches of prompts sorted by length, left-padded, one prefill and then one token per step on a KV
     cache; a row leaves the batch (and its cache rows are dropped) as soon as it emits EOS or a stop string,
@@ -860,7 +865,11 @@ def greedy_generate(model, tokenizer, prompts, max_new_tokens, stops, batch_size
                 generated[b].append(tok)
                 if tok in eos:
                     continue
-                if stops and any(s in tokenizer.decode(generated[b][-window:]) for s in stops):
+                if skip_leading_space:
+                    tail = tokenizer.decode(generated[b]).lstrip()  # O(new tokens): small next to a forward
+                else:
+                    tail = tokenizer.decode(generated[b][-window:])
+                if stops and any(s in tail for s in stops):
                     continue
                 keep.append(k)
             if not keep or step == max_new_tokens - 1:
@@ -878,7 +887,8 @@ def greedy_generate(model, tokenizer, prompts, max_new_tokens, stops, batch_size
             toks = generated[b]
             toks = toks[:-1] if toks and toks[-1] in eos else toks
             counts[i] = len(generated[b])
-            texts[i] = truncate_at_stops(tokenizer.decode(toks, skip_special_tokens=True), stops)
+            text = tokenizer.decode(toks, skip_special_tokens=True)
+            texts[i] = truncate_at_stops(text.lstrip() if skip_leading_space else text, stops)
         if progress is not None:
             progress.update(len(idx))
     return texts, counts
@@ -952,7 +962,8 @@ def evaluate(model, tokenizer, task, lang, items, args, direction=None):
         stops, max_new = generation_setup(task, lang, args)
         prompts = [wrap_prompt(it["prompt"], args) for it in items]
         with tqdm(total=len(prompts), desc=label, leave=False) as bar:
-            outputs, n_new = greedy_generate(model, tokenizer, prompts, max_new, stops, args.batch_size, bar)
+            outputs, n_new = greedy_generate(model, tokenizer, prompts, max_new, stops, args.batch_size, bar,
+                                             skip_leading_space=args.prompt_style == "alpaca")
         family = spec["family"]
         rows = []
         for it, prompt, out, n in zip(items, prompts, outputs, n_new):

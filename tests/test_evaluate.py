@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -153,6 +154,33 @@ def test_generation_stops_at_stop_strings(tokenizer):
     stop = free[0][1:3]  # a string the model is known to produce early
     cut, n = ev.greedy_generate(model, tokenizer, ["The answer is"], 20, [stop], batch_size=1)
     assert cut[0] == free[0].split(stop)[0] and n[0] < 20
+
+
+class ScriptedLM(torch.nn.Module):
+    """Emits a fixed token sequence, one token per forward, whatever the input (for stop-string logic)."""
+
+    def __init__(self, script, vocab_size):
+        super().__init__()
+        from transformers import GenerationConfig, LlamaConfig
+        self.script, self.vocab_size, self.step = script, vocab_size, 0
+        self.config, self.generation_config = LlamaConfig(max_position_embeddings=512), GenerationConfig()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids, past_key_values=None, **kwargs):
+        logits = torch.zeros(input_ids.shape[0], 1, self.vocab_size)
+        logits[:, :, self.script[min(self.step, len(self.script) - 1)]] = 1.0
+        self.step += 1
+        cache = past_key_values or types.SimpleNamespace(batch_select_indices=lambda sel: None)
+        return types.SimpleNamespace(logits=logits, past_key_values=cache)
+
+
+def test_alpaca_style_stops_only_after_the_answer_begins(tokenizer):
+    script = tokenizer.encode("\n\nParis\nLondon", add_special_tokens=False)
+    harness, _ = ev.greedy_generate(ScriptedLM(script, len(tokenizer)), tokenizer, ["Q"], 20, ["\n"])
+    assert harness == [""]  # the harness's rule: the leading newline ends the answer
+    alpaca, n = ev.greedy_generate(ScriptedLM(script, len(tokenizer)), tokenizer, ["Q"], 20, ["\n"],
+                                   skip_leading_space=True)
+    assert alpaca == ["Paris"] and n[0] == len(tokenizer.encode("\n\nParis\n", add_special_tokens=False))
 
 
 # ----------------------------------------------------------------------------- bootstrap
