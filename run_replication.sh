@@ -4,7 +4,9 @@
 #      data, seed, steps, batch, lr                   3. base + the four models on the same items
 #   4. paired bootstrap (DFT vs tft, every model vs base), loss curves, layer analysis figures.
 # Each model's evaluation starts in the background as soon as its training ends (two evaluation queues
-# next to the training), so the whole matrix fits in about an hour on a shared 2-core CPU. Sizes are environment variables.
+# next to the training); with the default sizes the matrix took about 90 min on 2 CPU cores (results/README.md).
+# Sizes are environment variables; the first pilot (results/pilot-8steps/) used STEPS=8 LL_LIMIT=30
+# GEN_LIMIT=10 NLL_LIMIT=80.
 # Rerunning resumes: a finished stage (marker file *.done in $OUT) is skipped; FRESH=1 deletes $OUT first.
 # $OUT is under runs/ (git-ignored: models stay there). Small outputs are copied to $RES.
 set -euo pipefail
@@ -15,13 +17,13 @@ RES=${RES:-results}
 BASE=${BASE:-HuggingFaceTB/SmolLM2-135M-Instruct}
 LIMIT_PAIRS=${LIMIT_PAIRS:-1200}   # pairs kept (train + dev)
 DEV=${DEV:-200}                    # dev pairs (held-out NLL)
-STEPS=${STEPS:-8}
+STEPS=${STEPS:-100}
 BATCH=${BATCH:-4}
 LR=${LR:-1e-4}
 SEED=${SEED:-1}
-LL_LIMIT=${LL_LIMIT:-30}           # items per log-likelihood task x language
-GEN_LIMIT=${GEN_LIMIT:-10}         # items per generation task x language (xquad, mgsm, translation)
-NLL_LIMIT=${NLL_LIMIT:-80}        # dev pairs scored by the nll task
+LL_LIMIT=${LL_LIMIT:-100}          # items per log-likelihood task x language
+GEN_LIMIT=${GEN_LIMIT:-30}         # items per generation task x language (xquad, mgsm, translation)
+NLL_LIMIT=${NLL_LIMIT:-200}       # dev pairs scored by the nll task
 MAX_NEW=${MAX_NEW:-32}             # generation budget (short answers; MGSM direct, XQuAD spans, Tatoeba)
 ANALYSIS_SAMPLES=${ANALYSIS_SAMPLES:-16}
 # One thread per process: two of our processes (training + the evaluation queue) share 2 cores, often with
