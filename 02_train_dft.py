@@ -157,19 +157,10 @@ def load_pairs(path):
     return rows
 
 
-def encode_prompt(tokenizer, x):
-    """Token ids of build_prompt(x) and the mask of the tokens that carry x itself (for pooling)."""
-    prompt = common.build_prompt(x)
-    start, end = common.prompt_span(x)
-    enc = tokenizer(prompt, add_special_tokens=True, return_offsets_mapping=True)
-    x_mask = [int(s < end and e > start and e > s) for s, e in enc["offset_mapping"]]
-    return enc["input_ids"], x_mask
-
-
 def encode_sequence(tokenizer, x, y, add_eos):
     """[P(x); y] with labels -100 on the prompt: the layout of every CE term (DESIGN §2)."""
-    prompt_ids, x_mask = encode_prompt(tokenizer, x)
-    y_ids = tokenizer(y, add_special_tokens=False)["input_ids"] + ([tokenizer.eos_token_id] if add_eos else [])
+    prompt_ids, x_mask = common.encode_prompt(tokenizer, x)
+    y_ids = common.encode_response(tokenizer, y, add_eos)
     return dict(input_ids=prompt_ids + y_ids, labels=[-100] * len(prompt_ids) + y_ids,
                 pool_mask=x_mask + [0] * len(y_ids))
 
@@ -183,7 +174,7 @@ def encode_pair(tokenizer, row, cfg):
     if cfg["et"] == "logits":  # y_en is a response, so it ends with EOS like every response
         seqs["et"] = encode_sequence(tokenizer, row["x_tgt"], row["y_en"], add_eos=True)
     if "feature" in (cfg["lc"], cfg["et"]):
-        ids, x_mask = encode_prompt(tokenizer, row["x_en"])
+        ids, x_mask = common.encode_prompt(tokenizer, row["x_en"])
         seqs["en"] = dict(input_ids=ids, labels=[-100] * len(ids), pool_mask=x_mask)
     return seqs
 

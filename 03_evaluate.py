@@ -945,11 +945,9 @@ def evaluate(model, tokenizer, task, lang, items, args, direction=None):
         entry = dict(metric="acc", score=acc, stderr=se, scorer="argmax of summed continuation log-likelihood "
                      "(lm-eval acc)", aggregation="mean", ties=ties, metrics={"acc": dict(score=acc, stderr=se)})
     elif spec["kind"] == "nll":
-        groups = []
-        for it in items:
-            prompt_ids = tokenizer(common.build_prompt(it["x"]), add_special_tokens=True)["input_ids"]
-            y_ids = tokenizer(it["y"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-            groups.append([(prompt_ids, y_ids)])  # the layout 02_train_dft.py trains on
+        # the layout 02_train_dft.py trains on
+        groups = [[(common.encode_prompt(tokenizer, it["x"])[0], common.encode_response(tokenizer, it["y"]))]
+                  for it in items]
         with tqdm(total=len(groups), desc=label, leave=False) as bar:
             lls = loglikelihoods(model, groups, args.batch_size, False, bar)
         rows = [dict(id=it["id"], prompt=common.build_prompt(it["x"]), target=it["y"], nll_sum=-ll[0][0],

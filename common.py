@@ -167,6 +167,20 @@ def prompt_span(x):
     return start, start + len(x)
 
 
+def encode_prompt(tokenizer, x):
+    """Token ids of build_prompt(x) (with the tokenizer's special tokens) and the mask of the tokens that
+    carry x itself (for pooling). 02_train_dft.py trains on this layout; 03_evaluate.py's nll task scores it."""
+    start, end = prompt_span(x)
+    enc = tokenizer(build_prompt(x), add_special_tokens=True, return_offsets_mapping=True)
+    x_mask = [int(s < end and e > start and e > s) for s, e in enc["offset_mapping"]]
+    return enc["input_ids"], x_mask
+
+
+def encode_response(tokenizer, y, add_eos=True):
+    """Token ids of a response after its prompt: y without special tokens, then EOS."""
+    return tokenizer(y, add_special_tokens=False)["input_ids"] + ([tokenizer.eos_token_id] if add_eos else [])
+
+
 # code -> (English name, regex of the script a text in that language must contain, or None for Latin)
 LANGUAGES = {
     "en": ("English", None),

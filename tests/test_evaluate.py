@@ -264,7 +264,7 @@ def test_cli_end_to_end_and_compare(tiny_model_dirs, tmp_path):
     assert comp["rows"][0]["delta"] == 0.0 and comp["rows"][0]["p"] == pytest.approx(1.0)
 
 
-def test_nll_and_translation_tasks(tiny_model_dirs, tmp_path):
+def test_nll_and_translation_tasks(tiny_model_dirs, tokenizer, tmp_path):
     pairs = tmp_path / "dev.jsonl"
     rows = [dict(id=i, lang="zh", source="t", x_en=f"Say {i}", y_en=f"{i}", x_tgt=f"说 {i}", y_tgt=f"{i}。")
             for i in range(3)]
@@ -277,6 +277,16 @@ def test_nll_and_translation_tasks(tiny_model_dirs, tmp_path):
     run = json.load(open(out / f"{name}.json"))
     nll = run["results"]["nll"]["zh"]
     assert nll["higher_is_better"] is False and nll["score"] > 0 and nll["n"] == 3
+    # the nll task scores exactly the training layout: each item's NLL equals 02's TFT loss for that pair
+    from transformers import AutoModelForCausalLM
+    train = load_stage("02_train_dft")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dirs["gpt2"])
+    items = {item["id"]: item for item in map(json.loads, open(out / f"{name}.nll.zh.jsonl"))}
+    for row in rows:
+        seq = train.encode_sequence(tokenizer, row["x_tgt"], row["y_tgt"], add_eos=True)
+        with torch.no_grad():
+            loss = model(input_ids=torch.tensor([seq["input_ids"]]), labels=torch.tensor([seq["labels"]])).loss
+        assert items[row["id"]]["scores"]["nll"] == pytest.approx(loss.item(), rel=1e-5)
     assert set(run["results"]["translation"]) == {"en-zh", "zh-en"}
     assert "zh" in run["results"]["translation"]["en-zh"]["metrics"]["bleu"]["signature"]
     # the paired bootstrap also handles the ratio (NLL) and corpus (BLEU) statistics

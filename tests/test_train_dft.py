@@ -63,7 +63,7 @@ def test_sequence_layouts(tokenizer, rows):
 
 
 def test_pool_mask_covers_x_only(tokenizer, rows):
-    ids, mask = train.encode_prompt(tokenizer, rows[0]["x_tgt"])
+    ids, mask = common.encode_prompt(tokenizer, rows[0]["x_tgt"])
     pooled = tokenizer.decode([t for t, m in zip(ids, mask) if m])
     assert pooled.strip() == rows[0]["x_tgt"]  # no template token is pooled
     assert sum(mask) < len(ids)
