@@ -443,16 +443,11 @@ def make_accelerator():
 def check_distributed(accelerator, cfg):
     """Refuse, before any work, the sharded set-ups that would silently train something else than asked."""
     from accelerate.utils import DistributedType
-    frozen_readout = "logits" in (cfg["lc"], cfg["et"]) or cfg["et"] == "feature"  # common.frozen_call in the loss
     if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
         if not accelerator.state.fsdp_plugin.use_orig_params:
             raise common.UserError("FSDP version 1 needs fsdp_use_orig_params: true (the optimizer holds the original "
                                    "parameters); better, use fsdp_version: 2 as configs/fsdp_8gpu.yaml does")
     if accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3:
-        if frozen_readout:
-            raise common.UserError("--lc/--et logits and the ET feature term do not run under DeepSpeed ZeRO-3: the frozen "
-                                   "lens readout (common.frozen_call) swaps ZeRO-3's partitioned lm_head / norm weights "
-                                   "for detached copies, which DeepSpeed cannot gather; use ZeRO-2 or FSDP2 (configs/)")
         if any(cfg[name] != "none" and cfg[f"{name}_layer"] == "auto" for name in ("lc", "et")):
             raise common.UserError("--lc-layer/--et-layer auto reads the logit lens before training, which ZeRO-3's "
                                    "partitioned weights do not allow; pass the block numbers")

@@ -423,16 +423,28 @@ def frozen_call(module, x):
     looked up both in `_parameters` and among plain tensor attributes: FSDP1 (use_orig_params) sets the
     unsharded weights as plain attributes during forward, and they stay plain in the backward recompute of
     checkpointed chunks, where named_parameters() (and so torch.func.functional_call) would not see them.
+    DeepSpeed ZeRO-3 partitions the weights: they are gathered for the swap and copied (ZeRO frees the
+    gathered storage on leaving the context), and the module's forward runs without ZeRO's fetch/release
+    hooks, which would act on the swapped-out originals.
     """
+    zero3 = [p for p in module.parameters() if hasattr(p, "ds_id")]
+    gather = contextlib.nullcontext()
+    if zero3:
+        import deepspeed
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+        # a weight already gathered (a tied embedding in use) stays as it is: releasing it is its user's job
+        absent = [p for p in zero3 if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
+        gather = deepspeed.zero.GatheredParameters(absent) if absent else gather
     swapped = []
     try:
-        for sub in module.modules():
-            for store in (sub._parameters, sub.__dict__):
-                for name, value in list(store.items()):
-                    if isinstance(value, torch.Tensor):
-                        swapped.append((store, name, value))
-                        store[name] = value.detach()
-        return module(x)
+        with gather:
+            for sub in module.modules():
+                for store in (sub._parameters, sub.__dict__):
+                    for name, value in list(store.items()):
+                        if isinstance(value, torch.Tensor):
+                            swapped.append((store, name, value))
+                            store[name] = value.detach().clone() if zero3 else value.detach()
+        return module.forward(x) if zero3 else module(x)
     finally:
         for store, name, value in reversed(swapped):
             store[name] = value

@@ -6,7 +6,7 @@
 # Each model's evaluation starts in the background as soon as its training ends (two evaluation queues
 # next to the training); with the default sizes the matrix took about 90 min on 2 CPU cores (results/README.md).
 # Sizes are environment variables; the first pilot (results/pilot-8steps/) used STEPS=8 LL_LIMIT=30
-# GEN_LIMIT=10 NLL_LIMIT=80.
+# GEN_LIMIT=10 NLL_LIMIT=80; a first launch with STEPS=100 was stopped after 14 steps (too slow for the session).
 # Rerunning resumes: a finished stage (marker file *.done in $OUT) is skipped; FRESH=1 deletes $OUT first.
 # $OUT is under runs/ (git-ignored: models stay there). Small outputs are copied to $RES.
 set -euo pipefail
@@ -17,7 +17,7 @@ RES=${RES:-results}
 BASE=${BASE:-HuggingFaceTB/SmolLM2-135M-Instruct}
 LIMIT_PAIRS=${LIMIT_PAIRS:-1200}   # pairs kept (train + dev)
 DEV=${DEV:-200}                    # dev pairs (held-out NLL)
-STEPS=${STEPS:-100}
+STEPS=${STEPS:-60}
 BATCH=${BATCH:-4}
 LR=${LR:-1e-4}
 SEED=${SEED:-1}
