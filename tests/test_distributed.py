@@ -1,6 +1,6 @@
 """Several processes on the CPU (gloo): 02_train_dft.py under torchrun equals one process with the same global
-batch, --resume works across processes, FSDP (1 and 2) around DFTObjective gives the one-process gradients,
-and --grad-checkpointing / --dtype bfloat16 / mixed precision bf16 train as they should.
+batch, --resume works across processes, FSDP (1 and 2) and DeepSpeed ZeRO-2/3 around DFTObjective give the
+one-process gradients, and --grad-checkpointing / --dtype bfloat16 / mixed precision bf16 train as they should.
 
 Which one-process run equals 2 processes x batch 2 x accumulation 1? micro_batch_order gives rank r of global
 micro-batch m the examples of micro-batch 2m + r of one process with batch 2, every micro-batch loss is a token
@@ -203,32 +203,41 @@ def test_fsdp_objective_gradients_equal_one_process(variant, fsdp_grads, referen
         torch.testing.assert_close(grads[name], ref, atol=1e-6, rtol=1e-4, msg=name)
 
 
-def _zero3_worker(out_path):
-    """Each rank: two pairs through DeepSpeed ZeRO-3 (CPU accelerator, gloo); rank 0 saves the full gradients."""
+def _zero_worker(out_path):
+    """Each rank: two pairs through DeepSpeed ZeRO-2 and ZeRO-3 (CPU accelerator, gloo); rank 0 saves the full
+    gradients of each stage."""
     import deepspeed
     import torch.distributed as dist
     from deepspeed.utils import safe_get_full_grad
     deepspeed.init_distributed(dist_backend="gloo")
     tokenizer = make_tokenizer()
-    objective = train.DFTObjective(make_tiny_model("llama", tokenizer).train(), fsdp_config())
-    config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
-              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
-              "zero_allow_untested_optimizer": True}
-    engine, *_ = deepspeed.initialize(model=objective, optimizer=torch.optim.AdamW(objective.parameters(), lr=0.0),
-                                      config=config)
-    assert all(hasattr(p, "ds_id") for p in engine.module.parameters())  # partitioned: the case under test
-    engine.backward(engine(fsdp_batch(tokenizer, dist.get_rank()))["loss"])
-    grads = {n: safe_get_full_grad(p).clone() for n, p in engine.module.named_parameters()}
+    results = {}
+    for stage in (2, 3):
+        objective = train.DFTObjective(make_tiny_model("llama", tokenizer).train(), fsdp_config())
+        config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+                  "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
+                  "zero_allow_untested_optimizer": True}
+        engine, *_ = deepspeed.initialize(model=objective, config=config,
+                                          optimizer=torch.optim.AdamW(objective.parameters(), lr=0.0))
+        # ZeRO-3 partitions every weight, lm_head and the final norm included: the case the readout must handle
+        assert all(hasattr(p, "ds_id") for p in engine.module.parameters()) == (stage == 3)
+        engine.backward(engine(fsdp_batch(tokenizer, dist.get_rank()))["loss"])
+        results[stage] = {n: safe_get_full_grad(p).clone() for n, p in engine.module.named_parameters()}
     if dist.get_rank() == 0:
-        torch.save(grads, out_path)
+        torch.save(results, out_path)
 
 
-def test_deepspeed_zero3_objective_gradients_equal_one_process(tmp_path, reference_grads):
-    """ZeRO-3 partitions lm_head and the final norm: the frozen readout must gather them and still not train them."""
+@pytest.fixture(scope="module")
+def zero_grads(tmp_path_factory):
     pytest.importorskip("deepspeed", reason="optional: pip install deepspeed (CPU accelerator, no GPU needed)")
-    out = str(tmp_path / "grads.pt")
-    ok(launch(2, "--zero3-worker", out, script=os.path.abspath(__file__), env={"DS_ACCELERATOR": "cpu"}))
-    grads = torch.load(out)
+    out = str(tmp_path_factory.mktemp("zero") / "grads.pt")
+    ok(launch(2, "--zero-worker", out, script=os.path.abspath(__file__), env={"DS_ACCELERATOR": "cpu"}))
+    return torch.load(out)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_objective_gradients_equal_one_process(stage, zero_grads, reference_grads):
+    grads = zero_grads[stage]
     assert set(grads) == set(reference_grads)
     for name, ref in reference_grads.items():
         torch.testing.assert_close(grads[name].reshape(ref.shape), ref, atol=1e-6, rtol=1e-4, msg=name)
@@ -365,5 +374,5 @@ def test_mixed_precision_bf16_keeps_fp32_master_weights(tiny_model_dirs, tmp_pat
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--fsdp-worker"]:
     _fsdp_worker(sys.argv[2])
-if __name__ == "__main__" and sys.argv[1:2] == ["--zero3-worker"]:
-    _zero3_worker(sys.argv[2])
+if __name__ == "__main__" and sys.argv[1:2] == ["--zero-worker"]:
+    _zero_worker(sys.argv[2])
