@@ -492,6 +492,7 @@ def save_checkpoint(accelerator, out_dir, step, cfg):
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(tmp)
+    accelerator.wait_for_everyone()  # every rank has written its files (RNG states, shards) before the folder moves
     if accelerator.is_main_process:
         common.write_json(os.path.join(tmp, "step.json"), dict(step=step, method=cfg["method"]))
         if os.path.isdir(final):
