@@ -425,7 +425,7 @@ def frozen_call(module, x):
     checkpointed chunks, where named_parameters() (and so torch.func.functional_call) would not see them.
     DeepSpeed ZeRO-3 partitions the weights: they are gathered for the swap and copied (ZeRO frees the
     gathered storage on leaving the context), and the module's forward runs without ZeRO's fetch/release
-    hooks, which would act on the swapped-out originals.
+    hooks, which would act on the swapped-out originals (the final norm and lm_head are leaf modules).
     """
     zero3 = [p for p in module.parameters() if hasattr(p, "ds_id")]
     gather = contextlib.nullcontext()
