@@ -10,8 +10,8 @@
 #   E  as B with --lora: the adapter is gathered and saved by the main process and loads again
 # and prints per run the losses, the peak GPU memory (train_log.jsonl: peak_mem_gib) and the time, then checks
 # that A, B, C and D agree (bf16 tolerance). BENCH=1 then times one step of tft / dft-logits / dft-feature
-# (bench_train.py, bf16, batch 8 x 256) on the same model. MODEL defaults to the offline SmolLM2-135M copy when it is already in
-# the cache (or the hub is reachable), else to a random model of SmolLM2-135M's shape (no download needed).
+# (bench_train.py, bf16, batch 8 x 256) on the same model. MODEL defaults to the offline SmolLM2-135M copy when
+# it is already in the cache (or the hub is reachable), else to a random model of SmolLM2-135M's shape.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ -x .venv/bin/python ]; then PY=${PY:-.venv/bin/python}; else PY=${PY:-python3}; fi
