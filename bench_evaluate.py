@@ -125,24 +125,16 @@ def okapi_task_files(folder, tasks_dir, data_dir=common.DATA_DIR):
 
 def harness_task_files(folder, tasks_dir, xnli_rows, mgsm_rows):
     """Local-data copies of the harness's own xnli_zh and mgsm_direct_zh tasks."""
-    xnli_data = os.path.join(folder, "xnli_zh_dev.jsonl")
-    with open(xnli_data, "w", encoding="utf-8") as f:
-        for premise, hypothesis, label in xnli_rows:
-            f.write(json.dumps(dict(premise=premise, hypothesis=hypothesis, label=ev.XNLI_LABELS[label]),
-                               ensure_ascii=False) + "\n")
-    mgsm_data = os.path.join(folder, "mgsm_zh_test.jsonl")
-    with open(mgsm_data, "w", encoding="utf-8") as f:
-        for question, answer in mgsm_rows:
-            f.write(json.dumps(dict(question=question, answer=None, answer_number=int(answer.replace(",", "")),
-                                    equation_solution=None), ensure_ascii=False) + "\n")
-    with open(os.path.join(folder, "xnli_zh_local.yaml"), "w") as f:
-        f.write(f"include: {os.path.join(tasks_dir, 'xnli', 'xnli_zh.yaml')}\ntask: xnli_zh_local\ntag: []\n"
-                f"dataset_path: json\ndataset_name: null\ntraining_split: null\n"
-                f"dataset_kwargs:\n  data_files:\n    validation: {xnli_data}\n")
-    with open(os.path.join(folder, "mgsm_direct_zh_local.yaml"), "w") as f:
-        f.write(f"include: {os.path.join(tasks_dir, 'mgsm', 'direct', 'mgsm_direct_zh.yaml')}\n"
-                f"task: mgsm_direct_zh_local\ntag: []\ndataset_path: json\ndataset_name: null\ntraining_split: null\n"
-                f"dataset_kwargs:\n  data_files:\n    test: {mgsm_data}\n")
+    xnli_data, mgsm_data = os.path.join(folder, "xnli_zh_dev.jsonl"), os.path.join(folder, "mgsm_zh_test.jsonl")
+    _write_jsonl(xnli_data, [dict(premise=premise, hypothesis=hypothesis, label=ev.XNLI_LABELS[label])
+                             for premise, hypothesis, label in xnli_rows])
+    _write_jsonl(mgsm_data, [dict(question=question, answer=None, answer_number=int(answer.replace(",", "")),
+                                  equation_solution=None) for question, answer in mgsm_rows])
+    no_train = dict(training_split="null")
+    _local_yaml(folder, "xnli_zh_local", os.path.join(tasks_dir, "xnli", "xnli_zh.yaml"),
+                dict(files=dict(validation=xnli_data), keys=no_train))
+    _local_yaml(folder, "mgsm_direct_zh_local", os.path.join(tasks_dir, "mgsm", "direct", "mgsm_direct_zh.yaml"),
+                dict(files=dict(test=mgsm_data), keys=no_train))
 
 
 def run_ours(model, tokenizer, args, share_prefix=True):
@@ -199,10 +191,6 @@ def compare_mc(ours, harness, perm=None):
                 acc_harness=h_correct / n, mismatches=mism[:5], request_mismatches=[
                     dict(d, ours=[x[:300] for x in d["ours"]], harness=[x[:300] for x in d["harness"] or []])
                     for d in bad_prompt[:3]])
-
-
-def compare_xnli(ours, harness):
-    return compare_mc(ours, harness)
 
 
 def compare_mgsm(ours, harness):
