@@ -7,20 +7,18 @@ Reads RUN_DIR/METHOD/train_log.jsonl (02_train_dft.py writes one line per optimi
 final-step loss terms per method as a markdown table (also written next to the PNG as .md).
 """
 import argparse
-import json
 import os
+import sys
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
+
 TERMS = ("loss_tft", "loss_lc", "loss_et")
-
-
-def read_log(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def main():
@@ -33,7 +31,7 @@ def main():
     for m in args.methods:
         p = os.path.join(args.run_dir, m, "train_log.jsonl")
         if os.path.exists(p):
-            logs[m] = read_log(p)
+            logs[m] = common.read_jsonl(p)
         else:
             print(f"missing {p}, skipped")
     fig, axes = plt.subplots(1, len(logs), figsize=(4.2 * len(logs), 3.4), squeeze=False)
@@ -57,7 +55,7 @@ def main():
         cells = [f"{last[t]:.4f}" if last.get(t) is not None else "–" for t in TERMS]
         lines.append(f"| {m} | {last['step']} | " + " | ".join(cells) + f" | {last['loss']:.4f} | {last.get('elapsed', 0):.0f} |")
     table = "\n".join(lines) + "\n"
-    with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
+    with common.atomic_open(os.path.splitext(args.out)[0] + ".md") as f:
         f.write("Final optimizer step, from train_log.jsonl\n\n" + table)
     print(table)
     print(f"wrote {args.out}")
