@@ -135,6 +135,20 @@ def versions():
     return out
 
 
+def native_bf16(device):
+    """Whether `device` computes bf16 in hardware (not emulated): a CUDA GPU with bf16 units (Ampere or newer),
+    or a CPU with AMX or AVX512-BF16. Where this is False, bf16 still runs but is usually slower than float32."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        try:
+            return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+        except AttributeError:  # a torch without these probes: assume emulation
+            return False
+    return False
+
+
 def seed_everything(seed):
     random.seed(seed)
     torch.manual_seed(seed)
