@@ -68,7 +68,8 @@ DEFAULTS = dict(model=common.DEFAULT_MODEL, method="tft", lc=None, et=None, lc_l
                 warmup_ratio=0.03, weight_decay=0.0, max_grad_norm=1.0, max_length=512, seed=42, dtype="float32",
                 grad_checkpointing=False, ce_chunk=1024, lora=False, lora_r=16, lora_alpha=32, lora_dropout=0.05,
                 lora_targets="q_proj,k_proj,v_proj,o_proj", merge_lora=False, save_every=0, resume=False,
-                log_every=1, layer_sample=64, allow_layer_order=False, stop_after_steps=None)
+                log_every=1, layer_sample=64, allow_layer_order=False, stop_after_steps=None, mixed_precision="auto",
+                eval_pairs=None, eval_every=None, eval_limit=None, report_to="none", run_name=None)
 
 
 def parse_args(argv=None):
@@ -102,11 +103,16 @@ def parse_args(argv=None):
     g.add_argument("--lr", type=float, help="peak learning rate (default 2e-5)")
     g.add_argument("--warmup-ratio", type=float, help="linear warm-up fraction, then cosine decay (default 0.03)")
     g.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0, as stanford_alpaca)")
-    g.add_argument("--max-grad-norm", type=float, help="gradient clipping (default 1.0)")
+    g.add_argument("--max-grad-norm", type=grad_norm_arg,
+                   help="clip the global gradient norm to this (default 1.0); 0 or 'none': no clipping (the norm is still logged)")
     g.add_argument("--max-length", type=int, help="tokens per sequence; longer ones are cut and counted (default 512)")
     g.add_argument("--seed", type=int, help="data order and initialisation (default 42)")
     g = p.add_argument_group("memory and speed")
     g.add_argument("--dtype", choices=["float32", "bfloat16"], help="parameter dtype (default float32)")
+    g.add_argument("--mixed-precision", choices=["auto", "no", "bf16"],
+                   help="bf16 autocast on float32 master weights; auto (default): bf16 where the device computes bf16 "
+                        "natively (CUDA Ampere+, a CPU with AMX / AVX512-BF16), else no. An accelerate config or "
+                        "ACCELERATE_MIXED_PRECISION decides under auto and must agree with an explicit value")
     g.add_argument("--grad-checkpointing", action="store_true", default=None, help="recompute blocks in backward")
     g.add_argument("--ce-chunk", type=int, help="tokens per cross-entropy chunk; logits of one chunk live at a time (0: no chunking)")
     g.add_argument("--lora", action="store_true", default=None, help="train LoRA adapters (peft) instead of all weights")
@@ -115,12 +121,48 @@ def parse_args(argv=None):
     g.add_argument("--lora-dropout", type=float, help="LoRA dropout (default 0.05)")
     g.add_argument("--lora-targets", help="comma-separated module names (default q_proj,k_proj,v_proj,o_proj)")
     g.add_argument("--merge-lora", action="store_true", default=None, help="save the merged full model instead of the adapter")
+    g = p.add_argument_group("held-out loss during training")
+    g.add_argument("--eval-pairs", help="held-out pairs JSONL (e.g. X.dev.jsonl from 01_build_pairs.py): every term of "
+                                        "the objective without gradient, as eval_* fields of train_log.jsonl")
+    g.add_argument("--eval-every", type=int, help="evaluate every N optimizer steps (default with --eval-pairs: only after "
+                                                  "the last step; the last step is always evaluated)")
+    g.add_argument("--eval-limit", type=int, help="use the first N held-out pairs (default all)")
     g = p.add_argument_group("checkpoints and logging")
     g.add_argument("--save-every", type=int, help="checkpoint every N optimizer steps (0: only the final model)")
     g.add_argument("--resume", action="store_true", default=None, help="continue from --out/checkpoint")
     g.add_argument("--log-every", type=int, help="print every N steps (train_log.jsonl gets every step)")
     g.add_argument("--stop-after-steps", type=int, help="stop after N steps as if interrupted (to test --resume)")
+    g.add_argument("--report-to", choices=sorted(TRACKERS), help="experiment tracker(s) through accelerate: every logged "
+                                                                 "scalar at its step, the configuration as hyper-parameters "
+                                                                 "(default none; tensorboard writes into --out)")
+    g.add_argument("--run-name", help="the tracker's run name (default: the name of --out)")
     return p.parse_args(argv)
+
+
+def grad_norm_arg(value):
+    """--max-grad-norm: a positive float, or 0 / 'none' for no clipping (as the HF Trainer and DeepSpeed read 0)."""
+    if value.lower() in ("none", "0", "0.0", "inf"):
+        return 0.0
+    try:
+        norm = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'none', got {value!r}") from None
+    if norm < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0 or 'none': no clipping), got {value}")
+    return norm
+
+
+TRACKERS = {"none": [], "tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": ["tensorboard", "wandb"]}
+
+
+def check_trackers(report_to):
+    """Fail before any work when a tracker's package is missing."""
+    import importlib.util
+    for name in TRACKERS[report_to]:
+        found = importlib.util.find_spec(name) or (name == "tensorboard" and importlib.util.find_spec("tensorboardX"))
+        if not found:
+            raise common.UserError(f"--report-to {report_to} needs the {name} package: pip install {name}"
+                                   + (" (offline runs: WANDB_MODE=offline)" if name == "wandb" else ""))
 
 
 
@@ -136,6 +178,12 @@ def resolve_config(args):
             cfg[key] = value
     if cfg["method"] == "sft" and (cfg["lc"] != "none" or cfg["et"] != "none"):
         raise common.UserError("--method sft trains on English only; --lc/--et need target-language inputs (use tft or dft-*)")
+    if cfg["eval_every"] is not None and not cfg["eval_pairs"]:
+        raise common.UserError("--eval-every needs --eval-pairs FILE (the held-out pairs, e.g. X.dev.jsonl from 01_build_pairs.py)")
+    for flag in ("eval_every", "eval_limit"):
+        if cfg[flag] is not None and cfg[flag] < 1:
+            raise common.UserError(f"--{flag.replace('_', '-')} must be >= 1, got {cfg[flag]}")
+    check_trackers(cfg["report_to"])
     return cfg
 
 
@@ -146,6 +194,8 @@ REQUIRED_FIELDS = ("id", "x_en", "y_en", "x_tgt", "y_tgt")
 
 
 def load_pairs(path):
+    """The pairs of a JSONL file; a missing, non-string or empty field stops with the line and id (an empty x_en
+    would give the feature terms nothing to pool, an empty y nothing to predict: 01_build_pairs.py drops them)."""
     rows = common.read_jsonl(path)
     if not rows:
         raise common.UserError(f"{path} holds no pairs; build them with 01_build_pairs.py")
@@ -154,6 +204,10 @@ def load_pairs(path):
         if missing:
             raise common.UserError(f"{path} line {n}: missing or non-string field(s) {missing}; "
                                    f"each line needs {list(REQUIRED_FIELDS)} (01_build_pairs.py writes them)")
+        empty = [f for f in REQUIRED_FIELDS if not row[f].strip()]
+        if empty:
+            raise common.UserError(f"{path} line {n} (id {row['id']!r}): empty or whitespace-only field(s) {empty}; "
+                                   "remove such pairs (01_build_pairs.py drops them)")
     return rows
 
 
@@ -227,24 +281,38 @@ def micro_batch_order(num_examples, batch_size, world_size, rank, seed, epoch, g
 # the objective: every loss inside one module's forward (FSDP/ZeRO-3 gather lm_head and norm there)
 
 
+def chunk_count(rows, chunk_size, device):
+    """Chunks for `rows` labelled tokens; across processes the largest count of any rank.
+
+    Under DeepSpeed ZeRO-3 every lm_head call (the TFT head and the frozen lens readout) gathers the partitioned
+    weight with a collective, so every rank must make the same number of calls in forward and in backward
+    (checkpointed chunks recompute): ranks with fewer tokens run empty chunks, a rank with none runs only empty
+    ones. One tiny all-reduce per CE term; gathering lm_head once per forward instead would keep a (vocab x d)
+    copy alive for the whole step on every rank, the memory that ZeRO-3 was chosen to save."""
+    n = math.ceil(rows / chunk_size) if chunk_size else int(rows > 0)
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        count = torch.tensor([n], device=device)
+        torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
+        n = int(count)
+    return n
+
+
 def chunked_cross_entropy(hidden, targets, logits_fn, chunk_size):
-    """Mean CE of logits_fn(hidden) against targets, `chunk_size` rows at a time.
+    """Summed CE of logits_fn(hidden) against targets, `chunk_size` rows at a time (the caller normalises).
 
     Each chunk is checkpointed, so its (chunk x vocab) logits are freed after the forward and
     recomputed in backward: at most one chunk of logits is alive at any time.
     """
-    if hidden.shape[0] == 0:
-        return hidden.sum() * 0.0  # keeps the graph connected when a micro-batch has no labelled token
-    chunk_size = chunk_size or hidden.shape[0]
+    step = chunk_size or max(1, hidden.shape[0])
 
     def chunk_loss(h, t):
         return F.cross_entropy(logits_fn(h).float(), t, reduction="sum")
 
-    total = 0.0
-    for s in range(0, hidden.shape[0], chunk_size):
-        h, t = hidden[s:s + chunk_size], targets[s:s + chunk_size]
+    total = hidden.sum() * 0.0  # keeps the graph connected when this micro-batch has no labelled token
+    for c in range(chunk_count(hidden.shape[0], chunk_size, hidden.device)):
+        h, t = hidden[c * step:(c + 1) * step], targets[c * step:(c + 1) * step]
         total = total + (checkpoint(chunk_loss, h, t, use_reentrant=False) if torch.is_grad_enabled() else chunk_loss(h, t))
-    return total / hidden.shape[0]
+    return total
 
 
 def shifted(hidden, labels):
@@ -262,7 +330,22 @@ def pool(hidden, mask, how):
 
 
 def cosine_distance(a, b):
-    return (1 - F.cosine_similarity(a.float(), b.float(), dim=-1)).mean()
+    """Summed over the pairs of the micro-batch (the caller normalises)."""
+    return (1 - F.cosine_similarity(a.float(), b.float(), dim=-1)).sum()
+
+
+def labelled(labels):
+    """Tokens that carry a CE label (position t predicts token t+1)."""
+    return int((labels[:, 1:] != -100).sum())
+
+
+def term_counts(batch):
+    """What each term of a micro-batch is averaged over: labelled tokens for the CE terms (TFT, lens LC / ET),
+    sequences (pairs) for the sequence-level terms (feature cosines)."""
+    return dict(tft=labelled(batch["tft"]["labels"]),
+                lc=labelled(batch["lc"]["labels"]) if "lc" in batch else 0,
+                et=labelled(batch["et"]["labels"]) if "et" in batch else 0,
+                seq=len(batch["ids"]))
 
 
 class DFTObjective(nn.Module):
@@ -275,8 +358,16 @@ class DFTObjective(nn.Module):
         self.lc, self.et = cfg["lc"], cfg["et"]
         self.lc_layer, self.et_layer = cfg.get("lc_layer_used"), cfg.get("et_layer_used")
 
-    def forward(self, batch):
+    def forward(self, batch, denominators=None):
+        """Each term is this micro-batch's sum divided by its denominator (DESIGN §2, normalisation).
+
+        denominators: {"tft", "lc", "et", "seq"} -> what turns this micro-batch's sums into its share of the
+        optimizer step's mean: the training loop passes the step's global counts (all devices, all accumulation
+        micro-batches) divided by the number of devices, whose gradients DDP / FSDP / ZeRO then average.
+        None: this micro-batch's own counts, i.e. plain means over the micro-batch."""
         cfg, parts = self.cfg, common.model_parts(self.model)
+        denominators = denominators or term_counts(batch)
+        per = lambda key: max(denominators[key], 1e-12)  # a term with no token anywhere in the step sums to 0
         zero = torch.zeros((), device=batch["tft"]["input_ids"].device)
         terms = {"loss_lc": zero, "loss_et": zero}
 
@@ -287,7 +378,7 @@ class DFTObjective(nn.Module):
         with common.capture_blocks(parts, feature_layers) as tgt_states:
             out = parts.backbone(input_ids=tft["input_ids"], attention_mask=tft["attention_mask"], use_cache=False)
         h, y = shifted(out.last_hidden_state, tft["labels"])
-        terms["loss_tft"] = chunked_cross_entropy(h, y, lambda z: self.head(parts, z), cfg["ce_chunk"])
+        terms["loss_tft"] = chunked_cross_entropy(h, y, lambda z: self.head(parts, z), cfg["ce_chunk"]) / per("tft")
         loss = cfg["tft_weight"] * terms["loss_tft"]
 
         if "feature" in (self.lc, self.et):
@@ -302,19 +393,20 @@ class DFTObjective(nn.Module):
                     seq = batch[name]
                     hidden = common.run_truncated(parts, layer, seq["input_ids"], seq["attention_mask"])
                     h, y = shifted(hidden, seq["labels"])
-                    term = chunked_cross_entropy(h, y, lambda z: common.lens_logits(parts, z), cfg["ce_chunk"])
+                    term = chunked_cross_entropy(h, y, lambda z: common.lens_logits(parts, z), cfg["ce_chunk"]) / per(name)
                 else:
                     tgt = tgt_states[layer]
                     if name == "et":  # h_L of HF is after the final norm: compare in that space (DESIGN §2)
                         tgt = common.frozen_call(parts.final_norm, tgt)
                     en = en_states[layer] if name == "lc" else en_last
                     mask_tgt = tft["pool_mask"]
-                    term = cosine_distance(pool(tgt, mask_tgt, cfg["pool"]), pool(en, batch["en"]["pool_mask"], cfg["pool"]))
+                    term = cosine_distance(pool(tgt, mask_tgt, cfg["pool"]),
+                                           pool(en, batch["en"]["pool_mask"], cfg["pool"])) / per("seq")
             terms[f"loss_{name}"] = term
             if weight != 0:
                 loss = loss + weight * term
         terms["loss"] = loss
-        terms["tokens"] = (tft["labels"][:, 1:] != -100).sum()
+        terms["tokens"] = torch.tensor(labelled(tft["labels"]))
         return terms
 
     @staticmethod
@@ -380,17 +472,29 @@ def save_entropy_curve(out_dir, entropy, picked, model_name, num_prompts):
     plt.close(fig)
 
 
-def resolve_layers(cfg, model, tokenizer, rows, out_dir, is_main):
-    """Fill cfg['lc_layer_used'] / ['et_layer_used'] and say why; validate the range and the order."""
+def resolve_layers(cfg, model, tokenizer, rows, out_dir, accelerator):
+    """Fill cfg['lc_layer_used'] / ['et_layer_used'] and say why; validate the range and the order.
+
+    The entropy rule runs once, on the main process and its accelerator (minutes on a CPU for a 256k vocabulary),
+    and its curve is broadcast: every rank trains the same layers even where two drops nearly tie."""
     L = common.model_parts(model).num_layers
     needed = {name: cfg[f"{name}_layer"] for name in ("lc", "et") if cfg[name] != "none"}
     why = {}
     if "auto" in needed.values():
         texts = [common.build_prompt(r["x_tgt"]) for r in rows[:cfg["layer_sample"]]]
-        model.eval()
-        entropy = common.lens_entropy_curve(model, tokenizer, texts, max_length=cfg["max_length"])
+        entropy = [None]
+        if accelerator.is_main_process:
+            home = next(model.parameters()).device
+            model.eval().to(accelerator.device)
+            with torch.no_grad():
+                entropy = [common.lens_entropy_curve(model, tokenizer, texts, max_length=cfg["max_length"])]
+            model.to(home)  # prepare() places (and shards) the model itself
+        if accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+            broadcast_object_list(entropy, from_process=0)
+        entropy = entropy[0]
         picked = pick_layers(entropy)
-        if is_main:
+        if accelerator.is_main_process:
             save_entropy_curve(out_dir, entropy, picked, cfg["model"], len(texts))
         for name, k in zip(("lc", "et"), picked):
             if needed.get(name) == "auto":
@@ -425,18 +529,45 @@ def lr_at(step, total_steps, warmup_steps):
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def make_accelerator():
-    """The Accelerator of this launch; mixed precision comes from the launcher (accelerate config; plain python: none).
+def resolve_mixed_precision(flag, launcher, device_type):
+    """(mode, why) for --mixed-precision `flag` given the launcher's setting (an accelerate config or
+    ACCELERATE_MIXED_PRECISION; None for plain python) on a device of `device_type`."""
+    if launcher and flag != "auto" and launcher != flag:
+        raise common.UserError(f"--mixed-precision {flag} disagrees with the launcher's mixed precision {launcher} "
+                               "(accelerate config or ACCELERATE_MIXED_PRECISION): drop the flag or change the launcher")
+    if launcher:
+        return launcher, "launcher (accelerate config / ACCELERATE_MIXED_PRECISION)"
+    if flag != "auto":
+        return flag, "--mixed-precision"
+    if common.native_bf16(device_type):
+        return "bf16", f"auto: {device_type} computes bf16 natively"
+    return "no", f"auto: {device_type} has no native bf16 (it would be emulated, slower than float32)"
+
+
+def make_accelerator(cfg):
+    """The Accelerator of this launch, with the mixed precision that --mixed-precision resolves to.
 
     Under torchrun / accelerate launch on a machine without GPUs, accelerate runs every process alone (each its own
     main process, all writing --out): cpu=True makes them one gloo process group instead.
     """
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    AcceleratorState._reset_state()  # main() may run twice in one Python process (tests, notebooks) with other settings
     launched = int(os.environ.get("WORLD_SIZE", "1"))
-    accelerator = Accelerator(cpu=launched > 1 and not torch.accelerator.is_available())
+    on_cpu = not torch.accelerator.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+    device_type = "cpu" if on_cpu else torch.accelerator.current_accelerator().type
+    mixed, why = resolve_mixed_precision(cfg["mixed_precision"], os.environ.get("ACCELERATE_MIXED_PRECISION"), device_type)
+    if on_cpu:  # accelerate imports DeepSpeed when unwrapping; its GPU probe would print a warning on every CPU run
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    accelerator = Accelerator(cpu=launched > 1 and not torch.accelerator.is_available(), mixed_precision=mixed,
+                              log_with=TRACKERS[cfg["report_to"]] or None, project_dir=cfg["out"])
     if launched > 1 and accelerator.num_processes == 1:
         raise common.UserError(f"launched as {launched} processes but accelerate formed no process group; "
                                "check the launcher (torchrun / accelerate launch) and the accelerate config")
+    cfg["mixed_precision_used"], cfg["mixed_precision_why"] = accelerator.mixed_precision, why
+    if accelerator.mixed_precision == "bf16" and not common.native_bf16(device_type) and accelerator.is_main_process:
+        print(f"warning: bf16 on this {device_type} is emulated, not computed natively: expect it to be slower than "
+              "--mixed-precision no", flush=True)
     return accelerator
 
 
@@ -486,8 +617,12 @@ def prepare_model(cfg, accelerator):
 
 
 def save_checkpoint(accelerator, out_dir, step, cfg):
-    """accelerate's full state (model, optimizer, RNG; sharded under FSDP/ZeRO) + the step, swapped in atomically."""
-    final, tmp = os.path.join(out_dir, "checkpoint"), os.path.join(out_dir, "checkpoint.tmp")
+    """accelerate's full state (model, optimizer, RNG; sharded under FSDP/ZeRO) + the step, swapped in atomically.
+
+    checkpoint.tmp is written; step.json (written last) marks it complete; the old checkpoint steps aside as
+    checkpoint.old, the new one takes its name, then the old is removed. A kill at any point leaves a complete
+    checkpoint under one of the three names, and latest_checkpoint() finds the newest."""
+    final, tmp, old = (os.path.join(out_dir, name) for name in ("checkpoint", "checkpoint.tmp", "checkpoint.old"))
     if accelerator.is_main_process and os.path.isdir(tmp):
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
@@ -496,9 +631,43 @@ def save_checkpoint(accelerator, out_dir, step, cfg):
     if accelerator.is_main_process:
         common.write_json(os.path.join(tmp, "step.json"), dict(step=step, method=cfg["method"]))
         if os.path.isdir(final):
-            shutil.rmtree(final)
+            if os.path.isdir(old):
+                shutil.rmtree(old)
+            os.replace(final, old)
         os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
+
+
+def latest_checkpoint(out_dir):
+    """(folder, step) of the newest complete checkpoint (one with step.json) in out_dir, or (None, 0)."""
+    found = []
+    for name in ("checkpoint", "checkpoint.old", "checkpoint.tmp"):
+        marker = os.path.join(out_dir, name, "step.json")
+        if os.path.isfile(marker):
+            found.append((common.read_json(marker)["step"], os.path.join(out_dir, name)))
+    if not found:
+        return None, 0
+    step, folder = max(found)
+    return folder, step
+
+
+# settings that change what a resumed run computes; --max-steps / --epochs may grow (total_steps is checked)
+TRAJECTORY_KEYS = ("model", "method", "tft_side", "lc", "et", "lc_layer_used", "et_layer_used", "lc_weight", "et_weight",
+                   "tft_weight", "pool", "feature_grad", "lr", "warmup_ratio", "weight_decay", "max_grad_norm",
+                   "batch_size", "grad_accum", "world_size", "global_batch", "seed", "max_length", "pairs_sha256",
+                   "dtype", "mixed_precision_used", "lora", "lora_r", "lora_alpha", "lora_dropout", "lora_targets")
+
+
+def check_resume(saved, now, start_step):
+    """Refuse a resume whose configuration differs from the first segment's in anything that changes the trajectory."""
+    differ = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in TRAJECTORY_KEYS if saved.get(k) != now.get(k)]
+    if now["total_steps"] < start_step:
+        differ.append(f"total_steps: {now['total_steps']} is below the checkpoint's step {start_step}")
+    if differ:
+        raise common.UserError("--resume with a configuration that differs from the run's (train_config.json): "
+                               + "; ".join(differ) + ". Resume with the original flags (only --max-steps/--epochs may "
+                               "grow) or start a new --out")
 
 
 def save_final(accelerator, objective, tokenizer, out_dir, cfg):
@@ -529,23 +698,76 @@ def save_final(accelerator, objective, tokenizer, out_dir, cfg):
     os.rmdir(tmp)
 
 
+def heldout_losses(objective, accelerator, examples, cfg, pad_id, show_bar):
+    """Every term of the objective on held-out examples, no gradient: global means over all ranks' shards.
+
+    Rank r takes examples r, r+world, ...; every rank runs the same number of batches (a rank that runs out
+    repeats its first batch with weight 0), so sharded launchers see the same collectives on every rank."""
+    from tqdm import tqdm
+    world, rank = accelerator.num_processes, accelerator.process_index
+    shard = examples[rank::world] or examples[:1]
+    size = cfg["batch_size"]
+    batches = math.ceil(math.ceil(len(examples) / world) / size)
+    keys = ("loss_tft", "loss_lc", "loss_et")
+    count_of = {"loss_tft": "tft", "loss_lc": "lc" if cfg["lc"] == "logits" else "seq",
+                "loss_et": "et" if cfg["et"] == "logits" else "seq"}
+    totals = torch.zeros(2 * len(keys), dtype=torch.float64, device=accelerator.device)
+    ones = dict(tft=1, lc=1, et=1, seq=1)  # denominators 1: the objective returns plain sums
+    was_training = objective.training
+    objective.eval()
+    with torch.no_grad():
+        for b in tqdm(range(batches), desc="held-out", disable=not show_bar, leave=False):
+            chunk = shard[b * size:(b + 1) * size]
+            weight = 1.0 if chunk else 0.0
+            batch = collate(chunk or shard[:size], pad_id)
+            counts = term_counts(batch)
+            batch = {k: ({kk: vv.to(accelerator.device) for kk, vv in v.items()} if isinstance(v, dict) else v)
+                     for k, v in batch.items()}
+            terms = objective(batch, ones)
+            for i, key in enumerate(keys):
+                totals[i] += weight * float(terms[key])
+                totals[len(keys) + i] += weight * counts[count_of[key]]
+    objective.train(was_training)
+    totals = accelerator.reduce(totals, reduction="sum")
+    means = {key: float(totals[i] / totals[len(keys) + i]) if totals[len(keys) + i] > 0 else None
+             for i, key in enumerate(keys)}
+    out = {"eval_loss_tft": means["loss_tft"],
+           "eval_loss_lc": means["loss_lc"] if cfg["lc"] != "none" else None,
+           "eval_loss_et": means["loss_et"] if cfg["et"] != "none" else None}
+    out["eval_loss"] = cfg["tft_weight"] * out["eval_loss_tft"] + sum(
+        cfg[f"{name}_weight"] * out[f"eval_loss_{name}"] for name in ("lc", "et")
+        if cfg[name] != "none" and cfg[f"{name}_weight"] != 0)
+    return out
+
+
+def tracker_config(run_info):
+    """The configuration as hyper-parameters: trackers take scalars and strings only."""
+    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in run_info.items()
+            if k not in ("versions", "segments", "length_stats")}
+
+
 def main(argv=None):
     args = parse_args(argv)
     cfg = resolve_config(args)
     from accelerate.utils import DistributedType
-    accelerator = make_accelerator()
+    accelerator = make_accelerator(cfg)
     check_distributed(accelerator, cfg)
     is_main = accelerator.is_main_process
     common.seed_everything(cfg["seed"])
     out_dir = cfg["out"]
     if os.path.exists(os.path.join(out_dir, "train_log.jsonl")) and not cfg["resume"]:
         raise common.UserError(f"{out_dir} already holds a training run; pass --resume to continue it or choose a new --out")
-    os.makedirs(out_dir, exist_ok=True)
+    ckpt, start_step = latest_checkpoint(out_dir) if cfg["resume"] else (None, 0)
+    if cfg["resume"] and ckpt is None:
+        raise common.UserError(f"--resume: no complete checkpoint in {out_dir} (train with --save-every N first)")
 
     rows = load_pairs(cfg["pairs"])
+    eval_rows = load_pairs(cfg["eval_pairs"])[:cfg["eval_limit"]] if cfg["eval_pairs"] else None
     model, tokenizer = prepare_model(cfg, accelerator)
-    resolve_layers(cfg, model, tokenizer, rows, out_dir, is_main)
+    os.makedirs(out_dir, exist_ok=True)
+    resolve_layers(cfg, model, tokenizer, rows, out_dir, accelerator)
     examples, length_stats = encode_pairs(tokenizer, rows, cfg)
+    eval_examples = encode_pairs(tokenizer, eval_rows, cfg)[0] if eval_rows else None
 
     # batch arithmetic: global = per-device x devices x accumulation
     world = accelerator.num_processes
@@ -569,6 +791,31 @@ def main(argv=None):
     total_steps = cfg["max_steps"] or max(1, int(cfg["epochs"] * steps_per_epoch))
     warmup_steps = max(1, int(cfg["warmup_ratio"] * total_steps)) if cfg["warmup_ratio"] > 0 else 0
 
+    run_info = dict(cfg, pairs_sha256=common.sha256_file(cfg["pairs"]), num_pairs=len(rows), num_examples=len(examples),
+                    eval_pairs_sha256=common.sha256_file(cfg["eval_pairs"]) if cfg["eval_pairs"] else None,
+                    num_eval_examples=len(eval_examples) if eval_examples else 0,
+                    length_stats=length_stats, world_size=world, global_batch=global_batch, total_steps=total_steps,
+                    warmup_steps=warmup_steps, num_layers=common.model_parts(model).num_layers,
+                    versions=common.versions(), device=str(accelerator.device),
+                    distributed_type=accelerator.distributed_type.value, mixed_precision=accelerator.mixed_precision,
+                    normalisation="split-invariant: token terms / the step's global labelled tokens, "
+                                  "sequence terms / the step's global pairs")
+    segment = dict(start_step=start_step, total_steps=total_steps, max_steps=cfg["max_steps"], epochs=cfg["epochs"],
+                   started=time.strftime("%Y-%m-%dT%H:%M:%S"), git_commit=run_info["versions"].get("git_commit"),
+                   world_size=world, device=run_info["device"])
+    config_path = os.path.join(out_dir, "train_config.json")
+    if cfg["resume"]:  # the first segment's configuration stays; this segment is appended to its list
+        saved = common.read_json(config_path)
+        check_resume(saved, run_info, start_step)
+        if saved["total_steps"] != total_steps and is_main:
+            print(f"note: --resume grows the run from {saved['total_steps']} to {total_steps} steps; the cosine schedule is "
+                  f"recomputed over {total_steps} steps, so the lr after step {start_step} differs from the first "
+                  "segment's plan", flush=True)
+        run_info = dict(saved, total_steps=total_steps, warmup_steps=warmup_steps,
+                        segments=saved.get("segments", []) + [segment])
+    else:
+        run_info["segments"] = [segment]
+
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         configure_deepspeed(accelerator, cfg)
     objective = DFTObjective(model, cfg)
@@ -578,27 +825,19 @@ def main(argv=None):
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg["lr"])
     objective, optimizer = accelerator.prepare(objective, optimizer)
-
-    start_step = 0
-    ckpt = os.path.join(out_dir, "checkpoint")
-    if cfg["resume"]:
-        if not os.path.isdir(ckpt):
-            raise common.UserError(f"--resume: no checkpoint in {ckpt} (train with --save-every N first)")
+    if ckpt:
         accelerator.load_state(ckpt)
-        start_step = common.read_json(os.path.join(ckpt, "step.json"))["step"]
 
-    run_info = dict(cfg, pairs_sha256=common.sha256_file(cfg["pairs"]), num_pairs=len(rows), num_examples=len(examples),
-                    length_stats=length_stats, world_size=world, global_batch=global_batch, total_steps=total_steps,
-                    warmup_steps=warmup_steps, num_layers=common.model_parts(model).num_layers,
-                    versions=common.versions(), device=str(accelerator.device),
-                    distributed_type=accelerator.distributed_type.value, mixed_precision=accelerator.mixed_precision)
     if is_main:
-        common.write_json(os.path.join(out_dir, "train_config.json"), run_info)
-        print("configuration:\n" + "\n".join(f"  {k}: {v}" for k, v in run_info.items() if k != "versions"), flush=True)
+        common.write_json(config_path, run_info)
+        print("configuration:\n" + "\n".join(f"  {k}: {v}" for k, v in run_info.items() if k not in ("versions", "segments")),
+              flush=True)
         print(f"global batch {global_batch} = {cfg['batch_size']} per device x {world} devices x {cfg['grad_accum']} "
               f"accumulation ({accelerator.distributed_type.value}, mixed precision {accelerator.mixed_precision})", flush=True)
         if length_stats:
             print(f"max-length {cfg['max_length']}: {length_stats}", flush=True)
+    if cfg["report_to"] != "none":
+        accelerator.init_trackers(cfg["run_name"] or os.path.basename(os.path.normpath(out_dir)), config=tracker_config(run_info))
 
     # the micro-batch stream, deterministic in (seed, epoch): --resume skips what was consumed
     def micro_batches():
@@ -619,6 +858,10 @@ def main(argv=None):
         kept = [l for l in open(log_path)] if cfg["resume"] and os.path.exists(log_path) else []
         with common.atomic_open(log_path) as f:
             f.writelines(l for l in kept if json.loads(l)["step"] <= start_step)
+    to_device = lambda batch: {k: ({kk: vv.to(accelerator.device) for kk, vv in v.items()} if isinstance(v, dict) else v)
+                               for k, v in batch.items()}
+    names = ("loss", "loss_tft", "loss_lc", "loss_et")
+    clip = cfg["max_grad_norm"] or float("inf")  # inf: nothing is clipped, the norm is still measured
     bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, disable=not is_main, desc=cfg["method"])
     t_start = time.time()
     for step in bar:
@@ -626,11 +869,19 @@ def main(argv=None):
         lr = cfg["lr"] * lr_at(step, total_steps, warmup_steps)  # set by hand each step: nothing to restore on resume
         for group in optimizer.param_groups:
             group["lr"] = lr
+        # split-invariant normalisation: every term is averaged over the whole optimizer step (all devices, all
+        # accumulation micro-batches), so 1 x batch 4 == 1 x 2 x accumulation 2 == 2 devices x 2 (DESIGN §2)
+        batches = [next(stream) for _ in range(cfg["grad_accum"])]
+        counts = Counter()
+        for batch in batches:
+            counts.update(term_counts(batch))
+        keys = ("tft", "lc", "et", "seq")
+        step_counts = accelerator.reduce(torch.tensor([float(counts[k]) for k in keys], device=accelerator.device),
+                                         reduction="sum").tolist()
+        denominators = {k: n / world for k, n in zip(keys, step_counts)}  # the launchers average gradients over devices
         sums = Counter()
-        for micro in range(cfg["grad_accum"]):
-            batch = next(stream)
-            batch = {k: ({kk: vv.to(accelerator.device) for kk, vv in v.items()} if isinstance(v, dict) else v)
-                     for k, v in batch.items()}
+        for micro, batch in enumerate(batches):
+            batch = to_device(batch)
             sync = micro == cfg["grad_accum"] - 1
             if accelerator.distributed_type == DistributedType.DEEPSPEED:  # DeepSpeed clips and steps inside backward
                 accelerator.gradient_state._set_sync_gradients(sync)
@@ -638,7 +889,7 @@ def main(argv=None):
             skip_sync = not sync and world > 1 and accelerator.distributed_type not in (DistributedType.FSDP,
                                                                                         DistributedType.DEEPSPEED)
             with (accelerator.no_sync(objective) if skip_sync else torch.enable_grad()):
-                terms = objective(batch)
+                terms = objective(batch, denominators)
                 finite = torch.isfinite(terms["loss"].detach())
                 if world > 1:  # all ranks stop at the same micro-batch: none is left waiting in a collective
                     finite = accelerator.reduce(finite.float(), reduction="sum") == world
@@ -646,37 +897,49 @@ def main(argv=None):
                     raise common.UserError(f"non-finite loss at step {step + 1} (micro-batch {micro}, pair ids {batch['ids']}): "
                                            f"{ {k: float(v) for k, v in terms.items()} }; the last good checkpoint is kept "
                                            "in --out/checkpoint; lower --lr or check those pairs")
-                accelerator.backward(terms["loss"] / cfg["grad_accum"])
-            for k, v in terms.items():
-                sums[k] += float(v.detach())
-        grad_norm = accelerator.clip_grad_norm_(objective.parameters(), cfg["max_grad_norm"])
+                accelerator.backward(terms["loss"])
+            for k in names:
+                sums[k] += float(terms[k].detach())
+        grad_norm = accelerator.clip_grad_norm_(objective.parameters(), clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-        means = {k: v / cfg["grad_accum"] for k, v in sums.items() if k != "tokens"}
-        reduced = accelerator.reduce(torch.tensor([means["loss"], means["loss_tft"], means["loss_lc"], means["loss_et"],
-                                                   sums["tokens"]], device=accelerator.device), reduction="sum")
-        loss, loss_tft, loss_lc, loss_et = (reduced[:4] / world).tolist()
+        reduced = accelerator.reduce(torch.tensor([sums[k] for k in names], device=accelerator.device), reduction="sum")
+        loss, loss_tft, loss_lc, loss_et = (reduced / world).tolist()  # the step's global means
         record = dict(step=step + 1, loss=loss, loss_tft=loss_tft, loss_lc=loss_lc if cfg["lc"] != "none" else None,
                       loss_et=loss_et if cfg["et"] != "none" else None, lr=lr,
-                      grad_norm=None if grad_norm is None else float(grad_norm), tokens=int(reduced[4]),
+                      grad_norm=None if grad_norm is None else float(grad_norm), tokens=int(step_counts[0]),
                       seconds=round(time.time() - t0, 4), elapsed=round(time.time() - t_start, 2),
                       peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None)
+        if eval_examples and ((cfg["eval_every"] and (step + 1) % cfg["eval_every"] == 0) or step + 1 == total_steps):
+            t_eval = time.time()
+            record.update(heldout_losses(objective, accelerator, eval_examples, cfg, tokenizer.pad_token_id, is_main))
+            record["eval_seconds"] = round(time.time() - t_eval, 2)
         if is_main:
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             bar.set_postfix(loss=f"{loss:.3f}")
-            if (step + 1) % cfg["log_every"] == 0:
+            if (step + 1) % cfg["log_every"] == 0 or "eval_loss" in record:
                 bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+        if cfg["report_to"] != "none":
+            accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}, step=step + 1)
         if cfg["save_every"] and (step + 1) % cfg["save_every"] == 0 and step + 1 < total_steps:
             save_checkpoint(accelerator, out_dir, step + 1, cfg)
         if cfg["stop_after_steps"] and step + 1 >= cfg["stop_after_steps"] and step + 1 < total_steps:
             if is_main:
                 print(f"stopping after step {step + 1} as asked (--stop-after-steps); continue with --resume", flush=True)
+            accelerator.end_training()
             return
     save_final(accelerator, objective, tokenizer, out_dir, cfg)
     accelerator.wait_for_everyone()
+    accelerator.end_training()
     if is_main:
+        if eval_examples:  # the held-out summary: the last evaluation and the best one, from the whole log
+            evals = [r for r in map(json.loads, open(log_path)) if r.get("eval_loss") is not None]
+            best = min(evals, key=lambda r: r["eval_loss"])
+            run_info["eval_summary"] = dict(final={k: v for k, v in evals[-1].items() if k.startswith("eval_") or k == "step"},
+                                            best=dict(step=best["step"], eval_loss=best["eval_loss"]))
+            common.write_json(config_path, run_info)
         print(f"saved {cfg['method']} model to {out_dir} ({total_steps} steps, {time.time() - t_start:.0f}s)", flush=True)
 
 

@@ -2,11 +2,10 @@
 batch, --resume works across processes, FSDP (1 and 2) and DeepSpeed ZeRO-2/3 around DFTObjective give the
 one-process gradients, and --grad-checkpointing / --dtype bfloat16 / mixed precision bf16 train as they should.
 
-Which one-process run equals 2 processes x batch 2 x accumulation 1? micro_batch_order gives rank r of global
-micro-batch m the examples of micro-batch 2m + r of one process with batch 2, every micro-batch loss is a token
-mean, and DDP averages gradients over ranks exactly as accumulation averages micro-batches (loss / grad_accum):
-so 1 process x batch 2 x accumulation 2. (1 process x batch 4 is not the same: one token mean over 4 sequences
-weighs them by their lengths.)
+Which one-process runs equal 2 processes x batch 2 x accumulation 1? micro_batch_order gives every split of a
+global batch of 4 the same examples per optimizer step, and every term is normalised by the step's global count
+(labelled tokens or pairs, all devices and micro-batches): so 1 process x batch 4 and 1 process x batch 2 x
+accumulation 2 both, for every method, in weights and in the logged losses.
 
 This file is also the worker of the FSDP test: `torchrun ... tests/test_distributed.py --fsdp-worker OUT`.
 """
@@ -30,8 +29,13 @@ PAIRS = os.path.join(REPO, "tests", "fixtures", "pairs_zh.jsonl")
 SCRIPT = os.path.join(REPO, "02_train_dft.py")
 # the mixed objective covers both kinds of terms: LC feature (states captured from the TFT pass, English pass
 # truncated under no_grad) and ET logits (truncated pass, frozen lens readout)
-FLAGS = ["--pairs", PAIRS, "--method", "dft-logits", "--lc", "feature", "--et", "logits", "--lc-layer", "1",
-         "--et-layer", "3", "--max-steps", "4", "--lr", "3e-3", "--warmup-ratio", "0.25", "--batch-size", "2"]
+# float32 (--mixed-precision no): the equalities below are exact up to float32 reduction order
+BASE_FLAGS = ["--pairs", PAIRS, "--lc-layer", "1", "--et-layer", "3", "--max-steps", "4", "--lr", "3e-3",
+              "--warmup-ratio", "0.25", "--mixed-precision", "no"]
+MIXED = ["--method", "dft-logits", "--lc", "feature", "--et", "logits"]
+FLAGS = [*BASE_FLAGS, *MIXED, "--batch-size", "2"]
+SPLIT_METHODS = {"sft": ["--method", "sft"], "tft": ["--method", "tft"], "dft-logits": ["--method", "dft-logits"],
+                 "dft-feature": ["--method", "dft-feature"], "mixed": MIXED}
 LOGGED = ("loss", "loss_tft", "loss_lc", "loss_et", "grad_norm", "lr")
 
 
@@ -61,6 +65,9 @@ def same_logs(a, b, rel=1e-5):
     for ra, rb in zip(a, b):
         assert ra["tokens"] == rb["tokens"], ra["step"]
         for k in LOGGED:
+            if rb[k] is None:  # a term the method does not have
+                assert ra[k] is None, (ra["step"], k)
+                continue
             assert ra[k] == pytest.approx(rb[k], rel=rel, abs=1e-7), (ra["step"], k, ra[k], rb[k])
 
 
@@ -85,6 +92,7 @@ def test_two_processes_equal_one_process(two_process_run, tiny_model_dirs, tmp_p
     assert cfg["distributed_type"] == "MULTI_CPU" and cfg["mixed_precision"] == "no"
     assert "global batch 4 = 2 per device x 2 devices x 1 accumulation" in result.stdout
     assert result.stdout.count("saved dft-logits model") == 1  # only the main process logs and saves
+    assert "Setting accelerator to CPU" not in result.stdout + result.stderr  # no DeepSpeed probe on a plain run
     out1 = str(tmp_path / "one")
     train.main([*FLAGS, "--model", tiny_model_dirs["llama"], "--out", out1, "--global-batch-size", "4"])
     assert json.load(open(os.path.join(out1, "train_config.json")))["grad_accum"] == 2
@@ -92,6 +100,22 @@ def test_two_processes_equal_one_process(two_process_run, tiny_model_dirs, tmp_p
     assert len(log2) == 4
     same_logs(log2, log1)
     same_weights(out2, out1)
+
+
+@pytest.mark.parametrize("method", SPLIT_METHODS)
+def test_loss_independent_of_batch_split(method, tiny_model_dirs, tmp_path):
+    """The same global batch of 4 split three ways: 1 process x 4, 1 process x 2 x accumulation 2, 2 processes x 2.
+    Sequences of different lengths weigh the same in every split (step-global normalisation)."""
+    flags = [*BASE_FLAGS, *SPLIT_METHODS[method], "--model", tiny_model_dirs["llama"]]
+    runs = {name: str(tmp_path / name) for name in ("b4", "b2x2", "ddp")}
+    train.main([*flags, "--out", runs["b4"], "--batch-size", "4"])
+    train.main([*flags, "--out", runs["b2x2"], "--batch-size", "2", "--grad-accum", "2"])
+    ok(launch(2, *flags, "--out", runs["ddp"], "--batch-size", "2"))
+    logs = {name: read_log(out) for name, out in runs.items()}
+    assert len(set(r["tokens"] for r in logs["b4"])) > 1  # the steps differ in length: the case that used to differ
+    for name in ("b2x2", "ddp"):
+        same_logs(logs[name], logs["b4"])
+        same_weights(runs[name], runs["b4"])
 
 
 def test_two_process_resume(two_process_run, tiny_model_dirs, tmp_path):
@@ -118,7 +142,9 @@ def test_launch_errors_end_every_process(tiny_model_dirs, tmp_path):
 # (it holds embeddings, final norm and lm_head, so they are unsharded for the whole loss forward)
 
 FSDP_VARIANTS = ("fsdp2", "fsdp2-grad-ckpt", "fsdp2-ac-wrapper", "fsdp1")
-FSDP_CFG = dict(method="dft-logits", lc="logits", et="feature", lc_layer_used=1, et_layer_used=3)
+# ce_chunk 4 and uneven ranks (1 pair vs 3 pairs; rank 0 has no labelled LC token): the ranks run different
+# numbers of CE chunks unless chunk_count evens them out, which ZeRO-3's per-call gathers need
+FSDP_CFG = dict(method="dft-logits", lc="logits", et="feature", lc_layer_used=1, et_layer_used=3, ce_chunk=4)
 
 
 def fsdp_config():
@@ -129,9 +155,18 @@ def fsdp_config():
 
 
 def fsdp_batch(tokenizer, rank):
-    rows = train.load_pairs(PAIRS)[2 * rank: 2 * rank + 2]
+    rows = train.load_pairs(PAIRS)[:1] if rank == 0 else train.load_pairs(PAIRS)[1:4]
     examples, _ = train.encode_pairs(tokenizer, rows, fsdp_config())
-    return train.collate(examples, tokenizer.pad_token_id)
+    batch = train.collate(examples, tokenizer.pad_token_id)
+    if rank == 0:  # as if max-length had cut every x_en token of its LC sequence
+        batch["lc"]["labels"].fill_(-100)
+    return batch
+
+
+def global_denominators(tokenizer, world=1):
+    """The step's counts over both ranks' batches, divided by the number of devices that average the gradients."""
+    counts = [train.term_counts(fsdp_batch(tokenizer, rank)) for rank in (0, 1)]
+    return {k: (counts[0][k] + counts[1][k]) / world for k in counts[0]}
 
 
 def _fsdp_worker(out_path):
@@ -161,7 +196,7 @@ def _fsdp_worker(out_path):
                     layer = model.model.layers[i] = checkpoint_wrapper(layer, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
                 fully_shard(layer, mesh=mesh)
             fully_shard(objective, mesh=mesh)
-        terms = objective(fsdp_batch(tokenizer, rank))
+        terms = objective(fsdp_batch(tokenizer, rank), global_denominators(tokenizer, world=2))
         terms["loss"].backward()
         if variant == "fsdp1":
             with FSDP.summon_full_params(objective, with_grads=True):
@@ -184,15 +219,14 @@ def fsdp_grads(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference_grads():
-    """One process, no wrapper: the mean of the two ranks' gradients (FSDP averages over ranks)."""
+    """One process, no wrapper, no chunking: both ranks' pairs normalised by the step's global counts."""
     tokenizer = make_tokenizer()
-    grads = []
-    for rank in (0, 1):
-        model = make_tiny_model("llama", tokenizer).train()
-        objective = train.DFTObjective(model, fsdp_config())
-        objective(fsdp_batch(tokenizer, rank))["loss"].backward()
-        grads.append({n: p.grad for n, p in objective.named_parameters() if p.grad is not None})
-    return {n: (grads[0][n] + grads[1][n]) / 2 for n in grads[0]}
+    model = make_tiny_model("llama", tokenizer).train()
+    objective = train.DFTObjective(model, dict(fsdp_config(), ce_chunk=0))
+    assert train.term_counts(fsdp_batch(tokenizer, 0))["lc"] == 0 < train.term_counts(fsdp_batch(tokenizer, 1))["lc"]
+    for rank in (0, 1):  # the gradients of the two batches add up
+        objective(fsdp_batch(tokenizer, rank), global_denominators(tokenizer))["loss"].backward()
+    return {n: p.grad for n, p in objective.named_parameters() if p.grad is not None}
 
 
 @pytest.mark.parametrize("variant", FSDP_VARIANTS)
@@ -225,7 +259,7 @@ def _zero_worker(out_path):
                                           optimizer=torch.optim.AdamW(objective.parameters(), lr=0.0))
         # ZeRO-3 partitions every weight, lm_head and the final norm included: the case the readout must handle
         assert all(hasattr(p, "ds_id") for p in engine.module.parameters()) == (stage == 3)
-        engine.backward(engine(fsdp_batch(tokenizer, dist.get_rank()))["loss"])
+        engine.backward(engine(fsdp_batch(tokenizer, dist.get_rank()), global_denominators(tokenizer, world=2))["loss"])
         results[stage] = {n: safe_get_full_grad(p).clone() for n, p in engine.module.named_parameters()}
     if dist.get_rank() == 0:
         torch.save(results, out_path)
@@ -355,7 +389,8 @@ def test_grad_checkpointing_changes_nothing(method, tiny_model_dirs, tmp_path):
 
 def test_bfloat16_weights_train_and_warn(tiny_model_dirs, tmp_path, capsys):
     out = str(tmp_path / "bf16")
-    train.main([*STEPS2, "--model", tiny_model_dirs["llama"], "--out", out, "--dtype", "bfloat16", "--grad-checkpointing"])
+    train.main([*STEPS2, "--model", tiny_model_dirs["llama"], "--out", out, "--dtype", "bfloat16", "--grad-checkpointing",
+                "--mixed-precision", "no"])
     log = read_log(out)
     assert len(log) == 2 and all(r["loss"] == r["loss"] and r["loss"] < 100 for r in log)
     assert all(w.dtype == torch.bfloat16 for w in load_file(os.path.join(out, "model.safetensors")).values())
