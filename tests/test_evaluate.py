@@ -28,10 +28,36 @@ def test_qa_f1_normalisation_and_chinese_characters():
     assert ev.qa_f1("在北京。", "北京", "zh") == pytest.approx(0.8)  # "。" is punctuation, "在" is not gold
     assert ev.qa_tokens("2008年 Olympic", "zh") == ["2008", "年", "olympic"]  # Latin/digit runs stay words
     assert ev.qa_f1("", "北京", "zh") == 0.0
-    # MKQA: max over the gold answers; xquad also keeps the harness's own English-rule scorer
-    scores = ev.score_qa("戴维·埃德蒙兹", ["大卫", "戴维·埃德蒙兹 "], "zh", "xquad")
-    assert scores["f1"] == 1.0 and scores["exact_match"] == 1.0 and "f1_harness" in scores
-    assert ev.score_qa("北京市", ["北京"], "zh", "xquad")["f1_harness"] == 0.0  # whole-string tokens there
+    # ours (f1_lang) takes the max over gold answers; xquad's f1 is the harness's (first answer, English rules)
+    scores = ev.score_qa("戴维·埃德蒙兹", ["大卫", "戴维·埃德蒙兹 "], "zh", "mkqa")
+    assert scores == {"f1_lang": 1.0, "exact_match_lang": 1.0}  # mkqa has no harness task: ours only
+    scores = ev.score_qa("北京市", ["北京"], "zh", "xquad")
+    assert scores["f1"] == 0.0 and scores["f1_lang"] == pytest.approx(0.8)  # whole-string tokens there
+
+
+# (language, prediction, gold answers, harness xquad f1/EM, harness mlqa f1/EM): values computed by
+# lm-evaluation-harness 0.4.13's own xquad/utils.py (with transformers 4.x squad_metrics) and mlqa/utils.py
+HARNESS_QA = [
+    ("zh", " 北京市", ["北京"], (0.0, 0.0), (0.8, 0.0)),
+    ("zh", "在北京。", ["北京", "中国北京"], (0.0, 0.0), (0.8, 0.0)),
+    ("zh", "2008年 Olympic", ["2008年"], (2 / 3, 0.0), (0.8, 0.0)),
+    ("zh", "戴维·埃德蒙兹", ["戴维·埃德蒙兹 "], (1.0, 1.0), (1.0, 1.0)),
+    ("vi", "của 308", ["308"], (2 / 3, 0.0), (1.0, 1.0)),
+    ("vi", "những con mèo", ["con mèo đen"], (2 / 3, 0.0), (0.8, 0.0)),
+    ("ar", "القاهرة", ["في القاهرة"], (2 / 3, 0.0), (2 / 3, 0.0)),
+    ("ar", "«مصر»", ["مصر"], (0.0, 0.0), (1.0, 1.0)),
+    ("en", "The Eiffel Tower!", ["eiffel tower"], (1.0, 1.0), (1.0, 1.0)),
+    ("en", "", ["Paris"], (0.0, 0.0), (0.0, 0.0)),
+    ("en", "Paris France", ["Paris", "France"], (2 / 3, 0.0), (2 / 3, 0.0)),
+]
+
+
+@pytest.mark.parametrize("lang,pred,golds,xquad,mlqa", HARNESS_QA)
+def test_qa_f1_exact_match_equal_the_harness(lang, pred, golds, xquad, mlqa):
+    s = ev.score_qa(pred, golds[:1], lang, "xquad")  # xquad items carry the first answer only
+    assert (s["f1"], s["exact_match"]) == pytest.approx(xquad)
+    s = ev.score_qa(pred, golds, lang, "mlqa")
+    assert (s["f1"], s["exact_match"]) == pytest.approx(mlqa)
 
 
 @pytest.mark.parametrize("text,number", [
@@ -88,8 +114,53 @@ def test_formats_match_the_harness():
 class _Args:
     def __init__(self, **kw):
         self.data_dir, self.split, self.limit, self.num_fewshot = ev.common.DATA_DIR, "default", None, 0
-        self.data_source, self.pairs, self.mt_data = "local", None, "ntrex"
+        self.data_source, self.pairs, self.mt_data, self.math_shots = "local", None, "ntrex", "harness"
         self.__dict__.update(kw)
+
+
+# Built by lm-evaluation-harness 0.4.13 itself (mgsm_direct_zh / mgsm_native_cot_zh / ..._en with the shipped
+# exemplars as its train split, num_fewshot=2, fewshot seed 1234, TaskManager + build_all_requests): the
+# exemplar ids its sampler drew for items 0, 1, 2, and two whole request strings.
+HARNESS_MGSM_2SHOT_IDS = [[8, 1], [1, 8], [1, 6]]
+HARNESS_MGSM_DIRECT_ZH_0 = (
+    "问题：如果停车场里有 3 辆车，又来了 2 辆车，停车场里有多少辆车？\nAnswer:5\n\n"
+    "问题：罗杰有 5 个网球。他又买了 2 罐网球。每罐有 3 个网球。他现在有多少个网球？\nAnswer:11\n\n"
+    "问题： 珍妮特的鸭子每天下 16 颗蛋。她每天早上早餐时吃 3 颗，每天用 4 颗为自己的朋友做松饼。剩下的鸭蛋她每天拿去农贸市场卖，"
+    "每颗新鲜鸭蛋卖 2 美元。她每天在农贸市场赚多少钱？\nAnswer:")
+HARNESS_MGSM_COT_ZH_1 = (  # answer[6:] drops the answers' first character: "罗杰一开始" -> "杰一开始", "一开始" -> "开始"
+    "问题：罗杰有 5 个网球。他又买了 2 罐网球。每罐有 3 个网球。他现在有多少个网球？\n"
+    "逐步解答: 杰一开始有 5 个球。2 罐各 3 个网球就是 6 个网球。5 + 6 = 11。答案是 11。\n\n"
+    "问题：如果停车场里有 3 辆车，又来了 2 辆车，停车场里有多少辆车？\n"
+    "逐步解答: 开始有 3 辆车，又来了 2 辆，所以现在应该有 3 + 2 = 5 辆车。答案是 5。\n\n"
+    "问题： 制作一件袍子需要 2 匹蓝色纤维布料和这个数量一半的白色纤维布料。它一共需要用掉多少匹布料？\n逐步解答:")
+HARNESS_MGSM_COT_EN_0_SHOTS = (
+    "Question: If there are 3 cars in the parking lot and 2 more cars arrive, how many cars are in the parking lot?\n"
+    "Step-by-Step Answer: There are 3 cars in the beginning, 2 more arrive, so now there should be 3 + 2 = 5 cars. "
+    "The answer is 5.\n\nQuestion: Roger has 5 tennis balls. He buys 2 more cans of tennis balls. Each can has 3 "
+    "tennis balls. How many tennis balls does he have now?\nStep-by-Step Answer: Roger started with 5 balls. 2 cans "
+    "of 3 tennis balls each is 6 tennis balls. 5 + 6 = 11. The answer is 11.\n\n")
+
+
+def test_mgsm_fewshot_prompts_equal_the_harness():
+    items, _, _ = ev.load_task("mgsm", "zh", _Args(limit=3, num_fewshot=2))
+    assert items[0]["prompt"] == HARNESS_MGSM_DIRECT_ZH_0
+    items, _, _ = ev.load_task("mgsm_cot", "zh", _Args(limit=3, num_fewshot=2))
+    assert items[1]["prompt"] == HARNESS_MGSM_COT_ZH_1
+    items, _, _ = ev.load_task("mgsm_cot", "en", _Args(limit=3, num_fewshot=2))
+    assert items[0]["prompt"].startswith(HARNESS_MGSM_COT_EN_0_SHOTS)
+    # which exemplars each item gets: one seeded sampler for the task, drawn per item in order
+    questions = {r["q"]: r["id"] for r in ev.common.read_jsonl(os.path.join(ev.common.DATA_DIR, "mgsm",
+                                                                          "mgsm_exemplars.jsonl")) if r["lang"] == "en"}
+    drawn = [[questions[shot.split("\n")[0]] for shot in it["prompt"].split("\n\n")[:-1]] for it in items]
+    assert drawn == HARNESS_MGSM_2SHOT_IDS
+    # a --limit does not change an item's shots (the harness draws for items in order either way)
+    assert ev.load_task("mgsm_cot", "en", _Args(limit=1, num_fewshot=2))[0][0]["prompt"] == items[0]["prompt"]
+    # --math-shots first-k: the first k exemplars for every item, "Answer: 11" with a space, the cue kept whole
+    items, _, _ = ev.load_task("mgsm", "zh", _Args(limit=2, num_fewshot=2, math_shots="first-k"))
+    assert items[0]["prompt"].startswith("问题：罗杰有 5 个网球。") and "\nAnswer: 11\n\n" in items[0]["prompt"]
+    assert items[0]["prompt"].split("问题： ")[0] == items[1]["prompt"].split("问题： ")[0]
+    items, _, _ = ev.load_task("mgsm_cot", "zh", _Args(limit=1, num_fewshot=1, math_shots="first-k"))
+    assert items[0]["prompt"].startswith("问题：罗杰有 5 个网球。他又买了 2 罐网球。每罐有 3 个网球。他现在有多少个网球？\n逐步解答:罗杰")
 
 
 # ----------------------------------------------------------------------------- the model
@@ -183,6 +254,34 @@ def test_alpaca_style_stops_only_after_the_answer_begins(tokenizer):
     assert alpaca == ["Paris"] and n[0] == len(tokenizer.encode("\n\nParis\n", add_special_tokens=False))
 
 
+def test_truthfulqa_ties_resolve_as_the_harness_argmax(monkeypatch, tokenizer):
+    """acc: the first of tied maxima (np.argmax; the correct choice is stored first); acc_strict: a tie is wrong."""
+    items = [dict(id=0, context="Q: x\nA:", choices=["a", "a"], gold=0),  # identical choices: tied for any model
+             dict(id=1, context="Q: y\nA:", choices=["b", "c", "d"], gold=0),
+             dict(id=2, context="Q: z\nA:", choices=["e", "f"], gold=0)]
+    lls = [[(-1.0, 1), (-1.0, 1)], [(-3.0, 1), (-1.0, 1), (-2.0, 1)], [(-0.5, 1), (-2.0, 1)]]
+    monkeypatch.setattr(ev, "loglikelihoods", lambda *a, **k: lls)
+    args = ev.parse_args(["--out", "x"])
+    entry, rows = ev.evaluate(None, tokenizer, "truthfulqa", "zh", items, args)
+    assert [r["scores"]["acc"] for r in rows] == [1.0, 0.0, 1.0] and [r["pred"] for r in rows] == [0, 1, 0]
+    assert [r["scores"]["acc_strict"] for r in rows] == [0.0, 0.0, 1.0]
+    assert entry["metric"] == "acc" and entry["score"] == pytest.approx(2 / 3) and entry["ties"] == 1
+    assert entry["metrics"]["acc_strict"]["score"] == pytest.approx(1 / 3)
+    assert entry["top_prediction"] == {"value": 0, "share": pytest.approx(2 / 3)}
+    entry, _ = ev.evaluate(None, tokenizer, "xnli", "zh", items, args)  # other tasks: acc only
+    assert set(entry["metrics"]) == {"acc"}
+
+
+def test_dtype_auto_resolves_by_native_bf16(monkeypatch, capsys):
+    monkeypatch.setattr(ev.common, "native_bf16", lambda device: True)
+    assert ev.resolve_dtype("auto", "cpu") == "bfloat16"
+    monkeypatch.setattr(ev.common, "native_bf16", lambda device: False)
+    assert ev.resolve_dtype("auto", "cpu") == "float32" and ev.resolve_dtype("float32", "cpu") == "float32"
+    assert capsys.readouterr().out == ""
+    assert ev.resolve_dtype("bfloat16", "cpu") == "bfloat16" and "emulated" in capsys.readouterr().out
+    assert ev.resolve_dtype("float16", "cpu") == "float16" and "float16 on a CPU" in capsys.readouterr().out
+
+
 # ----------------------------------------------------------------------------- bootstrap
 
 
@@ -199,6 +298,68 @@ def test_paired_bootstrap_known_cases():
     small[1] = 1.0  # one item differs: no evidence
     delta, p = ev.paired_bootstrap(stat_a, lambda idx: float(small[idx].mean()), 100, resamples=500, seed=1)
     assert delta == pytest.approx(0.01) and p > 0.2
+
+
+def test_holm_and_p_at_the_floor():
+    adj = ev.holm([0.01, 0.04, 0.03, 0.5])
+    assert [p for p, _ in adj] == pytest.approx([0.04, 0.09, 0.09, 0.5]) and all(k is None for _, k in adj)
+    floor = 1 / 10001
+    adj = ev.holm([floor, 0.2, floor], [True, False, True])
+    assert adj[0] == (pytest.approx(3 * floor), 3) and adj[2] == (pytest.approx(3 * floor), 3)
+    assert adj[1] == (pytest.approx(0.2), None)
+    assert ev.fmt_p(floor, 10000, 1) == "< 1/10001" and ev.fmt_p(0.03, 10000) == "0.0300"
+
+
+def _write_run(folder, name, cells):
+    """A run JSON and its per-item files: cells = {(task, lang): (per-item 0/1 scores, split, sha)}."""
+    results = {}
+    for (task, lang), (values, split, sha) in cells.items():
+        items_file = f"{name}.{task}.{lang}.jsonl"
+        with open(os.path.join(folder, items_file), "w") as f:
+            for i, v in enumerate(values):
+                f.write(json.dumps(dict(id=i, pred=int(v), gold=1, scores={"acc": float(v)})) + "\n")
+        results.setdefault(task, {})[lang] = dict(
+            metric="acc", score=sum(values) / len(values), stderr=0.01, aggregation="mean", n=len(values),
+            items_file=items_file, data_file=f"{task}/{split}-{lang}.tsv", data_sha256=sha, split=split,
+            settings=dict(dtype="float32"), top_prediction=dict(value=1, share=sum(values) / len(values)))
+    path = os.path.join(folder, f"{name}.json")
+    ev.common.write_json(path, dict(format="dft-eval-run/1", run=name, model=name, results=results))
+    return path
+
+
+def test_compare_holm_floor_and_mismatch_refusal(tmp_path):
+    vi = ("xnli", "vi")
+    a = _write_run(tmp_path, "a", {("xnli", "zh"): ([0] * 60, "validation", "s1"), vi: ([0, 1] * 30, "validation", "s2")})
+    b = _write_run(tmp_path, "b", {("xnli", "zh"): ([1] * 60, "validation", "s1"), vi: ([1, 0] * 30, "validation", "s2")})
+    rows = ev.compare_runs(a, b, str(tmp_path), 200, 0)
+    zh = next(r for r in rows if r["lang"] == "zh")
+    assert zh["p_at_floor"] and zh["p_holm_is_bound"] and zh["p_holm"] == pytest.approx(2 / 201)
+    md = open(tmp_path / "compare_a_vs_b.md").read()
+    assert "| xnli | zh | acc | 0.00 | 100.00 | +100.00 | < 1/201 | < 2/201 | 60 |" in md
+    # a cell on another split / data file / item set is refused, every such cell listed, unless overridden
+    c = _write_run(tmp_path, "c", {("xnli", "zh"): ([1] * 50, "test", "s9"), vi: ([1, 0] * 30, "validation", "s2")})
+    with pytest.raises(ev.UserError, match=r"1 cell\(s\):\n  xnli zh: data file .*split \(validation vs test\); "
+                                           r"item set"):
+        ev.compare_runs(a, c, str(tmp_path), 200, 0)
+    rows = ev.compare_runs(a, c, str(tmp_path), 200, 0, allow_mismatch=True)
+    assert next(r for r in rows if r["lang"] == "zh")["n"] == 50
+    assert "**--allow-mismatch**" in open(tmp_path / "compare_a_vs_c.md").read()
+
+
+def test_results_table_nlu_average_and_degenerate_mark(tmp_path):
+    runs = [dict(run="m", results={
+        "xnli": {"zh": dict(score=0.4, stderr=0.01, aggregation="mean", settings=dict(dtype="bfloat16"),
+                            top_prediction=dict(value=0, share=0.95)),
+                 "en": dict(score=0.9, stderr=0.01, aggregation="mean", settings=dict(dtype="bfloat16"))},
+        "mmlu": {"zh": dict(score=0.3, stderr=0.01, aggregation="mean", settings=dict(dtype="bfloat16"),
+                            top_prediction=dict(value=0, share=0.5))},
+        "xquad": {"zh": dict(score=0.1, stderr=0.01, aggregation="mean", settings=dict(dtype="bfloat16"))}})]
+    table = ev.results_table(runs)
+    header, _, row = table.splitlines()[:3]
+    assert header == "| run | dtype | xnli en | xnli zh | mmlu zh | xquad zh | NLU avg |"
+    # the NLU average leaves out English and the QA cell: (40 + 30) / 2; the degenerate xnli zh cell is marked
+    assert row == "| m | bfloat16 | 90.00 ± 1.00 | 40.00 ± 1.00 ⚠ | 30.00 ± 1.00 | 10.00 ± 1.00 | 35.00 |"
+    assert "paper's NLU average" in table and "avg" not in header.replace("NLU avg", "")
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -249,6 +410,10 @@ def test_cli_end_to_end_and_compare(tiny_model_dirs, tmp_path):
     assert run["results"]["mgsm"]["zh"]["metric"] == "flexible_extract"
     assert set(run["results"]["mgsm"]["zh"]["metrics"]) == {"strict_match", "flexible_extract", "last_number"}
     assert run["results"]["xnli"]["zh"]["harness_task"] == "xnli_zh"
+    native = ev.common.native_bf16("cpu")
+    assert run["results"]["xnli"]["zh"]["settings"]["dtype"] == ("bfloat16" if native else "float32")
+    assert run["results"]["xnli"]["zh"]["settings"]["dtype_requested"] == "auto"
+    assert 0 < run["results"]["xnli"]["zh"]["top_prediction"]["share"] <= 1
     row = json.loads(open(out / "tiny.xnli.zh.jsonl").readline())
     assert len(row["loglikelihoods"]) == 3 and row["pred"] in (0, 1, 2)
     md = open(out / "results.md").read()
@@ -262,6 +427,21 @@ def test_cli_end_to_end_and_compare(tiny_model_dirs, tmp_path):
     assert r.returncode == 0, r.stderr
     comp = json.load(open(out / "compare_tiny_vs_tiny2.json"))
     assert comp["rows"][0]["delta"] == 0.0 and comp["rows"][0]["p"] == pytest.approx(1.0)
+    assert comp["rows"][0]["p_holm"] == pytest.approx(1.0) and comp["mismatches"] == []
+    # the same items of XNLI's test split: --compare refuses the validation-vs-test pair, --allow-mismatch runs it
+    r = run_cli("--model", model, "--run-name", "tiny_test", "--tasks", "xnli", "--langs", "zh", "--limit", "4",
+                "--split", "test", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    r = run_cli("--compare", str(out / "tiny2.json"), str(out / "tiny_test.json"), "--bootstrap", "200")
+    assert r.returncode == 2 and "not comparable in 1 cell(s)" in r.stderr and "Traceback" not in r.stderr
+    assert "xnli zh: data file (xnli/dev-zh.tsv" in r.stderr and "split (validation vs test)" in r.stderr
+    assert not (out / "compare_tiny2_vs_tiny_test.json").exists()
+    r = run_cli("--compare", str(out / "tiny2.json"), str(out / "tiny_test.json"), "--bootstrap", "200",
+                "--allow-mismatch")
+    assert r.returncode == 0, r.stderr
+    assert "--allow-mismatch" in r.stdout and "| xnli | zh (mismatch) |" in r.stdout
+    comp = json.load(open(out / "compare_tiny2_vs_tiny_test.json"))
+    assert comp["allow_mismatch"] and "split (validation vs test)" in comp["mismatches"][0]
 
 
 def test_nll_and_translation_tasks(tiny_model_dirs, tokenizer, tmp_path):
@@ -271,7 +451,7 @@ def test_nll_and_translation_tasks(tiny_model_dirs, tokenizer, tmp_path):
     pairs.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     out = tmp_path / "eval"
     r = run_cli("--model", tiny_model_dirs["gpt2"], "--tasks", "nll,translation", "--langs", "zh,en",
-                "--pairs", str(pairs), "--limit", "3", "--max-new-tokens", "4", "--out", str(out))
+                "--pairs", str(pairs), "--limit", "3", "--max-new-tokens", "4", "--dtype", "float32", "--out", str(out))
     assert r.returncode == 0, r.stderr
     name = os.path.basename(tiny_model_dirs["gpt2"])
     run = json.load(open(out / f"{name}.json"))
@@ -326,4 +506,5 @@ def test_analysis_layers_json_and_png(tiny_model_dirs, tmp_path):
     assert all(0.0 <= v <= 1.0 + 1e-6 for v in res["mass_en"] + res["mass_tgt"])
     assert all(-1.0 - 1e-6 <= v <= 1.0 + 1e-6 for v in res["cosine_en_tgt"])
     assert res["n_sentences"] == 4 and len(res["data_sha256"]) == 64
+    assert res["dtype"] == ("bfloat16" if ev.common.native_bf16("cpu") else "float32") and res["dtype_requested"] == "auto"
     assert (out / "after.layers.zh.json").exists() and (out / "layers.zh.png").stat().st_size > 1000
