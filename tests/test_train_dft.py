@@ -286,3 +286,160 @@ def test_existing_run_is_not_overwritten(tmp_path, tiny_model_dirs):
     out, _ = run(tmp_path, "again", "--max-steps", "1", model_dir=tiny_model_dirs["llama"])
     with pytest.raises(common.UserError, match="already holds a training run"):
         run(tmp_path, "again", "--max-steps", "1", model_dir=tiny_model_dirs["llama"])
+
+
+# -----------------------------------------------------------------------------
+# mixed precision (--mixed-precision)
+
+
+def test_mixed_precision_resolution(monkeypatch):
+    monkeypatch.setattr(common, "native_bf16", lambda device: device == "cuda")
+    assert train.resolve_mixed_precision("auto", None, "cuda")[0] == "bf16"
+    assert train.resolve_mixed_precision("auto", None, "cpu")[0] == "no"  # emulated bf16 would be slower
+    assert train.resolve_mixed_precision("bf16", None, "cpu")[0] == "bf16"  # asked for: runs (with a warning)
+    assert train.resolve_mixed_precision("auto", "fp16", "cuda")[0] == "fp16"  # the launcher decides under auto
+    assert train.resolve_mixed_precision("bf16", "bf16", "cuda")[0] == "bf16"
+    with pytest.raises(common.UserError, match="disagrees with the launcher's mixed precision bf16"):
+        train.resolve_mixed_precision("no", "bf16", "cuda")
+
+
+@pytest.mark.parametrize("method", ["sft", "tft", "dft-logits", "dft-feature"])
+def test_bf16_autocast_trains_like_float32(method, tmp_path, tiny_model_dirs):
+    flags = ["--method", method, "--max-steps", "3", "--lc-layer", "1", "--et-layer", "3"]
+    fp32, log32 = run(tmp_path, "fp32", *flags, "--mixed-precision", "no", model_dir=tiny_model_dirs["llama"])
+    bf16, log16 = run(tmp_path, "bf16", *flags, "--mixed-precision", "bf16", model_dir=tiny_model_dirs["llama"])
+    assert json.load(open(os.path.join(bf16, "train_config.json")))["mixed_precision"] == "bf16"
+    assert json.load(open(os.path.join(fp32, "train_config.json")))["mixed_precision"] == "no"
+    assert all(w.dtype == torch.float32 for w in weights(bf16).values())  # float32 master weights
+    for a, b in zip(log32, log16):
+        for term in ("loss", "loss_tft", "loss_lc", "loss_et"):
+            if a[term] is not None:
+                assert b[term] == pytest.approx(a[term], rel=0.03), (method, a["step"], term)
+    assert any(log32[i]["loss"] != log16[i]["loss"] for i in range(3))  # bf16 really ran
+
+
+def test_mixed_precision_bf16_on_emulating_hardware_warns(tmp_path, tiny_model_dirs, monkeypatch, capsys):
+    monkeypatch.setattr(common, "native_bf16", lambda device: False)
+    out, _ = run(tmp_path, "emu", "--max-steps", "1", "--mixed-precision", "bf16", model_dir=tiny_model_dirs["llama"])
+    assert capsys.readouterr().out.count("is emulated") == 1
+    cfg = json.load(open(os.path.join(out, "train_config.json")))
+    assert cfg["mixed_precision"] == "bf16" and cfg["mixed_precision_why"] == "--mixed-precision"
+
+
+# -----------------------------------------------------------------------------
+# held-out loss and tracking
+
+
+@pytest.mark.parametrize("method", ["dft-logits", "dft-feature"])
+def test_heldout_losses_equal_a_direct_computation(method, tmp_path, tiny_model_dirs, tokenizer):
+    out, log = run(tmp_path, "ev", "--method", method, "--max-steps", "3", "--lc-layer", "1", "--et-layer", "3",
+                   "--mixed-precision", "no", "--eval-pairs", PAIRS, "--eval-every", "2", "--eval-limit", "5",
+                   model_dir=tiny_model_dirs["llama"])
+    assert [r["step"] for r in log if "eval_loss" in r] == [2, 3]  # every 2 steps and after the last
+    final = log[-1]
+    cfg = json.load(open(os.path.join(out, "train_config.json")))
+    assert cfg["eval_summary"]["final"]["eval_loss"] == final["eval_loss"] and cfg["num_eval_examples"] == 5
+    # the saved model, all 5 held-out pairs in one batch: its means are the global means
+    model, _ = common.load_model_and_tokenizer(out)
+    dcfg = config(method, lc_layer_used=1, et_layer_used=3)
+    with torch.no_grad():
+        terms = train.DFTObjective(model.eval(), dcfg)(batch_for(tokenizer, dcfg, train.load_pairs(PAIRS)[:5]))
+    for term in ("loss", "loss_tft", "loss_lc", "loss_et"):
+        assert final[f"eval_{term}"] == pytest.approx(float(terms[term]), rel=1e-5), term
+
+
+def test_report_to_tensorboard_writes_the_logged_scalars(tmp_path, tiny_model_dirs):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out, log = run(tmp_path, "tb", "--method", "dft-logits", "--max-steps", "2", "--lc-layer", "1", "--et-layer", "3",
+                   "--eval-pairs", PAIRS, "--eval-limit", "4", "--report-to", "tensorboard", "--run-name", "tbrun",
+                   model_dir=tiny_model_dirs["llama"])
+    events = EventAccumulator(os.path.join(out, "tbrun")).Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"loss", "loss_tft", "loss_lc", "loss_et", "lr", "grad_norm", "eval_loss", "eval_loss_lc"} <= tags
+    assert [e.step for e in events.Scalars("loss")] == [1, 2]
+    assert events.Scalars("loss_et")[1].value == pytest.approx(log[1]["loss_et"], rel=1e-6)
+    assert events.Scalars("eval_loss")[0].value == pytest.approx(log[1]["eval_loss"], rel=1e-6)
+
+
+def test_heldout_and_tracker_errors_before_training(tmp_path, tiny_model_dirs):
+    model, out = tiny_model_dirs["llama"], str(tmp_path / "o")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "1", "x_en": "a"\n')
+    cases = [(["--eval-pairs", str(tmp_path / "missing.jsonl")], "file not found"),
+             (["--eval-pairs", str(bad)], "malformed JSON on line 1"),
+             (["--eval-every", "5"], "--eval-every needs --eval-pairs"),
+             (["--max-grad-norm", "-1"], "must be >= 0")]
+    import importlib.util
+    if importlib.util.find_spec("wandb") is None:
+        cases.append((["--report-to", "wandb"], "pip install wandb"))
+    for flags, message in cases:
+        r = cli("--pairs", PAIRS, "--out", out, "--model", model, "--max-steps", "1", *flags)
+        assert r.returncode == 2 and message in r.stderr, (flags, r.stderr[-2000:])
+        assert not os.path.exists(out)  # nothing written
+
+
+# -----------------------------------------------------------------------------
+# failure modes at scale (clipping off, resume checks, empty fields, checkpoint swap)
+
+
+@pytest.mark.parametrize("value", ["0", "none"])
+def test_max_grad_norm_zero_disables_clipping(value, tmp_path, tiny_model_dirs):
+    flags = ["--max-steps", "2", "--lr", "1e-2", "--mixed-precision", "no"]
+    off, log_off = run(tmp_path, "off", *flags, "--max-grad-norm", value, model_dir=tiny_model_dirs["llama"])
+    huge, log_huge = run(tmp_path, "huge", *flags, "--max-grad-norm", "1e9", model_dir=tiny_model_dirs["llama"])
+    start = load_file(os.path.join(tiny_model_dirs["llama"], "model.safetensors"))
+    a, b = weights(off), weights(huge)
+    assert any(not torch.equal(a[k], start[k]) for k in a)  # it trained
+    assert all(torch.equal(a[k], b[k]) for k in a)  # and nothing was clipped
+    assert log_off[0]["grad_norm"] == pytest.approx(log_huge[0]["grad_norm"]) and log_off[0]["grad_norm"] > 0
+    assert json.load(open(os.path.join(off, "train_config.json")))["max_grad_norm"] == 0.0
+
+
+def test_resume_refuses_a_changed_configuration(tmp_path, tiny_model_dirs):
+    out = str(tmp_path / "seg")
+    base = ["--pairs", PAIRS, "--out", out, "--model", tiny_model_dirs["llama"], "--batch-size", "4", "--lr", "3e-3",
+            "--method", "dft-logits", "--lc-layer", "1", "--et-layer", "3", "--max-steps", "4", "--save-every", "2"]
+    train.main(base + ["--stop-after-steps", "2"])
+    before = {name: open(os.path.join(out, name)).read() for name in ("train_config.json", "train_log.jsonl")}
+    for flags, named in ((["--lr", "1e-3"], "lr: 0.003 -> 0.001"), (["--seed", "7"], "seed: 42 -> 7"),
+                         (["--batch-size", "2"], "batch_size: 4 -> 2"), (["--et-layer", "2"], "et_layer_used: 3 -> 2"),
+                         (["--max-steps", "1"], "below the checkpoint's step 2")):
+        with pytest.raises(common.UserError, match="differs from the run's") as e:
+            train.main(base + flags + ["--resume"])
+        assert named in str(e.value), str(e.value)
+        assert {name: open(os.path.join(out, name)).read() for name in before} == before  # nothing touched
+    train.main(base[:-4] + ["--max-steps", "5", "--save-every", "2", "--resume"])  # --max-steps may grow
+    cfg = json.load(open(os.path.join(out, "train_config.json")))
+    assert [s["start_step"] for s in cfg["segments"]] == [0, 2] and cfg["segments"][0]["total_steps"] == 4
+    assert cfg["total_steps"] == 5 and len(open(os.path.join(out, "train_log.jsonl")).readlines()) == 5
+
+
+def test_empty_fields_are_refused_with_line_and_id(tmp_path, tiny_model_dirs):
+    rows = train.load_pairs(PAIRS)[:4]
+    rows[2] = dict(rows[2], x_en="  \n")
+    path = str(tmp_path / "empty.jsonl")
+    common.write_jsonl(path, rows)
+    r = cli("--pairs", path, "--out", str(tmp_path / "o"), "--model", tiny_model_dirs["llama"], "--method", "dft-feature",
+            "--lc-layer", "1", "--et-layer", "3")
+    assert r.returncode == 2 and f"line 3 (id {rows[2]['id']!r}): empty or whitespace-only field(s) ['x_en']" in r.stderr
+
+
+def test_resume_finds_the_newest_complete_checkpoint(tmp_path, tiny_model_dirs):
+    """A kill during the checkpoint swap leaves the complete one as checkpoint.old or checkpoint.tmp."""
+    flags = ["--method", "tft", "--max-steps", "4", "--save-every", "2", "--mixed-precision", "no"]
+    full, log_full = run(tmp_path, "full", *flags, model_dir=tiny_model_dirs["llama"])
+    out = str(tmp_path / "cut")
+    base = ["--pairs", PAIRS, "--out", out, "--model", tiny_model_dirs["llama"], "--batch-size", "4", "--lr", "3e-3",
+            "--warmup-ratio", "0", *flags]
+    train.main(base + ["--stop-after-steps", "3"])
+    os.replace(os.path.join(out, "checkpoint"), os.path.join(out, "checkpoint.old"))  # killed mid-swap
+    os.makedirs(os.path.join(out, "checkpoint.tmp"))  # an incomplete newer one (no step.json)
+    assert train.latest_checkpoint(out) == (os.path.join(out, "checkpoint.old"), 2)
+    train.main(base + ["--resume"])
+    assert [r["loss"] for r in read_log_of(out)] == pytest.approx([r["loss"] for r in log_full], rel=1e-6)
+    assert all(torch.allclose(weights(full)[k], weights(out)[k], atol=1e-6) for k in weights(full))
+
+
+def read_log_of(out):
+    return [json.loads(line) for line in open(os.path.join(out, "train_log.jsonl"))]
