@@ -32,8 +32,8 @@ def evaluate_stage():
 
 RUNS = ["base", "sft", "tft", "dft-logits", "dft-feature"]
 COLS = [("nll", "zh", "nll"), ("nll", "en", "nll"), ("xnli", "zh", None), ("xcopa", "zh", None),
-        ("xstorycloze", "zh", None), ("mmlu", "zh", None), ("truthfulqa", "zh", None), ("xquad", "zh", "f1"),
-        ("xquad", "en", "f1"), ("mgsm", "zh", None), ("mgsm", "en", None),
+        ("xstorycloze", "zh", None), ("mmlu", "zh", None), ("truthfulqa", "zh", None), ("xquad", "zh", "f1_lang"),
+        ("xquad", "en", "f1_lang"), ("mgsm", "zh", None), ("mgsm", "en", None),
         ("translation_tatoeba", "en-zh", "chrf"), ("translation_tatoeba", "zh-en", "chrf")]
 PAIRS = [("tft", "dft-logits"), ("tft", "dft-feature"), ("base", "sft"), ("base", "tft"), ("base", "dft-logits"),
          ("base", "dft-feature")]
@@ -41,6 +41,8 @@ PAIRS = [("tft", "dft-logits"), ("tft", "dft-feature"), ("base", "sft"), ("base"
 
 def cell(entry, metric):
     m = entry["metrics"].get(metric) if metric and "metrics" in entry else None
+    if m is None and metric == "f1_lang":  # run JSONs from before f1_lang: their "f1" was ours (f1_lang)
+        m = entry["metrics"].get("f1")
     score, se = (m["score"], m["stderr"]) if m else (entry["score"], entry["stderr"])
     scale = 100.0 if entry["aggregation"] == "mean" and entry["metric"] != "nll" else 1.0
     return f"{score * scale:.2f} ± {se * scale:.2f}" if se is not None else f"{score * scale:.2f}"
