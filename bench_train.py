@@ -15,9 +15,12 @@ parameter FLOPs (2 x params x tokens per forward; attention's quadratic term is 
 tft = 3 P_block L N_tft + 4 P_head n_tft; dft-logits adds 3 P_block (i N_lc + j N_et) + 3 P_head (n_lc + n_et);
 dft-feature adds P_block L N_en (N: padded tokens through the blocks, n: labelled tokens through the head).
 A naive implementation (full forwards with all hidden states for every sequence) costs ~2-3x tft.
+Precision: float32 ("no") and bf16 autocast on float32 weights ("bf16", what 02_train_dft.py --mixed-precision
+bf16 runs) are timed side by side in the same rounds (--precisions).
 Results: JSON and a markdown table in --out.
 """
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -78,8 +81,23 @@ def load(args):
     return model, tokenizer
 
 
+def autocast(device, precision):
+    """bf16 autocast as accelerate applies it for mixed_precision='bf16'; float32 otherwise."""
+    if precision == "bf16":
+        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def one_step(objective, batch, optimizer, device, precision):
+    with autocast(device, precision):
+        terms = objective(batch)
+    terms["loss"].backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def measure_memory(args):
-    """One method, alone in this process: peak memory of one optimizer step beyond the loaded model."""
+    """One method at one precision, alone in this process: peak memory of one optimizer step beyond the loaded model."""
     train = load_train_module()
     model, tokenizer = load(args)
     objective, batch = setup(args, train, args.method, model, tokenizer)
@@ -87,43 +105,42 @@ def measure_memory(args):
     reset_peak_memory(args.device)
     before = peak_memory_mb(args.device)
     for _ in range(2):  # the second step has AdamW's state allocated
-        objective(batch)["loss"].backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        one_step(objective, batch, optimizer, args.device, args.precision)
     return dict(peak_mb=peak_memory_mb(args.device), before_mb=before)
 
 
-def measure_times(args, methods):
-    """All methods in one process, interleaved round by round, so a busy machine slows them alike.
+def measure_times(args, methods, precisions):
+    """All (precision, method) cells in one process, interleaved round by round, so a busy machine slows them alike.
     One optimizer step = forward + backward + AdamW (lr 0: the weights stay the same for every round)."""
     train = load_train_module()
     model, tokenizer = load(args)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)
     setups = {m: setup(args, train, m, model, tokenizer) for m in methods}
+    cells = [(p, m) for p in precisions for m in methods]
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
-    times = {m: [] for m in methods}
-    cpu_times = {m: [] for m in methods}
+    times = {c: [] for c in cells}
+    cpu_times = {c: [] for c in cells}
     for round_ in range(args.warmup + args.repeats):
-        for method, (objective, batch) in setups.items():
+        for precision, method in cells:
+            objective, batch = setups[method]
             sync()
             t0, c0 = time.perf_counter(), time.process_time()
-            objective(batch)["loss"].backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            one_step(objective, batch, optimizer, args.device, precision)
             sync()
             if round_ >= args.warmup:
-                times[method].append(time.perf_counter() - t0)
-                cpu_times[method].append(time.process_time() - c0)
+                times[precision, method].append(time.perf_counter() - t0)
+                cpu_times[precision, method].append(time.process_time() - c0)
     parts = common.model_parts(model)
     results = {}
-    for method, (objective, batch) in setups.items():
+    for precision, method in cells:
+        objective, batch = setups[method]
         tokens = {k: dict(padded=int(v["input_ids"].numel()), labelled=int((v["labels"][:, 1:] != -100).sum()))
                   for k, v in batch.items() if isinstance(v, dict)}
-        results[method] = dict(method=method, seconds=statistics.median(times[method]), all_seconds=times[method],
-                               cpu_seconds=statistics.median(cpu_times[method]), all_cpu_seconds=cpu_times[method],
-                               tokens=tokens, num_layers=parts.num_layers,
-                               block_params=sum(p.numel() for p in parts.blocks[0].parameters()),
-                               head_params=parts.lm_head.weight.numel())
+        results[f"{precision}/{method}"] = dict(
+            method=method, precision=precision, seconds=statistics.median(times[precision, method]),
+            all_seconds=times[precision, method], cpu_seconds=statistics.median(cpu_times[precision, method]),
+            all_cpu_seconds=cpu_times[precision, method], tokens=tokens, num_layers=parts.num_layers,
+            block_params=sum(p.numel() for p in parts.blocks[0].parameters()), head_params=parts.lm_head.weight.numel())
     return results
 
 
@@ -152,7 +169,9 @@ def main():
     g.add_argument("--ce-chunk", type=int, default=1024)
     g = p.add_argument_group("machine")
     g.add_argument("--device", default="cpu")
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights (default float32)")
+    g.add_argument("--precisions", default="no,bf16",
+                   help="compute precisions timed side by side: no (float32), bf16 (autocast on the weights)")
     g.add_argument("--threads", type=int, default=1,
                    help="torch threads (0: torch's default); with 1 on a CPU the ratios use process time, robust to other jobs")
     g.add_argument("--grad-checkpointing", action="store_true")
@@ -162,6 +181,7 @@ def main():
     g.add_argument("--methods", default=",".join(METHODS))
     g.add_argument("--out", default="runs/bench_train")
     g.add_argument("--method", help=argparse.SUPPRESS)  # internal: measure one method in this process
+    g.add_argument("--precision", default="no", help=argparse.SUPPRESS)  # internal: with --method
     args = p.parse_args()
 
     if args.method:
@@ -170,29 +190,37 @@ def main():
     methods = common.parse_list(args.methods)
     if "tft" not in methods:
         raise common.UserError("--methods must include tft: every ratio is to tft")
-    results = measure_times(args, methods)
-    for method in methods:  # memory: each method alone in a fresh process
-        cmd = [sys.executable, __file__, *sys.argv[1:], "--method", method]
+    precisions = common.parse_list(args.precisions)
+    if not precisions or set(precisions) - {"no", "bf16"}:
+        raise common.UserError(f"--precisions takes no and/or bf16, got {args.precisions!r}")
+    results = measure_times(args, methods, precisions)
+    for key, r in results.items():  # memory: each cell alone in a fresh process
+        cmd = [sys.executable, __file__, *sys.argv[1:], "--method", r["method"], "--precision", r["precision"]]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
         if proc.returncode or not line:
-            raise common.UserError(f"{method} failed:\n{proc.stderr[-2000:]}")
-        results[method].update(json.loads(line[0][len("RESULT "):]))
-        print(f"{method}: {results[method]['seconds']:.3f}s/step, peak {results[method]['peak_mb']:.0f} MB", flush=True)
-    base = results["tft"]
+            raise common.UserError(f"{key} failed:\n{proc.stderr[-2000:]}")
+        r.update(json.loads(line[0][len("RESULT "):]))
+        print(f"{key}: {r['seconds']:.3f}s/step, peak {r['peak_mb']:.0f} MB", flush=True)
     # on a CPU, process time of one thread counts the work even when other jobs share the cores
     clock = "cpu_seconds" if args.device == "cpu" and args.threads == 1 else "seconds"
     rows = []
-    for method, r in results.items():
+    for key, r in results.items():
+        base = results[f"{r['precision']}/tft"]
         measured = r[clock] / base[clock]
         model = cost_model(r, args.lc_layer, args.et_layer) / cost_model(base, args.lc_layer, args.et_layer)
-        r.update(ratio_measured=measured, ratio_model=model, over_model=measured / model - 1)
-        rows.append(f"| {method} | {r['seconds']:.3f} | {r['cpu_seconds']:.3f} | {measured:.2f} | {model:.2f} | {100 * r['over_model']:+.0f}% | "
+        fp32 = results.get(f"no/{r['method']}")
+        r.update(ratio_measured=measured, ratio_model=model, over_model=measured / model - 1,
+                 vs_float32=r[clock] / fp32[clock] if fp32 else None)
+        rows.append(f"| {r['method']} | {r['precision']} | {r['seconds']:.3f} | {r['cpu_seconds']:.3f} | "
+                    + (f"{r['vs_float32']:.2f}" if fp32 else "–")
+                    + f" | {measured:.2f} | {model:.2f} | {100 * r['over_model']:+.0f}% | "
                     f"{r['peak_mb']:.0f} ({r['peak_mb'] - r['before_mb']:+.0f}) |")
-    table = (f"| method | wall s/step | CPU s/step | measured / tft ({clock}) | cost model / tft | measured vs model | "
-             "peak MB (step) |\n|---|---|---|---|---|---|---|\n" + "\n".join(rows))
-    header = (f"model {args.model}, {args.device} {args.dtype}, batch {args.batch_size}, max length {args.max_length}, "
-              f"i={args.lc_layer}, j={args.et_layer}, L={base['num_layers']}, median of {args.repeats} steps")
+    table = (f"| method | precision | wall s/step | CPU s/step | step / float32 step ({clock}) | measured / tft | "
+             "cost model / tft | measured vs model | peak MB (step) |\n|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows))
+    header = (f"model {args.model}, {args.device}, weights {args.dtype}, batch {args.batch_size}, max length "
+              f"{args.max_length}, i={args.lc_layer}, j={args.et_layer}, L={results[f'{precisions[0]}/tft']['num_layers']}, "
+              f"{args.threads or 'default'} thread(s), median of {args.repeats} steps; precisions interleaved in each round")
     os.makedirs(args.out, exist_ok=True)
     common.write_json(os.path.join(args.out, "bench_train.json"), dict(settings=vars(args), results=results,
                                                                      versions=common.versions()))
