@@ -7,7 +7,8 @@ written by 01_build_pairs.py:
   tft          L_TFT on the target side (x_tgt -> y_tgt), the paper's main baseline
   dft-logits   L_TFT + L_LC + L_ET, each a logit-lens cross-entropy against English tokens
   dft-feature  L_TFT + L_LC + L_ET, each a cosine distance to the parallel English hidden states
-(../shared/DESIGN.md §2 defines every term; `--lc/--et` mix the signals freely.)
+  mid-align    L_TFT + a contrastive (InfoNCE) term at the middle block, the closest peer (Liu & Niehues 2025)
+(docs/DESIGN.md §2 defines every term; `--lc/--et` mix the signals freely: logits, feature, contrastive.)
 
 Examples:
   # CPU, the offline default model (SmolLM2-135M-Instruct), a few hundred zh pairs
@@ -45,7 +46,10 @@ METHODS = {  # which sequences the loss sees; DESIGN §2 "named presets"
     "tft": dict(tft_side="tgt", lc="none", et="none"),
     "dft-logits": dict(tft_side="tgt", lc="logits", et="logits"),
     "dft-feature": dict(tft_side="tgt", lc="feature", et="feature"),
+    # the peer: InfoNCE of mean-pooled parallel prompts at block L // 2, both branches trained (as its code does)
+    "mid-align": dict(tft_side="tgt", lc="none", et="contrastive", et_layer="mid", feature_grad="both"),
 }
+SIGNALS = ["none", "logits", "feature", "contrastive"]
 
 # The paper's recipe (stanford_alpaca defaults: batch 128, lr 2e-5, 3 epochs, max length 512, cosine,
 # warmup 3%, no weight decay) and the layers: LLaMA-2-7B i=2, j=15 from the paper; the paper gives no
@@ -69,7 +73,8 @@ DEFAULTS = dict(model=common.DEFAULT_MODEL, method="tft", lc=None, et=None, lc_l
                 grad_checkpointing=False, ce_chunk=1024, lora=False, lora_r=16, lora_alpha=32, lora_dropout=0.05,
                 lora_targets="q_proj,k_proj,v_proj,o_proj", merge_lora=False, save_every=0, resume=False,
                 log_every=1, layer_sample=64, allow_layer_order=False, stop_after_steps=None, mixed_precision="auto",
-                eval_pairs=None, eval_every=None, eval_limit=None, report_to="none", run_name=None)
+                eval_pairs=None, eval_every=None, eval_limit=None, report_to="none", run_name=None,
+                contrastive_temperature=0.1, contrastive_negatives="global", alternate=False)
 
 
 def parse_args(argv=None):
@@ -81,17 +86,25 @@ def parse_args(argv=None):
     g.add_argument("--model", help=f"HF hub name or local folder (default {common.DEFAULT_MODEL})")
     g.add_argument("--preset", choices=sorted(PRESETS), help="the paper's recipe for a model (layers, batch, lr, ...)")
     g = p.add_argument_group("objective (DESIGN §2)")
-    g.add_argument("--method", choices=sorted(METHODS), help="sft | tft | dft-logits | dft-feature (default tft)")
-    g.add_argument("--lc", choices=["none", "logits", "feature"], help="language-conversion signal (overrides --method)")
-    g.add_argument("--et", choices=["none", "logits", "feature"], help="English-thinking signal (overrides --method)")
-    g.add_argument("--lc-layer", help="block i for L_LC, 1-based (HF hidden_states index), or 'auto' (entropy rule)")
-    g.add_argument("--et-layer", help="block j for L_ET, 1-based, or 'auto'")
+    g.add_argument("--method", choices=sorted(METHODS), help="sft | tft | dft-logits | dft-feature | mid-align (default tft)")
+    g.add_argument("--lc", choices=SIGNALS, help="language-conversion signal (overrides --method)")
+    g.add_argument("--et", choices=SIGNALS, help="English-thinking signal (overrides --method)")
+    g.add_argument("--lc-layer", help="block i for L_LC, 1-based (HF hidden_states index), 'auto' (entropy rule) "
+                                      "or 'mid' (L // 2)")
+    g.add_argument("--et-layer", help="block j for L_ET, 1-based, 'auto' or 'mid'")
     g.add_argument("--lc-weight", type=float, help="w_LC (paper: 1); 0 computes L_LC for the log only")
     g.add_argument("--et-weight", type=float, help="w_ET (paper: 1); 0 computes L_ET for the log only")
     g.add_argument("--tft-weight", type=float, help="weight of L_TFT (default 1; 0 trains the intermediate objectives alone)")
     g.add_argument("--pool", choices=["mean", "last"], help="feature pooling over the tokens of x (default mean)")
     g.add_argument("--feature-grad", choices=["target", "both"],
-                   help="feature losses: gradient into the target branch only (default) or into the English branch too")
+                   help="feature / contrastive terms: gradient into the target branch only (default; mid-align: both) "
+                        "or into the English branch too")
+    g.add_argument("--contrastive-temperature", type=float, help="InfoNCE temperature on cosine similarities (default 0.1)")
+    g.add_argument("--contrastive-negatives", choices=["local", "global"],
+                   help="negatives: the other pairs of this device's micro-batch (local) or of every device's (global, "
+                        "default; gathered with gradient, so N devices x batch B equal one device x batch N*B)")
+    g.add_argument("--alternate", action="store_true", default=None,
+                   help="the peer's schedule: odd steps the task loss (L_TFT) only, even steps the intermediate terms only")
     g.add_argument("--allow-layer-order", action="store_true", default=None, help="allow an LC layer >= the ET layer")
     g.add_argument("--layer-sample", type=int, help="target prompts used by the auto layer rule (default 64)")
     g = p.add_argument_group("optimisation")
@@ -180,6 +193,11 @@ def resolve_config(args):
         raise common.UserError("--method sft trains on English only; --lc/--et need target-language inputs (use tft or dft-*)")
     if cfg["eval_every"] is not None and not cfg["eval_pairs"]:
         raise common.UserError("--eval-every needs --eval-pairs FILE (the held-out pairs, e.g. X.dev.jsonl from 01_build_pairs.py)")
+    if cfg["contrastive_temperature"] <= 0:
+        raise common.UserError(f"--contrastive-temperature must be > 0, got {cfg['contrastive_temperature']}")
+    if cfg["alternate"] and cfg["lc"] == "none" and cfg["et"] == "none":
+        raise common.UserError("--alternate alternates the task loss with the intermediate terms; this objective has none "
+                               "(use --method mid-align, dft-* or --lc/--et)")
     for flag in ("eval_every", "eval_limit"):
         if cfg[flag] is not None and cfg[flag] < 1:
             raise common.UserError(f"--{flag.replace('_', '-')} must be >= 1, got {cfg[flag]}")
@@ -227,7 +245,7 @@ def encode_pair(tokenizer, row, cfg):
         seqs["lc"] = encode_sequence(tokenizer, row["x_tgt"], row["x_en"], add_eos=False)
     if cfg["et"] == "logits":  # y_en is a response, so it ends with EOS like every response
         seqs["et"] = encode_sequence(tokenizer, row["x_tgt"], row["y_en"], add_eos=True)
-    if "feature" in (cfg["lc"], cfg["et"]):
+    if {"feature", "contrastive"} & {cfg["lc"], cfg["et"]}:
         ids, x_mask = common.encode_prompt(tokenizer, row["x_en"])
         seqs["en"] = dict(input_ids=ids, labels=[-100] * len(ids), pool_mask=x_mask)
     return seqs
@@ -334,6 +352,30 @@ def cosine_distance(a, b):
     return (1 - F.cosine_similarity(a.float(), b.float(), dim=-1)).sum()
 
 
+def contrastive_loss(tgt, en, temperature, negatives="local"):
+    """Symmetric InfoNCE of pooled target / English vectors, summed over this device's pairs (the caller normalises).
+
+    Similarity = cosine / temperature; pair a's positive is its own translation, its negatives the other pairs of
+    the micro-batch (local) or of every device's micro-batch (global). Both directions (target -> English, English
+    -> target) count half. The global candidates are gathered with torch.distributed.nn.functional.all_gather,
+    whose backward sends each device the gradient that the other devices' terms put on its vectors: with the
+    split-invariant normalisation, N devices x batch B give exactly one device's gradient at batch N*B."""
+    tgt, en = F.normalize(tgt.float(), dim=-1), F.normalize(en.float(), dim=-1)
+    all_tgt, all_en, offset = tgt, en, 0
+    if negatives == "global" and torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
+        from torch.distributed.nn.functional import all_gather
+        all_tgt, all_en = torch.cat(all_gather(tgt)), torch.cat(all_gather(en))
+        offset = torch.distributed.get_rank() * tgt.shape[0]  # every rank holds the same number of pairs
+    if all_tgt.shape[0] < 2:
+        raise common.UserError("the contrastive term needs at least 2 pairs per micro-batch (the other pairs are its "
+                               "negatives); raise --batch-size")
+    positives = torch.arange(tgt.shape[0], device=tgt.device) + offset
+    to_en = F.cross_entropy(tgt @ all_en.T / temperature, positives, reduction="sum")
+    to_tgt = F.cross_entropy(en @ all_tgt.T / temperature, positives, reduction="sum")
+    return (to_en + to_tgt) / 2
+
+
 def labelled(labels):
     """Tokens that carry a CE label (position t predicts token t+1)."""
     return int((labels[:, 1:] != -100).sum())
@@ -358,30 +400,39 @@ class DFTObjective(nn.Module):
         self.lc, self.et = cfg["lc"], cfg["et"]
         self.lc_layer, self.et_layer = cfg.get("lc_layer_used"), cfg.get("et_layer_used")
 
-    def forward(self, batch, denominators=None):
+    def forward(self, batch, denominators=None, phase="both"):
         """Each term is this micro-batch's sum divided by its denominator (DESIGN §2, normalisation).
 
         denominators: {"tft", "lc", "et", "seq"} -> what turns this micro-batch's sums into its share of the
         optimizer step's mean: the training loop passes the step's global counts (all devices, all accumulation
         micro-batches) divided by the number of devices, whose gradients DDP / FSDP / ZeRO then average.
-        None: this micro-batch's own counts, i.e. plain means over the micro-batch."""
+        None: this micro-batch's own counts, i.e. plain means over the micro-batch.
+        phase: "both" (every term), "task" (L_TFT only) or "align" (the intermediate terms only; the target prompt
+        then runs only up to the highest block they read), for --alternate."""
         cfg, parts = self.cfg, common.model_parts(self.model)
         denominators = denominators or term_counts(batch)
         per = lambda key: max(denominators[key], 1e-12)  # a term with no token anywhere in the step sums to 0
         zero = torch.zeros((), device=batch["tft"]["input_ids"].device)
-        terms = {"loss_lc": zero, "loss_et": zero}
+        terms = {"loss_lc": zero, "loss_et": zero, "loss_tft": zero}
+        loss = zero
 
         # L_TFT: the last layer, lm_head trained; h_i / h_j of the target prompt are read from this pass
         # (causal attention: the prompt positions of [P(x_tgt); y_tgt] equal those of P(x_tgt) alone)
-        feature_layers = [k for sig, k in ((self.lc, self.lc_layer), (self.et, self.et_layer)) if sig == "feature"]
+        pooled_layers = [k for sig, k in ((self.lc, self.lc_layer), (self.et, self.et_layer)) if sig in ("feature", "contrastive")]
         tft = batch["tft"]
-        with common.capture_blocks(parts, feature_layers) as tgt_states:
-            out = parts.backbone(input_ids=tft["input_ids"], attention_mask=tft["attention_mask"], use_cache=False)
-        h, y = shifted(out.last_hidden_state, tft["labels"])
-        terms["loss_tft"] = chunked_cross_entropy(h, y, lambda z: self.head(parts, z), cfg["ce_chunk"]) / per("tft")
-        loss = cfg["tft_weight"] * terms["loss_tft"]
+        if phase != "align":
+            with common.capture_blocks(parts, pooled_layers) as tgt_states:
+                out = parts.backbone(input_ids=tft["input_ids"], attention_mask=tft["attention_mask"], use_cache=False)
+            h, y = shifted(out.last_hidden_state, tft["labels"])
+            terms["loss_tft"] = chunked_cross_entropy(h, y, lambda z: self.head(parts, z), cfg["ce_chunk"]) / per("tft")
+            loss = cfg["tft_weight"] * terms["loss_tft"]
+        elif pooled_layers:
+            tgt_states = common.run_truncated_states(parts, pooled_layers, tft["input_ids"], tft["attention_mask"])
+        if phase == "task":
+            terms["loss"], terms["tokens"] = loss, torch.tensor(labelled(tft["labels"]))
+            return terms
 
-        if "feature" in (self.lc, self.et):
+        if pooled_layers:
             en_states, en_last = self.english_states(parts, batch["en"])
         for name, signal, layer, weight in (("lc", self.lc, self.lc_layer, cfg["lc_weight"]),
                                             ("et", self.et, self.et_layer, cfg["et_weight"])):
@@ -394,6 +445,10 @@ class DFTObjective(nn.Module):
                     hidden = common.run_truncated(parts, layer, seq["input_ids"], seq["attention_mask"])
                     h, y = shifted(hidden, seq["labels"])
                     term = chunked_cross_entropy(h, y, lambda z: common.lens_logits(parts, z), cfg["ce_chunk"]) / per(name)
+                elif signal == "contrastive":  # block k on both sides, pooled as the feature signal pools
+                    term = contrastive_loss(pool(tgt_states[layer], tft["pool_mask"], cfg["pool"]),
+                                            pool(en_states[layer], batch["en"]["pool_mask"], cfg["pool"]),
+                                            cfg["contrastive_temperature"], cfg["contrastive_negatives"]) / per("seq")
                 else:
                     tgt = tgt_states[layer]
                     if name == "et":  # h_L of HF is after the final norm: compare in that space (DESIGN §2)
@@ -415,17 +470,17 @@ class DFTObjective(nn.Module):
         return torch.tanh(logits / parts.softcap) * parts.softcap if parts.softcap else logits
 
     def english_states(self, parts, en):
-        """Hidden states of P(x_en): raw h_i for LC, the normed last layer h_L for ET. No gradient by default:
-        the English representation is the fixed point the target language is pulled toward."""
+        """Hidden states of P(x_en): raw h_k for LC feature and for contrastive terms, the normed last layer h_L for
+        ET feature. No gradient by default: the English representation is the fixed point the target language is
+        pulled toward (--feature-grad both: both branches train, as the contrastive peer does)."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.cfg["feature_grad"] == "both"):
-            need_last = self.et == "feature"
-            layers = [self.lc_layer] if self.lc == "feature" else []
-            if need_last:
+            layers = [k for sig, k in ((self.lc, self.lc_layer), (self.et, self.et_layer)) if sig == "contrastive"]
+            layers += [self.lc_layer] if self.lc == "feature" else []
+            if self.et == "feature":
                 with common.capture_blocks(parts, layers) as states:
                     out = parts.backbone(input_ids=en["input_ids"], attention_mask=en["attention_mask"], use_cache=False)
                 return states, out.last_hidden_state
-            hidden = common.run_truncated(parts, self.lc_layer, en["input_ids"], en["attention_mask"])
-            return {self.lc_layer: hidden}, None
+            return common.run_truncated_states(parts, layers, en["input_ids"], en["attention_mask"]), None
 
 
 # -----------------------------------------------------------------------------
@@ -501,10 +556,13 @@ def resolve_layers(cfg, model, tokenizer, rows, out_dir, accelerator):
                 needed[name] = k
                 why[name] = f"auto: entropy rule over {len(texts)} target prompts (layer_entropy.json)"
     for name, value in needed.items():
+        if value == "mid":
+            needed[name] = value = L // 2
+            why.setdefault(name, f"mid: L // 2 of {L} blocks")
         try:
             k = int(value)
         except ValueError:
-            raise common.UserError(f"--{name}-layer must be a block number or 'auto', got {value!r}") from None
+            raise common.UserError(f"--{name}-layer must be a block number, 'auto' or 'mid', got {value!r}") from None
         if not 1 <= k <= L:
             raise common.UserError(f"--{name}-layer {k} is out of range: this model has blocks 1..{L}")
         cfg[f"{name}_layer_used"] = k
@@ -559,8 +617,11 @@ def make_accelerator(cfg):
     mixed, why = resolve_mixed_precision(cfg["mixed_precision"], os.environ.get("ACCELERATE_MIXED_PRECISION"), device_type)
     if on_cpu:  # accelerate imports DeepSpeed when unwrapping; its GPU probe would print a warning on every CPU run
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from accelerate.utils import DistributedDataParallelKwargs
+    # --alternate: the alignment steps never reach the blocks above the aligned one nor lm_head; DDP must expect that
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=bool(cfg["alternate"]))
     accelerator = Accelerator(cpu=launched > 1 and not torch.accelerator.is_available(), mixed_precision=mixed,
-                              log_with=TRACKERS[cfg["report_to"]] or None, project_dir=cfg["out"])
+                              log_with=TRACKERS[cfg["report_to"]] or None, project_dir=cfg["out"], kwargs_handlers=[ddp])
     if launched > 1 and accelerator.num_processes == 1:
         raise common.UserError(f"launched as {launched} processes but accelerate formed no process group; "
                                "check the launcher (torchrun / accelerate launch) and the accelerate config")
@@ -656,7 +717,8 @@ def latest_checkpoint(out_dir):
 TRAJECTORY_KEYS = ("model", "method", "tft_side", "lc", "et", "lc_layer_used", "et_layer_used", "lc_weight", "et_weight",
                    "tft_weight", "pool", "feature_grad", "lr", "warmup_ratio", "weight_decay", "max_grad_norm",
                    "batch_size", "grad_accum", "world_size", "global_batch", "seed", "max_length", "pairs_sha256",
-                   "dtype", "mixed_precision_used", "lora", "lora_r", "lora_alpha", "lora_dropout", "lora_targets")
+                   "dtype", "mixed_precision_used", "lora", "lora_r", "lora_alpha", "lora_dropout", "lora_targets",
+                   "contrastive_temperature", "contrastive_negatives", "alternate")
 
 
 def check_resume(saved, now, start_step):
@@ -787,6 +849,12 @@ def main(argv=None):
     if micro_per_epoch < cfg["grad_accum"]:
         raise common.UserError(f"{len(examples)} pairs make fewer than one optimizer step of {global_batch} sequences; "
                                "lower --batch-size/--grad-accum or add pairs")
+    if "contrastive" in (cfg["lc"], cfg["et"]):
+        candidates = cfg["batch_size"] * (world if cfg["contrastive_negatives"] == "global" else 1)
+        if candidates < 2:
+            raise common.UserError(f"the contrastive term compares each pair with the other pairs of its micro-batch, and "
+                                   f"--batch-size {cfg['batch_size']} x {world if cfg['contrastive_negatives'] == 'global' else 1} "
+                                   "device(s) leaves none: raise --batch-size to at least 2")
     steps_per_epoch = micro_per_epoch // cfg["grad_accum"]
     total_steps = cfg["max_steps"] or max(1, int(cfg["epochs"] * steps_per_epoch))
     warmup_steps = max(1, int(cfg["warmup_ratio"] * total_steps)) if cfg["warmup_ratio"] > 0 else 0
@@ -879,6 +947,7 @@ def main(argv=None):
         step_counts = accelerator.reduce(torch.tensor([float(counts[k]) for k in keys], device=accelerator.device),
                                          reduction="sum").tolist()
         denominators = {k: n / world for k, n in zip(keys, step_counts)}  # the launchers average gradients over devices
+        phase = ("task" if step % 2 == 0 else "align") if cfg["alternate"] else "both"  # step 1, 3, ...: task
         sums = Counter()
         for micro, batch in enumerate(batches):
             batch = to_device(batch)
@@ -889,7 +958,7 @@ def main(argv=None):
             skip_sync = not sync and world > 1 and accelerator.distributed_type not in (DistributedType.FSDP,
                                                                                         DistributedType.DEEPSPEED)
             with (accelerator.no_sync(objective) if skip_sync else torch.enable_grad()):
-                terms = objective(batch, denominators)
+                terms = objective(batch, denominators, phase)
                 finite = torch.isfinite(terms["loss"].detach())
                 if world > 1:  # all ranks stop at the same micro-batch: none is left waiting in a collective
                     finite = accelerator.reduce(finite.float(), reduction="sum") == world
@@ -906,9 +975,13 @@ def main(argv=None):
 
         reduced = accelerator.reduce(torch.tensor([sums[k] for k in names], device=accelerator.device), reduction="sum")
         loss, loss_tft, loss_lc, loss_et = (reduced / world).tolist()  # the step's global means
-        record = dict(step=step + 1, loss=loss, loss_tft=loss_tft, loss_lc=loss_lc if cfg["lc"] != "none" else None,
-                      loss_et=loss_et if cfg["et"] != "none" else None, lr=lr,
-                      grad_norm=None if grad_norm is None else float(grad_norm), tokens=int(step_counts[0]),
+        task, align = phase != "align", phase != "task"
+        record = dict(step=step + 1, loss=loss, loss_tft=loss_tft if task else None,
+                      loss_lc=loss_lc if cfg["lc"] != "none" and align else None,
+                      loss_et=loss_et if cfg["et"] != "none" and align else None, lr=lr,
+                      grad_norm=None if grad_norm is None else float(grad_norm),
+                      tokens=int(step_counts[0]) if task else 0, pairs=int(step_counts[3]),
+                      **({"phase": phase} if cfg["alternate"] else {}),
                       seconds=round(time.time() - t0, 4), elapsed=round(time.time() - t_start, 2),
                       peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None)
         if eval_examples and ((cfg["eval_every"] and (step + 1) % cfg["eval_every"] == 0) or step + 1 == total_steps):

@@ -511,12 +511,17 @@ def capture_blocks(parts, layers, stop_after=None):
 
 def run_truncated(parts, layer, input_ids, attention_mask):
     """Raw hidden states after block `layer`, running only blocks 1..layer (no final norm, no lm_head)."""
-    with capture_blocks(parts, [layer], stop_after=layer) as captured:
+    return run_truncated_states(parts, [layer], input_ids, attention_mask)[layer]
+
+
+def run_truncated_states(parts, layers, input_ids, attention_mask):
+    """{k: raw hidden states after block k} for k in `layers`, running only blocks 1..max(layers)."""
+    with capture_blocks(parts, layers, stop_after=max(layers)) as captured:
         try:
             parts.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         except _StopForward:
             pass
-    return captured[layer]
+    return captured
 
 
 @torch.no_grad()

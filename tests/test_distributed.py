@@ -137,6 +137,16 @@ def test_launch_errors_end_every_process(tiny_model_dirs, tmp_path):
     assert r.returncode != 0 and "error: --global-batch-size 6 is not a multiple of --batch-size 2 x 2 devices" in r.stderr
 
 
+def test_global_contrastive_negatives_equal_one_process(tiny_model_dirs, tmp_path):
+    """mid-align with negatives gathered from both devices (gradient through the gather) == one process, batch 4."""
+    flags = [*BASE_FLAGS, "--method", "mid-align", "--model", tiny_model_dirs["llama"]]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    train.main([*flags, "--out", one, "--batch-size", "4"])
+    ok(launch(2, *flags, "--out", two, "--batch-size", "2", "--contrastive-negatives", "global"))
+    same_logs(read_log(two), read_log(one))
+    same_weights(two, one)
+
+
 # -----------------------------------------------------------------------------
 # FSDP around DFTObjective, as accelerate wraps it: decoder blocks auto-wrapped, the objective is the root unit
 # (it holds embeddings, final norm and lm_head, so they are unsharded for the whole loss forward)

@@ -443,3 +443,64 @@ def test_resume_finds_the_newest_complete_checkpoint(tmp_path, tiny_model_dirs):
 
 def read_log_of(out):
     return [json.loads(line) for line in open(os.path.join(out, "train_log.jsonl"))]
+
+
+# -----------------------------------------------------------------------------
+# the contrastive signal (mid-align, the peer)
+
+
+def test_info_nce_equals_a_direct_computation():
+    import math
+    torch.manual_seed(0)
+    t, e = torch.randn(5, 8), torch.randn(5, 8)
+    cos = lambda a, b: float(a @ b / (a.norm() * b.norm()))
+    for temperature in (0.1, 0.5):
+        reference = 0.0
+        for a in range(5):
+            to_en = [cos(t[a], e[b]) / temperature for b in range(5)]  # target a against every English b
+            to_tgt = [cos(e[a], t[b]) / temperature for b in range(5)]  # English a against every target b
+            for scores in (to_en, to_tgt):
+                reference += 0.5 * (math.log(sum(math.exp(x) for x in scores)) - scores[a])
+        assert float(train.contrastive_loss(t, e, temperature)) == pytest.approx(reference, rel=1e-5)
+
+
+def test_info_nce_near_its_minimum_for_identical_separated_pairs():
+    v = torch.eye(8)[:4] * 3.0  # orthogonal: cosine 1 with the positive, 0 with every negative
+    assert float(train.contrastive_loss(v, v.clone(), 0.1)) / 4 < 1e-3
+    assert float(train.contrastive_loss(v, v[[1, 0, 3, 2]], 0.1)) / 4 > 5  # wrong pairing: far from it
+    with pytest.raises(common.UserError, match="at least 2 pairs"):
+        train.contrastive_loss(v[:1], v[:1], 0.1)
+
+
+@pytest.mark.parametrize("feature_grad", ["target", "both"])
+def test_contrastive_gradient_reaches_only_blocks_up_to_its_layer(feature_grad, tokenizer, rows):
+    model = make_tiny_model("llama", tokenizer)
+    parts = common.model_parts(model)
+    cfg = config("mid-align", tft_weight=0.0, et_layer_used=2, feature_grad=feature_grad)
+    assert (cfg["lc"], cfg["et"]) == ("none", "contrastive")
+    objective = train.DFTObjective(model, cfg)
+    batch = batch_for(tokenizer, cfg, rows)
+    states, _ = objective.english_states(parts, batch["en"])
+    assert states[2].requires_grad == (feature_grad == "both")  # target: the English branch is a fixed reference
+    objective(batch)["loss"].backward()
+    grad = lambda module: sum(float(p.grad.abs().sum()) for p in module.parameters() if p.grad is not None)
+    assert grad(parts.blocks[0]) > 0 and grad(parts.blocks[1]) > 0
+    assert grad(parts.blocks[2]) == 0 and grad(parts.blocks[3]) == 0 and grad(parts.lm_head) == 0
+
+
+def test_mid_align_preset_and_alternation(tmp_path, tiny_model_dirs):
+    out, log = run(tmp_path, "mid", "--method", "mid-align", "--max-steps", "4", "--alternate",
+                   model_dir=tiny_model_dirs["llama"])
+    cfg = json.load(open(os.path.join(out, "train_config.json")))
+    assert (cfg["et"], cfg["et_layer_used"], cfg["feature_grad"], cfg["contrastive_temperature"]) == ("contrastive", 2, "both", 0.1)
+    assert [r["phase"] for r in log] == ["task", "align", "task", "align"]
+    for r in log:  # each phase logs its own terms and counts
+        task = r["phase"] == "task"
+        assert (r["loss_tft"] is not None, r["loss_et"] is not None, r["tokens"] > 0) == (task, not task, task)
+        assert r["pairs"] == 4
+
+
+def test_one_pair_per_step_is_refused_for_contrastive(tmp_path, tiny_model_dirs):
+    r = cli("--pairs", PAIRS, "--out", str(tmp_path / "one"), "--model", tiny_model_dirs["llama"], "--method", "mid-align",
+            "--batch-size", "1", "--max-steps", "1")
+    assert r.returncode == 2 and "raise --batch-size to at least 2" in r.stderr and not os.path.exists(str(tmp_path / "one" / "train_log.jsonl"))
