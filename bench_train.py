@@ -11,9 +11,12 @@ parameter FLOPs (2 x params x tokens per forward; attention's quadratic term is 
   trained blocks: forward + backward = 3 x forward
   lm_head on the labelled tokens, chunks checkpointed (forward is recomputed in backward): 4 x forward
   frozen lens readout: forward + recompute + input gradient only = 3 x forward
-  no-grad English pass (feature): 1 x forward of the English prompt
+  no-grad English pass (feature): 1 x forward of the English prompt; with gradient (mid-align trains both
+  branches): 3 x forward
 tft = 3 P_block L N_tft + 4 P_head n_tft; dft-logits adds 3 P_block (i N_lc + j N_et) + 3 P_head (n_lc + n_et);
-dft-feature adds P_block L N_en (N: padded tokens through the blocks, n: labelled tokens through the head).
+dft-feature adds P_block L N_en (N: padded tokens through the blocks, n: labelled tokens through the head);
+mid-align (InfoNCE at block k = L // 2, English branch trained) adds 3 P_block k N_en and a B x B similarity
+matrix (B^2 d: nothing next to the blocks).
 A naive implementation (full forwards with all hidden states for every sequence) costs ~2-3x tft.
 Precision: float32 ("no") and bf16 autocast on float32 weights ("bf16", what 02_train_dft.py --mixed-precision
 bf16 runs) are timed side by side in the same rounds (--precisions).
@@ -33,7 +36,7 @@ import torch
 
 import common
 
-METHODS = ["tft", "dft-logits", "dft-feature"]
+METHODS = ["tft", "dft-logits", "dft-feature", "mid-align"]
 
 
 def load_train_module():
@@ -65,6 +68,8 @@ def peak_memory_mb(device):
 def setup(args, train, method, model, tokenizer):
     cfg = dict(train.DEFAULTS, **train.METHODS[method], method=method, max_length=args.max_length,
                lc_layer_used=args.lc_layer, et_layer_used=args.et_layer, ce_chunk=args.ce_chunk)
+    if cfg["et_layer"] == "mid":
+        cfg["et_layer_used"] = common.model_parts(model).num_layers // 2
     rows = train.load_pairs(args.pairs)[:args.batch_size]
     examples, _ = train.encode_pairs(tokenizer, rows, cfg)
     batch = train.collate(examples, tokenizer.pad_token_id)
@@ -136,8 +141,12 @@ def measure_times(args, methods, precisions):
         objective, batch = setups[method]
         tokens = {k: dict(padded=int(v["input_ids"].numel()), labelled=int((v["labels"][:, 1:] != -100).sum()))
                   for k, v in batch.items() if isinstance(v, dict)}
+        cfg, L = objective.cfg, parts.num_layers
+        pooled = [k for sig, k in ((cfg["lc"], cfg["lc_layer_used"]), (cfg["et"], cfg["et_layer_used"]))
+                  if sig in ("feature", "contrastive")]
         results[f"{precision}/{method}"] = dict(
-            method=method, precision=precision, seconds=statistics.median(times[precision, method]),
+            method=method, precision=precision, en_layers=L if cfg["et"] == "feature" else max(pooled, default=0),
+            en_grad=cfg["feature_grad"] == "both", seconds=statistics.median(times[precision, method]),
             all_seconds=times[precision, method], cpu_seconds=statistics.median(cpu_times[precision, method]),
             all_cpu_seconds=cpu_times[precision, method], tokens=tokens, num_layers=parts.num_layers,
             block_params=sum(p.numel() for p in parts.blocks[0].parameters()), head_params=parts.lm_head.weight.numel())
@@ -152,8 +161,8 @@ def cost_model(result, lc_layer, et_layer):
         cost += 3 * P * lc_layer * tok["lc"]["padded"] + 3 * H * tok["lc"]["labelled"]
     if "et" in tok:
         cost += 3 * P * et_layer * tok["et"]["padded"] + 3 * H * tok["et"]["labelled"]
-    if "en" in tok:
-        cost += P * L * tok["en"]["padded"]
+    if "en" in tok:  # through block L (ET feature) or the highest pooled block; 3x with gradient
+        cost += (3 if result["en_grad"] else 1) * P * result["en_layers"] * tok["en"]["padded"]
     return cost
 
 
