@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole pipeline on the offline default model (SmolLM2-135M-Instruct), sized for a laptop CPU:
-#   1. 500 Chinese Alpaca pairs (400 train + 100 dev)  2. 30 steps of DFT (logit lens, auto layers)
+#   1. 500 Chinese Alpaca pairs (400 train + 100 dev)  2. 30 steps of DFT (logit lens, auto layers; held-out
+#      loss on 32 dev pairs at steps 15 and 30)
 #   3. the base and the trained model on a few benchmark items, side by side (answers cut at 32 tokens).
 # Rerunning starts afresh: it deletes $OUT (default runs/pipeline). Sizes are environment variables.
 set -euo pipefail
@@ -12,6 +13,7 @@ TGT=${TGT:-zh}              # alpaca ships zh and vi
 METHOD=${METHOD:-dft-logits}
 STEPS=${STEPS:-30}
 LIMIT=${LIMIT:-50}          # items per task x language in the evaluation
+PRECISION=${PRECISION:-auto} # auto: bf16 where the CPU/GPU computes it natively (training autocast, evaluation weights); no: float32
 BASE=HuggingFaceTB/SmolLM2-135M-Instruct
 rm -rf "$OUT"
 
@@ -21,10 +23,11 @@ $PY 01_build_pairs.py --source alpaca --lang "$TGT" --limit 500 --dev-size 100 \
 
 echo "== 2/3 DFT training ($METHOD, $STEPS steps)"
 $PY 02_train_dft.py --pairs "$OUT/pairs_$TGT.jsonl" --out "$OUT/$METHOD" --model "$BASE" --method "$METHOD" \
-    --max-steps "$STEPS" --batch-size 4 --max-length 256 --lr 1e-4 --log-every 10 --layer-sample 16
+    --max-steps "$STEPS" --batch-size 4 --max-length 256 --lr 1e-4 --log-every 10 --layer-sample 16 \
+    --mixed-precision "$PRECISION" --eval-pairs "$OUT/pairs_$TGT.dev.jsonl" --eval-every 15 --eval-limit 32
 
 echo "== 3/3 evaluation: base vs $METHOD"
 $PY 03_evaluate.py --model "$BASE" "$OUT/$METHOD" --run-name base "$METHOD" \
     --tasks xnli,xcopa,xstorycloze,xquad,nll --langs "$TGT" --limit "$LIMIT" --max-new-tokens 32 \
-    --pairs "$OUT/pairs_$TGT.dev.jsonl" --out "$OUT/eval"
+    --pairs "$OUT/pairs_$TGT.dev.jsonl" --out "$OUT/eval" --dtype "$([ "$PRECISION" = no ] && echo float32 || echo auto)"
 echo "results: $OUT/eval/results.md"
