@@ -506,7 +506,7 @@ such own same other too""".split())
 # lines indented under a code line. Measured on Alpaca zh: 449 answers with code, keywords translated in most.
 SQL_HEAD = r"(?:SELECT|INSERT INTO|UPDATE|DELETE FROM|CREATE (?:TABLE|VIEW|INDEX|DATABASE)|ALTER TABLE|DROP TABLE)"
 CODE_STRONG = re.compile(
-    r"^\s*```|\b" + SQL_HEAD + r"\b.*(?:\bFROM\b|\bSET\b|\bVALUES\b|\bAS\b|\(|\*|;\s*$)"
+    r"^\s*```|^\s*" + SQL_HEAD + r"\b|\b" + SQL_HEAD + r"\b.*(?:\bFROM\b|\bSET\b|\bVALUES\b|\bAS\b|\(|\*|;\s*$)"
     r"|^\s*(?:def|class)\s+\w+\s*[(:]|^\s*(?:import\s+\w+|from\s+[\w.]+\s+import\b|#include\b|using\s+namespace\b)"
     r"|^\s*(?:public|private|protected|static)\s+[\w<>\[\]]+\s+\w+|^\s*function\s+\w*\s*\("
     r"|^\s*(?:var|let|const)\s+\w+\s*=|^\s*for\s*\(.*;.*;|\bcout\s*<<|\b[a-z_]\w*\s*\+\+\s*[;)]|\w\s*(?:==|!=|\+=|-=|=>|&&|\|\|)|\b(?:print|console\.log|printf|println|"
@@ -543,7 +543,7 @@ def code_identifiers(text):
     """Identifiers and keywords of the code in text: comments, string literals and the text between HTML
     tags are left out (they are natural language, translated correctly)."""
     text = re.sub(r"\"\"\"[\s\S]*?\"\"\"|'''[\s\S]*?'''", " ", text)  # docstrings
-    found = set()
+    found = Counter()
     for line in code_lines(text):
         sql = re.search(r"\b" + SQL_HEAD + r"\b", line)
         line = line[sql.start():] if sql else line  # "The query is: SELECT ...": the prose before it is not code
@@ -551,14 +551,17 @@ def code_identifiers(text):
         if re.match(r"\s*<", line):
             line = " ".join(re.findall(r"<[^>]*>", line))
         found.update(IDENT.findall(line))
-    return found
+    return found  # a Counter: "FROM books" twice needs "books" twice
 
 
 def broken_code(en, tgt):
     """Identifiers / keywords of the English code that the target lacks ("SELECT" -> "选择", "return" -> "返回"):
     such code no longer runs, and 02 would train the model to write it."""
     idents = code_identifiers(en)
-    return sorted(idents - set(IDENT.findall(tgt))) if idents else []
+    if not idents:
+        return []
+    have = Counter(IDENT.findall(tgt))
+    return sorted(w for w, n in idents.items() if have[w] < n)
 
 
 def normalised(text):
