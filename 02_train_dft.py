@@ -760,36 +760,57 @@ def save_final(accelerator, objective, tokenizer, out_dir, cfg):
     os.rmdir(tmp)
 
 
+def eval_batches(num_examples, world, size, min_size=1):
+    """Per rank, the (start, end) slices of its shard (examples rank, rank + world, ...) in batches of `size`; a last
+    batch smaller than min_size joins the one before it (a contrastive term needs 2 pairs)."""
+    plans = []
+    for rank in range(world):
+        n = len(range(rank, num_examples, world))
+        cuts = [(s, min(s + size, n)) for s in range(0, n, size)]
+        if len(cuts) > 1 and cuts[-1][1] - cuts[-1][0] < min_size:
+            cuts[-2:] = [(cuts[-2][0], cuts[-1][1])]
+        plans.append(cuts)
+    return plans
+
+
 def heldout_losses(objective, accelerator, examples, cfg, pad_id, show_bar):
     """Every term of the objective on held-out examples, no gradient: global means over all ranks' shards.
 
     Rank r takes examples r, r+world, ...; every rank runs the same number of batches (a rank that runs out
-    repeats its first batch with weight 0), so sharded launchers see the same collectives on every rank."""
+    repeats its first batch with weight 0), so sharded launchers see the same collectives on every rank.
+    A contrastive term contrasts each held-out batch's own pairs (batches differ in size across ranks, so
+    nothing is gathered)."""
     from tqdm import tqdm
     world, rank = accelerator.num_processes, accelerator.process_index
-    shard = examples[rank::world] or examples[:1]
-    size = cfg["batch_size"]
-    batches = math.ceil(math.ceil(len(examples) / world) / size)
+    contrastive = "contrastive" in (cfg["lc"], cfg["et"])
+    plans = eval_batches(len(examples), world, cfg["batch_size"], min_size=2 if contrastive else 1)
+    shard = examples[rank::world]
     keys = ("loss_tft", "loss_lc", "loss_et")
     count_of = {"loss_tft": "tft", "loss_lc": "lc" if cfg["lc"] == "logits" else "seq",
                 "loss_et": "et" if cfg["et"] == "logits" else "seq"}
     totals = torch.zeros(2 * len(keys), dtype=torch.float64, device=accelerator.device)
     ones = dict(tft=1, lc=1, et=1, seq=1)  # denominators 1: the objective returns plain sums
-    was_training = objective.training
+    was_training, negatives = objective.training, cfg["contrastive_negatives"]
     objective.eval()
-    with torch.no_grad():
-        for b in tqdm(range(batches), desc="held-out", disable=not show_bar, leave=False):
-            chunk = shard[b * size:(b + 1) * size]
-            weight = 1.0 if chunk else 0.0
-            batch = collate(chunk or shard[:size], pad_id)
-            counts = term_counts(batch)
-            batch = {k: ({kk: vv.to(accelerator.device) for kk, vv in v.items()} if isinstance(v, dict) else v)
-                     for k, v in batch.items()}
-            terms = objective(batch, ones)
-            for i, key in enumerate(keys):
-                totals[i] += weight * float(terms[key])
-                totals[len(keys) + i] += weight * counts[count_of[key]]
-    objective.train(was_training)
+    cfg["contrastive_negatives"] = "local"  # the objective reads this same dict
+    try:
+        with torch.no_grad():
+            for b in tqdm(range(max(len(plan) for plan in plans)), desc="held-out", disable=not show_bar, leave=False):
+                if b < len(plans[rank]):
+                    chunk, weight = shard[slice(*plans[rank][b])], 1.0
+                else:  # this rank ran out: the same forward as the others, counted 0 times
+                    chunk, weight = (shard or examples)[:max(2, cfg["batch_size"])], 0.0
+                batch = collate(chunk, pad_id)
+                counts = term_counts(batch)
+                batch = {k: ({kk: vv.to(accelerator.device) for kk, vv in v.items()} if isinstance(v, dict) else v)
+                         for k, v in batch.items()}
+                terms = objective(batch, ones)
+                for i, key in enumerate(keys):
+                    totals[i] += weight * float(terms[key])
+                    totals[len(keys) + i] += weight * counts[count_of[key]]
+    finally:
+        cfg["contrastive_negatives"] = negatives
+        objective.train(was_training)
     totals = accelerator.reduce(totals, reduction="sum")
     means = {key: float(totals[i] / totals[len(keys) + i]) if totals[len(keys) + i] > 0 else None
              for i, key in enumerate(keys)}

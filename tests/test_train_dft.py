@@ -504,3 +504,18 @@ def test_one_pair_per_step_is_refused_for_contrastive(tmp_path, tiny_model_dirs)
     r = cli("--pairs", PAIRS, "--out", str(tmp_path / "one"), "--model", tiny_model_dirs["llama"], "--method", "mid-align",
             "--batch-size", "1", "--max-steps", "1")
     assert r.returncode == 2 and "raise --batch-size to at least 2" in r.stderr and not os.path.exists(str(tmp_path / "one" / "train_log.jsonl"))
+
+
+def test_eval_batches_cover_every_example_once_with_equal_counts():
+    for n, world, size in ((5, 1, 4), (7, 2, 2), (3, 4, 2), (9, 2, 4)):
+        plans = train.eval_batches(n, world, size, min_size=2)
+        covered = sorted(rank + world * i for rank, plan in enumerate(plans) for s, e in plan for i in range(s, e))
+        assert covered == list(range(n))
+        assert all(e - s >= 2 for plan in plans for s, e in plan if len(range(plan[0][0], plan[-1][1])) >= 2)
+    assert train.eval_batches(5, 1, 4, min_size=2) == [[(0, 5)]]  # a lone last pair joins the batch before
+
+
+def test_mid_align_heldout_loss_with_a_lone_last_pair(tmp_path, tiny_model_dirs):
+    _, log = run(tmp_path, "midev", "--method", "mid-align", "--max-steps", "1", "--eval-pairs", PAIRS, "--eval-limit", "5",
+                 model_dir=tiny_model_dirs["llama"])
+    assert log[-1]["eval_loss_et"] > 0 and log[-1]["eval_loss_tft"] > 0
