@@ -16,14 +16,19 @@ Stage 1: build the parallel 4-tuples (x_en, y_en, x_tgt, y_tgt) that DFT trains 
     # any source: drop pairs that would not fit the training length
     ... --max-tokens 512 --tokenizer HuggingFaceTB/SmolLM2-135M-Instruct
 
-Writes OUT.jsonl (train), OUT.dev.jsonl (dev, --dev-size rows) and OUT.stats.json (counts, drops by
+Writes OUT.jsonl (train), OUT.dev.jsonl (dev, about --dev-size rows) and OUT.stats.json (counts, drops by
 reason, length percentiles, alignment check, examples), one row per line:
 {"id", "lang", "source", "x_en", "y_en", "x_tgt", "y_tgt"}.
 
 Alignment is verified, not assumed: ids must exist once on each side; where the data allows a strict
-check it is made per pair (Alpaca: empty `input` on one side only; GSM8K: equal final answers), and for
-every source a sliding window over the pairs whose English side has numbers requires most of them to
-share those numbers with the target side. Aligned files score > 0.9, ids shifted by one < 0.35.
+check it is made per pair (Alpaca: empty `input` on one side only; GSM8K: equal final answers); a pair
+whose target carries none of its >= 2 English numbers is dropped (numbers_absent); a run of such pairs
+whose targets carry their neighbour's numbers is a local shift and an error naming the ids (find_shift);
+and a sliding window over the number-bearing pairs catches a file shifted from some id on (aligned files
+score > 0.9, ids shifted by one < 0.35).
+Filters judge content (docs/PAIRS.md): code with translated keywords is dropped (code_translated); English
+left in the target is dropped only when it is running English prose (untranslated), not when it is code,
+a URL, an e-mail, a hashtag, a name or a list; wrong script and length ratio leave short texts alone.
 
 Our conventions (DESIGN **ours**), each a constant below:
 - Alpaca: x = instruction + "\n\n" + input (input non-empty); the Vietnamese file merged instruction and
@@ -37,8 +42,9 @@ Our conventions (DESIGN **ours**), each a constant below:
   "read the English sentence out of the target sentence's hidden states". A translation instruction
   ("Translate into Chinese: <en>" -> <zh>) would put both languages on one side and break that.
   The TFT term alone is only copying on these pairs: mix them with instruction data.
-- Splits: an id's place is sha256(seed:id), so train/dev membership does not depend on the input order
-  or on what else was filtered; --limit keeps the first --limit ids of that order, dev is its head.
+- Splits: an id's place is sha256(seed:id); dev = the first --dev-size ids of that order over ALL input ids,
+  chosen before filtering, minus the ones filters drop (not replaced), so builds with other filters share
+  their dev ids; --limit keeps the surviving dev pairs and fills up with train pairs in hash order.
 """
 import argparse
 import hashlib
@@ -89,7 +95,8 @@ RATIO_MIN_CHARS = 10  # "Yes" -> "是" says nothing about alignment: the ratio i
 # ja 0.29 / 0.80, de ru sw 0.70 / 1.53 (0.1% / 99.9% quantiles).
 RATIO_MIN_CHARS_LOW = 30
 # A short response is often the same in every language (a name, a formula, a URL, "12 cm"): the
-# untranslated and wrong-script filters judge y only from this many letters on (x, the instruction, always).
+# untranslated filter judges y from this many letters of prose on (x, the instruction, always); the
+# wrong-script filter judges x and y from this many on ("Chia 100 cho 7." is Vietnamese without diacritics).
 JUDGE_MIN_LETTERS = 20
 
 ALIGN_WINDOW = 50  # pairs (with >= 2 numbers on the English side) per window of the alignment check
@@ -625,10 +632,6 @@ def wrong_script(en, tgt, lang, min_letters):
     return shared_letters < COPY_SHARE * all_letters and normalised(en) != normalised(tgt)
 
 
-def letters(text):
-    return sum(c.isalpha() for c in text)
-
-
 def token_lengths(rows, tokenizer):
     """Tokens of the longest sequence the trainer builds from each pair: prompt (with the tokenizer's special
     tokens, e.g. BOS) and response tokenized apart, + EOS, as 02_train_dft.py encodes them."""
@@ -873,14 +876,16 @@ def parse_args(argv=None):
     g.add_argument("--tokenizer", help="tokenizer (model name or folder) for --max-tokens")
     g.add_argument("--align-min-agreement", type=float, default=0.45,
                    help="min share of number-bearing pairs per window that share their numbers "
-                        "(default %(default)s; 0 disables)")
+                        "(default %(default)s; 0 disables this and the local shift check)")
     g.add_argument("--max-misaligned", type=float, default=0.01,
                    help="max fraction of pairs failing the per-pair check, dropped as misaligned; more is an "
                         "error (default %(default)s)")
     g = p.add_argument_group("output")
     g.add_argument("--out", required=True, help="PAIRS.jsonl; also writes PAIRS.dev.jsonl and PAIRS.stats.json")
-    g.add_argument("--dev-size", type=int, default=200, help="pairs held out to PAIRS.dev.jsonl (default %(default)s; 0: none)")
-    g.add_argument("--limit", type=int, help="cap on train+dev pairs (seeded choice after filtering)")
+    g.add_argument("--dev-size", type=int, default=200,
+                   help="ids held out to PAIRS.dev.jsonl, chosen before filtering (the ones filters drop are not "
+                        "replaced, so about this many pairs; default %(default)s; 0: none)")
+    g.add_argument("--limit", type=int, help="cap on train+dev pairs (surviving dev pairs, then train in seeded order)")
     g.add_argument("--seed", type=int, default=0, help="seeds the split and --limit (default %(default)s)")
     g = p.add_argument_group("machine translation of the English side")
     g.add_argument("--translate-model", help="transformers seq2seq model (e.g. facebook/nllb-200-distilled-600M)")
