@@ -5,7 +5,14 @@
 
 Reads RUN_DIR/METHOD/train_log.jsonl (02_train_dft.py writes one line per optimizer step) and prints the
 final-step loss terms per method as a markdown table (also written next to the PNG as .md).
+
+    python scripts/plot_losses.py runs/replication_gemma tft-s1 dft-logits-w1-s1 ... --heldout --out results/gemma3/loss_curves.png
+
+--heldout: the held-out curves instead (02_train_dft.py --eval-pairs: eval_loss_tft per evaluated step), all
+runs in one panel, one colour per run group (name without its -sSEED suffix), one line style per seed; a
+second panel gives the training loss_tft (a 10-step moving mean). The table then lists the last held-out terms.
 """
+import re
 import argparse
 import os
 import sys
@@ -26,6 +33,7 @@ def main():
     ap.add_argument("run_dir")
     ap.add_argument("methods", nargs="+")
     ap.add_argument("--out", required=True, help="PNG path")
+    ap.add_argument("--heldout", action="store_true", help="held-out curves of every run in one figure")
     args = ap.parse_args()
     logs = {}
     for m in args.methods:
@@ -34,6 +42,11 @@ def main():
             logs[m] = common.read_jsonl(p)
         else:
             print(f"missing {p}, skipped")
+    if not logs:
+        print("no training logs")
+        return
+    if args.heldout:
+        return heldout(logs, args.out)
     fig, axes = plt.subplots(1, len(logs), figsize=(4.2 * len(logs), 3.4), squeeze=False)
     for ax, (m, rows) in zip(axes[0], logs.items()):
         for t in TERMS:
@@ -59,6 +72,47 @@ def main():
         f.write("Final optimizer step, from train_log.jsonl\n\n" + table)
     print(table)
     print(f"wrote {args.out}")
+
+
+def heldout(logs, out):
+    groups = []
+    for m in logs:
+        g = re.sub(r"-s\d+$", "", m)
+        groups += [g] if g not in groups else []
+    styles = ["-", "--", ":", "-."]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for m, rows in logs.items():
+        g = re.sub(r"-s\d+$", "", m)
+        seed = re.search(r"-s(\d+)$", m)
+        color, ls = f"C{groups.index(g)}", styles[(int(seed.group(1)) - 1) % 4 if seed else 0]
+        pts = [(r["step"], r["eval_loss_tft"]) for r in rows if r.get("eval_loss_tft") is not None]
+        if pts:
+            axes[0].plot(*zip(*pts), color=color, ls=ls, marker="o", ms=3, label=m)
+        tr = [r["loss_tft"] for r in rows]
+        smooth = [sum(tr[max(0, i - 9):i + 1]) / len(tr[max(0, i - 9):i + 1]) for i in range(len(tr))]
+        axes[1].plot([r["step"] for r in rows], smooth, color=color, ls=ls, label=m)
+    axes[0].set(title="held-out L_TFT (dev pairs, no gradient)", xlabel="optimizer step", ylabel="nats/token")
+    axes[1].set(title="training L_TFT (10-step moving mean)", xlabel="optimizer step")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    keys = ("eval_loss_tft", "eval_loss_lc", "eval_loss_et")
+    lines = ["| run | steps | last held-out step | " + " | ".join(keys) + " | training wall s |", "|---" * (len(keys) + 4) + "|"]
+    for m, rows in logs.items():
+        ev = [r for r in rows if r.get("eval_loss_tft") is not None]
+        last = ev[-1] if ev else {}
+        cells = [f"{last[k]:.4f}" if last.get(k) is not None else "–" for k in keys]
+        lines.append(f"| {m} | {rows[-1]['step']} | {last.get('step', '–')} | " + " | ".join(cells)
+                     + f" | {rows[-1].get('elapsed', 0):.0f} |")
+    table = "\n".join(lines) + "\n"
+    with common.atomic_open(os.path.splitext(out)[0] + ".md") as f:
+        f.write("Held-out terms at the last evaluated step, from train_log.jsonl\n\n" + table)
+    print(table)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
