@@ -189,6 +189,7 @@ def main():
     g.add_argument("--repeats", type=int, default=5, help="timed rounds (each times every method once)")
     g.add_argument("--methods", default=",".join(METHODS))
     g.add_argument("--out", default="runs/bench_train")
+    g.add_argument("--skip-memory", action="store_true", help="skip the peak-memory runs (one fresh process per cell)")
     g.add_argument("--method", help=argparse.SUPPRESS)  # internal: measure one method in this process
     g.add_argument("--precision", default="no", help=argparse.SUPPRESS)  # internal: with --method
     args = p.parse_args()
@@ -204,6 +205,9 @@ def main():
         raise common.UserError(f"--precisions takes no and/or bf16, got {args.precisions!r}")
     results = measure_times(args, methods, precisions)
     for key, r in results.items():  # memory: each cell alone in a fresh process
+        if args.skip_memory:
+            r.update(peak_mb=float("nan"), before_mb=float("nan"))
+            continue
         cmd = [sys.executable, __file__, *sys.argv[1:], "--method", r["method"], "--precision", r["precision"]]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
