@@ -165,6 +165,8 @@ WSMALL=${WSMALL:-0.1}              # the smaller dft-logits weight (both lens te
 HELD_EVERY=${HELD_EVERY:-20}       # held-out loss during training every N steps ...
 HELD_LIMIT=${HELD_LIMIT:-64}       # ... on the first N dev pairs (03's NLL uses all 200)
 SAVE_EVERY=${SAVE_EVERY:-20}       # checkpoints: a stopped training resumes from the last one
+CE_CHUNK=${CE_CHUNK:-256}          # tokens per cross-entropy chunk (memory only: 256 x 262k logits at a time; the
+                                   # first launch, at 02's default 1024, was killed by the host's OOM killer)
 EVAL_DTYPE=${EVAL_DTYPE:-bfloat16}
 N_NLL=${N_NLL:-200} N_XNLI=${N_XNLI:-1000} N_XCOPA=${N_XCOPA:-500} N_XSC=${N_XSC:-1000} N_MMLU=${N_MMLU:-1000}
 N_TQA=${N_TQA:-200} N_XQUAD=${N_XQUAD:-150} N_MT=${N_MT:-150}   # secondary (0 = all items); TruthfulQA cut from 788: README
@@ -205,7 +207,7 @@ publish_eval() {  # publish_eval NAME: run JSON + gzipped per-item files into $R
     local name=$1 f
     cp "$OUT/eval/$name.json" "$RES/eval/"
     for f in "$OUT/eval/$name".*.jsonl; do [ -f "$f" ] && gzip -nc "$f" > "$RES/eval/$(basename "$f").gz"; done
-    cp "$OUT/eval/$name.log" "$RES/eval/" 2>/dev/null || true
+    tr '\r' '\n' < "$OUT/eval/$name.log" | grep -v "it/s\]\|s/it\]\|^\s*$" > "$RES/eval/$name.log" || true   # without progress bars
     refresh_tables
     commit_res "results/gemma3: evaluation of $name (${2:-})" "$RES/eval" "$RES/tables.md" "$RES/compare.json" \
         $( [ -f "$RES/loss_curves.png" ] && echo "$RES/loss_curves.png" "$RES/loss_curves.md" )
@@ -279,16 +281,23 @@ flags_of() {  # the method flags of a run name (layers given to every method; tf
     esac
 }
 
-train() {  # train NAME: 02_train_dft.py with the run's flags; resumes a stopped run from its checkpoint
-    local name=$1 seed=${1##*-s} resume=""
+train() {  # train NAME: 02_train_dft.py with the run's flags; resumes a stopped run from its checkpoint; 2 attempts
+    local name=$1 seed=${1##*-s} resume="" attempt ok=0
     [ -f "$OUT/$name.trained" ] && return 0
-    if [ -d "$OUT/$name/checkpoint" ]; then resume=--resume
-    elif [ -d "$OUT/$name" ]; then rm -rf "$OUT/$name"; fi   # stopped before its first checkpoint: start again
-    stamp "train $name: start ${resume:+(resume)}"
-    if $PY 02_train_dft.py --pairs "$PAIRS" --out "$OUT/$name" --model "$BASE" $(flags_of "$name") \
-            --max-steps "$STEPS" --batch-size "$BATCH" --max-length "$MAX_LEN" --lr "$LR" --seed "$seed" \
-            --eval-pairs "$DEVPAIRS" --eval-every "$HELD_EVERY" --eval-limit "$HELD_LIMIT" \
-            --save-every "$SAVE_EVERY" --log-every 10 $resume >> "$OUT/$name.train.log" 2>&1; then
+    for attempt in 1 2; do
+        resume=""
+        if [ -d "$OUT/$name/checkpoint" ]; then resume=--resume
+        elif [ -d "$OUT/$name" ]; then rm -rf "$OUT/$name"; fi   # stopped before its first checkpoint: start again
+        stamp "train $name: start (attempt $attempt${resume:+, resume from checkpoint})"
+        if $PY 02_train_dft.py --pairs "$PAIRS" --out "$OUT/$name" --model "$BASE" $(flags_of "$name") \
+                --max-steps "$STEPS" --batch-size "$BATCH" --max-length "$MAX_LEN" --lr "$LR" --seed "$seed" \
+                --eval-pairs "$DEVPAIRS" --eval-every "$HELD_EVERY" --eval-limit "$HELD_LIMIT" --ce-chunk "$CE_CHUNK" \
+                --save-every "$SAVE_EVERY" --log-every 10 $resume >> "$OUT/$name.train.log" 2>&1; then
+            ok=1; break
+        fi
+        stamp "train $name: attempt $attempt failed (see $OUT/$name.train.log)"
+    done
+    if [ "$ok" = 1 ]; then
         rm -rf "$OUT/$name/checkpoint"
         touch "$OUT/$name.trained"
         mkdir -p "$RES/train/$name"
@@ -344,6 +353,7 @@ if [ ! -f "$OUT/pairs.done" ]; then
 fi
 
 stamp "== 2/3 training (foreground) and evaluation (one background queue)"
+rm -f "$OUT"/*.failed   # a rerun tries failed trainings again
 eval_queue & QUEUE=$!
 for n in $RUNS; do train "$n"; done
 stamp "training: done; waiting for the evaluation queue"

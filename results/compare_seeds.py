@@ -287,8 +287,10 @@ def main():
     print("\n### Wall time per run (minutes; the 2-core CPU was shared with other jobs)\n")
     print("| run | training | evaluation (sum of cells) |")
     print("|---|---|---|")
-    for run in sorted(runs, key=lambda r: (order.index(group_of(r)[0]) if group_of(r)[0] in order else 99, str(group_of(r)[1]))):
-        ev = sum(e.get("seconds", 0) for t in runs[run]["results"].values() for e in t.values())
+    trained = [d for d in os.listdir(args.train) if os.path.isdir(os.path.join(args.train, d))] if args.train and os.path.isdir(args.train) else []
+    known = order + sorted({group_of(r)[0] for r in trained} - set(order))
+    for run in sorted(set(runs) | set(trained), key=lambda r: (known.index(group_of(r)[0]), str(group_of(r)[1]))):
+        ev = sum(e.get("seconds", 0) for t in runs[run]["results"].values() for e in t.values()) if run in runs else 0.0
         tr = "–"
         if args.train:
             p = os.path.join(args.train, run, "train_log.jsonl")
