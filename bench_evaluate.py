@@ -1,30 +1,37 @@
 """
-Benchmark 03_evaluate.py against lm-evaluation-harness on the same model, items and batch size.
+Benchmark 03_evaluate.py in float32 and bf16 side by side, and against lm-evaluation-harness at each dtype.
 
-Four tasks, all zh: xnli (log-likelihood, 3 choices, empty context), mmlu (Okapi m_mmlu_zh: log-likelihood of
-" A".." D" after the question, our shared-prefix path with one-token suffixes), truthfulqa (Okapi
-truthfulqa_zh_mc1: 6-shot QA prompt of ~200 tokens, 2-13 choices; the shared-prefix path with real suffixes) and
-mgsm_direct (greedy generation, the harness's stop strings and 256-token budget). A limit of 0 skips a task.
-We time our functions in this process (data loading, tokenization, model calls, scoring; not model loading)
-and the harness's `simple_evaluate` in its own virtual environment (the same steps, model loaded beforehand),
-then compare the answers item by item.
+One process loads the model in every --dtypes entry and runs each task in each dtype in turn (the same
+items, interleaved per task so both see the same machine load); then the harness runs the same tasks on the
+first items in its own virtual environment, with its `dtype=` model argument set to each dtype in turn.
+Tasks, all zh: xnli (log-likelihood, 3 choices, empty context), mmlu (Okapi m_mmlu_zh: " A".." D" after the
+question; our shared-prefix path with one-token suffixes), truthfulqa (Okapi truthfulqa_zh_mc1: ~200-token
+6-shot prompt, 2-13 choices), mgsm_direct (greedy generation, the harness's stop strings and 256 tokens) and,
+with --nll-pairs, the held-out NLL of the training format (ours only: the harness has no such task). A limit
+of 0 skips a task.
 
-The harness cannot reach the hub here, so it gets the model as the local folder common.resolve_model
-returns and the data through task YAMLs that `include` the harness's own xnli_zh.yaml, mgsm_direct_zh.yaml,
+Timing: process CPU seconds (not wall) with --threads torch threads (use 1 on a shared machine: CPU time then
+measures the work, while wall time swings with the neighbours' load). Ours: data loading, tokenization,
+model calls and scoring, not model loading; the harness: its `simple_evaluate` with the model loaded beforehand.
+
+Agreement reported: bf16 vs float32 (ours): items whose predicted choice differs, max |delta log-likelihood|,
+identical generated texts, and the NLL difference in nats/token; ours vs the harness at the same dtype: the
+same request strings and the same predicted choice (or identical generated text) item by item.
+
+The harness reads the model as the local folder common.resolve_model returns (the hub is not needed) and the
+data through task YAMLs that `include` its own xnli_zh.yaml, mgsm_direct_zh.yaml,
 okapi/mmlu_multilingual/m_mmlu_zh.yaml and okapi/truthfulqa_multilingual/truthfulqa_zh_mc1.yaml and only swap
-the dataset for a local JSON file made from data/ (MMLU: our val file as the harness's test split, our dev
-file as its train/few-shot split; TruthfulQA: the raw Okapi rows as its val split, run through its own
-utils.process_docs). Both sides score the first N items in file order; every harness request's
-(context, continuation) is checked against ours, so the items and prompts are the same string for string.
+the dataset for local JSON-lines files made from data/ (MMLU: our val file as its test split, our dev file as
+its few-shot split; TruthfulQA: the raw Okapi rows as its val split, through its own utils.process_docs).
 
-Set-up of the harness (a separate venv; never install it into .venv):
-  python3 -m venv /work/lmeval-venv && /work/lmeval-venv/bin/pip install torch==2.13.0 \
-      && /work/lmeval-venv/bin/pip install lm-eval==0.4.13 transformers==5.23.0 accelerate==1.15.0
-Run:
-  .venv/bin/python bench_evaluate.py --xnli-limit 100 --mgsm-limit 16 --mmlu-limit 50 --truthfulqa-limit 30 \
-      --out /tmp/bench_eval
-Timing: wall seconds and process CPU seconds (all threads) of each side; on a shared machine wall time
-swings several-fold with the neighbours' load, so compare CPU seconds (speedup_cpu) first.
+Set-up of the harness: a separate venv, anywhere (never install it into .venv), then pass its python with
+--lmeval-python or the LMEVAL_PYTHON environment variable:
+  python3 -m venv ~/lmeval-venv && ~/lmeval-venv/bin/pip install torch==2.13.0 \
+      && ~/lmeval-venv/bin/pip install lm-eval==0.4.13 transformers==5.23.0 accelerate==1.15.0
+Run (about 20 CPU minutes on one thread of this project's CPU; results/bench_evaluate/README.md):
+  LMEVAL_PYTHON=~/lmeval-venv/bin/python .venv/bin/python bench_evaluate.py --threads 1 --xnli-limit 500 \
+      --mmlu-limit 40 --truthfulqa-limit 20 --mgsm-limit 12 --nll-pairs runs/pairs_zh.dev.jsonl --nll-limit 60 \
+      --harness-max-items 40 --out results/bench_evaluate
 """
 import argparse
 import importlib.util
@@ -51,18 +58,20 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 cfg = json.load(open(sys.argv[1]))
 torch.set_num_threads(cfg["threads"])
-lm = HFLM(pretrained=cfg["model"], dtype="float32", batch_size=cfg["batch_size"], device="cpu")
+lms = {dtype: HFLM(pretrained=cfg["model"], dtype=dtype, batch_size=cfg["batch_size"], device="cpu")
+       for dtype in cfg["dtypes"]}
 tm = TaskManager(include_path=cfg["task_dir"])
-out = {}
+out = {dtype: {} for dtype in cfg["dtypes"]}
 for task, limit in cfg["tasks"]:
-    t0, c0 = time.time(), time.process_time()
-    res = simple_evaluate(model=lm, tasks=[task], limit=limit, task_manager=tm, log_samples=True,
-                          bootstrap_iters=0, random_seed=0, numpy_random_seed=0, torch_random_seed=0)
-    seconds, cpu = time.time() - t0, time.process_time() - c0
-    samples = [dict(doc_id=s["doc_id"], filter=s.get("filter"), arguments=s["arguments"], resps=s["resps"],
-                    filtered=s["filtered_resps"], target=s["target"], acc=s.get("acc"), exact_match=s.get("exact_match"))
-               for s in res["samples"][task]]
-    out[task] = dict(seconds=seconds, cpu_seconds=cpu, results=res["results"][task], samples=samples)
+    for dtype, lm in lms.items():  # interleaved per task, as ours
+        t0, c0 = time.time(), time.process_time()
+        res = simple_evaluate(model=lm, tasks=[task], limit=limit, task_manager=tm, log_samples=True,
+                              bootstrap_iters=0, random_seed=0, numpy_random_seed=0, torch_random_seed=0)
+        seconds, cpu = time.time() - t0, time.process_time() - c0
+        samples = [dict(doc_id=s["doc_id"], filter=s.get("filter"), arguments=s["arguments"], resps=s["resps"],
+                        filtered=s["filtered_resps"], target=s["target"], acc=s.get("acc"),
+                        exact_match=s.get("exact_match")) for s in res["samples"][task]]
+        out[dtype][task] = dict(seconds=seconds, cpu_seconds=cpu, results=res["results"][task], samples=samples)
 json.dump(out, open(cfg["out"], "w"), default=str)
 '''
 
@@ -137,18 +146,49 @@ def harness_task_files(folder, tasks_dir, xnli_rows, mgsm_rows):
                 dict(files=dict(test=mgsm_data), keys=no_train))
 
 
-def run_ours(model, tokenizer, args, share_prefix=True):
+def run_ours(models, args, share_prefix=True):
+    """{task: {dtype: run}} for every task with a limit, each task run in every dtype in turn."""
     a = ev.parse_args(["--out", "x", "--batch-size", str(args.batch_size)] + ([] if share_prefix else ["--no-share-prefix"]))
+    a.pairs = args.nll_pairs
     out = {}
-    for task, _, flag in TASKS:
+    for task, _, flag in TASKS + (("nll", None, "nll_limit"),):
         limit = getattr(args, flag)
-        if not limit or (task not in MC_TASKS and not share_prefix):
-            continue  # limit 0: skipped; prefix sharing only concerns log-likelihoods
+        if not limit or (task == "nll" and not args.nll_pairs) or (task not in MC_TASKS and not share_prefix):
+            continue  # limit 0: skipped; prefix sharing only concerns the multiple-choice log-likelihoods
         a.limit = limit
-        t0, c0 = time.time(), time.process_time()
-        items, _, _ = ev.load_task(task, "zh", a)
-        entry, rows = ev.evaluate(model, tokenizer, task, "zh", items, a)
-        out[task] = dict(seconds=time.time() - t0, cpu_seconds=time.process_time() - c0, entry=entry, rows=rows)
+        out[task] = {}
+        for dtype, (model, tokenizer) in models.items():
+            t0, c0 = time.time(), time.process_time()
+            items, _, _ = ev.load_task(task, "zh", a)
+            entry, rows = ev.evaluate(model, tokenizer, task, "zh", items, a)
+            out[task][dtype] = dict(seconds=time.time() - t0, cpu_seconds=time.process_time() - c0, entry=entry, rows=rows)
+            print(f"[ours {dtype}] {task}: {len(rows)} items, {out[task][dtype]['cpu_seconds']:.1f} CPU s, "
+                  f"{entry['metric']} {entry['score']:.4f}", flush=True)
+    return out
+
+
+def timing(run):
+    n = len(run["rows"])
+    return dict(items=n, seconds=round(run["seconds"], 1), items_per_second=round(n / run["seconds"], 3),
+                cpu_seconds=round(run["cpu_seconds"], 1), items_per_cpu_second=round(n / run["cpu_seconds"], 3))
+
+
+def compare_dtypes(task, ref, other):
+    """Agreement of one dtype's run with the reference dtype's run (ours, same items)."""
+    a, b = ref["rows"], other["rows"]
+    out = dict(n=len(a), score_ref=ref["entry"]["score"], score=other["entry"]["score"])
+    if task in MC_TASKS:
+        diff = [x["id"] for x, y in zip(a, b) if x["pred"] != y["pred"]]
+        out.update(different_prediction=len(diff), different_share=round(len(diff) / len(a), 4), different_ids=diff[:20],
+                   max_abs_loglik_diff=max(abs(u - v) for x, y in zip(a, b)
+                                           for u, v in zip(x["loglikelihoods"], y["loglikelihoods"])))
+    elif task == "nll":
+        out.update(nll_diff_nats_per_token=other["entry"]["score"] - ref["entry"]["score"],
+                   max_abs_item_nll_diff=max(abs(x["scores"]["nll"] - y["scores"]["nll"]) for x, y in zip(a, b)))
+    else:
+        out.update(identical_text=sum(x["prediction"] == y["prediction"] for x, y in zip(a, b)),
+                   same_flexible_score=sum(x["scores"]["flexible_extract"] == y["scores"]["flexible_extract"]
+                                           for x, y in zip(a, b)))
     return out
 
 
@@ -159,6 +199,7 @@ def compare_mc(ours, harness, perm=None):
     prediction is its np.argmax (first of equal maxima) in its own order, mapped to ours.
     """
     docs = {s["doc_id"]: s for s in harness["samples"]}
+    ours = dict(ours, rows=ours["rows"][:len(docs)])  # the harness may run on the first of our items only
     same_items = sorted(docs) == list(range(len(ours["rows"])))  # doc ids 0..N-1, as our first N items
     agree, same_prompt, same_correct, h_correct, max_diff, mism, bad_prompt = 0, 0, 0, 0, 0.0, [], []
     for i, row in enumerate(ours["rows"]):
@@ -200,6 +241,7 @@ def compare_mgsm(ours, harness):
         if s["filter"] == "flexible-extract":
             flex[s["doc_id"]] = (s["filtered"], s["exact_match"])
     same_text, same_score, mism = 0, 0, []
+    ours = dict(ours, rows=ours["rows"][:len(raw)])
     for i, row in enumerate(ours["rows"]):
         same_text += raw[i] == row["prediction"]
         h_score = float(flex[i][1]) if i in flex else None
@@ -210,52 +252,80 @@ def compare_mgsm(ours, harness):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--xnli-limit", type=int, default=100, help="first N XNLI zh validation items (0: skip)")
-    p.add_argument("--mgsm-limit", type=int, default=24, help="first N MGSM zh items (0: skip)")
-    p.add_argument("--mmlu-limit", type=int, default=50, help="first N Okapi MMLU zh val items (0: skip)")
-    p.add_argument("--truthfulqa-limit", type=int, default=30, help="first N Okapi TruthfulQA zh items (0: skip)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--lmeval-python", default="/work/lmeval-venv/bin/python")
-    p.add_argument("--skip-harness", action="store_true")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2])
+    g = p.add_argument_group("items (the first N of each zh task; 0 skips the task)")
+    g.add_argument("--xnli-limit", type=int, default=100, help="XNLI zh validation items")
+    g.add_argument("--mmlu-limit", type=int, default=50, help="Okapi MMLU zh val items")
+    g.add_argument("--truthfulqa-limit", type=int, default=30, help="Okapi TruthfulQA zh items")
+    g.add_argument("--mgsm-limit", type=int, default=16, help="MGSM zh items (greedy generation)")
+    g.add_argument("--nll-pairs", default=None, help="dev pairs JSONL from 01_build_pairs.py: held-out NLL of its zh "
+                   "pairs (ours only; default: skipped)")
+    g.add_argument("--nll-limit", type=int, default=100, help="dev pairs for the NLL task")
+    g.add_argument("--harness-max-items", type=int, default=100, help="the harness runs each task on at most this "
+                   "many of the same first items (it is the slower side)")
+    g = p.add_argument_group("compute")
+    g.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated; the first is the reference")
+    g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument("--threads", type=int, default=1, help="torch threads on both sides (1: CPU time = work)")
+    g.add_argument("--share-prefix-check", action="store_true", help="also run our multiple-choice tasks with "
+                   "--no-share-prefix (the harness's one-row-per-choice layout) in the reference dtype")
+    g = p.add_argument_group("the harness")
+    g.add_argument("--lmeval-python", default=os.environ.get("LMEVAL_PYTHON"), help="python of a venv with "
+                   "lm-eval 0.4.13 (default: $LMEVAL_PYTHON; see the set-up above)")
+    g.add_argument("--skip-harness", action="store_true", help="ours only")
     p.add_argument("--out", default="/tmp/bench_eval")
     args = p.parse_args()
-    for _, _, flag in TASKS:
+    for flag in ("xnli_limit", "mmlu_limit", "truthfulqa_limit", "mgsm_limit", "nll_limit"):
         if getattr(args, flag) < 0:
             raise SystemExit(f"--{flag.replace('_', '-')} must be >= 0")
-    run = [(t, h, getattr(args, flag)) for t, h, flag in TASKS if getattr(args, flag)]
-    if not run:
+    dtypes = common.parse_list(args.dtypes)
+    if not dtypes or any(d not in ("float32", "bfloat16", "float16") for d in dtypes):
+        raise SystemExit(f"--dtypes {args.dtypes}: use float32, bfloat16 or float16")
+    if args.nll_pairs and not os.path.exists(args.nll_pairs):
+        raise SystemExit(f"--nll-pairs {args.nll_pairs}: no such file")
+    if not args.skip_harness and not (args.lmeval_python and os.path.exists(args.lmeval_python)):
+        raise SystemExit("no harness python: pass --lmeval-python PATH or set LMEVAL_PYTHON (see the set-up in "
+                         "`bench_evaluate.py --help`), or --skip-harness")
+    run = [(t, h, min(getattr(args, flag), args.harness_max_items)) for t, h, flag in TASKS if getattr(args, flag)]
+    if not run and not args.nll_pairs:
         raise SystemExit("every task has limit 0: nothing to run")
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     model_dir, _, source = common.resolve_model(common.DEFAULT_MODEL)
-    report = dict(model=model_dir, model_source=source, batch_size=args.batch_size, threads=args.threads,
-                  xnli_limit=args.xnli_limit, mgsm_limit=args.mgsm_limit, mmlu_limit=args.mmlu_limit,
-                  truthfulqa_limit=args.truthfulqa_limit, versions=common.versions())
+    report = dict(model=model_dir, model_source=source, batch_size=args.batch_size, threads=args.threads, dtypes=dtypes,
+                  native_bf16=common.native_bf16("cpu"), cpu=_cpu_name(),
+                  limits=dict(xnli=args.xnli_limit, mmlu=args.mmlu_limit, truthfulqa=args.truthfulqa_limit,
+                              mgsm=args.mgsm_limit, nll=args.nll_limit if args.nll_pairs else 0),
+                  harness_limits={t: n for t, _, n in run}, versions=common.versions(),
+                  nll_pairs=dict(path=args.nll_pairs, sha256=common.sha256_file(args.nll_pairs)) if args.nll_pairs else None,
+                  started=time.strftime("%Y-%m-%d %H:%M:%S"))
 
-    model, tokenizer = common.load_model_and_tokenizer(model_dir, padding_side="left")
-    model.eval()
-    ours = run_ours(model, tokenizer, args, share_prefix=True)
-    flat = run_ours(model, tokenizer, args, share_prefix=False)
-    del model
-    report["ours"] = {t: dict(items=len(o["rows"]), seconds=round(o["seconds"], 1), items_per_second=round(len(o["rows"]) / o["seconds"], 3),
-                              cpu_seconds=round(o["cpu_seconds"], 1), items_per_cpu_second=round(len(o["rows"]) / o["cpu_seconds"], 3),
-                              score=o["entry"]["score"], metrics=o["entry"]["metrics"]) for t, o in ours.items()}
-    report["ours_no_share_prefix"] = {}
-    for t, o in flat.items():
-        a, b = ours[t]["rows"], o["rows"]
-        report["ours_no_share_prefix"][t] = dict(
-            seconds=round(o["seconds"], 1), score=o["entry"]["score"], cpu_seconds=round(o["cpu_seconds"], 1),
-            items_per_second=round(len(b) / o["seconds"], 3), items_per_cpu_second=round(len(b) / o["cpu_seconds"], 3),
-            same_prediction_as_shared=sum(x["pred"] == y["pred"] for x, y in zip(a, b)),
-            max_abs_loglik_diff_vs_shared=max(abs(u - v) for x, y in zip(a, b)
-                                              for u, v in zip(x["loglikelihoods"], y["loglikelihoods"])))
-    print(json.dumps(report["ours"], indent=1), flush=True)
+    models = {}
+    for dtype in dtypes:
+        models[dtype] = common.load_model_and_tokenizer(model_dir, dtype, padding_side="left")
+        models[dtype][0].eval()
+    ours = run_ours(models, args)
+    ref = dtypes[0]
+    report["ours"] = {t: {d: dict(timing(r), score=r["entry"]["score"], metrics=r["entry"]["metrics"])
+                          for d, r in by_dtype.items()} for t, by_dtype in ours.items()}
+    report["speedup_cpu_vs_" + ref] = {t: {d: round(by_dtype[ref]["cpu_seconds"] / r["cpu_seconds"], 2)
+                                           for d, r in by_dtype.items() if d != ref} for t, by_dtype in ours.items()}
+    report["agreement_vs_" + ref] = {t: {d: compare_dtypes(t, by_dtype[ref], r) for d, r in by_dtype.items() if d != ref}
+                                     for t, by_dtype in ours.items()}
+    if args.share_prefix_check:
+        flat = run_ours({ref: models[ref]}, args, share_prefix=False)
+        report["ours_no_share_prefix"] = {}
+        for t, by_dtype in flat.items():
+            o, x, y = by_dtype[ref], ours[t][ref]["rows"], by_dtype[ref]["rows"]
+            report["ours_no_share_prefix"][t] = dict(
+                timing(o), dtype=ref, same_prediction_as_shared=sum(u["pred"] == v["pred"] for u, v in zip(x, y)),
+                max_abs_loglik_diff_vs_shared=max(abs(u - v) for a, b in zip(x, y)
+                                                  for u, v in zip(a["loglikelihoods"], b["loglikelihoods"])))
+    del models
+    print(json.dumps({k: report[k] for k in report if k.startswith(("speedup", "agreement"))}, indent=1), flush=True)
 
-    if not args.skip_harness:
-        if not os.path.exists(args.lmeval_python):
-            raise SystemExit(f"no harness python at {args.lmeval_python}; see the set-up in this file's docstring")
+    if not args.skip_harness and run:
         tasks_dir = subprocess.run([args.lmeval_python, "-c", "import lm_eval.tasks, os; "
                                     "print(os.path.dirname(lm_eval.tasks.__file__))"],
                                    capture_output=True, text=True, check=True).stdout.strip()
@@ -265,37 +335,48 @@ def main():
         harness_task_files(folder, tasks_dir, xnli_rows, mgsm_rows)
         tqa_perm = okapi_task_files(folder, tasks_dir)
         # the harness's limit 0 would mean "all": skipped tasks are not sent at all
-        cfg = dict(model=model_dir, batch_size=args.batch_size, threads=args.threads, task_dir=folder,
+        cfg = dict(model=model_dir, batch_size=args.batch_size, threads=args.threads, task_dir=folder, dtypes=dtypes,
                    tasks=[[h, limit] for _, h, limit in run], out=os.path.join(args.out, "harness_raw.json"))
         with open(os.path.join(folder, "cfg.json"), "w") as f:
             json.dump(cfg, f)
         with open(os.path.join(folder, "driver.py"), "w") as f:
             f.write(HARNESS_DRIVER)
-        env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+        env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+                   OMP_NUM_THREADS=str(args.threads))
         r = subprocess.run([args.lmeval_python, os.path.join(folder, "driver.py"), os.path.join(folder, "cfg.json")],
                            env=env, capture_output=True, text=True)
         if r.returncode != 0:
             print(r.stderr[-4000:])
             raise SystemExit("the harness run failed (its stderr is above)")
         h = json.load(open(cfg["out"]))
-        report["harness"], report["agreement"] = {}, {}
+        report["harness"], report["harness_agreement"], report["speedup_cpu_ours_vs_harness"] = {}, {}, {}
         for t, name, limit in run:
-            ht = h[name]
-            n = len({s["doc_id"] for s in ht["samples"]})
-            report["harness"][t] = dict(items=n, seconds=round(ht["seconds"], 1), items_per_second=round(n / ht["seconds"], 3),
-                                        cpu_seconds=round(ht["cpu_seconds"], 1),
-                                        items_per_cpu_second=round(n / ht["cpu_seconds"], 3), results=ht["results"])
-            if t == "mgsm":
-                report["agreement"][t] = compare_mgsm(ours[t], ht)
-            else:
-                report["agreement"][t] = compare_mc(ours[t], ht, tqa_perm if t == "truthfulqa" else None)
-        # wall time swings several-fold on a shared CPU; process CPU time (all threads) is the steadier measure
-        report["speedup_wall"] = {t: round(report["ours"][t]["items_per_second"] / report["harness"][t]["items_per_second"], 2)
-                                  for t, _, _ in run}
-        report["speedup_cpu"] = {t: round(report["harness"][t]["cpu_seconds"] / report["ours"][t]["cpu_seconds"], 2)
-                                 for t, _, _ in run}
+            report["harness"][t], report["harness_agreement"][t], report["speedup_cpu_ours_vs_harness"][t] = {}, {}, {}
+            for dtype in dtypes:
+                ht = h[dtype][name]
+                n = len({s["doc_id"] for s in ht["samples"]})
+                report["harness"][t][dtype] = dict(items=n, seconds=round(ht["seconds"], 1),
+                                                   items_per_second=round(n / ht["seconds"], 3),
+                                                   cpu_seconds=round(ht["cpu_seconds"], 1),
+                                                   items_per_cpu_second=round(n / ht["cpu_seconds"], 3),
+                                                   results=ht["results"])
+                mine = ours[t][dtype]
+                report["harness_agreement"][t][dtype] = (compare_mgsm(mine, ht) if t == "mgsm" else
+                                                         compare_mc(mine, ht, tqa_perm if t == "truthfulqa" else None))
+                ours_rate = len(mine["rows"]) / mine["cpu_seconds"]
+                report["speedup_cpu_ours_vs_harness"][t][dtype] = round(ours_rate / (n / ht["cpu_seconds"]), 2)
+    report["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     common.write_json(os.path.join(args.out, "bench_evaluate.json"), report)
-    print(json.dumps({k: v for k, v in report.items() if k != "versions"}, indent=1, ensure_ascii=False))
+    print(json.dumps({k: v for k, v in report.items() if k not in ("versions", "ours", "harness")}, indent=1,
+                     ensure_ascii=False))
+
+
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:
+        return None
 
 
 if __name__ == "__main__":
