@@ -157,7 +157,7 @@ DEV=${DEV:-200}                    # dev pairs (held-out NLL)
 MAX_LEN=${MAX_LEN:-256}            # tokens per training sequence (pairs are filtered to fit it)
 STEPS=${STEPS:-100}
 BATCH=${BATCH:-8}
-LR=${LR:-2e-5}                     # amended from 1e-4 at 02:20 UTC: results/README.md, "Amendment 1"
+LR=${LR:-2e-5}                     # amended from 1e-4 at 02:17 UTC: results/README.md, "Amendment 1"
 SEEDS=${SEEDS:-"1 2"}
 LC=${LC:-2}                        # block i (language conversion): results/README.md, "Layers"
 ET=${ET:-8}                        # block j (English thinking)
@@ -244,7 +244,7 @@ secondary_part() {  # secondary_part NAME PART
         xquad) ev "$1" xquad "$m" --tasks xquad --langs zh --prompt-style alpaca --max-new-tokens "$MAX_NEW" $(lim "$N_XQUAD") ;;
         translation) ev "$1" translation "$m" --tasks translation --langs zh --mt-data tatoeba --prompt-style alpaca \
             --max-new-tokens "$MAX_NEW" $(lim "$N_MT") ;;
-    esac && publish_eval "$1" "$2" || true
+    esac && publish_eval "$1" "$2" || touch "$OUT/eval/$1.$2.failed"   # skipped until the next launch
 }
 layers() {  # layers NAME: logit-lens analysis (English / zh mass, entropy, en-zh cosine per block)
     [ -f "$OUT/layers/$1.done" ] && return 0
@@ -261,7 +261,7 @@ m.plot_layers({json.load(open(p))["run"]: json.load(open(p)) for p in files}, "z
 PYEOF
         commit_res "results/gemma3: layer analysis of $1" "$RES/layers"
     else
-        stamp "layers $1 FAILED (see $OUT/layers/$1.log)"
+        touch "$OUT/layers/$1.failed"; stamp "layers $1 FAILED (see $OUT/layers/$1.log)"
     fi
 }
 
@@ -319,13 +319,13 @@ one_secondary() {  # run one pending secondary part (base first, then the runs i
     for n in base $RUNS; do
         [ -f "$OUT/eval/$n.primary.done" ] || continue
         for p in $SECONDARY; do
-            [ -f "$OUT/eval/$n.$p.done" ] || { secondary_part "$n" "$p"; return 0; }
+            [ -f "$OUT/eval/$n.$p.done" ] || [ -f "$OUT/eval/$n.$p.failed" ] || { secondary_part "$n" "$p"; return 0; }
         done
     done
     for n in base $(for s in ${SEEDS%% *}; do echo tft-s$s dft-logits-w1-s$s dft-logits-wsmall-s$s dft-feature-w1-s$s; \
                   [ "$HAS_MID" = 1 ] && echo mid-align-s$s; done); do
         { [ "$n" = base ] || [ -f "$OUT/$n.trained" ]; } || continue
-        [ -f "$OUT/layers/$n.done" ] || { layers "$n"; return 0; }
+        [ -f "$OUT/layers/$n.done" ] || [ -f "$OUT/layers/$n.failed" ] || { layers "$n"; return 0; }
     done
     return 1
 }
@@ -355,7 +355,7 @@ if [ ! -f "$OUT/pairs.done" ]; then
 fi
 
 stamp "== 2/3 training (foreground) and evaluation (one background queue)"
-rm -f "$OUT"/*.failed   # a rerun tries failed trainings again
+rm -f "$OUT"/*.failed "$OUT"/eval/*.failed "$OUT"/layers/*.failed   # a rerun tries failed parts again
 eval_queue & QUEUE=$!
 for n in $RUNS; do train "$n"; done
 stamp "training: done; waiting for the evaluation queue"
