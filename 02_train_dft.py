@@ -160,9 +160,9 @@ def grad_norm_arg(value):
         norm = float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number or 'none', got {value!r}") from None
-    if norm < 0:
+    if not norm >= 0:  # also NaN
         raise argparse.ArgumentTypeError(f"must be >= 0 (0 or 'none': no clipping), got {value}")
-    return norm
+    return norm if math.isfinite(norm) else 0.0
 
 
 TRACKERS = {"none": [], "tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": ["tensorboard", "wandb"]}
@@ -193,11 +193,11 @@ def resolve_config(args):
         raise common.UserError("--method sft trains on English only; --lc/--et need target-language inputs (use tft or dft-*)")
     if cfg["eval_every"] is not None and not cfg["eval_pairs"]:
         raise common.UserError("--eval-every needs --eval-pairs FILE (the held-out pairs, e.g. X.dev.jsonl from 01_build_pairs.py)")
-    if cfg["contrastive_temperature"] <= 0:
+    if not cfg["contrastive_temperature"] > 0:  # also NaN
         raise common.UserError(f"--contrastive-temperature must be > 0, got {cfg['contrastive_temperature']}")
-    if cfg["alternate"] and cfg["lc"] == "none" and cfg["et"] == "none":
+    if cfg["alternate"] and not any(cfg[name] != "none" and cfg[f"{name}_weight"] != 0 for name in ("lc", "et")):
         raise common.UserError("--alternate alternates the task loss with the intermediate terms; this objective has none "
-                               "(use --method mid-align, dft-* or --lc/--et)")
+                               "with a nonzero weight (use --method mid-align, dft-* or --lc/--et, and --lc/--et-weight > 0)")
     for flag in ("eval_every", "eval_limit"):
         if cfg[flag] is not None and cfg[flag] < 1:
             raise common.UserError(f"--{flag.replace('_', '-')} must be >= 1, got {cfg[flag]}")
@@ -371,8 +371,9 @@ def contrastive_loss(tgt, en, temperature, negatives="local"):
         raise common.UserError("the contrastive term needs at least 2 pairs per micro-batch (the other pairs are its "
                                "negatives); raise --batch-size")
     positives = torch.arange(tgt.shape[0], device=tgt.device) + offset
-    to_en = F.cross_entropy(tgt @ all_en.T / temperature, positives, reduction="sum")
-    to_tgt = F.cross_entropy(en @ all_tgt.T / temperature, positives, reduction="sum")
+    with torch.autocast(device_type=tgt.device.type, enabled=False):  # cosines in float32, also under bf16 autocast
+        to_en = F.cross_entropy(tgt @ all_en.T / temperature, positives, reduction="sum")
+        to_tgt = F.cross_entropy(en @ all_tgt.T / temperature, positives, reduction="sum")
     return (to_en + to_tgt) / 2
 
 
@@ -549,7 +550,7 @@ def resolve_layers(cfg, model, tokenizer, rows, out_dir, accelerator):
             broadcast_object_list(entropy, from_process=0)
         entropy = entropy[0]
         picked = pick_layers(entropy)
-        if accelerator.is_main_process:
+        if accelerator.is_main_process and not cfg["resume"]:  # a resumed run keeps its first segment's files
             save_entropy_curve(out_dir, entropy, picked, cfg["model"], len(texts))
         for name, k in zip(("lc", "et"), picked):
             if needed.get(name) == "auto":
@@ -592,7 +593,8 @@ def resolve_mixed_precision(flag, launcher, device_type):
     ACCELERATE_MIXED_PRECISION; None for plain python) on a device of `device_type`."""
     if launcher and flag != "auto" and launcher != flag:
         raise common.UserError(f"--mixed-precision {flag} disagrees with the launcher's mixed precision {launcher} "
-                               "(accelerate config or ACCELERATE_MIXED_PRECISION): drop the flag or change the launcher")
+                               "(accelerate config or ACCELERATE_MIXED_PRECISION; `accelerate launch` sets 'no' unless told "
+                               f"otherwise): drop the flag, or launch with `accelerate launch --mixed_precision {flag}`")
     if launcher:
         return launcher, "launcher (accelerate config / ACCELERATE_MIXED_PRECISION)"
     if flag != "auto":
@@ -685,6 +687,8 @@ def save_checkpoint(accelerator, out_dir, step, cfg):
     checkpoint under one of the three names, and latest_checkpoint() finds the newest."""
     final, tmp, old = (os.path.join(out_dir, name) for name in ("checkpoint", "checkpoint.tmp", "checkpoint.old"))
     if accelerator.is_main_process and os.path.isdir(tmp):
+        if os.path.exists(os.path.join(tmp, "step.json")):  # first unmark it: a half-deleted folder is never "complete"
+            os.remove(os.path.join(tmp, "step.json"))
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(tmp)
@@ -724,8 +728,10 @@ TRAJECTORY_KEYS = ("model", "method", "tft_side", "lc", "et", "lc_layer_used", "
 def check_resume(saved, now, start_step):
     """Refuse a resume whose configuration differs from the first segment's in anything that changes the trajectory."""
     differ = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in TRAJECTORY_KEYS if saved.get(k) != now.get(k)]
-    if now["total_steps"] < start_step:
-        differ.append(f"total_steps: {now['total_steps']} is below the checkpoint's step {start_step}")
+    if now["total_steps"] <= start_step:
+        differ.append(f"total_steps: {now['total_steps']} leaves nothing to train after the checkpoint's step {start_step}")
+    elif now["total_steps"] < saved["total_steps"]:
+        differ.append(f"total_steps: {saved['total_steps']} -> {now['total_steps']} (--max-steps/--epochs may only grow)")
     if differ:
         raise common.UserError("--resume with a configuration that differs from the run's (train_config.json): "
                                + "; ".join(differ) + ". Resume with the original flags (only --max-steps/--epochs may "
@@ -783,7 +789,8 @@ def heldout_losses(objective, accelerator, examples, cfg, pad_id, show_bar):
     from tqdm import tqdm
     world, rank = accelerator.num_processes, accelerator.process_index
     contrastive = "contrastive" in (cfg["lc"], cfg["et"])
-    plans = eval_batches(len(examples), world, cfg["batch_size"], min_size=2 if contrastive else 1)
+    size = max(2, cfg["batch_size"]) if contrastive else cfg["batch_size"]  # a contrastive batch needs 2 pairs
+    plans = eval_batches(len(examples), world, size, min_size=2 if contrastive else 1)
     shard = examples[rank::world]
     keys = ("loss_tft", "loss_lc", "loss_et")
     count_of = {"loss_tft": "tft", "loss_lc": "lc" if cfg["lc"] == "logits" else "seq",
@@ -876,6 +883,10 @@ def main(argv=None):
             raise common.UserError(f"the contrastive term compares each pair with the other pairs of its micro-batch, and "
                                    f"--batch-size {cfg['batch_size']} x {world if cfg['contrastive_negatives'] == 'global' else 1} "
                                    "device(s) leaves none: raise --batch-size to at least 2")
+    if eval_examples and "contrastive" in (cfg["lc"], cfg["et"]) and len(eval_examples) < 2 * world:
+        raise common.UserError(f"the held-out contrastive term contrasts each device's held-out pairs: {len(eval_examples)} "
+                               f"pairs over {world} device(s) leave a device fewer than 2; give more --eval-pairs "
+                               "(or a larger --eval-limit)")
     steps_per_epoch = micro_per_epoch // cfg["grad_accum"]
     total_steps = cfg["max_steps"] or max(1, int(cfg["epochs"] * steps_per_epoch))
     warmup_steps = max(1, int(cfg["warmup_ratio"] * total_steps)) if cfg["warmup_ratio"] > 0 else 0
@@ -917,6 +928,8 @@ def main(argv=None):
     if ckpt:
         accelerator.load_state(ckpt)
 
+    if cfg["report_to"] != "none":  # before anything is written: a tracker that fails to start leaves no files
+        accelerator.init_trackers(cfg["run_name"] or os.path.basename(os.path.normpath(out_dir)), config=tracker_config(run_info))
     if is_main:
         common.write_json(config_path, run_info)
         print("configuration:\n" + "\n".join(f"  {k}: {v}" for k, v in run_info.items() if k not in ("versions", "segments")),
@@ -925,8 +938,6 @@ def main(argv=None):
               f"accumulation ({accelerator.distributed_type.value}, mixed precision {accelerator.mixed_precision})", flush=True)
         if length_stats:
             print(f"max-length {cfg['max_length']}: {length_stats}", flush=True)
-    if cfg["report_to"] != "none":
-        accelerator.init_trackers(cfg["run_name"] or os.path.basename(os.path.normpath(out_dir)), config=tracker_config(run_info))
 
     # the micro-batch stream, deterministic in (seed, epoch): --resume skips what was consumed
     def micro_batches():
@@ -965,8 +976,8 @@ def main(argv=None):
         for batch in batches:
             counts.update(term_counts(batch))
         keys = ("tft", "lc", "et", "seq")
-        step_counts = accelerator.reduce(torch.tensor([float(counts[k]) for k in keys], device=accelerator.device),
-                                         reduction="sum").tolist()
+        step_counts = accelerator.reduce(torch.tensor([float(counts[k]) for k in keys], dtype=torch.float64,
+                                                      device=accelerator.device), reduction="sum").tolist()
         denominators = {k: n / world for k, n in zip(keys, step_counts)}  # the launchers average gradients over devices
         phase = ("task" if step % 2 == 0 else "align") if cfg["alternate"] else "both"  # step 1, 3, ...: task
         sums = Counter()
@@ -1030,6 +1041,7 @@ def main(argv=None):
     if is_main:
         if eval_examples:  # the held-out summary: the last evaluation and the best one, from the whole log
             evals = [r for r in map(json.loads, open(log_path)) if r.get("eval_loss") is not None]
+        if eval_examples and evals:
             best = min(evals, key=lambda r: r["eval_loss"])
             run_info["eval_summary"] = dict(final={k: v for k, v in evals[-1].items() if k.startswith("eval_") or k == "step"},
                                             best=dict(step=best["step"], eval_loss=best["eval_loss"]))

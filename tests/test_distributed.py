@@ -147,6 +147,18 @@ def test_global_contrastive_negatives_equal_one_process(tiny_model_dirs, tmp_pat
     same_weights(two, one)
 
 
+def test_alternate_under_ddp(tiny_model_dirs, tmp_path):
+    """--alternate: the alignment steps leave the upper blocks and lm_head without gradient; DDP must accept that
+    (find_unused_parameters) and train like one process."""
+    flags = [*BASE_FLAGS, "--method", "mid-align", "--alternate", "--model", tiny_model_dirs["llama"]]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    train.main([*flags, "--out", one, "--batch-size", "4"])
+    ok(launch(2, *flags, "--out", two, "--batch-size", "2"))
+    assert [r["phase"] for r in read_log(two)] == ["task", "align", "task", "align"]
+    same_logs(read_log(two), read_log(one))
+    same_weights(two, one)
+
+
 # -----------------------------------------------------------------------------
 # FSDP around DFTObjective, as accelerate wraps it: decoder blocks auto-wrapped, the objective is the root unit
 # (it holds embeddings, final norm and lm_head, so they are unsharded for the whole loss forward)

@@ -404,7 +404,8 @@ def test_resume_refuses_a_changed_configuration(tmp_path, tiny_model_dirs):
     before = {name: open(os.path.join(out, name)).read() for name in ("train_config.json", "train_log.jsonl")}
     for flags, named in ((["--lr", "1e-3"], "lr: 0.003 -> 0.001"), (["--seed", "7"], "seed: 42 -> 7"),
                          (["--batch-size", "2"], "batch_size: 4 -> 2"), (["--et-layer", "2"], "et_layer_used: 3 -> 2"),
-                         (["--max-steps", "1"], "below the checkpoint's step 2")):
+                         (["--max-steps", "2"], "leaves nothing to train after the checkpoint's step 2"),
+                         (["--max-steps", "3"], "total_steps: 4 -> 3")):
         with pytest.raises(common.UserError, match="differs from the run's") as e:
             train.main(base + flags + ["--resume"])
         assert named in str(e.value), str(e.value)
@@ -506,13 +507,24 @@ def test_one_pair_per_step_is_refused_for_contrastive(tmp_path, tiny_model_dirs)
     assert r.returncode == 2 and "raise --batch-size to at least 2" in r.stderr and not os.path.exists(str(tmp_path / "one" / "train_log.jsonl"))
 
 
-def test_eval_batches_cover_every_example_once_with_equal_counts():
-    for n, world, size in ((5, 1, 4), (7, 2, 2), (3, 4, 2), (9, 2, 4)):
+def test_eval_batches_cover_every_example_once():
+    for n, world, size in ((5, 1, 4), (7, 2, 2), (8, 4, 2), (9, 2, 4), (11, 3, 2)):
         plans = train.eval_batches(n, world, size, min_size=2)
         covered = sorted(rank + world * i for rank, plan in enumerate(plans) for s, e in plan for i in range(s, e))
         assert covered == list(range(n))
-        assert all(e - s >= 2 for plan in plans for s, e in plan if len(range(plan[0][0], plan[-1][1])) >= 2)
+        # with >= 2 pairs per rank (what main() requires for a contrastive term) every batch holds >= 2
+        assert all(e - s >= 2 for plan in plans for s, e in plan), (n, world, size, plans)
     assert train.eval_batches(5, 1, 4, min_size=2) == [[(0, 5)]]  # a lone last pair joins the batch before
+
+
+def test_contrastive_errors_before_training(tmp_path, tiny_model_dirs):
+    base = ("--pairs", PAIRS, "--model", tiny_model_dirs["llama"], "--method", "mid-align", "--max-steps", "1")
+    for flags, message in ((["--eval-pairs", PAIRS, "--eval-limit", "1"], "leave a device fewer than 2"),
+                           (["--alternate", "--et-weight", "0"], "none with a nonzero weight")):
+        out = str(tmp_path / "x")
+        r = cli(*base, "--out", out, *flags)
+        assert r.returncode == 2 and message in r.stderr, r.stderr[-1500:]
+        assert not os.path.exists(os.path.join(out, "train_log.jsonl"))
 
 
 def test_mid_align_heldout_loss_with_a_lone_last_pair(tmp_path, tiny_model_dirs):
