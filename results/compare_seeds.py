@@ -285,6 +285,8 @@ def main():
                               f"{res['delta']:+.3f} | [{res['lo']:+.3f}, {res['hi']:+.3f}] | {res['p']:.4f} |")
 
     print("\n### Wall time per run (minutes; the 2-core CPU was shared with other jobs)\n")
+    print("Training: the sum of the logged optimizer-step and held-out-evaluation times (model loading, checkpoint "
+          "saves and steps lost to a killed attempt excluded); evaluation: the sum of the run JSON's per-cell seconds.\n")
     print("| run | training | evaluation (sum of cells) |")
     print("|---|---|---|")
     trained = [d for d in os.listdir(args.train) if os.path.isdir(os.path.join(args.train, d))] if args.train and os.path.isdir(args.train) else []
@@ -295,8 +297,9 @@ def main():
         if args.train:
             p = os.path.join(args.train, run, "train_log.jsonl")
             if os.path.exists(p):
-                last = [json.loads(line) for line in open(p) if line.strip()][-1]
-                tr = f"{last.get('elapsed', 0) / 60:.1f} ({last['step']} steps)"
+                log = [json.loads(line) for line in open(p) if line.strip()]
+                busy = sum(r.get("seconds", 0) + r.get("eval_seconds", 0) for r in log)  # survives --resume (elapsed restarts)
+                tr = f"{busy / 60:.1f} ({log[-1]['step']} steps)"
         print(f"| {run} | {tr} | {ev / 60:.1f} |")
     if args.json:
         with open(args.json, "w") as f:
