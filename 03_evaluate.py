@@ -560,13 +560,17 @@ def qa_tokens(text, lang):
     return text.split()
 
 
-def qa_f1(prediction, gold, lang):
-    p, g = qa_tokens(prediction, lang), qa_tokens(gold, lang)
+def token_f1(p, g):
+    """SQuAD's bag-of-tokens F1 of predicted tokens p against gold tokens g."""
     common_count = sum((Counter(p) & Counter(g)).values())
     if common_count == 0:
         return 0.0
     precision, recall = common_count / len(p), common_count / len(g)
     return 2 * precision * recall / (precision + recall)
+
+
+def qa_f1(prediction, gold, lang):
+    return token_f1(qa_tokens(prediction, lang), qa_tokens(gold, lang))
 
 
 def qa_em(prediction, gold, lang):
@@ -584,11 +588,7 @@ def squad_f1_harness(prediction, gold):
     p, g = squad_v1_tokens(prediction), squad_v1_tokens(gold)
     if not p or not g:
         return float(p == g)
-    common_count = sum((Counter(p) & Counter(g)).values())
-    if common_count == 0:
-        return 0.0
-    precision, recall = common_count / len(p), common_count / len(g)
-    return 2 * precision * recall / (precision + recall)
+    return token_f1(p, g)
 
 
 def mlqa_tokens_harness(text, lang):
@@ -603,12 +603,7 @@ def mlqa_tokens_harness(text, lang):
 
 
 def mlqa_f1_harness(prediction, gold, lang):
-    p, g = mlqa_tokens_harness(prediction, lang), mlqa_tokens_harness(gold, lang)
-    common_count = sum((Counter(p) & Counter(g)).values())
-    if common_count == 0:
-        return 0.0
-    precision, recall = common_count / len(p), common_count / len(g)
-    return 2 * precision * recall / (precision + recall)
+    return token_f1(mlqa_tokens_harness(prediction, lang), mlqa_tokens_harness(gold, lang))
 
 
 def score_qa(prediction, golds, lang, task):
