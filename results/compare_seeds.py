@@ -54,12 +54,10 @@ DFT_GROUPS = ["dft-logits-w1", "dft-logits-wsmall", "dft-feature-w1", "mid-align
 
 
 def evaluate_stage():
-    import importlib.util
-    sys.path.insert(0, REPO)
-    spec = importlib.util.spec_from_file_location("evaluate03", os.path.join(REPO, "03_evaluate.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """03_evaluate.py as a module (its holm and paired bootstrap), through make_table's loader."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from make_table import evaluate_stage as load
+    return load()
 
 
 def read_items(folder, run, task, lang):
