@@ -284,6 +284,11 @@ def collate(examples, pad_id):
     return batch
 
 
+def batch_to(batch, device):
+    """A collated batch with every tensor on `device` (the pair ids stay a list)."""
+    return {k: ({kk: vv.to(device) for kk, vv in v.items()} if isinstance(v, dict) else v) for k, v in batch.items()}
+
+
 def micro_batch_order(num_examples, batch_size, world_size, rank, seed, epoch, grad_accum=1):
     """Example indices of this rank's micro-batches in one epoch: a seeded shuffle, cut into global
     micro-batches of batch_size x world_size, rank r takes slice r. An incomplete last optimizer step
@@ -809,9 +814,7 @@ def heldout_losses(objective, accelerator, examples, cfg, pad_id, show_bar):
                     chunk, weight = (shard or examples)[:max(2, cfg["batch_size"])], 0.0
                 batch = collate(chunk, pad_id)
                 counts = term_counts(batch)
-                batch = {k: ({kk: vv.to(accelerator.device) for kk, vv in v.items()} if isinstance(v, dict) else v)
-                         for k, v in batch.items()}
-                terms = objective(batch, ones)
+                terms = objective(batch_to(batch, accelerator.device), ones)
                 for i, key in enumerate(keys):
                     totals[i] += weight * float(terms[key])
                     totals[len(keys) + i] += weight * counts[count_of[key]]
@@ -958,8 +961,6 @@ def main(argv=None):
         kept = [l for l in open(log_path)] if cfg["resume"] and os.path.exists(log_path) else []
         with common.atomic_open(log_path) as f:
             f.writelines(l for l in kept if json.loads(l)["step"] <= start_step)
-    to_device = lambda batch: {k: ({kk: vv.to(accelerator.device) for kk, vv in v.items()} if isinstance(v, dict) else v)
-                               for k, v in batch.items()}
     names = ("loss", "loss_tft", "loss_lc", "loss_et")
     clip = cfg["max_grad_norm"] or float("inf")  # inf: nothing is clipped, the norm is still measured
     bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, disable=not is_main, desc=cfg["method"])
@@ -982,7 +983,7 @@ def main(argv=None):
         phase = ("task" if step % 2 == 0 else "align") if cfg["alternate"] else "both"  # step 1, 3, ...: task
         sums = Counter()
         for micro, batch in enumerate(batches):
-            batch = to_device(batch)
+            batch = batch_to(batch, accelerator.device)
             sync = micro == cfg["grad_accum"] - 1
             if accelerator.distributed_type == DistributedType.DEEPSPEED:  # DeepSpeed clips and steps inside backward
                 accelerator.gradient_state._set_sync_gradients(sync)

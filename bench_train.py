@@ -73,7 +73,7 @@ def setup(args, train, method, model, tokenizer):
     rows = train.load_pairs(args.pairs)[:args.batch_size]
     examples, _ = train.encode_pairs(tokenizer, rows, cfg)
     batch = train.collate(examples, tokenizer.pad_token_id)
-    batch = {k: ({kk: vv.to(args.device) for kk, vv in v.items()} if isinstance(v, dict) else v) for k, v in batch.items()}
+    batch = train.batch_to(batch, args.device)
     return train.DFTObjective(model, cfg).train(), batch
 
 
