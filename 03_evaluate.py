@@ -855,17 +855,26 @@ LSE_ROWS = 8  # rows per float32 logsumexp block in _score_positions
 
 
 def _score_positions(parts, hidden, picks):
-    """Sum of log p(target) over the picked (row, position) hidden states, per result slot."""
+    """Sum of log p(target) over the picked (row, position) hidden states, per result slot.
+
+    A position picked by several rows of one group (e.g. XNLI's three choices share the premise, which is
+    scored, the context being empty) goes through the lm_head once: with a large vocabulary the lm_head is
+    most of the scoring cost.
+    """
     if not picks:
         return {}
-    rows = torch.tensor([p[0] for p in picks], device=hidden.device)
-    pos = torch.tensor([p[1] for p in picks], device=hidden.device)
+    unique, which = {}, []
+    for b, pos, _, _ in picks:
+        which.append(unique.setdefault((b, pos), len(unique)))
+    rows = torch.tensor([b for b, _ in unique], device=hidden.device)
+    pos = torch.tensor([p for _, p in unique], device=hidden.device)
+    which = torch.tensor(which, device=hidden.device)
     targets = torch.tensor([p[2] for p in picks], device=hidden.device)
     logits = common.lens_logits(parts, hidden[rows, pos], normed=True)  # lm_head (+ softcap) on these only
     # log p(target) = logit(target) - logsumexp(logits) in float32, a few rows at a time: the float32 copy of a
     # (rows x vocab) block stays in cache (with bf16 weights, one big copy and log-softmax cost a third of the time)
-    picked = logits.gather(-1, targets[:, None])[:, 0].float()
-    lse = torch.cat([torch.logsumexp(block.float(), dim=-1) for block in logits.split(LSE_ROWS)])
+    picked = logits[which, targets].float()
+    lse = torch.cat([torch.logsumexp(block.float(), dim=-1) for block in logits.split(LSE_ROWS)])[which]
     logp = (picked - lse).double().cpu().tolist()
     sums = {}
     for (_, _, _, key), v in zip(picks, logp):
