@@ -169,8 +169,12 @@ def run_ours(models, args, share_prefix=True):
 
 def timing(run):
     n = len(run["rows"])
-    return dict(items=n, seconds=round(run["seconds"], 1), items_per_second=round(n / run["seconds"], 3),
-                cpu_seconds=round(run["cpu_seconds"], 1), items_per_cpu_second=round(n / run["cpu_seconds"], 3))
+    out = dict(items=n, seconds=round(run["seconds"], 1), items_per_second=round(n / run["seconds"], 3),
+               cpu_seconds=round(run["cpu_seconds"], 1), items_per_cpu_second=round(n / run["cpu_seconds"], 3))
+    if n and "n_new_tokens" in run["rows"][0]:  # generation: the dtypes may stop after different numbers of tokens
+        tokens = sum(r["n_new_tokens"] for r in run["rows"])
+        out.update(new_tokens=tokens, new_tokens_per_cpu_second=round(tokens / run["cpu_seconds"], 2))
+    return out
 
 
 def compare_dtypes(task, ref, other):
