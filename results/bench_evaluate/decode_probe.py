@@ -9,6 +9,7 @@ speed-up to 2x; results and the conditions they were taken under: README.md (*Ca
     OMP_NUM_THREADS=1 .venv/bin/python results/bench_evaluate/decode_probe.py --new-tokens 64 --profile
 """
 import argparse
+import contextlib
 import importlib.util
 import os
 import sys
@@ -46,11 +47,8 @@ def main():
             ev.greedy_generate(model, tokenizer, prompts[:2], 4, never, batch_size=args.batch)  # warm-up
             profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if args.profile else None
             start = time.process_time()
-            if profiler:
-                profiler.__enter__()
-            _, counts = ev.greedy_generate(model, tokenizer, prompts, args.new_tokens, never, batch_size=args.batch)
-            if profiler:
-                profiler.__exit__(None, None, None)
+            with profiler or contextlib.nullcontext():
+                _, counts = ev.greedy_generate(model, tokenizer, prompts, args.new_tokens, never, batch_size=args.batch)
             seconds = time.process_time() - start
         print(f"{dtype} attn={model.config._attn_implementation} batch={args.batch} tokens={sum(counts)} "
               f"cpu_s={seconds:.2f} tokens_per_cpu_s={sum(counts) / seconds:.1f}", flush=True)
