@@ -55,6 +55,7 @@ from collections import Counter
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import common
 from common import UserError
@@ -995,7 +996,6 @@ def wrap_prompt(prompt, args):
 def evaluate(model, tokenizer, task, lang, items, args, direction=None):
     """Score items; returns (result entry without file fields, per-item rows)."""
     spec = TASKS[task]
-    from tqdm import tqdm
     label = f"{task} {direction or lang}"
     t0 = time.time()
     entry = {}
@@ -1413,16 +1413,42 @@ def vocab_classes(tokenizer, lang):
     return torch.tensor(en), torch.tensor(tgt)
 
 
+LAYER_MEASURES = ("entropy", "mass_en", "mass_tgt", "top1_en", "top1_tgt", "cosine_en_tgt")
+
+
+def mean_and_se_over_sentences(sums, counts):
+    """Pooled mean sum(sums)/sum(counts) per column and its standard error with sentences as the sampling unit.
+
+    sums: [n, L] per-sentence totals; counts: [n] positions per sentence (ones for one value per sentence).
+    The mean weights each position equally (as the lens literature reports it); the SE is the usual
+    clustered one for a ratio of sums, so positions of one sentence are not treated as independent.
+    With equal counts it is the plain mean and sd/sqrt(n) of the per-sentence means.
+    """
+    sums, counts = sums.double(), counts.double()
+    n, total = len(counts), counts.sum()
+    mean = sums.sum(0) / total
+    if n < 2:
+        return mean.tolist(), [float("nan")] * sums.shape[1]
+    residual = sums - mean[None] * counts[:, None]
+    se = (n / (n - 1) * residual.pow(2).sum(0)).sqrt() / total
+    return mean.tolist(), se.tolist()
+
+
 @torch.no_grad()
 def layer_analysis(model, tokenizer, lang, pairs, batch_size=8, max_length=128):
-    """Per block k = 1..L: lens entropy, English/target probability mass and top-1 share, en/tgt cosine."""
+    """Per block k = 1..L: lens entropy, English/target probability mass and top-1 share, en/tgt cosine.
+
+    Each measure is kept per sentence (mean over its positions) so the curves carry standard errors
+    over sentences and two runs on the same sentences can be compared pairwise.
+    """
     parts = common.model_parts(model)
     L = parts.num_layers
     device = next(model.parameters()).device
     en_mask, tgt_mask = (m.to(device) for m in vocab_classes(tokenizer, lang))
-    mass_en, mass_tgt, top_en, top_tgt, cos = ([0.0] * L for _ in range(5))
-    positions, n_pairs = 0, 0
-    for start in range(0, len(pairs), batch_size):
+    lens_measures = LAYER_MEASURES[:-1]
+    sums = {m: [] for m in lens_measures}  # per batch: [sentences, L] totals over target positions
+    positions, cosines = [], []
+    for start in tqdm(range(0, len(pairs), batch_size), desc="layer analysis", leave=False):
         chunk = pairs[start:start + batch_size]
         pooled = {}
         for side, texts in (("en", [e for e, _ in chunk]), ("tgt", [t for _, t in chunk])):
@@ -1433,31 +1459,50 @@ def layer_analysis(model, tokenizer, lang, pairs, batch_size=8, max_length=128):
             m = mask[..., None].float()
             pooled[side] = [(captured[k] * m).sum(1) / m.sum(1) for k in range(1, L + 1)]  # mean over tokens
             if side == "tgt":
+                sentence_of_position = mask.nonzero()[:, 0].cpu()
+                batch_sums = {name: torch.zeros(len(chunk), L, dtype=torch.float64) for name in lens_measures}
                 for k in range(1, L + 1):
-                    probs = torch.softmax(common.lens_logits(parts, captured[k][mask]).float(), dim=-1)
+                    logp = torch.log_softmax(common.lens_logits(parts, captured[k][mask]).float(), dim=-1)
+                    probs = logp.exp()
                     top = probs.argmax(-1)
-                    mass_en[k - 1] += float(probs[:, en_mask].sum())
-                    mass_tgt[k - 1] += float(probs[:, tgt_mask].sum())
-                    top_en[k - 1] += float(en_mask[top].sum())
-                    top_tgt[k - 1] += float(tgt_mask[top].sum())
-                positions += int(mask.sum())
-        for k in range(L):
-            cos[k] += float(F.cosine_similarity(pooled["en"][k].float(), pooled["tgt"][k].float(), dim=-1).sum())
-        n_pairs += len(chunk)
-    entropy = common.lens_entropy_curve(model, tokenizer, [t for _, t in pairs], batch_size, max_length)
+                    values = dict(entropy=-(probs * logp).sum(-1), mass_en=probs @ en_mask.float(),
+                                  mass_tgt=probs @ tgt_mask.float(), top1_en=en_mask[top].float(),
+                                  top1_tgt=tgt_mask[top].float())
+                    for name, v in values.items():
+                        batch_sums[name][:, k - 1].index_add_(0, sentence_of_position, v.double().cpu())
+                for name in lens_measures:
+                    sums[name].append(batch_sums[name])
+                positions.append(mask.sum(1).cpu())
+        cosines.append(torch.stack([F.cosine_similarity(pooled["en"][k].float(), pooled["tgt"][k].float(), dim=-1)
+                                    for k in range(L)], dim=1).double().cpu())
+    counts = torch.cat(positions)
+    per_sentence_sums = {name: torch.cat(v) for name, v in sums.items()}
+    per_sentence_sums["cosine_en_tgt"] = torch.cat(cosines)
+    res = dict(layers=list(range(1, L + 1)))
+    standard_errors, per_sentence = {}, dict(positions=counts.tolist())
     latin_target = common.LANGUAGES[lang][1] is None
-    return dict(
-        layers=list(range(1, L + 1)), entropy=entropy,
-        mass_en=[v / positions for v in mass_en], mass_tgt=None if latin_target else [v / positions for v in mass_tgt],
-        top1_en=[v / positions for v in top_en], top1_tgt=None if latin_target else [v / positions for v in top_tgt],
-        cosine_en_tgt=[v / n_pairs for v in cos], n_sentences=n_pairs, n_positions=positions,
+    for name in LAYER_MEASURES:
+        if latin_target and name in ("mass_tgt", "top1_tgt"):
+            res[name] = standard_errors[name] = per_sentence[name] = None
+            continue
+        weights = torch.ones_like(counts) if name == "cosine_en_tgt" else counts
+        res[name], standard_errors[name] = mean_and_se_over_sentences(per_sentence_sums[name], weights)
+        per_sentence[name] = [[round(x, 5) for x in row] for row in
+                              (per_sentence_sums[name] / weights[:, None].double()).tolist()]
+    res.update(
+        standard_errors=standard_errors, n_sentences=len(counts), n_positions=int(counts.sum()),
+        per_sentence=per_sentence,
         definitions=dict(
-            entropy="logit-lens next-token entropy (nats), mean over target-language positions (common.lens_entropy_curve)",
+            entropy="logit-lens next-token entropy (nats), mean over target-language positions",
             mass_en="lens probability on tokens made of Latin letters only (English), mean over target positions",
             mass_tgt=f"lens probability on tokens containing {lang} script ({common.LANGUAGES[lang][1]}); "
                      "null for Latin-script languages",
             top1_en="share of target positions whose lens top-1 token is English", top1_tgt="... is target script",
-            cosine_en_tgt="cosine of mean-pooled raw block outputs of parallel en/target sentences"))
+            cosine_en_tgt="cosine of mean-pooled raw block outputs of parallel en/target sentences, mean over sentences",
+            standard_errors="per measure and block, over sentences (clustered: a sentence's positions are one unit)",
+            per_sentence="per sentence and block: the measure averaged over that sentence's target positions "
+                         "(positions = their number); same sentence order as the data file, for paired comparisons"))
+    return res
 
 
 def plot_layers(curves, lang, path):
@@ -1470,14 +1515,20 @@ def plot_layers(curves, lang, path):
     for ax, (a, b, title) in zip(axes.flat, panels):
         for i, (run, c) in enumerate(curves.items()):
             color = f"C{i}"
-            ax.plot(c["layers"], c[a], color=color, label=f"{run}" + (" English" if b else ""))
-            if b and c.get(b) is not None:
-                ax.plot(c["layers"], c[b], color=color, linestyle="--", label=f"{run} {lang}")
+            for key, style, label in ((a, "-", f"{run}" + (" English" if b else "")), (b, "--", f"{run} {lang}")):
+                if key is None or c.get(key) is None:
+                    continue
+                ax.plot(c["layers"], c[key], color=color, linestyle=style, label=label)
+                se = (c.get("standard_errors") or {}).get(key)
+                if se:  # 95% band over sentences (older result files have none)
+                    ax.fill_between(c["layers"], [m - 1.96 * s for m, s in zip(c[key], se)],
+                                    [m + 1.96 * s for m, s in zip(c[key], se)], color=color, alpha=0.15, linewidth=0)
         ax.set_title(title)
         ax.set_xlabel("block")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"Logit lens on {lang} inputs (solid: English tokens, dashed: {lang} tokens)")
+    fig.suptitle(f"Logit lens on {lang} inputs (solid: English tokens, dashed: {lang} tokens; "
+                 "bands: 95% over sentences)")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp.png"

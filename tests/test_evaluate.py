@@ -494,6 +494,47 @@ def test_real_default_model_few_items(tmp_path):
     assert run["results"]["xnli"]["zh"]["n"] == 3
 
 
+def test_mean_and_se_over_sentences_reference():
+    # equal lengths: the plain mean and sd/sqrt(n) of the per-sentence means
+    means = torch.tensor([[1.0, 0.2], [2.0, 0.4], [4.0, 0.9]])
+    mean, se = ev.mean_and_se_over_sentences(means * 5, torch.full((3,), 5.0))
+    assert mean == pytest.approx(means.mean(0).tolist())
+    assert se == pytest.approx((means.std(0) / 3 ** 0.5).tolist())
+    # unequal lengths: every position weighs the same; the SE is the clustered ratio SE, written out
+    sums, counts = torch.tensor([[3.0], [10.0], [1.0], [8.0]]), torch.tensor([2.0, 5.0, 1.0, 4.0])
+    mean, se = ev.mean_and_se_over_sentences(sums, counts)
+    r = 22.0 / 12.0
+    resid = [3 - 2 * r, 10 - 5 * r, 1 - r, 8 - 4 * r]
+    assert mean[0] == pytest.approx(r)
+    assert se[0] == pytest.approx((4 / 3 * sum(x * x for x in resid)) ** 0.5 / 12.0)
+
+
+def test_layer_analysis_matches_references_and_is_per_sentence():
+    from conftest import make_tokenizer
+    tok = make_tokenizer()
+    model = make_tiny_model("llama", tok).eval()
+    pairs = [("Hello world.", "你好，世界。今天天气很好。"), ("The answer is 42.", "答案"),
+             ("What is the capital of France?", "今天天气很好。"), ("Paris.", "你好")]
+    res = ev.layer_analysis(model, tok, "zh", pairs, batch_size=3)
+    # the lens entropy is the shared curve's (whose last block is the model's own output entropy)
+    assert res["entropy"] == pytest.approx(ev.common.lens_entropy_curve(model, tok, [t for _, t in pairs]), rel=1e-5)
+    ps = res["per_sentence"]
+    assert res["n_sentences"] == 4 and sum(ps["positions"]) == res["n_positions"]
+    # per-sentence values do not depend on batching or padding: each sentence alone gives the same numbers
+    for i, pair in enumerate(pairs):
+        alone = ev.layer_analysis(model, tok, "zh", [pair])
+        for name in ev.LAYER_MEASURES:
+            assert ps[name][i] == pytest.approx(alone[name], abs=2e-5), (name, i)
+    # the curves are the position-weighted means of the per-sentence values (cosine: one per sentence)
+    w = torch.tensor(ps["positions"], dtype=torch.float64)
+    for name in ev.LAYER_MEASURES:
+        weights = torch.ones(4, dtype=torch.float64) if name == "cosine_en_tgt" else w
+        expected = (torch.tensor(ps[name], dtype=torch.float64) * weights[:, None]).sum(0) / weights.sum()
+        assert res[name] == pytest.approx(expected.tolist(), abs=1e-4), name
+        assert all(s >= 0 for s in res["standard_errors"][name]), name
+    assert all(s > 0 for s in res["standard_errors"]["entropy"] + res["standard_errors"]["cosine_en_tgt"])
+
+
 def test_analysis_layers_json_and_png(tiny_model_dirs, tmp_path):
     out = tmp_path / "an"
     r = run_cli("--analysis", "layers", "--model", tiny_model_dirs["llama"], tiny_model_dirs["gpt2"],
@@ -506,5 +547,7 @@ def test_analysis_layers_json_and_png(tiny_model_dirs, tmp_path):
     assert all(0.0 <= v <= 1.0 + 1e-6 for v in res["mass_en"] + res["mass_tgt"])
     assert all(-1.0 - 1e-6 <= v <= 1.0 + 1e-6 for v in res["cosine_en_tgt"])
     assert res["n_sentences"] == 4 and len(res["data_sha256"]) == 64
+    assert all(len(res["standard_errors"][k]) == L for k in ("entropy", "mass_en", "cosine_en_tgt"))
+    assert len(res["per_sentence"]["mass_en"]) == 4 and len(res["per_sentence"]["positions"]) == 4
     assert res["dtype"] == ("bfloat16" if ev.common.native_bf16("cpu") else "float32") and res["dtype_requested"] == "auto"
     assert (out / "after.layers.zh.json").exists() and (out / "layers.zh.png").stat().st_size > 1000
