@@ -15,7 +15,9 @@ Runs are named GROUP-sSEED (tft-s1, dft-logits-w1-s2, ...) plus `base` (no train
    the other measures unadjusted;
    only the seeds both groups have are used, and only items every run of both groups has;
 3. tft seed-to-seed spread: tft-sA vs tft-sB per measure (the same bootstrap, one seed each side);
-4. wall time per run (training from train_log.jsonl, evaluation from the run JSON's per-cell seconds).
+4. wall time per run (training from train_log.jsonl, evaluation from the run JSON's per-cell seconds);
+5. the mechanism: logit-lens measures per block (03_evaluate.py --analysis layers, seed 1) with standard errors
+   over sentences, and each run minus tft paired over the same sentences.
 
 The NLU average is the mean of the four accuracies XNLI, XCOPA, XStoryCloze, M-MMLU (zh); in the bootstrap
 each task's items are resampled within the task (a stratified bootstrap) and the four means averaged.
@@ -197,6 +199,67 @@ def item_se(runs, run, measure):
     return e["stderr"] * (100.0 if kind == "mean" else 1.0) if e.get("stderr") is not None else None
 
 
+LAYER_MEASURES = [("mass_en", "English lens mass"), ("mass_tgt", "zh lens mass"), ("entropy", "lens entropy (nats)"),
+                  ("cosine_en_tgt", "cosine(en, zh), mean-pooled")]
+
+
+def supervised_blocks(train_dir, runs):
+    """{block: {'i', 'j', 'm'}}: the LC / ET / contrastive layers the given runs trained with (train_config.json)."""
+    marks = {}
+    for run in runs:
+        path = os.path.join(train_dir or "", run, "train_config.json")
+        if not (train_dir and os.path.exists(path)):
+            continue
+        cfg = json.load(open(path))
+        for signal, layer, name in (("lc", "lc_layer_used", "i"), ("et", "et_layer_used", "j")):
+            if cfg.get(signal) not in (None, "none") and cfg.get(layer) is not None:
+                marks.setdefault(cfg[layer], set()).add("m" if cfg[signal] == "contrastive" else name)
+    return marks
+
+
+def layer_tables(layers_dir, train_dir):
+    """Per block: base and tft ± SE over sentences, and each other run − tft, paired over the same sentences."""
+    import torch
+    mean_and_se = evaluate_stage().mean_and_se_over_sentences
+    res = {}
+    for path in sorted(glob.glob(os.path.join(layers_dir, "*.layers.zh.json"))):
+        obj = json.load(open(path, encoding="utf-8"))
+        if obj.get("per_sentence"):  # older files (no per-sentence values, no SEs) are left out
+            res[obj["run"]] = obj
+    ref = next((r for r in sorted(res) if group_of(r)[0] == "tft"), None)
+    if ref is None:
+        return
+    positions = res[ref]["per_sentence"]["positions"]
+    others = [r for r in sorted(res, key=lambda r: DFT_GROUPS.index(group_of(r)[0]) if group_of(r)[0] in DFT_GROUPS else 99)
+              if r not in (ref, "base") and res[r]["per_sentence"]["positions"] == positions]
+    marks = supervised_blocks(train_dir, others)
+    print(f"\n### Mechanism: logit lens per block on {len(positions)} held-out zh sentences (± SE over sentences)\n")
+    print("Means weight every zh position equally (cosine: every sentence); ± is the standard error over sentences "
+          f"(03_evaluate.mean_and_se_over_sentences). The `run − {ref}` columns are paired: per-sentence differences on "
+          "the same sentences and positions, with their SE over sentences. Blocks marked i / j are the DFT runs' "
+          "LC / ET layers, m mid-align's contrastive layer. One seed: these are not seed-to-seed intervals.\n")
+    for key, label in LAYER_MEASURES:
+        shown = [r for r in ["base", ref] if r in res and res[r].get(key) is not None]
+        diffs = [r for r in others if res[r].get(key) is not None]
+        if not shown:
+            continue
+        weights = torch.ones(len(positions)) if key == "cosine_en_tgt" else torch.tensor(positions, dtype=torch.float64)
+        nd = 4 if key == "cosine_en_tgt" else 3  # the cosines sit at 0.98-1.00
+        print(f"**{label}**\n")
+        print("| block | " + " | ".join(shown + [f"{r} − {ref}" for r in diffs]) + " |")
+        print("|---|" + "---|" * (len(shown) + len(diffs)))
+        for k, block in enumerate(res[ref]["layers"]):
+            row = [f"{res[r][key][k]:.{nd}f} ± {res[r]['standard_errors'][key][k]:.{nd}f}" for r in shown]
+            for r in diffs:
+                per_sentence = torch.tensor(res[r]["per_sentence"][key], dtype=torch.float64)[:, k] \
+                    - torch.tensor(res[ref]["per_sentence"][key], dtype=torch.float64)[:, k]
+                (d,), (se,) = mean_and_se((per_sentence * weights)[:, None], weights)
+                row.append(f"{d:+.{nd}f} ± {se:.{nd}f}")
+            tag = f" ({'/'.join(sorted(marks[block]))})" if block in marks else ""
+            print(f"| {block}{tag} | " + " | ".join(row) + " |")
+        print()
+
+
 def fmt(x, kind):
     return f"{x:.3f}" if kind == "ratio" else f"{x:.2f}"
 
@@ -207,6 +270,8 @@ def main():
     ap.add_argument("--train", help="folder with <run>/train_log.jsonl (wall time per run)")
     ap.add_argument("--resamples", type=int, default=B)
     ap.add_argument("--json", help="also write the comparison rows here")
+    ap.add_argument("--layers", help="folder with <run>.layers.zh.json (03_evaluate.py --analysis layers) for the "
+                    "mechanism tables (default: the eval folder's sibling `layers`, when it exists)")
     args = ap.parse_args()
     holm = evaluate_stage().holm
     runs = load(args.eval_dir)
@@ -299,6 +364,9 @@ def main():
                 busy = sum(r.get("seconds", 0) + r.get("eval_seconds", 0) for r in log)  # survives --resume (elapsed restarts)
                 tr = f"{busy / 60:.1f} ({log[-1]['step']} steps)"
         print(f"| {run} | {tr} | {ev / 60:.1f} |")
+    layers_dir = args.layers or os.path.join(os.path.dirname(os.path.abspath(args.eval_dir)), "layers")
+    if os.path.isdir(layers_dir):
+        layer_tables(layers_dir, args.train)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1, default=float)
