@@ -7,7 +7,8 @@ global batch of 4 the same examples per optimizer step, and every term is normal
 (labelled tokens or pairs, all devices and micro-batches): so 1 process x batch 4 and 1 process x batch 2 x
 accumulation 2 both, for every method, in weights and in the logged losses.
 
-This file is also the worker of the FSDP test: `torchrun ... tests/test_distributed.py --fsdp-worker OUT`.
+This file is also the worker of the 2-process runs: `torchrun ... tests/test_distributed.py --ddp-worker OUT MODEL`
+(every DDP training compared below, in one launch), `--fsdp-worker OUT` and `--zero-worker OUT`.
 """
 import functools
 import json
@@ -102,15 +103,38 @@ def test_two_processes_equal_one_process(two_process_run, tiny_model_dirs, tmp_p
     same_weights(out2, out1)
 
 
+# every 2-process training the equivalence tests below compare with one process: one launch runs them all
+DDP_RUNS = {**{f"split-{method}": [*BASE_FLAGS, *flags, "--batch-size", "2"] for method, flags in SPLIT_METHODS.items()},
+            "mid-align-global": [*BASE_FLAGS, "--method", "mid-align", "--batch-size", "2", "--contrastive-negatives", "global"],
+            "mid-align-alternate": [*BASE_FLAGS, "--method", "mid-align", "--alternate", "--batch-size", "2"]}
+
+
+def _ddp_worker(out_dir, model_dir):
+    """Each rank: the DDP_RUNS trainings one after another in one process group (one process start, not seven)."""
+    from accelerate import Accelerator
+    Accelerator.end_training = lambda self: None  # it would destroy the process group the next training needs
+    for name, flags in DDP_RUNS.items():
+        train.main([*flags, "--model", model_dir, "--out", os.path.join(out_dir, name)])
+    torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory, tiny_model_dirs):
+    out = str(tmp_path_factory.mktemp("ddp-runs"))
+    ok(launch(2, "--ddp-worker", out, tiny_model_dirs["llama"], script=os.path.abspath(__file__), timeout=600))
+    return {name: os.path.join(out, name) for name in DDP_RUNS}
+
+
 @pytest.mark.parametrize("method", SPLIT_METHODS)
-def test_loss_independent_of_batch_split(method, tiny_model_dirs, tmp_path):
+def test_loss_independent_of_batch_split(method, ddp_runs, tiny_model_dirs, tmp_path):
     """The same global batch of 4 split three ways: 1 process x 4, 1 process x 2 x accumulation 2, 2 processes x 2.
     Sequences of different lengths weigh the same in every split (step-global normalisation)."""
     flags = [*BASE_FLAGS, *SPLIT_METHODS[method], "--model", tiny_model_dirs["llama"]]
-    runs = {name: str(tmp_path / name) for name in ("b4", "b2x2", "ddp")}
+    runs = {name: str(tmp_path / name) for name in ("b4", "b2x2")}
     train.main([*flags, "--out", runs["b4"], "--batch-size", "4"])
     train.main([*flags, "--out", runs["b2x2"], "--batch-size", "2", "--grad-accum", "2"])
-    ok(launch(2, *flags, "--out", runs["ddp"], "--batch-size", "2"))
+    runs["ddp"] = ddp_runs[f"split-{method}"]
+    assert json.load(open(os.path.join(runs["ddp"], "train_config.json")))["world_size"] == 2
     logs = {name: read_log(out) for name, out in runs.items()}
     assert len(set(r["tokens"] for r in logs["b4"])) > 1  # the steps differ in length: the case that used to differ
     for name in ("b2x2", "ddp"):
@@ -137,23 +161,21 @@ def test_launch_errors_end_every_process(tiny_model_dirs, tmp_path):
     assert r.returncode != 0 and "error: --global-batch-size 6 is not a multiple of --batch-size 2 x 2 devices" in r.stderr
 
 
-def test_global_contrastive_negatives_equal_one_process(tiny_model_dirs, tmp_path):
+def test_global_contrastive_negatives_equal_one_process(ddp_runs, tiny_model_dirs, tmp_path):
     """mid-align with negatives gathered from both devices (gradient through the gather) == one process, batch 4."""
-    flags = [*BASE_FLAGS, "--method", "mid-align", "--model", tiny_model_dirs["llama"]]
-    one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    train.main([*flags, "--out", one, "--batch-size", "4"])
-    ok(launch(2, *flags, "--out", two, "--batch-size", "2", "--contrastive-negatives", "global"))
+    one, two = str(tmp_path / "one"), ddp_runs["mid-align-global"]
+    train.main([*BASE_FLAGS, "--method", "mid-align", "--model", tiny_model_dirs["llama"], "--out", one, "--batch-size", "4"])
+    assert json.load(open(os.path.join(two, "train_config.json")))["world_size"] == 2
     same_logs(read_log(two), read_log(one))
     same_weights(two, one)
 
 
-def test_alternate_under_ddp(tiny_model_dirs, tmp_path):
+def test_alternate_under_ddp(ddp_runs, tiny_model_dirs, tmp_path):
     """--alternate: the alignment steps leave the upper blocks and lm_head without gradient; DDP must accept that
     (find_unused_parameters) and train like one process."""
-    flags = [*BASE_FLAGS, "--method", "mid-align", "--alternate", "--model", tiny_model_dirs["llama"]]
-    one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    train.main([*flags, "--out", one, "--batch-size", "4"])
-    ok(launch(2, *flags, "--out", two, "--batch-size", "2"))
+    one, two = str(tmp_path / "one"), ddp_runs["mid-align-alternate"]
+    train.main([*BASE_FLAGS, "--method", "mid-align", "--alternate", "--model", tiny_model_dirs["llama"], "--out", one,
+                "--batch-size", "4"])
     assert [r["phase"] for r in read_log(two)] == ["task", "align", "task", "align"]
     same_logs(read_log(two), read_log(one))
     same_weights(two, one)
@@ -433,6 +455,8 @@ def test_mixed_precision_bf16_keeps_fp32_master_weights(tiny_model_dirs, tmp_pat
     assert len(read_log(out)) == 2
 
 
+if __name__ == "__main__" and sys.argv[1:2] == ["--ddp-worker"]:
+    _ddp_worker(sys.argv[2], sys.argv[3])
 if __name__ == "__main__" and sys.argv[1:2] == ["--fsdp-worker"]:
     _fsdp_worker(sys.argv[2])
 if __name__ == "__main__" and sys.argv[1:2] == ["--zero-worker"]:
