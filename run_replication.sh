@@ -171,7 +171,7 @@ EVAL_DTYPE=${EVAL_DTYPE:-bfloat16}
 N_NLL=${N_NLL:-200} N_XNLI=${N_XNLI:-1000} N_XCOPA=${N_XCOPA:-500} N_XSC=${N_XSC:-1000} N_MMLU=${N_MMLU:-1000}
 N_TQA=${N_TQA:-200} N_XQUAD=${N_XQUAD:-150} N_MT=${N_MT:-150}   # secondary (0 = all items); TruthfulQA cut from 788: README
 MAX_NEW=${MAX_NEW:-32}             # generation budget (XQuAD spans, Tatoeba sentences)
-ANALYSIS_SAMPLES=${ANALYSIS_SAMPLES:-200}  # the 200 dev pairs; 32 until session 4 (no SEs then)
+ANALYSIS_SAMPLES=${ANALYSIS_SAMPLES:-200}  # up to 200 dev pairs (194 here: all of them); 32 before Amendment 3
 MID_ALIGN=${MID_ALIGN:-1}          # add mid-align (issue 14) as the last runs when 02_train_dft.py has it
 COMMIT=${COMMIT:-1}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${OMP_NUM_THREADS:-1}
