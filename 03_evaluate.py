@@ -1414,6 +1414,7 @@ def vocab_classes(tokenizer, lang):
 
 
 LAYER_MEASURES = ("entropy", "mass_en", "mass_tgt", "top1_en", "top1_tgt", "cosine_en_tgt")
+LENS_POSITIONS_PER_CHUNK = 256  # lens rows at a time: [256, vocab] float32 is 0.27 GB for Gemma's 262k tokens
 
 
 def mean_and_se_over_sentences(sums, counts):
@@ -1441,6 +1442,8 @@ def layer_analysis(model, tokenizer, lang, pairs, batch_size=8, max_length=128):
     Each measure is kept per sentence (mean over its positions) so the curves carry standard errors
     over sentences and two runs on the same sentences can be compared pairwise.
     """
+    if tokenizer.padding_side != "right":  # left padding would shift the positions of every shorter sentence
+        raise UserError("layer_analysis needs a right-padding tokenizer (load it with padding_side='right')")
     parts = common.model_parts(model)
     L = parts.num_layers
     device = next(model.parameters()).device
@@ -1462,14 +1465,17 @@ def layer_analysis(model, tokenizer, lang, pairs, batch_size=8, max_length=128):
                 sentence_of_position = mask.nonzero()[:, 0].cpu()
                 batch_sums = {name: torch.zeros(len(chunk), L, dtype=torch.float64) for name in lens_measures}
                 for k in range(1, L + 1):
-                    logp = torch.log_softmax(common.lens_logits(parts, captured[k][mask]).float(), dim=-1)
-                    probs = logp.exp()
-                    top = probs.argmax(-1)
-                    values = dict(entropy=-(probs * logp).sum(-1), mass_en=probs @ en_mask.float(),
-                                  mass_tgt=probs @ tgt_mask.float(), top1_en=en_mask[top].float(),
-                                  top1_tgt=tgt_mask[top].float())
-                    for name, v in values.items():
-                        batch_sums[name][:, k - 1].index_add_(0, sentence_of_position, v.double().cpu())
+                    states = captured[k][mask]
+                    for lo in range(0, len(states), LENS_POSITIONS_PER_CHUNK):
+                        hi = lo + LENS_POSITIONS_PER_CHUNK
+                        logp = torch.log_softmax(common.lens_logits(parts, states[lo:hi]).float(), dim=-1)
+                        probs = logp.exp()
+                        top = probs.argmax(-1)
+                        values = dict(entropy=-(probs * logp).sum(-1), mass_en=probs @ en_mask.float(),
+                                      mass_tgt=probs @ tgt_mask.float(), top1_en=en_mask[top].float(),
+                                      top1_tgt=tgt_mask[top].float())
+                        for name, v in values.items():
+                            batch_sums[name][:, k - 1].index_add_(0, sentence_of_position[lo:hi], v.double().cpu())
                 for name in lens_measures:
                     sums[name].append(batch_sums[name])
                 positions.append(mask.sum(1).cpu())
@@ -1493,7 +1499,8 @@ def layer_analysis(model, tokenizer, lang, pairs, batch_size=8, max_length=128):
         standard_errors=standard_errors, n_sentences=len(counts), n_positions=int(counts.sum()),
         per_sentence=per_sentence,
         definitions=dict(
-            entropy="logit-lens next-token entropy (nats), mean over target-language positions",
+            entropy="logit-lens next-token entropy (nats), mean over target-language positions (every token of "
+                    "the target text, BOS included where the tokenizer adds one)",
             mass_en="lens probability on tokens made of Latin letters only (English), mean over target positions",
             mass_tgt=f"lens probability on tokens containing {lang} script ({common.LANGUAGES[lang][1]}); "
                      "null for Latin-script languages",

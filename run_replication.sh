@@ -246,12 +246,13 @@ secondary_part() {  # secondary_part NAME PART
             --max-new-tokens "$MAX_NEW" $(lim "$N_MT") ;;
     esac && publish_eval "$1" "$2" || touch "$OUT/eval/$1.$2.failed"   # skipped until the next launch
 }
+layers_done() { [ "$(cat "$OUT/layers/$1.done" 2>/dev/null)" = "$ANALYSIS_SAMPLES" ]; }  # marker holds the sample count
 layers() {  # layers NAME: logit-lens analysis (English / zh mass, entropy, en-zh cosine per block)
-    [ -f "$OUT/layers/$1.done" ] && return 0
+    layers_done "$1" && return 0
     stamp "layers $1"
     if $PY 03_evaluate.py --analysis layers --model "$(model_of "$1")" --run-name "$1" --langs zh --dtype "$EVAL_DTYPE" \
             --analysis-samples "$ANALYSIS_SAMPLES" --pairs "$DEVPAIRS" --out "$OUT/layers/$1" >> "$OUT/layers/$1.log" 2>&1; then
-        touch "$OUT/layers/$1.done"
+        echo "$ANALYSIS_SAMPLES" > "$OUT/layers/$1.done"   # a changed ANALYSIS_SAMPLES redoes the analysis
         mkdir -p "$RES/layers"; cp "$OUT/layers/$1/$1.layers.zh.json" "$RES/layers/"
         $PY - "$RES/layers" <<'PYEOF' || true
 import glob, importlib.util, json, os, sys
@@ -325,7 +326,7 @@ one_secondary() {  # run one pending secondary part (base first, then the runs i
     for n in base $(for s in ${SEEDS%% *}; do echo tft-s$s dft-logits-w1-s$s dft-logits-wsmall-s$s dft-feature-w1-s$s; \
                   [ "$HAS_MID" = 1 ] && echo mid-align-s$s; done); do
         { [ "$n" = base ] || [ -f "$OUT/$n.trained" ]; } || continue
-        [ -f "$OUT/layers/$n.done" ] || [ -f "$OUT/layers/$n.failed" ] || { layers "$n"; return 0; }
+        layers_done "$n" || [ -f "$OUT/layers/$n.failed" ] || { layers "$n"; return 0; }
     done
     return 1
 }

@@ -217,8 +217,15 @@ def supervised_blocks(train_dir, runs):
     return marks
 
 
+def same_sentences(a, b):
+    """Two layer analyses ran on the same sentences, tokenized alike (what a paired difference needs)."""
+    return (a.get("data_sha256"), a["n_sentences"], a["per_sentence"]["positions"]) == \
+        (b.get("data_sha256"), b["n_sentences"], b["per_sentence"]["positions"])
+
+
 def layer_tables(layers_dir, train_dir):
-    """Per block: base and tft ± SE over sentences, and each other run − tft, paired over the same sentences."""
+    """Per block: base and tft ± SE over sentences, and each other run − the tft run of its seed, paired over
+    the same sentences."""
     import torch
     mean_and_se = evaluate_stage().mean_and_se_over_sentences
     res = {}
@@ -226,33 +233,45 @@ def layer_tables(layers_dir, train_dir):
         obj = json.load(open(path, encoding="utf-8"))
         if obj.get("per_sentence"):  # older files (no per-sentence values, no SEs) are left out
             res[obj["run"]] = obj
-    ref = next((r for r in sorted(res) if group_of(r)[0] == "tft"), None)
-    if ref is None:
+    tfts = sorted((r for r in res if group_of(r)[0] == "tft"), key=lambda r: str(group_of(r)[1]))
+    if not tfts:
         return
+    ref = tfts[0]
+    rank = lambda r: DFT_GROUPS.index(group_of(r)[0]) if group_of(r)[0] in DFT_GROUPS else len(DFT_GROUPS)
+    pairs = []  # (run, the tft run of its seed)
+    for r in sorted(res, key=lambda r: (rank(r), str(group_of(r)[1]))):
+        if r == "base" or group_of(r)[0] == "tft":
+            continue
+        partner = f"tft-s{group_of(r)[1]}"
+        if partner in res and same_sentences(res[r], res[partner]):
+            pairs.append((r, partner))
+        else:
+            print(f"compare_seeds: layers of {r} left out (no {partner} layer analysis on the same sentences)",
+                  file=sys.stderr)
+    shown_runs = [r for r in ["base"] + tfts if r in res and same_sentences(res[r], res[ref])]
     positions = res[ref]["per_sentence"]["positions"]
-    others = [r for r in sorted(res, key=lambda r: DFT_GROUPS.index(group_of(r)[0]) if group_of(r)[0] in DFT_GROUPS else 99)
-              if r not in (ref, "base") and res[r]["per_sentence"]["positions"] == positions]
-    marks = supervised_blocks(train_dir, others)
+    marks = supervised_blocks(train_dir, [r for r, _ in pairs])
     print(f"\n### Mechanism: logit lens per block on {len(positions)} held-out zh sentences (± SE over sentences)\n")
     print("Means weight every zh position equally (cosine: every sentence); ± is the standard error over sentences "
-          f"(03_evaluate.mean_and_se_over_sentences). The `run − {ref}` columns are paired: per-sentence differences on "
-          "the same sentences and positions, with their SE over sentences. Blocks marked i / j are the DFT runs' "
-          "LC / ET layers, m mid-align's contrastive layer. One seed: these are not seed-to-seed intervals.\n")
+          "(03_evaluate.mean_and_se_over_sentences). The `run − tft` columns are paired with the tft run of the same "
+          "seed: per-sentence differences on the same sentences and positions, with their SE over sentences. Blocks "
+          "marked i / j are the DFT runs' LC / ET layers, m mid-align's contrastive layer. Within one seed: these "
+          "are not seed-to-seed intervals.\n")
     for key, label in LAYER_MEASURES:
-        shown = [r for r in ["base", ref] if r in res and res[r].get(key) is not None]
-        diffs = [r for r in others if res[r].get(key) is not None]
+        shown = [r for r in shown_runs if res[r].get(key) is not None]
+        diffs = [(r, t) for r, t in pairs if res[r].get(key) is not None]
         if not shown:
             continue
         weights = torch.ones(len(positions)) if key == "cosine_en_tgt" else torch.tensor(positions, dtype=torch.float64)
-        nd = 4 if key == "cosine_en_tgt" else 3  # the cosines sit at 0.98-1.00
+        nd = 5 if key == "cosine_en_tgt" else 3  # the cosines sit at 0.98-1.00, their differences at 1e-4
         print(f"**{label}**\n")
-        print("| block | " + " | ".join(shown + [f"{r} − {ref}" for r in diffs]) + " |")
+        print("| block | " + " | ".join(shown + [f"{r} − {t}" for r, t in diffs]) + " |")
         print("|---|" + "---|" * (len(shown) + len(diffs)))
         for k, block in enumerate(res[ref]["layers"]):
             row = [f"{res[r][key][k]:.{nd}f} ± {res[r]['standard_errors'][key][k]:.{nd}f}" for r in shown]
-            for r in diffs:
+            for r, t in diffs:
                 per_sentence = torch.tensor(res[r]["per_sentence"][key], dtype=torch.float64)[:, k] \
-                    - torch.tensor(res[ref]["per_sentence"][key], dtype=torch.float64)[:, k]
+                    - torch.tensor(res[t]["per_sentence"][key], dtype=torch.float64)[:, k]
                 (d,), (se,) = mean_and_se((per_sentence * weights)[:, None], weights)
                 row.append(f"{d:+.{nd}f} ± {se:.{nd}f}")
             tag = f" ({'/'.join(sorted(marks[block]))})" if block in marks else ""

@@ -62,16 +62,23 @@ def main():
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     fig.savefig(args.out, dpi=120)
-    lines = ["| method | steps | " + " | ".join(TERMS) + " | loss (weighted sum) | wall s |", "|---" * (len(TERMS) + 4) + "|"]
+    lines = ["| method | steps | " + " | ".join(TERMS) + " | loss (weighted sum) | training s |", "|---" * (len(TERMS) + 4) + "|"]
     for m, rows in logs.items():
         last = rows[-1]
         cells = [f"{last[t]:.4f}" if last.get(t) is not None else "–" for t in TERMS]
-        lines.append(f"| {m} | {last['step']} | " + " | ".join(cells) + f" | {last['loss']:.4f} | {last.get('elapsed', 0):.0f} |")
+        lines.append(f"| {m} | {last['step']} | " + " | ".join(cells) + f" | {last['loss']:.4f} | {busy_seconds(rows):.0f} |")
     table = "\n".join(lines) + "\n"
     with common.atomic_open(os.path.splitext(args.out)[0] + ".md") as f:
-        f.write("Final optimizer step, from train_log.jsonl\n\n" + table)
+        f.write("Final optimizer step, from train_log.jsonl; training s: the logged optimizer-step and held-out "
+                "seconds\n\n" + table)
     print(table)
     print(f"wrote {args.out}")
+
+
+def busy_seconds(rows):
+    """Logged optimizer-step plus held-out-evaluation seconds: unlike `elapsed`, it survives --resume (which
+    restarts the clock); model loading and checkpoint saves are not in it."""
+    return sum(r.get("seconds", 0) + (r.get("eval_seconds") or 0) for r in rows)
 
 
 def heldout(logs, out):
@@ -101,16 +108,17 @@ def heldout(logs, out):
     fig.savefig(out, dpi=120)
     plt.close(fig)
     keys = ("eval_loss_tft", "eval_loss_lc", "eval_loss_et")
-    lines = ["| run | steps | last held-out step | " + " | ".join(keys) + " | training wall s |", "|---" * (len(keys) + 4) + "|"]
+    lines = ["| run | steps | last held-out step | " + " | ".join(keys) + " | training s |", "|---" * (len(keys) + 4) + "|"]
     for m, rows in logs.items():
         ev = [r for r in rows if r.get("eval_loss_tft") is not None]
         last = ev[-1] if ev else {}
         cells = [f"{last[k]:.4f}" if last.get(k) is not None else "–" for k in keys]
         lines.append(f"| {m} | {rows[-1]['step']} | {last.get('step', '–')} | " + " | ".join(cells)
-                     + f" | {rows[-1].get('elapsed', 0):.0f} |")
+                     + f" | {busy_seconds(rows):.0f} |")
     table = "\n".join(lines) + "\n"
     with common.atomic_open(os.path.splitext(out)[0] + ".md") as f:
-        f.write("Held-out terms at the last evaluated step, from train_log.jsonl\n\n" + table)
+        f.write("Held-out terms at the last evaluated step, from train_log.jsonl; training s: the logged optimizer-step "
+                "and held-out seconds (model loading and checkpoint saves excluded)\n\n" + table)
     print(table)
     print(f"wrote {out}")
 

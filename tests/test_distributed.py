@@ -114,6 +114,7 @@ def _ddp_worker(out_dir, model_dir):
     from accelerate import Accelerator
     Accelerator.end_training = lambda self: None  # it would destroy the process group the next training needs
     for name, flags in DDP_RUNS.items():
+        print(f"[ddp-worker] {name}", flush=True)  # the failing run's name ends up in the launch's output
         train.main([*flags, "--model", model_dir, "--out", os.path.join(out_dir, name)])
     torch.distributed.destroy_process_group()
 
@@ -176,6 +177,7 @@ def test_alternate_under_ddp(ddp_runs, tiny_model_dirs, tmp_path):
     one, two = str(tmp_path / "one"), ddp_runs["mid-align-alternate"]
     train.main([*BASE_FLAGS, "--method", "mid-align", "--alternate", "--model", tiny_model_dirs["llama"], "--out", one,
                 "--batch-size", "4"])
+    assert json.load(open(os.path.join(two, "train_config.json")))["world_size"] == 2
     assert [r["phase"] for r in read_log(two)] == ["task", "align", "task", "align"]
     same_logs(read_log(two), read_log(one))
     same_weights(two, one)

@@ -509,13 +509,21 @@ def test_mean_and_se_over_sentences_reference():
     assert se[0] == pytest.approx((4 / 3 * sum(x * x for x in resid)) ** 0.5 / 12.0)
 
 
-def test_layer_analysis_matches_references_and_is_per_sentence():
+def test_layer_analysis_matches_references_and_is_per_sentence(monkeypatch):
     from conftest import make_tokenizer
     tok = make_tokenizer()
     model = make_tiny_model("llama", tok).eval()
     pairs = [("Hello world.", "你好，世界。今天天气很好。"), ("The answer is 42.", "答案"),
              ("What is the capital of France?", "今天天气很好。"), ("Paris.", "你好")]
     res = ev.layer_analysis(model, tok, "zh", pairs, batch_size=3)
+    monkeypatch.setattr(ev, "LENS_POSITIONS_PER_CHUNK", 3)  # chunks that split sentences give the same numbers
+    chunked = ev.layer_analysis(model, tok, "zh", pairs, batch_size=3)
+    for name in ev.LAYER_MEASURES:
+        assert chunked[name] == pytest.approx(res[name], abs=1e-6), name
+    monkeypatch.setattr(tok, "padding_side", "left")
+    with pytest.raises(ev.UserError, match="right-padding tokenizer"):
+        ev.layer_analysis(model, tok, "zh", pairs)
+    monkeypatch.setattr(tok, "padding_side", "right")
     # the lens entropy is the shared curve's (whose last block is the model's own output entropy)
     assert res["entropy"] == pytest.approx(ev.common.lens_entropy_curve(model, tok, [t for _, t in pairs]), rel=1e-5)
     ps = res["per_sentence"]
@@ -531,7 +539,9 @@ def test_layer_analysis_matches_references_and_is_per_sentence():
         weights = torch.ones(4, dtype=torch.float64) if name == "cosine_en_tgt" else w
         expected = (torch.tensor(ps[name], dtype=torch.float64) * weights[:, None]).sum(0) / weights.sum()
         assert res[name] == pytest.approx(expected.tolist(), abs=1e-4), name
-        assert all(s >= 0 for s in res["standard_errors"][name]), name
+        # the SEs are the clustered ones of these per-sentence values (cosine: one unit weight per sentence)
+        sums = torch.tensor(ps[name], dtype=torch.float64) * weights[:, None]
+        assert res["standard_errors"][name] == pytest.approx(ev.mean_and_se_over_sentences(sums, weights)[1], abs=1e-4)
     assert all(s > 0 for s in res["standard_errors"]["entropy"] + res["standard_errors"]["cosine_en_tgt"])
 
 
