@@ -264,16 +264,15 @@ def layer_tables(layers_dir, train_dir):
             continue
         weights = torch.ones(len(positions)) if key == "cosine_en_tgt" else torch.tensor(positions, dtype=torch.float64)
         nd = 5 if key == "cosine_en_tgt" else 3  # the cosines sit at 0.98-1.00, their differences at 1e-4
+        per_sentence = lambda r: torch.tensor(res[r]["per_sentence"][key], dtype=torch.float64)  # [sentences, blocks]
+        # every block at once: the per-sentence differences, weighted back to sums, and their clustered SE
+        paired = [mean_and_se((per_sentence(r) - per_sentence(t)) * weights[:, None], weights) for r, t in diffs]
         print(f"**{label}**\n")
         print("| block | " + " | ".join(shown + [f"{r} − {t}" for r, t in diffs]) + " |")
         print("|---|" + "---|" * (len(shown) + len(diffs)))
         for k, block in enumerate(res[ref]["layers"]):
             row = [f"{res[r][key][k]:.{nd}f} ± {res[r]['standard_errors'][key][k]:.{nd}f}" for r in shown]
-            for r, t in diffs:
-                per_sentence = torch.tensor(res[r]["per_sentence"][key], dtype=torch.float64)[:, k] \
-                    - torch.tensor(res[t]["per_sentence"][key], dtype=torch.float64)[:, k]
-                (d,), (se,) = mean_and_se((per_sentence * weights)[:, None], weights)
-                row.append(f"{d:+.{nd}f} ± {se:.{nd}f}")
+            row += [f"{d[k]:+.{nd}f} ± {se[k]:.{nd}f}" for d, se in paired]
             tag = f" ({'/'.join(sorted(marks[block]))})" if block in marks else ""
             print(f"| {block}{tag} | " + " | ".join(row) + " |")
         print()
