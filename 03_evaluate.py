@@ -1236,53 +1236,12 @@ def compare_stat(entry, rows):
     return corpus_stat_fn(m)([r["prediction"] for r in rows], [r["gold"] for r in rows])
 
 
-def paired_bootstrap(stat_a, stat_b, n, resamples=10000, seed=0):
-    """Observed difference B - A and its two-sided paired-bootstrap p-value.
-
-    Resample items with replacement (the same items for both runs); p = share of resampled differences at
-    least as far from the observed one as the observed one is from zero (the null-centred bootstrap),
-    with the usual +1 correction. Identical runs give p = 1.
-    """
-    import numpy as np
-    rng = np.random.default_rng(seed)
-    every = np.arange(n)
-    delta = stat_b(every) - stat_a(every)
-    extreme = 0
-    for _ in range(resamples):
-        idx = rng.integers(0, n, n)
-        d = stat_b(idx) - stat_a(idx)
-        extreme += abs(d - delta) >= abs(delta) - 1e-12
-    return delta, (extreme + 1) / (resamples + 1)
-
 
 def load_items_file(json_path, entry):
     path = os.path.join(os.path.dirname(os.path.abspath(json_path)), entry["items_file"])
     return common.read_jsonl(path)
 
 
-def holm(pvalues, floors=None):
-    """Holm-adjusted p-values (step-down, family-wise error over the given tests), in the input order.
-
-    floors[i] = True where p[i] is the bootstrap's floor 1/(B+1), i.e. only an upper bound; returns
-    [(adjusted p, multiplier k or None)]: k is set where the adjusted value is k * floor and so is itself an
-    upper bound (k/(B+1)), None where it is an estimate.
-    """
-    m = len(pvalues)
-    floors = floors or [False] * m
-    order = sorted(range(m), key=lambda i: pvalues[i])
-    out, best, best_k = [None] * m, -1.0, None
-    for rank, i in enumerate(order):
-        term = min(1.0, (m - rank) * pvalues[i])
-        k = m - rank if floors[i] and term < 1.0 else None
-        if term > best or (term == best and best_k is not None and k is None):
-            best, best_k = term, k  # an estimate wins a tie with a bound
-        out[i] = (best, best_k)
-    return out
-
-
-def fmt_p(p, resamples, k=None):
-    """A p-value as printed: at the floor of a B-resample bootstrap, "< k/(B+1)" (with B + 1 written out)."""
-    return f"< {k}/{resamples + 1}" if k is not None else f"{p:.4f}"
 
 
 def cell_mismatches(ea, eb, ids_a, ids_b):
@@ -1343,14 +1302,14 @@ def compare_runs(path_a, path_b, out_dir, resamples, seed, allow_mismatch=False)
                 for row in r:
                     row["tgt_lang"] = e.get("tgt_lang")
         stat_a, stat_b = compare_stat(ea, ra), compare_stat(eb, rb)
-        delta, p = paired_bootstrap(stat_a, stat_b, len(shared), resamples, seed)
+        delta, p = common.paired_bootstrap(stat_a, stat_b, len(shared), resamples, seed)
         every = list(range(len(shared)))
         table.append(dict(task=task, lang=lang, metric=ea["metric"], a=stat_a(every), b=stat_b(every), delta=delta,
                           p=p, p_at_floor=p <= 1.0 / (resamples + 1) + 1e-15, n=len(shared), mismatch=bad,
                           scale=100.0 if ea["aggregation"] == "mean" else 1.0))
     if not table:
         raise UserError(f"{path_a} and {path_b} share no item ids in any task x language")
-    for row, (p_holm, k) in zip(table, holm([r["p"] for r in table], [r["p_at_floor"] for r in table])):
+    for row, (p_holm, k) in zip(table, common.holm([r["p"] for r in table], [r["p_at_floor"] for r in table])):
         row.update(p_holm=p_holm, p_holm_is_bound=k is not None, p_holm_k=k)
     lines = [f"# {b['run']} vs {a['run']} (B - A)\n", f"A = {path_a}\nB = {path_b}\n",
              f"Paired bootstrap over items, B = {resamples} resamples, seed {seed}; p at the floor prints as "
@@ -1361,10 +1320,10 @@ def compare_runs(path_a, path_b, out_dir, resamples, seed, allow_mismatch=False)
     lines += ["| task | lang | metric | A | B | B - A | p | p (Holm) | n |", "|---|---|---|---|---|---|---|---|---|"]
     for r in table:
         sc = r.pop("scale")
-        p_text = fmt_p(r["p"], resamples, 1 if r["p_at_floor"] else None)
+        p_text = common.fmt_p(r["p"], resamples, 1 if r["p_at_floor"] else None)
         lines.append(f"| {r['task']} | {r['lang']}{' (mismatch)' if r['mismatch'] else ''} | {r['metric']} | "
                      f"{r['a'] * sc:.2f} | {r['b'] * sc:.2f} | {r['delta'] * sc:+.2f} | {p_text} | "
-                     f"{fmt_p(r['p_holm'], resamples, r['p_holm_k'])} | {r['n']} |")
+                     f"{common.fmt_p(r['p_holm'], resamples, r['p_holm_k'])} | {r['n']} |")
     text = "\n".join(lines) + "\n"
     os.makedirs(out_dir, exist_ok=True)
     stem = f"compare_{a['run']}_vs_{b['run']}"
@@ -1416,23 +1375,6 @@ def vocab_classes(tokenizer, lang):
 LAYER_MEASURES = ("entropy", "mass_en", "mass_tgt", "top1_en", "top1_tgt", "cosine_en_tgt")
 LENS_POSITIONS_PER_CHUNK = 256  # lens rows at a time: [256, vocab] float32 is 0.27 GB for Gemma's 262k tokens
 
-
-def mean_and_se_over_sentences(sums, counts):
-    """Pooled mean sum(sums)/sum(counts) per column and its standard error with sentences as the sampling unit.
-
-    sums: [n, L] per-sentence totals; counts: [n] positions per sentence (ones for one value per sentence).
-    The mean weights each position equally (as the lens literature reports it); the SE is the usual
-    clustered one for a ratio of sums, so positions of one sentence are not treated as independent.
-    With equal counts it is the plain mean and sd/sqrt(n) of the per-sentence means.
-    """
-    sums, counts = sums.double(), counts.double()
-    n, total = len(counts), counts.sum()
-    mean = sums.sum(0) / total
-    if n < 2:
-        return mean.tolist(), [float("nan")] * sums.shape[1]
-    residual = sums - mean[None] * counts[:, None]
-    se = (n / (n - 1) * residual.pow(2).sum(0)).sqrt() / total
-    return mean.tolist(), se.tolist()
 
 
 @torch.no_grad()
@@ -1492,7 +1434,7 @@ def layer_analysis(model, tokenizer, lang, pairs, batch_size=8, max_length=128):
             res[name] = standard_errors[name] = per_sentence[name] = None
             continue
         weights = torch.ones_like(counts) if name == "cosine_en_tgt" else counts
-        res[name], standard_errors[name] = mean_and_se_over_sentences(per_sentence_sums[name], weights)
+        res[name], standard_errors[name] = common.mean_and_se_over_sentences(per_sentence_sums[name], weights)
         per_sentence[name] = [[round(x, 5) for x in row] for row in
                               (per_sentence_sums[name] / weights[:, None].double()).tolist()]
     res.update(

@@ -551,3 +551,69 @@ def lens_entropy_curve(model, tokenizer, texts, batch_size=8, max_length=256):
             totals[k - 1] += -(logp.exp() * logp).sum(-1).double().sum().cpu()
         count += int(mask.sum())
     return (totals / max(count, 1)).tolist()
+
+
+# ---- statistics shared by 03_evaluate.py and the analysis scripts ----
+
+
+def paired_bootstrap(stat_a, stat_b, n, resamples=10000, seed=0):
+    """Observed difference B - A and its two-sided paired-bootstrap p-value.
+
+    Resample items with replacement (the same items for both runs); p = share of resampled differences at
+    least as far from the observed one as the observed one is from zero (the null-centred bootstrap),
+    with the usual +1 correction. Identical runs give p = 1.
+    """
+    import numpy as np  # numpy's generator: the resampling every committed p-value was computed with
+
+    rng = np.random.default_rng(seed)
+    every = np.arange(n)
+    delta = stat_b(every) - stat_a(every)
+    extreme = 0
+    for _ in range(resamples):
+        idx = rng.integers(0, n, n)
+        d = stat_b(idx) - stat_a(idx)
+        extreme += abs(d - delta) >= abs(delta) - 1e-12
+    return delta, (extreme + 1) / (resamples + 1)
+
+
+def holm(pvalues, floors=None):
+    """Holm-adjusted p-values (step-down, family-wise error over the given tests), in the input order.
+
+    floors[i] = True where p[i] is the bootstrap's floor 1/(B+1), i.e. only an upper bound; returns
+    [(adjusted p, multiplier k or None)]: k is set where the adjusted value is k * floor and so is itself an
+    upper bound (k/(B+1)), None where it is an estimate.
+    """
+    m = len(pvalues)
+    floors = floors or [False] * m
+    order = sorted(range(m), key=lambda i: pvalues[i])
+    out, best, best_k = [None] * m, -1.0, None
+    for rank, i in enumerate(order):
+        term = min(1.0, (m - rank) * pvalues[i])
+        k = m - rank if floors[i] and term < 1.0 else None
+        if term > best or (term == best and best_k is not None and k is None):
+            best, best_k = term, k  # an estimate wins a tie with a bound
+        out[i] = (best, best_k)
+    return out
+
+
+def fmt_p(p, resamples, k=None):
+    """A p-value as printed: at the floor of a B-resample bootstrap, "< k/(B+1)" (with B + 1 written out)."""
+    return f"< {k}/{resamples + 1}" if k is not None else f"{p:.4f}"
+
+
+def mean_and_se_over_sentences(sums, counts):
+    """Pooled mean sum(sums)/sum(counts) per column and its standard error with sentences as the sampling unit.
+
+    sums: [n, L] per-sentence totals; counts: [n] positions per sentence (ones for one value per sentence).
+    The mean weights each position equally (as the lens literature reports it); the SE is the usual
+    clustered one for a ratio of sums, so positions of one sentence are not treated as independent.
+    With equal counts it is the plain mean and sd/sqrt(n) of the per-sentence means.
+    """
+    sums, counts = sums.double(), counts.double()
+    n, total = len(counts), counts.sum()
+    mean = sums.sum(0) / total
+    if n < 2:
+        return mean.tolist(), [float("nan")] * sums.shape[1]
+    residual = sums - mean[None] * counts[:, None]
+    se = (n / (n - 1) * residual.pow(2).sum(0)).sqrt() / total
+    return mean.tolist(), se.tolist()

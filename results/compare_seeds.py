@@ -34,6 +34,8 @@ import sys
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+import common  # noqa: E402  (paired bootstrap's p rule, Holm, standard errors over sentences)
 B = 10000
 SEED = 1234
 NLU = [("xnli", "zh"), ("xcopa", "zh"), ("xstorycloze", "zh"), ("mmlu", "zh")]
@@ -54,12 +56,6 @@ MEASURES = [
 PRIMARY = ["nll_zh", "nll_en", "nlu"]
 DFT_GROUPS = ["dft-logits-w1", "dft-logits-wsmall", "dft-feature-w1", "mid-align"]
 
-
-def evaluate_stage():
-    """03_evaluate.py as a module (its holm and paired bootstrap), through make_table's loader."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from make_table import evaluate_stage as load
-    return load()
 
 
 def read_items(folder, run, task, lang):
@@ -227,7 +223,7 @@ def layer_tables(layers_dir, train_dir):
     """Per block: base and tft ± SE over sentences, and each other run − the tft run of its seed, paired over
     the same sentences."""
     import torch
-    mean_and_se = evaluate_stage().mean_and_se_over_sentences
+    mean_and_se = common.mean_and_se_over_sentences
     res = {}
     for path in sorted(glob.glob(os.path.join(layers_dir, "*.layers.zh.json"))):
         obj = json.load(open(path, encoding="utf-8"))
@@ -291,7 +287,7 @@ def main():
     ap.add_argument("--layers", help="folder with <run>.layers.zh.json (03_evaluate.py --analysis layers) for the "
                     "mechanism tables (default: the eval folder's sibling `layers`, when it exists)")
     args = ap.parse_args()
-    holm = evaluate_stage().holm
+    holm = common.holm
     runs = load(args.eval_dir)
     groups = {}
     for r in runs:

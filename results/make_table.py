@@ -9,7 +9,6 @@
    variant vs tft and each model vs base, plus the same bootstrap for chrF computed here from the
    per-item outputs (sacrebleu sentence statistics, 10000 resamples, seed 1234, 03's p rule).
 """
-import functools
 import json
 import os
 import sys
@@ -17,18 +16,8 @@ import sys
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@functools.lru_cache(maxsize=None)
-def evaluate_stage():
-    """03_evaluate.py as a module, loaded once (its paired_bootstrap: the same resampling and p rule as --compare)."""
-    import importlib.util
-    sys.path.insert(0, REPO)
-    spec = importlib.util.spec_from_file_location("evaluate03", os.path.join(REPO, "03_evaluate.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
+sys.path.insert(0, REPO)
+import common  # noqa: E402  (the repository root's shared module: paired bootstrap)
 
 RUNS = ["base", "sft", "tft", "dft-logits", "dft-feature"]
 COLS = [("nll", "zh", "nll"), ("nll", "en", "nll"), ("xnli", "zh", None), ("xcopa", "zh", None),
@@ -62,7 +51,7 @@ def chrf_p(folder, a, b, direction, resamples=10000, seed=1234):
     score = lambda run, idx: chrf._compute_score_from_stats(list(stats[run][idx].sum(0))).score  # noqa: E731
     n = len(refs)
     full = np.arange(n)
-    delta, p = evaluate_stage().paired_bootstrap(lambda idx: score(a, idx), lambda idx: score(b, idx), n,
+    delta, p = common.paired_bootstrap(lambda idx: score(a, idx), lambda idx: score(b, idx), n,
                                                  resamples=resamples, seed=seed)
     return score(a, full), score(b, full), delta, p, n
 

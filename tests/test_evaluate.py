@@ -11,6 +11,7 @@ import types
 import pytest
 import torch
 
+import common
 from conftest import REPO, load_stage, make_tiny_model
 
 ev = load_stage("03_evaluate")
@@ -289,25 +290,25 @@ def test_paired_bootstrap_known_cases():
     import numpy as np
     a = np.array([1.0, 0.0] * 50)
     stat_a = lambda idx: float(a[idx].mean())  # noqa: E731
-    delta, p = ev.paired_bootstrap(stat_a, stat_a, len(a), resamples=500, seed=1)
+    delta, p = common.paired_bootstrap(stat_a, stat_a, len(a), resamples=500, seed=1)
     assert delta == 0.0 and p == pytest.approx(1.0)
     b = np.ones(100)
-    delta, p = ev.paired_bootstrap(stat_a, lambda idx: float(b[idx].mean()), 100, resamples=500, seed=1)
+    delta, p = common.paired_bootstrap(stat_a, lambda idx: float(b[idx].mean()), 100, resamples=500, seed=1)
     assert delta == pytest.approx(0.5) and p < 0.01
     small = a.copy()
     small[1] = 1.0  # one item differs: no evidence
-    delta, p = ev.paired_bootstrap(stat_a, lambda idx: float(small[idx].mean()), 100, resamples=500, seed=1)
+    delta, p = common.paired_bootstrap(stat_a, lambda idx: float(small[idx].mean()), 100, resamples=500, seed=1)
     assert delta == pytest.approx(0.01) and p > 0.2
 
 
 def test_holm_and_p_at_the_floor():
-    adj = ev.holm([0.01, 0.04, 0.03, 0.5])
+    adj = common.holm([0.01, 0.04, 0.03, 0.5])
     assert [p for p, _ in adj] == pytest.approx([0.04, 0.09, 0.09, 0.5]) and all(k is None for _, k in adj)
     floor = 1 / 10001
-    adj = ev.holm([floor, 0.2, floor], [True, False, True])
+    adj = common.holm([floor, 0.2, floor], [True, False, True])
     assert adj[0] == (pytest.approx(3 * floor), 3) and adj[2] == (pytest.approx(3 * floor), 3)
     assert adj[1] == (pytest.approx(0.2), None)
-    assert ev.fmt_p(floor, 10000, 1) == "< 1/10001" and ev.fmt_p(0.03, 10000) == "0.0300"
+    assert common.fmt_p(floor, 10000, 1) == "< 1/10001" and common.fmt_p(0.03, 10000) == "0.0300"
 
 
 def _write_run(folder, name, cells):
@@ -497,12 +498,12 @@ def test_real_default_model_few_items(tmp_path):
 def test_mean_and_se_over_sentences_reference():
     # equal lengths: the plain mean and sd/sqrt(n) of the per-sentence means
     means = torch.tensor([[1.0, 0.2], [2.0, 0.4], [4.0, 0.9]])
-    mean, se = ev.mean_and_se_over_sentences(means * 5, torch.full((3,), 5.0))
+    mean, se = common.mean_and_se_over_sentences(means * 5, torch.full((3,), 5.0))
     assert mean == pytest.approx(means.mean(0).tolist())
     assert se == pytest.approx((means.std(0) / 3 ** 0.5).tolist())
     # unequal lengths: every position weighs the same; the SE is the clustered ratio SE, written out
     sums, counts = torch.tensor([[3.0], [10.0], [1.0], [8.0]]), torch.tensor([2.0, 5.0, 1.0, 4.0])
-    mean, se = ev.mean_and_se_over_sentences(sums, counts)
+    mean, se = common.mean_and_se_over_sentences(sums, counts)
     r = 22.0 / 12.0
     resid = [3 - 2 * r, 10 - 5 * r, 1 - r, 8 - 4 * r]
     assert mean[0] == pytest.approx(r)
@@ -541,7 +542,7 @@ def test_layer_analysis_matches_references_and_is_per_sentence(monkeypatch):
         assert res[name] == pytest.approx(expected.tolist(), abs=1e-4), name
         # the SEs are the clustered ones of these per-sentence values (cosine: one unit weight per sentence)
         sums = torch.tensor(ps[name], dtype=torch.float64) * weights[:, None]
-        assert res["standard_errors"][name] == pytest.approx(ev.mean_and_se_over_sentences(sums, weights)[1], abs=1e-4)
+        assert res["standard_errors"][name] == pytest.approx(common.mean_and_se_over_sentences(sums, weights)[1], abs=1e-4)
     assert all(s > 0 for s in res["standard_errors"]["entropy"] + res["standard_errors"]["cosine_en_tgt"])
 
 
