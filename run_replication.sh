@@ -15,7 +15,7 @@
 #      pairs; XNLI-zh 1000 val, XCOPA-zh 500, XStoryCloze-zh 1000, M-MMLU-zh 1000 val) right after each
 #      training; secondary (TruthfulQA-zh MC1 first 200, XQuAD-zh 150, Tatoeba chrF en<->zh 150) fills the
 #      evaluation queue's idle time; the layer analysis (logit lens) of base and the seed-1 models
-#   4. results/compare_seeds.py: seed-pooled paired bootstrap DFT vs tft, tables; loss curves
+#   4. scripts/compare_seeds.py: seed-pooled paired bootstrap DFT vs tft, tables; loss curves
 # Resumable: every part leaves a marker (*.trained, eval/*.done) in $OUT and is skipped when rerun; a
 # training that was stopped continues from its last checkpoint (--save-every 20 + --resume). Small
 # results (logs, JSON, gzipped per-item outputs, tables, figures) go to $RES and are committed as each
@@ -196,7 +196,7 @@ commit_res() {  # commit_res MESSAGE PATH...: add and commit these paths only (o
 refresh_tables() {  # the seed-pooled tables and the loss curves from what has finished so far (one writer at a time)
     (
         flock 9
-        $PY results/compare_seeds.py "$RES/eval" --train "$RES/train" --json "$RES/compare.json" > "$RES/tables.md.tmp" \
+        $PY scripts/compare_seeds.py "$RES/eval" --train "$RES/train" --json "$RES/compare.json" > "$RES/tables.md.tmp" \
             2> "$OUT/compare_seeds.err" && mv "$RES/tables.md.tmp" "$RES/tables.md" || stamp "compare_seeds failed (see $OUT/compare_seeds.err)"
         runs=$(ls "$OUT" | sed -n 's/\.trained$//p' | tr '\n' ' ')
         [ -z "$runs" ] || $PY scripts/plot_losses.py "$OUT" $runs --heldout --out "$RES/loss_curves.png" > /dev/null 2>> "$OUT/compare_seeds.err" || true

@@ -1,0 +1,170 @@
+#!/usr/bin/env bash
+# The pre-registered ablations of results/README.md ("Why DFT hurts at 270M"): Gemma-3-270M with the
+# replication's recipe; 300-step tft / dft-feature (seeds 1, 2), single-term runs, ET-layer sweep.
+#
+#   nohup bash scripts/run_ablations.sh >> runs/ablations/driver.log 2>&1 &     # start or resume
+#
+# Two lanes on the 2-core CPU, one torch thread each: trainings in priority order (foreground) and an
+# evaluation queue (background) that first re-evaluates base and checks it against the replication's
+# per-item files, then scores each run's primary measures once it is trained. Every finished part leaves a
+# marker in $OUT and is skipped when rerun; a stopped training resumes from its last checkpoint; each
+# part's small outputs are copied to $RES and committed (scripts/unattended.sh). Models stay in $OUT.
+# CODE: where 01/02/03 are run from (e.g. a git worktree pinned to one commit, so that a long study keeps
+# one version of the code while the checkout moves on); each run's JSON records that commit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/unattended.sh
+PY=${PY:-.venv/bin/python}
+CODE=${CODE:-.}
+BASE=google/gemma-3-270m
+OUT=${OUT:-runs/ablations}
+RES=${RES:-results/gemma3/ablations}
+REPL_SHA=results/gemma3/pairs.sha256           # the replication's train (1,006) and dev (194) files
+EVAL_DTYPE=bfloat16                            # the replication's evaluation settings: bf16, batch 16, 1 process
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+mkdir -p "$OUT/eval" "$RES/eval" "$RES/train"
+PAIRS_BIG="$OUT/pairs_zh.jsonl" PAIRS_OLD="$OUT/pairs_zh_1006.jsonl" DEV="$OUT/pairs_zh.dev.jsonl"
+
+# Runs in priority order: name, steps, pairs file, method flags (i = 2, j = 8 unless varied).
+RUNS=(
+    "tft-300-s1          300 big --method tft"
+    "dft-feature-300-s1  300 big --method dft-feature --lc-layer 2 --et-layer 8"
+    "tft-300-s2          300 big --method tft"
+    "dft-feature-300-s2  300 big --method dft-feature --lc-layer 2 --et-layer 8"
+    "lc-only-logits-s1   100 old --method dft-logits --et none --lc-layer 2 --lc-weight 0.1"
+    "et-only-logits-s1   100 old --method dft-logits --lc none --et-layer 8 --et-weight 0.1"
+    "lc-only-feature-s1  100 old --method dft-feature --et none --lc-layer 2"
+    "et-only-feature-s1  100 old --method dft-feature --lc none --et-layer 8"
+    "dft-feature-j4-s1   100 old --method dft-feature --lc-layer 2 --et-layer 4"
+    "dft-feature-j14-s1  100 old --method dft-feature --lc-layer 2 --et-layer 14"
+)
+ONLY=${ONLY:-}   # e.g. ONLY="tft-300-s1 dft-feature-300-s1": train just these (the queue still evaluates them)
+
+stamp "== ablations: code from $CODE ($(git -C "$CODE" rev-parse --short HEAD)), results to $RES"
+
+# 1. Pairs: the replication's file, rebuilt (--limit 1200) and checked by hash, for the 100-step runs; a larger
+# file with the same filters for the 300-step runs. Dev ids are fixed before filtering and train pairs fill
+# up in one seeded order, so the larger file has the same dev set and holds every pair of the smaller one.
+if [ ! -f "$OUT/pairs.done" ]; then
+    for spec in "1200 $PAIRS_OLD" "2600 $PAIRS_BIG"; do
+        read -r limit file <<< "$spec"
+        $PY "$CODE/01_build_pairs.py" --source alpaca --lang zh --limit "$limit" --dev-size 200 --max-tokens 256 \
+            --tokenizer "$BASE" --out "$file" >> "$OUT/pairs.log" 2>&1
+    done
+    want_train=$(awk '$2 == "pairs_zh.jsonl" {print $1}' "$REPL_SHA")
+    want_dev=$(awk '$2 == "pairs_zh.dev.jsonl" {print $1}' "$REPL_SHA")
+    got_old=$(sha256sum < "$PAIRS_OLD" | cut -c1-64)
+    for dev in "$DEV" "${PAIRS_OLD%.jsonl}.dev.jsonl"; do
+        [ "$(sha256sum < "$dev" | cut -c1-64)" = "$want_dev" ] || { stamp "$dev is not the replication's dev set: stop"; exit 1; }
+    done
+    [ "$got_old" = "$want_train" ] || { stamp "$PAIRS_OLD is not the replication's train file: stop"; exit 1; }
+    missing=$(comm -23 <(cut -d, -f1 "$PAIRS_OLD" | sort) <(cut -d, -f1 "$PAIRS_BIG" | sort) | wc -l)
+    [ "$missing" = 0 ] || { stamp "$missing pairs of $PAIRS_OLD are not in $PAIRS_BIG: stop"; exit 1; }
+    cp "$OUT/pairs_zh.stats.json" "$OUT/pairs.log" "$RES/"
+    sha256sum "$PAIRS_BIG" "$DEV" "$PAIRS_OLD" | sed "s|$OUT/||" > "$RES/pairs.sha256"
+    touch "$OUT/pairs.done"
+    commit_paths "results/gemma3/ablations: pairs (2,406 train holding the replication's 1,006; its dev set)" \
+        "$RES/pairs_zh.stats.json" "$RES/pairs.log" "$RES/pairs.sha256"
+fi
+
+refresh_tables() {  # tables and figures from what has finished (one writer at a time)
+    ( flock 9
+      $PY scripts/ablation_tables.py --out "$RES" > /dev/null 2> "$OUT/tables.err" || stamp "tables failed (see $OUT/tables.err)"
+    ) 9> "$OUT/.tables.lock"
+}
+
+evaluate() {  # evaluate NAME MODEL: the primary measures, one 03 call per task, each skipped once done
+    local name=$1 model=$2 part
+    for part in "nll --langs zh,en --pairs $DEV --limit 200" "xnli --langs zh --limit 1000" \
+                "xcopa --langs zh --limit 500" "xstorycloze --langs zh --limit 1000" "mmlu --langs zh --limit 1000"; do
+        local task=${part%% *}
+        [ -f "$OUT/eval/$name.$task.done" ] && continue
+        stamp "eval $name: $task"
+        # shellcheck disable=SC2086  # $part holds the task's flags
+        retry 3 $PY "$CODE/03_evaluate.py" --model "$model" --run-name "$name" --out "$OUT/eval" \
+            --dtype "$EVAL_DTYPE" --batch-size 16 --tasks $part >> "$OUT/eval/$name.log" 2>&1 || return 1
+        touch "$OUT/eval/$name.$task.done"
+    done
+}
+
+publish_eval() {  # run JSON + gzipped per-item files into $RES/eval, tables, commit
+    local name=$1 f
+    cp "$OUT/eval/$name.json" "$RES/eval/"
+    for f in "$OUT/eval/$name".*.jsonl; do gzip -nc "$f" > "$RES/eval/$(basename "$f").gz"; done
+    tr '\r' '\n' < "$OUT/eval/$name.log" | grep -v "it/s\]\|s/it\]\|^\s*$" > "$RES/eval/$name.log" || true
+    refresh_tables
+    commit_paths "results/gemma3/ablations: evaluation of $name (primary measures)" "$RES"
+}
+
+eval_queue() {
+    if [ ! -f "$OUT/eval/base.checked" ]; then
+        evaluate base "$BASE" || { stamp "eval base FAILED (see $OUT/eval/base.log)"; return 1; }
+        for f in "$OUT/eval/base".*.jsonl; do gzip -nc "$f" > "$RES/eval/$(basename "$f").gz"; done
+        cp "$OUT/eval/base.json" "$RES/eval/"
+        if $PY scripts/ablation_tables.py --check-base "$OUT/eval" --out "$RES" > "$OUT/base_check.log" 2>&1; then
+            touch "$OUT/eval/base.checked"
+            commit_paths "results/gemma3/ablations: base re-evaluated, equal to the replication's per-item files" "$RES"
+        else
+            commit_paths "results/gemma3/ablations: base re-evaluated, NOT equal to the replication's files" "$RES"
+            stamp "base differs from the replication's files ($RES/base_check.md): no run is evaluated"; return 1
+        fi
+    fi
+    local line name
+    for line in "${RUNS[@]}"; do
+        name=${line%% *}
+        [ -f "$OUT/eval/$name.published" ] && continue
+        while [ ! -f "$OUT/$name.trained" ]; do
+            { [ -f "$OUT/$name.failed" ] || [ -f "$OUT/training.finished" ]; } && continue 2
+            sleep 30
+        done
+        if evaluate "$name" "$OUT/$name"; then
+            publish_eval "$name" && touch "$OUT/eval/$name.published"
+        else
+            stamp "eval $name FAILED (see $OUT/eval/$name.log)"
+        fi
+    done
+    stamp "evaluation queue: done"
+}
+
+train() {  # train NAME STEPS big|old FLAGS...: resumes from the last checkpoint after a kill (3 attempts)
+    local name=$1 steps=$2 which=$3 seed=${1##*-s}; shift 3
+    local pairs; pairs=$([ "$which" = big ] && echo "$PAIRS_BIG" || echo "$PAIRS_OLD")
+    [ -f "$OUT/$name.trained" ] && return 0
+    one_try() {
+        local resume=""
+        if [ -d "$OUT/$name/checkpoint" ]; then resume=--resume
+        elif [ -d "$OUT/$name" ]; then rm -rf "${OUT:?}/$name"; fi   # killed before its first checkpoint
+        stamp "train $name: start${resume:+ (resume from checkpoint)}"
+        $PY "$CODE/02_train_dft.py" --pairs "$pairs" --out "$OUT/$name" --model "$BASE" "$@" \
+            --max-steps "$steps" --batch-size 8 --max-length 256 --lr 2e-5 --seed "$seed" \
+            --eval-pairs "$DEV" --eval-every 20 --eval-limit 64 --ce-chunk 256 --save-every 20 --log-every 10 \
+            $resume >> "$OUT/$name.train.log" 2>&1
+    }
+    if retry 3 one_try "$@"; then
+        rm -rf "${OUT:?}/$name/checkpoint"
+        mkdir -p "$RES/train/$name"
+        cp "$OUT/$name/train_log.jsonl" "$OUT/$name/train_config.json" "$RES/train/$name/"
+        touch "$OUT/$name.trained"
+        stamp "train $name: done ($(tail -1 "$OUT/$name/train_log.jsonl" | cut -c1-160))"
+        refresh_tables
+        commit_paths "results/gemma3/ablations: training log of $name" "$RES"
+    else
+        touch "$OUT/$name.failed"; stamp "train $name: FAILED (see $OUT/$name.train.log)"
+    fi
+}
+
+stamp "== trainings (foreground) and the evaluation queue (background)"
+rm -f "$OUT"/*.failed "$OUT/training.finished"   # a rerun tries failed parts again
+eval_queue & QUEUE=$!
+for line in "${RUNS[@]}"; do
+    read -r name steps which flags <<< "$line"
+    [ -z "$ONLY" ] || [[ " $ONLY " == *" $name "* ]] || continue
+    # shellcheck disable=SC2086
+    train "$name" "$steps" "$which" $flags
+done
+touch "$OUT/training.finished"
+stamp "trainings: done; waiting for the evaluation queue"
+wait "$QUEUE" || true
+refresh_tables
+commit_paths "results/gemma3/ablations: tables and figures" "$RES"
+stamp "done: $RES/tables.md"
