@@ -394,6 +394,18 @@ def test_cli_errors(args, message, tmp_path):
     assert not out.exists() or not os.listdir(out)
 
 
+def test_model_folder_without_tokenizer_is_one_clear_error(tokenizer, tmp_path):
+    folder = tmp_path / "weights-only"
+    make_tiny_model("gpt2", tokenizer).save_pretrained(folder)  # config + weights, no tokenizer files
+    out = tmp_path / "out"
+    # before any model loads or anything is written (the exit code and message: common.run_main, test_cli_errors)
+    with pytest.raises(common.UserError, match=f"{folder} has no tokenizer files .*tokenizer.json"):
+        ev.main(["--model", str(folder), "--tasks", "xnli", "--langs", "zh", "--limit", "1", "--out", str(out)])
+    assert not out.exists() or not os.listdir(out)
+    with pytest.raises(common.UserError, match="has no tokenizer files"):
+        common.load_model_and_tokenizer(str(folder))  # what every stage calls
+
+
 # ----------------------------------------------------------------------------- every row of TASKS
 
 
