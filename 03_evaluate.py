@@ -1213,13 +1213,13 @@ TASKS = {
         fewshot=True, stops=math_stops, score=math_scorer(cot=True), metric="last_number", correct="last_number",
         scorer=LAST_NUMBER_SCORER),
     "translation": TranslationTask(
-        loader=None, langs=MT_LANGS, splits=("test",), stops=line_stops, metric="bleu",
+        loader=None, langs=MT_LANGS, splits=("test",), stops=line_stops, metric="bleu",  # load: load_translation
         scorer="sacrebleu corpus BLEU/chrF; stderr: bootstrap over sentences (1000 resamples)"),
     "nll": NllTask(
         loader=load_nll, langs=sorted(common.LANGUAGES), splits=("dev",), metric="nll", in_all=False,
         scorer="token-weighted mean NLL (nats/token) of y + EOS given build_prompt(x)"),
 }
-for _name, _task in TASKS.items():
+for _name, _task in TASKS.items():  # a row knows its own name (error messages, result keys)
     _task.name = _name
 
 
