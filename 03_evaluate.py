@@ -11,33 +11,39 @@ Examples
   python 03_evaluate.py --model HuggingFaceTB/SmolLM2-135M-Instruct runs/dft-zh \
       --tasks xnli,xcopa,xstorycloze,mmlu,truthfulqa,xquad,mlqa,mkqa --langs zh,vi,ar --out runs/eval
   # math and translation, a quick look at 30 items each
-  python 03_evaluate.py --model runs/dft-zh --tasks mgsm,mgsm_cot,msvamp,translation --langs zh --limit 30 --out runs/eval
+  python 03_evaluate.py --model runs/dft-zh --tasks mgsm,mgsm_cot,msvamp,translation --langs zh --limit 30 \
+      --out runs/eval
   # held-out NLL of the training format (pairs from 01_build_pairs.py); lower is better
   python 03_evaluate.py --model runs/dft-zh --tasks nll --pairs runs/pairs/dev.jsonl --langs zh,en --out runs/eval
   # paired bootstrap between two runs on the same items (B - A)
   python 03_evaluate.py --compare runs/eval/SmolLM2-135M-Instruct.json runs/eval/dft-zh.json --out runs/eval
   # the English-pivot picture: lens entropy, English vs Chinese token mass and en/zh cosine per layer
-  python 03_evaluate.py --analysis layers --model HuggingFaceTB/SmolLM2-135M-Instruct runs/dft-zh --langs zh --out runs/eval
+  python 03_evaluate.py --analysis layers --model HuggingFaceTB/SmolLM2-135M-Instruct runs/dft-zh --langs zh \
+      --out runs/eval
 
-Tasks (harness task name; `{l}` = language). loglik = the choice with the highest summed log-probability
-of its continuation tokens wins (lm-eval's `acc`); gen = greedy decoding, cut at the stop strings.
-| task        | harness task            | prompt (context -> continuation)                                                 | metric |
-| xnli        | xnli_{l}                | "" -> " {premise}, {right}? {Yes|Also|No}, {hypothesis}" (per-language words)   | acc |
-| xcopa       | xcopa_{l} (en: copa)    | "{premise minus final char} {because|therefore}" -> " {choice, first char lower}" | acc |
-| xstorycloze | xstorycloze_{l}         | "{4 sentences joined by ' '}" -> " {ending}"                                     | acc |
-| mmlu        | m_mmlu_{l} (Okapi)      | "{q}\nA. ..\nB. ..\nC. ..\nD. ..\nAnswer:" -> " A|B|C|D"                        | acc |
-| truthfulqa  | truthfulqa_{l}_mc1      | "{6-shot QA prompt}\n\nQ: {q}\nA:" -> " {choice}"                                | acc (MC1), acc_strict |
-| xquad       | xquad_{l}               | "{Context}: {c}\n\n{Question}: {q}\n\n{Answer}:" (per-language words), stop \n   | f1, exact_match (harness); f1_lang, exact_match_lang |
-| mlqa        | mlqa_{l}_{l}            | "Context: {c}\n\nQuestion: {q}\n\nAnswer:", stop \n                              | f1, exact_match (harness); f1_lang, exact_match_lang |
-| mkqa        | (none; nq_open format)  | "Answer these questions:\n\nQ: {q}?\nA:", stop \n . ,                            | f1_lang, exact_match_lang |
-| mgsm        | mgsm_direct_{l}         | "{Question word} {q}\nAnswer:", stop "{Question word}"                          | acc |
-| mgsm_cot    | mgsm_native_cot_{l}     | "{Question word} {q}\n{Step-by-step answer word}", stop "{Question word}"      | acc |
-| msvamp(_cot)| (none; MGSM formats)    | as mgsm / mgsm_cot                                                               | acc |
-| translation | (none)                  | MT_PROMPT below, stop \n; en->xx and xx->en                                     | BLEU, chrF |
-| nll         | (none)                  | common.build_prompt(x) -> y + EOS (the training format)                         | NLL/token |
+Tasks, one row of TASKS each: harness task (`{l}` = language): prompt (context -> continuation); metric.
+mc = the choice with the highest summed log-probability of its continuation tokens wins (lm-eval's `acc`);
+gen = greedy decoding, cut at the stop strings.
+  xnli         xnli_{l}: "" -> " {premise}, {right}? {Yes|Also|No}, {hypothesis}" (per-language words); acc
+  xcopa        xcopa_{l} (en: copa): "{premise minus final char} {because|therefore}" -> " {choice, first char
+               lower}"; acc
+  xstorycloze  xstorycloze_{l}: "{4 sentences joined by ' '}" -> " {ending}"; acc
+  mmlu         m_mmlu_{l} (Okapi): "{q}\nA. ..\nB. ..\nC. ..\nD. ..\nAnswer:" -> " A|B|C|D"; acc
+  truthfulqa   truthfulqa_{l}_mc1: "{6-shot QA prompt}\n\nQ: {q}\nA:" -> " {choice}"; acc (MC1), acc_strict
+  xquad        xquad_{l}: "{Context}: {c}\n\n{Question}: {q}\n\n{Answer}:" (per-language words), stop \n;
+               f1, exact_match (harness); f1_lang, exact_match_lang
+  mlqa         mlqa_{l}_{l}: "Context: {c}\n\nQuestion: {q}\n\nAnswer:", stop \n; f1, exact_match (harness);
+               f1_lang, exact_match_lang
+  mkqa         (none; nq_open format): "Answer these questions:\n\nQ: {q}?\nA:", stop \n . ,; f1_lang,
+               exact_match_lang
+  mgsm         mgsm_direct_{l}: "{Question word} {q}\nAnswer:", stop "{Question word}"; acc
+  mgsm_cot     mgsm_native_cot_{l}: "{Question word} {q}\n{Step-by-step answer word}", stop "{Question word}"; acc
+  msvamp(_cot) (none; MGSM formats): as mgsm / mgsm_cot; acc
+  translation  (none): MT_PROMPT below, stop \n; en->xx and xx->en; BLEU, chrF
+  nll          (none): common.build_prompt(x) -> y + EOS (the training format); NLL/token
 Metrics named like the harness's (acc, f1, exact_match, strict_match, flexible_extract) are computed as the
-harness computes them; ours carry their own names (acc_strict, f1_lang, exact_match_lang, last_number). Few-shot
-math prompts follow the harness's sampler by default (--math-shots). Details and deviations: see the docs
+harness computes them; ours carry their own names (acc_strict, f1_lang, exact_match_lang, last_number).
+Few-shot math prompts follow the harness's sampler by default (--math-shots). Details and deviations: see the docs
 (Evaluation) and the constants below.
 """
 import argparse
@@ -52,6 +58,9 @@ import sys
 import time
 import unicodedata
 from collections import Counter
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -70,7 +79,8 @@ XNLI_WORDS = {
     "en": ("right", "Yes", "Also", "No"), "es": ("correcto", "Sí", "Asi que", "No"),
     "fr": ("correct", "Oui", "Aussi", "Non"), "hi": ("सही", "हाँ", "इसलिए", "नहीं"),
     "ru": ("правильно", "Да", "Так", "Нет"), "sw": ("sahihi", "Ndiyo", "Hivyo", "Hapana"),
-    "th": ("ถูกต้อง", "ใช่", "ดังนั้น", "ไม่"), "tr": ("doğru", "Evet", "Böylece", "Hayır"),
+    "th": ("ถูกต้อง", "ใช่", "ดังนั้น", "ไม่"),
+    "tr": ("doğru", "Evet", "Böylece", "Hayır"),
     "ur": ("صحیح", "جی ہاں", "اس لئے", "نہیں"), "vi": ("đúng", "Vâng", "Vì vậy", "Không"),
     "zh": ("正确", "是的", "所以", "不是的"),
 }
@@ -80,7 +90,8 @@ XNLI_LABELS = {"entailment": 0, "neutral": 1, "contradiction": 2}
 XCOPA_CONNECTORS = {
     "et": ("sest", "seetõttu"), "ht": ("poukisa", "donk sa"), "it": ("perché", "quindi"),
     "id": ("karena", "maka"), "qu": ("imataq", "chaymi"), "sw": ("kwa sababu", "kwa hiyo"),
-    "zh": ("因为", "所以"), "ta": ("காரணமாக", "எனவே"), "th": ("เพราะ", "ดังนั้น"),
+    "zh": ("因为", "所以"), "ta": ("காரணமாக", "எனவே"),
+    "th": ("เพราะ", "ดังนั้น"),
     "tr": ("çünkü", "bu yüzden"), "vi": ("bởi vì", "vì vậy"), "en": ("because", "therefore"),
 }
 
@@ -144,43 +155,11 @@ BLEU_TOKENIZE = {"zh": "zh", "ja": "char", "th": "char"}
 
 MGSM_LANGS = sorted(MGSM_WORDS)
 MSVAMP_LANGS = [l for l in MGSM_LANGS if l != "te"]
-
-# The task table. kind: mc (log-likelihood multiple choice), gen (greedy generation), nll.
-# max_new_tokens: the harness's default max_gen_toks (256) unless it sets one.
-TASKS = {
-    "xnli": dict(kind="mc", harness="xnli_{l}", langs=sorted(XNLI_WORDS), splits=("validation", "test")),
-    "xcopa": dict(kind="mc", harness="xcopa_{l}", langs=sorted(XCOPA_CONNECTORS), splits=("test", "validation")),
-    "xstorycloze": dict(kind="mc", harness="xstorycloze_{l}", langs=["ar", "en", "zh"], splits=("eval",)),
-    "mmlu": dict(kind="mc", harness="m_mmlu_{l}", langs=["ar", "en", "vi", "zh"], splits=("val", "dev"), fewshot=True),
-    "truthfulqa": dict(kind="mc", harness="truthfulqa_{l}_mc1", langs=["ar", "vi", "zh"], splits=("validation",)),
-    "xquad": dict(kind="gen", family="qa", harness="xquad_{l}", langs=["ar", "en", "vi", "zh"], splits=("validation",),
-                  max_new_tokens=256),
-    "mlqa": dict(kind="gen", family="qa", harness="mlqa_{l}_{l}", langs=["ar", "en", "vi", "zh"], splits=("dev",),
-                 max_new_tokens=256),
-    "mkqa": dict(kind="gen", family="qa", harness=None, langs=["ar", "en", "es", "ru", "zh"], splits=("dev",),
-                 max_new_tokens=256),
-    "mgsm": dict(kind="gen", family="math", harness="mgsm_direct_{l}", langs=MGSM_LANGS, splits=("test",),
-                 max_new_tokens=256, fewshot=True),
-    "mgsm_cot": dict(kind="gen", family="math", harness="mgsm_native_cot_{l}", langs=MGSM_LANGS, splits=("test",),
-                     max_new_tokens=256, fewshot=True),
-    "msvamp": dict(kind="gen", family="math", harness=None, langs=MSVAMP_LANGS, splits=("test",),
-                   max_new_tokens=256, fewshot=True),
-    "msvamp_cot": dict(kind="gen", family="math", harness=None, langs=MSVAMP_LANGS, splits=("test",),
-                       max_new_tokens=256, fewshot=True),
-    "translation": dict(kind="gen", family="mt", harness=None, langs=sorted(set(NTREX_CODES) | set(TATOEBA_CODES)),
-                        splits=("test",), max_new_tokens=256),
-    "nll": dict(kind="nll", harness=None, langs=sorted(common.LANGUAGES), splits=("dev",)),
-}
 PAPER_TASKS = "xnli,xcopa,xstorycloze,mmlu,truthfulqa,xquad,mlqa,mkqa"
-# Hugging Face datasets the harness reads (used with --data-source hub when the hub is reachable)
-HUB_DATASETS = {"xnli": ("facebook/xnli", "{l}"), "xcopa": ("cambridgeltl/xcopa", "{l}"),
-                "xstorycloze": ("juletxara/xstory_cloze", "{l}"), "mmlu": ("alexandrainst/m_mmlu", "{l}"),
-                "truthfulqa": ("alexandrainst/m_truthfulqa", "{l}"), "xquad": ("google/xquad", "xquad.{l}"),
-                "mlqa": ("facebook/mlqa", "mlqa.{l}.{l}"), "mgsm": ("juletxara/mgsm", "{l}"),
-                "mgsm_cot": ("juletxara/mgsm", "{l}")}
 
 # -----------------------------------------------------------------------------
-# data: one loader per dataset, each returns (items, data file); an item is a plain dict with an "id"
+# data: one loader per dataset, each (args, lang, split, hub) -> (items, data file); an item is a plain dict
+# with an "id". hub is the row's (Hugging Face dataset, config) with --data-source hub, else None (local files).
 
 
 def _tsv(path):
@@ -193,10 +172,10 @@ def _lines(path):
         return [line.rstrip("\n").rstrip("\r") for line in f]
 
 
-def _hub_rows(task, lang, split):
+def _hub_rows(hub, lang, split):
     """Rows of the harness's own Hugging Face dataset (same fields as our local files after conversion)."""
     import datasets
-    path, name = HUB_DATASETS[task]
+    path, name = hub
     try:
         rows = list(datasets.load_dataset(path, name.format(l=lang), split=split))
     except Exception as e:
@@ -205,12 +184,12 @@ def _hub_rows(task, lang, split):
     return rows, f"hub:{path}/{name.format(l=lang)}/{split}"
 
 
-def load_xnli(data_dir, lang, split, hub=False):
+def load_xnli(args, lang, split, hub):
     if hub:
-        rows, src = _hub_rows("xnli", lang, split)
+        rows, src = _hub_rows(hub, lang, split)
         rows = [(r["premise"], r["hypothesis"], r["label"]) for r in rows]
     else:
-        src = os.path.join(data_dir, "xnli", f"{'dev' if split == 'validation' else 'test'}-{lang}.tsv")
+        src = os.path.join(args.data_dir, "xnli", f"{'dev' if split == 'validation' else 'test'}-{lang}.tsv")
         rows = [(p, h, XNLI_LABELS[y]) for p, h, y in _tsv(src)]
     q, *words = XNLI_WORDS[lang]
     items = []
@@ -221,11 +200,11 @@ def load_xnli(data_dir, lang, split, hub=False):
     return items, src
 
 
-def load_xcopa(data_dir, lang, split, hub=False):
+def load_xcopa(args, lang, split, hub):
     if hub:
-        rows, src = _hub_rows("xcopa", lang, split)
+        rows, src = _hub_rows(hub, lang, split)
     else:
-        src = os.path.join(data_dir, "xcopa", f"{'val' if split == 'validation' else 'test'}.{lang}.jsonl")
+        src = os.path.join(args.data_dir, "xcopa", f"{'val' if split == 'validation' else 'test'}.{lang}.jsonl")
         rows = common.read_jsonl(src)
     cause, effect = XCOPA_CONNECTORS[lang]
     lower_first = lambda s: s[0].lower() + s[1:]  # noqa: E731 (utils.convert_choice)
@@ -238,17 +217,17 @@ def load_xcopa(data_dir, lang, split, hub=False):
     return items, src
 
 
-def load_xstorycloze(data_dir, lang, split, hub=False):
+def load_xstorycloze(args, lang, split, hub):
     if hub:
-        rows, src = _hub_rows("xstorycloze", lang, split)
+        rows, src = _hub_rows(hub, lang, split)
     else:
-        src = os.path.join(data_dir, "xstorycloze", f"{lang}_{split}.jsonl")
+        src = os.path.join(args.data_dir, "xstorycloze", f"{lang}_{split}.jsonl")
         rows = common.read_jsonl(src)
     items = []
     for i, r in enumerate(rows):
         context = " ".join(r[f"input_sentence_{k}"] for k in range(1, 5))
-        items.append(dict(id=r.get("story_id", i), context=context, choices=[r["sentence_quiz1"], r["sentence_quiz2"]],
-                          gold=int(r["answer_right_ending"]) - 1))
+        items.append(dict(id=r.get("story_id", i), context=context,
+                          choices=[r["sentence_quiz1"], r["sentence_quiz2"]], gold=int(r["answer_right_ending"]) - 1))
     return items, src
 
 
@@ -257,14 +236,15 @@ def mmlu_text(r):
             f"D. {r['option_d']}\nAnswer:")
 
 
-def load_mmlu(data_dir, lang, split, hub=False, num_fewshot=0):
+def load_mmlu(args, lang, split, hub):
     if hub:
-        rows, src = _hub_rows("mmlu", lang, {"val": "validation", "dev": "train"}.get(split, split))
+        rows, src = _hub_rows(hub, lang, {"val": "validation", "dev": "train"}.get(split, split))
     else:
-        src = os.path.join(data_dir, "okapi_mmlu", f"{lang}_{split}.json")
+        src = os.path.join(args.data_dir, "okapi_mmlu", f"{lang}_{split}.json")
         rows = common.read_json(src)
     # few-shot: the first k dev items (the harness's `first_n` sampler on its train split = Okapi dev)
-    shots = common.read_json(os.path.join(data_dir, "okapi_mmlu", f"{lang}_dev.json"))[:num_fewshot] if num_fewshot else []
+    k = args.num_fewshot
+    shots = common.read_json(os.path.join(args.data_dir, "okapi_mmlu", f"{lang}_dev.json"))[:k] if k else []
     prefix = "".join(f"{mmlu_text(s)} {s['answer']}\n\n" for s in shots)
     items = []
     for i, r in enumerate(rows):
@@ -278,11 +258,11 @@ def _truthfulqa_clean(text):  # utils.preprocess
     return re.sub("\\[.*?\\]", "", text).replace("  ", " ")
 
 
-def load_truthfulqa(data_dir, lang, split, hub=False):
+def load_truthfulqa(args, lang, split, hub):
     if hub:
-        rows, src = _hub_rows("truthfulqa", lang, "val")
+        rows, src = _hub_rows(hub, lang, "val")
     else:
-        src = os.path.join(data_dir, "okapi_truthfulqa", f"{lang}_validation.json")
+        src = os.path.join(args.data_dir, "okapi_truthfulqa", f"{lang}_validation.json")
         rows = common.read_json(src)
     items = []
     for i, r in enumerate(rows):
@@ -303,12 +283,17 @@ def _squad_rows(obj):
                            answers=[a["text"] for a in qa["answers"]])
 
 
-def load_xquad(data_dir, lang, split, hub=False):
+def _hub_squad_rows(hub, lang):
+    rows, src = _hub_rows(hub, lang, "validation")
+    return [dict(id=r["id"], context=r["context"], question=r["question"], answers=r["answers"]["text"])
+            for r in rows], src
+
+
+def load_xquad(args, lang, split, hub):
     if hub:
-        rows, src = _hub_rows("xquad", lang, "validation")
-        rows = [dict(id=r["id"], context=r["context"], question=r["question"], answers=r["answers"]["text"]) for r in rows]
+        rows, src = _hub_squad_rows(hub, lang)
     else:
-        src = os.path.join(data_dir, "xquad", f"xquad.{lang}.json")
+        src = os.path.join(args.data_dir, "xquad", f"xquad.{lang}.json")
         rows = list(_squad_rows(common.read_json(src)))
     c, q, a = XQUAD_WORDS[lang]
     items = [dict(id=r["id"], prompt=f"{c}: {r['context']}\n\n{q}: {r['question']}\n\n{a}:", gold=r["answers"][:1])
@@ -316,20 +301,19 @@ def load_xquad(data_dir, lang, split, hub=False):
     return items, src
 
 
-def load_mlqa(data_dir, lang, split, hub=False):
+def load_mlqa(args, lang, split, hub):
     if hub:
-        rows, src = _hub_rows("mlqa", lang, "validation")
-        rows = [dict(id=r["id"], context=r["context"], question=r["question"], answers=r["answers"]["text"]) for r in rows]
+        rows, src = _hub_squad_rows(hub, lang)
     else:
-        src = os.path.join(data_dir, "mlqa_dev", f"dev-context-{lang}-question-{lang}.json")
+        src = os.path.join(args.data_dir, "mlqa_dev", f"dev-context-{lang}-question-{lang}.json")
         rows = list(_squad_rows(common.read_json(src)))
     items = [dict(id=r["id"], prompt=f"Context: {r['context']}\n\nQuestion: {r['question']}\n\nAnswer:",
                   gold=r["answers"]) for r in rows]
     return items, src
 
 
-def load_mkqa(data_dir, lang, split, hub=False):
-    src = os.path.join(data_dir, "mkqa_mia2022_dev", f"mkqa-{'zh_cn' if lang == 'zh' else lang}.jsonl")
+def load_mkqa(args, lang, split, hub):
+    src = os.path.join(args.data_dir, "mkqa_mia2022_dev", f"mkqa-{'zh_cn' if lang == 'zh' else lang}.jsonl")
     items = []
     for r in common.read_jsonl(src):
         q = r["question"].strip()
@@ -396,19 +380,20 @@ def _number_string(x):
     return str(int(v)) if v == int(v) else x
 
 
-def load_math(data_dir, lang, dataset, cot, num_fewshot=0, hub=False, shots="harness"):
+def load_math(args, lang, split, hub, dataset, cot):
+    """MGSM or MSVAMP items, direct or chain-of-thought, with --num-fewshot exemplars (--math-shots style)."""
     question_word, direct, step, _ = MGSM_WORDS[lang]
     if dataset == "mgsm":
         if hub:
-            rows, src = _hub_rows("mgsm", lang, "test")
+            rows, src = _hub_rows(hub, lang, "test")
             rows = [(r["question"], r["answer_number"]) for r in rows]
         else:
-            src = os.path.join(data_dir, "mgsm", f"mgsm_{lang}.tsv")
+            src = os.path.join(args.data_dir, "mgsm", f"mgsm_{lang}.tsv")
             rows = [(q, a) for q, a in _tsv(src)]
     else:
-        src = os.path.join(data_dir, "msvamp", f"msvamp_{lang}.jsonl")
+        src = os.path.join(args.data_dir, "msvamp", f"msvamp_{lang}.jsonl")
         rows = [(r["m_query"], r["response"]) for r in common.read_jsonl(src)]
-    prefixes = mgsm_exemplars(data_dir, lang, cot, num_fewshot, len(rows), shots)
+    prefixes = mgsm_exemplars(args.data_dir, lang, cot, args.num_fewshot, len(rows), args.math_shots)
     items = [dict(id=i, prompt=f"{prefix}{question_word} {q}\n{step if cot else direct}", gold=_number_string(a))
              for i, ((q, a), prefix) in enumerate(zip(rows, prefixes))]
     return items, src
@@ -436,8 +421,9 @@ def load_translation(data_dir, lang, direction, dataset):
     return items, xx_file
 
 
-def load_nll(pairs_file, lang):
+def load_nll(args, lang, split, hub):
     """Training-format items: build_prompt(x) -> y. lang 'en' uses the English side (deduplicated)."""
+    pairs_file = args.pairs
     if not pairs_file:
         raise UserError("task nll needs --pairs DEV.jsonl (the dev pairs written by 01_build_pairs.py)")
     rows = common.read_jsonl(pairs_file)
@@ -458,56 +444,6 @@ def load_nll(pairs_file, lang):
 
 def nll_langs(pairs_file):
     return sorted({r["lang"] for r in common.read_jsonl(pairs_file)} | {"en"}) if pairs_file else []
-
-
-def task_langs(task, args):
-    if task == "nll":
-        return nll_langs(args.pairs)
-    if task == "translation":
-        return sorted(NTREX_CODES if args.mt_data == "ntrex" else TATOEBA_CODES)
-    return TASKS[task]["langs"]
-
-
-def shots_for(task, args):
-    return args.num_fewshot if TASKS[task].get("fewshot") else 0
-
-
-def load_task(task, lang, args):
-    """Items (after --limit) and the data file for one task x language; raises UserError on bad input."""
-    spec, hub = TASKS[task], args.data_source == "hub"
-    split = args.split if args.split in spec["splits"] else spec["splits"][0]
-    if hub and task not in HUB_DATASETS:
-        raise UserError(f"task {task} has no Hugging Face dataset here; use --data-source local")
-    k = shots_for(task, args)
-    d = args.data_dir
-    if task == "xnli":
-        out = load_xnli(d, lang, split, hub)
-    elif task == "xcopa":
-        out = load_xcopa(d, lang, split, hub)
-    elif task == "xstorycloze":
-        out = load_xstorycloze(d, lang, split, hub)
-    elif task == "mmlu":
-        out = load_mmlu(d, lang, split, hub, k)
-    elif task == "truthfulqa":
-        out = load_truthfulqa(d, lang, split, hub)
-    elif task == "xquad":
-        out = load_xquad(d, lang, split, hub)
-    elif task == "mlqa":
-        out = load_mlqa(d, lang, split, hub)
-    elif task == "mkqa":
-        out = load_mkqa(d, lang, split)
-    elif task in ("mgsm", "mgsm_cot", "msvamp", "msvamp_cot"):
-        out = load_math(d, lang, task.split("_")[0], task.endswith("_cot"), k, hub, args.math_shots)
-    elif task == "nll":
-        out = load_nll(args.pairs, lang)
-    else:
-        raise AssertionError(task)
-    items, src = out
-    if args.limit is not None:
-        items = items[:args.limit]  # the first N items, as the harness's --limit
-    if not items:
-        raise UserError(f"{task} {lang}: no items in {src}")
-    return items, src, split
 
 
 # -----------------------------------------------------------------------------
@@ -540,15 +476,17 @@ def choose(lls):
     return max(range(len(lls)), key=lambda i: (lls[i], -i))
 
 
-PUNCT = {chr(i) for i in range(sys.maxunicode) if unicodedata.category(chr(i)).startswith("P")} | set(string.punctuation)
+PUNCT = ({chr(i) for i in range(sys.maxunicode) if unicodedata.category(chr(i)).startswith("P")}
+         | set(string.punctuation))
 # MLQA's official evaluation (tasks/mlqa/utils.py): article words removed per language
 ARTICLES = {"en": r"\b(a|an|the)\b", "es": r"\b(un|una|unos|unas|el|la|los|las)\b",
-            "vi": r"\b(của|là|cái|chiếc|những)\b", "de": r"\b(ein|eine|einen|einem|eines|einer|der|die|das|den|dem|des)\b",
+            "vi": r"\b(của|là|cái|chiếc|những)\b",
+            "de": r"\b(ein|eine|einen|einem|eines|einer|der|die|das|den|dem|des)\b",
             "ar": r"(?:^|\s)ال"}
 # zh/ja/th are scored over characters: every character of these scripts is a token, runs of other
 # characters are split on whitespace (MLQA's "mixed segmentation" for zh, extended to ja and th)
-CHAR_LANGS = {"zh": r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]", "ja": r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]",
-              "th": r"[\u0e00-\u0e7f]"}
+CJK_CHARS = r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]"
+CHAR_LANGS = {"zh": CJK_CHARS, "ja": CJK_CHARS, "th": r"[\u0e00-\u0e7f]"}
 
 
 def qa_tokens(text, lang):
@@ -607,10 +545,11 @@ def mlqa_f1_harness(prediction, gold, lang):
     return token_f1(mlqa_tokens_harness(prediction, lang), mlqa_tokens_harness(gold, lang))
 
 
-def score_qa(prediction, golds, lang, task):
+def score_qa(prediction, golds, lang, harness=None):
     """QA scores of one answer.
 
-    f1 / exact_match: the harness's own scorer, only for its tasks: xquad = transformers' SQuAD v1 metric
+    f1 / exact_match: the harness's own scorer (harness "xquad" or "mlqa"), only for its tasks: xquad =
+    transformers' SQuAD v1 metric
     (English normalisation, whitespace tokens) against the first gold answer; mlqa = MLQA's official script
     (max over gold answers). f1_lang / exact_match_lang: ours for every QA task, max over gold answers,
     language-aware (qa_tokens: per-language articles, Unicode punctuation, zh/ja/th over characters); for
@@ -620,10 +559,10 @@ def score_qa(prediction, golds, lang, task):
     prediction = prediction.strip()
     out = {"f1_lang": max(qa_f1(prediction, g, lang) for g in golds),
            "exact_match_lang": max(qa_em(prediction, g, lang) for g in golds)}
-    if task == "xquad":
+    if harness == "xquad":
         out["f1"] = squad_f1_harness(prediction, golds[0])
         out["exact_match"] = float(squad_v1_tokens(prediction) == squad_v1_tokens(golds[0]))
-    elif task == "mlqa":
+    elif harness == "mlqa":
         out["f1"] = max(mlqa_f1_harness(prediction, g, lang) for g in golds)
         out["exact_match"] = max(float(mlqa_tokens_harness(prediction, lang) == mlqa_tokens_harness(g, lang))
                                  for g in golds)
@@ -664,7 +603,7 @@ def numbers_equal(a, b):
 
 
 def score_math(output, gold, lang, cot):
-    """All three MGSM scorers; which one is primary is TASK_METRIC's choice."""
+    """All three MGSM scorers; which one is primary is the task row's choice (TASKS)."""
     if cot:  # mgsm_native_cot "strict-match": the per-language "The answer is N" regex, first match
         strict = extract_regex(output, MGSM_WORDS[lang][3])
     else:  # mgsm_direct's first filter: the whole output with whitespace stripped must be the number
@@ -695,13 +634,6 @@ def bootstrap_stderr(stat, n, resamples=1000, seed=0):
     rng = np.random.default_rng(seed)
     values = [stat(rng.integers(0, n, n)) for _ in range(resamples)]
     return float(np.std(values, ddof=1))
-
-
-# primary metric per task family (the others are kept in the JSON); mgsm: the harness's flexible-extract
-# (comparable with its published numbers); msvamp has no harness task: the last-number rule of QAlign
-QA_HARNESS = ("xquad", "mlqa")  # QA tasks whose f1/exact_match are the harness's scorer (mkqa: ours only)
-TASK_METRIC = {"mc": "acc", "qa": "f1", "mgsm": "flexible_extract", "msvamp": "last_number", "mt": "bleu",
-               "nll": "nll"}
 
 
 # -----------------------------------------------------------------------------
@@ -748,7 +680,8 @@ def can_share_prefix(model):
     cfg = common.unwrap(model).config
     if getattr(cfg, "use_sliding_window", None) is False:
         return True
-    return not getattr(cfg, "sliding_window", None) and "sliding_attention" not in (getattr(cfg, "layer_types", None) or [])
+    layer_types = getattr(cfg, "layer_types", None) or []
+    return not getattr(cfg, "sliding_window", None) and "sliding_attention" not in layer_types
 
 
 def _common_prefix(seqs):
@@ -971,21 +904,16 @@ def greedy_generate(model, tokenizer, prompts, max_new_tokens, stops, batch_size
 
 
 # -----------------------------------------------------------------------------
-# running one task x language on one model
+# the tasks: one row of TASKS per task, a small class per kind that runs it
 
 
 def generation_setup(task, lang, args):
     """(stop strings, max new tokens) for a generation task."""
-    family = TASKS[task]["family"]
-    if family == "math":
-        stops = [MGSM_WORDS[lang][0]] + MGSM_EXTRA_STOPS
-    elif task == "mkqa":
-        stops = list(MKQA_STOPS)
-    else:
-        stops = ["\n"]
+    spec = TASKS[task]
+    stops = spec.stops(lang)
     if args.prompt_style == "alpaca":
         stops.append("\n### ")  # the next turn of the Alpaca template
-    return stops, args.max_new_tokens or TASKS[task]["max_new_tokens"]
+    return stops, args.max_new_tokens or spec.max_new_tokens
 
 
 def wrap_prompt(prompt, args):
@@ -993,103 +921,332 @@ def wrap_prompt(prompt, args):
     return common.build_prompt(prompt) if args.prompt_style == "alpaca" else prompt
 
 
-def evaluate(model, tokenizer, task, lang, items, args, direction=None):
-    """Score items; returns (result entry without file fields, per-item rows)."""
-    spec = TASKS[task]
-    label = f"{task} {direction or lang}"
-    t0 = time.time()
-    entry = {}
-    if spec["kind"] == "mc":
+def mean_metrics(rows):
+    """{name: {score, stderr}} of every per-item score, mean and standard error over items."""
+    metrics = {}
+    for name in rows[0]["scores"]:
+        score, se = mean_stderr([r["scores"][name] for r in rows])
+        metrics[name] = dict(score=score, stderr=se)
+    return metrics
+
+
+@dataclass(kw_only=True)
+class Task:
+    """One task: where its items come from and what it reports. The subclass (its kind) scores it in two
+    steps: score_items (the model's work, one row per item; items are independent, so any split of them
+    into batches gives the same rows) and summarise (the cell's scores from all its rows)."""
+    loader: Callable  # (args, lang, split, hub) -> (items, data file)
+    langs: list  # languages of the shipped data
+    splits: tuple  # the first is the default (the harness's)
+    metric: str  # the primary metric; the others are kept in the JSON
+    scorer: str  # how the score is computed, recorded with it
+    harness: str = None  # lm-evaluation-harness task name, {l} = language (None: the harness has no such task)
+    hub: tuple = None  # (Hugging Face dataset, config) the harness reads, for --data-source hub
+    fewshot: bool = False  # --num-fewshot applies
+    nlu_average: bool = False  # part of the paper's NLU average in results.md
+    in_all: bool = True  # included in --tasks all
+    name: str = ""  # the key in TASKS (set below the table)
+    directions = (None,)  # a translation task runs each language in two directions
+
+    def languages(self, args):
+        return self.langs
+
+    def no_data_hint(self, args):
+        return ""
+
+    def result_key(self, args):
+        return self.name
+
+    @property
+    def result_keys(self):
+        return [self.name]
+
+    def load(self, lang, direction, args):
+        """Items (after --limit), the data file and the split of one cell; raises UserError on bad input."""
+        split = args.split if args.split in self.splits else self.splits[0]
+        if args.data_source == "hub" and not self.hub:
+            raise UserError(f"task {self.name} has no Hugging Face dataset here; use --data-source local")
+        items, src = self.loader(args, lang, split, self.hub if args.data_source == "hub" else None)
+        if args.limit is not None:
+            items = items[:args.limit]  # the first N items, as the harness's --limit
+        if not items:
+            raise UserError(f"{self.name} {lang}: no items in {src}")
+        return items, src, split
+
+    def settings(self, args):
+        """The settings that apply to this kind only (None elsewhere)."""
+        return dict(math_shots=None, mt_data=None, prompt_style=None)
+
+
+@dataclass(kw_only=True)
+class MultipleChoiceTask(Task):
+    """Log-likelihood multiple choice: the choice with the highest summed log-probability wins (lm-eval acc)."""
+    kind = "multiple-choice log-likelihood"
+    acc_strict: bool = False  # also report acc_strict: a tie at the top counts as wrong
+
+    def n_requests(self, items):
+        return sum(len(it["choices"]) for it in items)
+
+    def score_items(self, model, tokenizer, lang, items, args, progress=None):
         groups = [[encode_request(tokenizer, it["context"], " " + c) for c in it["choices"]] for it in items]
-        with tqdm(total=sum(map(len, groups)), desc=label, leave=False) as bar:
-            lls = loglikelihoods(model, groups, args.batch_size, not args.no_share_prefix, bar)
-        rows, ties = [], 0
+        lls = loglikelihoods(model, groups, args.batch_size, not args.no_share_prefix, progress)
+        rows = []
         for it, ll in zip(items, lls):
             scores = [s for s, _ in ll]
             pred = choose(scores)
-            tied = scores.count(max(scores)) > 1
-            ties += tied
             row_scores = {"acc": float(pred == it["gold"])}
-            if task == "truthfulqa":
+            if self.acc_strict:
                 # acc is the harness's argmax (the first of tied maxima: TruthfulQA stores the correct choice
                 # first, so a tie with it counts as right); acc_strict counts any tie at the top as wrong
-                row_scores["acc_strict"] = float(pred == it["gold"] and not tied)
+                row_scores["acc_strict"] = float(pred == it["gold"] and scores.count(max(scores)) == 1)
             rows.append(dict(id=it["id"], context=it["context"], choices=it["choices"], loglikelihoods=scores,
                              n_tokens=[n for _, n in ll], pred=pred, gold=it["gold"], correct=bool(row_scores["acc"]),
                              scores=row_scores))
+        return rows
+
+    def summarise(self, rows, lang, args):
+        metrics = mean_metrics(rows)
+        ties = sum(r["loglikelihoods"].count(max(r["loglikelihoods"])) > 1 for r in rows)
+        return dict(metric=self.metric, score=metrics[self.metric]["score"], stderr=metrics[self.metric]["stderr"],
+                    scorer=self.scorer, aggregation="mean", ties=ties, metrics=metrics)
+
+
+@dataclass(kw_only=True)
+class GenerationTask(Task):
+    """Greedy generation cut at the stop strings, scored item by item, the mean over items."""
+    kind = "generation"
+    stops: Callable = None  # lang -> stop strings
+    score: Callable = None  # (prediction, gold, lang) -> (scores, extracted answers or None)
+    correct: str = None  # the per-item score that makes an item `correct` (== 1)
+    max_new_tokens: int = 256  # the harness's default max_gen_toks unless it sets one
+
+    def n_requests(self, items):
+        return len(items)
+
+    def generate(self, model, tokenizer, lang, items, args, progress):
+        stops, max_new = generation_setup(self.name, lang, args)
+        prompts = [wrap_prompt(it["prompt"], args) for it in items]
+        outputs, n_new = greedy_generate(model, tokenizer, prompts, max_new, stops, args.batch_size, progress,
+                                         skip_leading_space=args.prompt_style == "alpaca")
+        return [dict(id=it["id"], prompt=prompt, prediction=out, gold=it["gold"], n_new_tokens=n)
+                for it, prompt, out, n in zip(items, prompts, outputs, n_new)]
+
+    def score_items(self, model, tokenizer, lang, items, args, progress=None):
+        rows = self.generate(model, tokenizer, lang, items, args, progress)
+        for row in rows:
+            row["scores"], extracted = self.score(row["prediction"], row["gold"], lang)
+            if extracted is not None:
+                row["extracted"] = extracted
+            row["correct"] = bool(row["scores"][self.correct] == 1.0)
+        return rows
+
+    def summarise(self, rows, lang, args):
+        stops, max_new = generation_setup(self.name, lang, args)
+        metrics = mean_metrics(rows)
+        return dict(stops=stops, max_new_tokens=max_new, prompt_style=args.prompt_style, metric=self.metric,
+                    score=metrics[self.metric]["score"], stderr=metrics[self.metric]["stderr"], aggregation="mean",
+                    metrics=metrics, scorer=self.scorer)
+
+    def settings(self, args):
+        return dict(math_shots=args.math_shots if self.fewshot and args.num_fewshot else None, mt_data=None,
+                    prompt_style=args.prompt_style)
+
+
+@dataclass(kw_only=True)
+class TranslationTask(GenerationTask):
+    """Corpus-level generation: en->xx and xx->en per language, corpus BLEU / chrF over all sentences."""
+    kind = "corpus-level generation"
+    directions = ("en-xx", "xx-en")
+
+    def languages(self, args):
+        return sorted(NTREX_CODES if args.mt_data == "ntrex" else TATOEBA_CODES)
+
+    def no_data_hint(self, args):
+        return f" (with --mt-data tatoeba: {', '.join(sorted(TATOEBA_CODES))})" if args.mt_data == "ntrex" else ""
+
+    def result_key(self, args):
+        return f"{self.name}_tatoeba" if args.mt_data == "tatoeba" else self.name
+
+    @property
+    def result_keys(self):
+        return [self.name, f"{self.name}_tatoeba"]
+
+    def load(self, lang, direction, args):
+        # the sentences are the local test files whatever --split and --data-source say
+        items, src = load_translation(args.data_dir, lang, direction, args.mt_data)
+        items = items[:args.limit] if args.limit is not None else items
+        if not items:
+            raise UserError(f"{self.name} {lang}: no sentences in {src}")
+        return items, src, self.splits[0]
+
+    def score_items(self, model, tokenizer, lang, items, args, progress=None):
+        rows = self.generate(model, tokenizer, lang, items, args, progress)
+        for row, it in zip(rows, items):
+            row["prediction"] = row["prediction"].strip()
+            row["tgt_lang"] = it["tgt_lang"]
+        return rows
+
+    def summarise(self, rows, lang, args):
+        stops, max_new = generation_setup(self.name, lang, args)
+        bleu, chrf = bleu_metrics(rows[0]["tgt_lang"])
+        hyps, refs = [r["prediction"] for r in rows], [r["gold"] for r in rows]
         metrics = {}
-        for name in rows[0]["scores"]:
-            score, se = mean_stderr([r["scores"][name] for r in rows])
-            metrics[name] = dict(score=score, stderr=se)
-        entry = dict(metric="acc", score=metrics["acc"]["score"], stderr=metrics["acc"]["stderr"],
-                     scorer="argmax of summed continuation log-likelihood, first of tied maxima (lm-eval acc)"
-                     + ("; acc_strict: a tie at the top counts as wrong" if task == "truthfulqa" else ""),
-                     aggregation="mean", ties=ties, metrics=metrics)
-    elif spec["kind"] == "nll":
-        # the layout 02_train_dft.py trains on
+        for name, m in (("bleu", bleu), ("chrf", chrf)):
+            stat = corpus_stat_fn(m)(hyps, refs)
+            metrics[name] = dict(score=m.corpus_score(hyps, [refs]).score,
+                                 stderr=bootstrap_stderr(stat, len(rows), 1000, args.seed),
+                                 signature=str(m.get_signature()))
+        return dict(stops=stops, max_new_tokens=max_new, prompt_style=args.prompt_style, metric=self.metric,
+                    score=metrics[self.metric]["score"], stderr=metrics[self.metric]["stderr"],
+                    aggregation="corpus", metrics=metrics, scorer=self.scorer)
+
+    def settings(self, args):
+        return dict(super().settings(args), mt_data=args.mt_data)
+
+
+@dataclass(kw_only=True)
+class NllTask(Task):
+    """Held-out NLL of the training format (02_train_dft.py's layout), token-weighted; lower is better."""
+    kind = "held-out NLL"
+
+    def languages(self, args):
+        if not args.pairs:
+            raise UserError(f"task {self.name} needs --pairs DEV.jsonl (the dev pairs written by 01_build_pairs.py)")
+        return nll_langs(args.pairs)
+
+    def n_requests(self, items):
+        return len(items)
+
+    def score_items(self, model, tokenizer, lang, items, args, progress=None):
         groups = [[(common.encode_prompt(tokenizer, it["x"])[0], common.encode_response(tokenizer, it["y"]))]
                   for it in items]
-        with tqdm(total=len(groups), desc=label, leave=False) as bar:
-            lls = loglikelihoods(model, groups, args.batch_size, False, bar)
-        rows = [dict(id=it["id"], prompt=common.build_prompt(it["x"]), target=it["y"], nll_sum=-ll[0][0],
+        lls = loglikelihoods(model, groups, args.batch_size, False, progress)
+        return [dict(id=it["id"], prompt=common.build_prompt(it["x"]), target=it["y"], nll_sum=-ll[0][0],
                      n_tokens=ll[0][1], scores={"nll": -ll[0][0] / ll[0][1]}) for it, ll in zip(items, lls)]
+
+    def summarise(self, rows, lang, args):
         nll, se = ratio_stderr([r["nll_sum"] for r in rows], [r["n_tokens"] for r in rows])
-        entry = dict(metric="nll", score=nll, stderr=se, higher_is_better=False, aggregation="ratio",
-                     scorer="token-weighted mean NLL (nats/token) of y + EOS given build_prompt(x)",
-                     metrics={"nll": dict(score=nll, stderr=se), "perplexity": dict(score=math.exp(nll), stderr=None)})
-    else:
-        stops, max_new = generation_setup(task, lang, args)
-        prompts = [wrap_prompt(it["prompt"], args) for it in items]
-        with tqdm(total=len(prompts), desc=label, leave=False) as bar:
-            outputs, n_new = greedy_generate(model, tokenizer, prompts, max_new, stops, args.batch_size, bar,
-                                             skip_leading_space=args.prompt_style == "alpaca")
-        family = spec["family"]
-        rows = []
-        for it, prompt, out, n in zip(items, prompts, outputs, n_new):
-            row = dict(id=it["id"], prompt=prompt, prediction=out, gold=it["gold"], n_new_tokens=n)
-            if family == "math":
-                row["scores"], row["extracted"] = score_math(out, it["gold"], lang, task.endswith("_cot"))
-            elif family == "qa":
-                row["scores"] = score_qa(out, it["gold"], lang, task)
-                row["correct"] = bool(row["scores"]["exact_match" if task in QA_HARNESS else "exact_match_lang"] == 1.0)
-            else:
-                row["prediction"] = out.strip()
-            rows.append(row)
-        entry = dict(stops=stops, max_new_tokens=max_new, prompt_style=args.prompt_style)
-        if family == "mt":
-            tgt = items[0]["tgt_lang"]
-            bleu, chrf = bleu_metrics(tgt)
-            hyps, refs = [r["prediction"] for r in rows], [r["gold"] for r in rows]
-            metrics = {}
-            for name, m in (("bleu", bleu), ("chrf", chrf)):
-                stat = corpus_stat_fn(m)(hyps, refs)
-                score = m.corpus_score(hyps, [refs]).score
-                metrics[name] = dict(score=score, stderr=bootstrap_stderr(stat, len(rows), 1000, args.seed),
-                                     signature=str(m.get_signature()))
-            entry.update(metric="bleu", score=metrics["bleu"]["score"], stderr=metrics["bleu"]["stderr"],
-                         aggregation="corpus", metrics=metrics,
-                         scorer="sacrebleu corpus BLEU/chrF; stderr: bootstrap over sentences (1000 resamples)")
-        else:
-            if family == "qa":
-                primary = TASK_METRIC["qa"] if task in QA_HARNESS else "f1_lang"
-            else:
-                primary = TASK_METRIC[task.split("_")[0]]
-            metrics = {}
-            for name in rows[0]["scores"]:
-                score, se = mean_stderr([r["scores"][name] for r in rows])
-                metrics[name] = dict(score=score, stderr=se)
-            if family == "math":
-                for r in rows:
-                    r["correct"] = bool(r["scores"][primary] == 1.0)
-            entry.update(metric=primary, score=metrics[primary]["score"], stderr=metrics[primary]["stderr"],
-                         aggregation="mean", metrics=metrics,
-                         scorer=SCORER_NOTES[(task if task in QA_HARNESS else "mkqa") if family == "qa" else primary])
+        return dict(metric=self.metric, score=nll, stderr=se, higher_is_better=False, aggregation="ratio",
+                    scorer=self.scorer,
+                    metrics={"nll": dict(score=nll, stderr=se), "perplexity": dict(score=math.exp(nll), stderr=None)})
+
+
+def line_stops(lang):
+    return ["\n"]
+
+
+def mkqa_stops(lang):
+    return list(MKQA_STOPS)
+
+
+def math_stops(lang):
+    return [MGSM_WORDS[lang][0]] + MGSM_EXTRA_STOPS
+
+
+def qa_scorer(harness):
+    """A QA row's per-item scorer; harness: which harness scorer gives f1 / exact_match (None: ours only)."""
+    return lambda prediction, golds, lang: (score_qa(prediction, golds, lang, harness), None)
+
+
+def math_scorer(cot):
+    return lambda output, gold, lang: score_math(output, gold, lang, cot)
+
+
+MC_SCORER = "argmax of summed continuation log-likelihood, first of tied maxima (lm-eval acc)"
+QA_OURS = "f1_lang/exact_match_lang: ours (per-language articles, Unicode punctuation, zh/ja/th over characters)"
+FLEXIBLE_SCORER = ("lm-eval mgsm flexible-extract: last match of (-?[$0-9.,]{2,})|(-?[0-9]+), exact match "
+                   "ignoring case and punctuation")
+LAST_NUMBER_SCORER = "last number in the output (commas removed) equals the gold number"
+MT_LANGS = sorted(set(NTREX_CODES) | set(TATOEBA_CODES))
+
+# The task table: adding a task is adding a row (and its loader). Primary metrics: the harness's where it has
+# the task (mgsm: flexible-extract, comparable with its published numbers); msvamp has no harness task: the
+# last-number rule of QAlign; QA: the harness's f1 for xquad / mlqa, ours (f1_lang) for mkqa.
+TASKS = {
+    "xnli": MultipleChoiceTask(
+        loader=load_xnli, langs=sorted(XNLI_WORDS), splits=("validation", "test"), harness="xnli_{l}",
+        hub=("facebook/xnli", "{l}"), metric="acc", scorer=MC_SCORER, nlu_average=True),
+    "xcopa": MultipleChoiceTask(
+        loader=load_xcopa, langs=sorted(XCOPA_CONNECTORS), splits=("test", "validation"), harness="xcopa_{l}",
+        hub=("cambridgeltl/xcopa", "{l}"), metric="acc", scorer=MC_SCORER, nlu_average=True),
+    "xstorycloze": MultipleChoiceTask(
+        loader=load_xstorycloze, langs=["ar", "en", "zh"], splits=("eval",), harness="xstorycloze_{l}",
+        hub=("juletxara/xstory_cloze", "{l}"), metric="acc", scorer=MC_SCORER, nlu_average=True),
+    "mmlu": MultipleChoiceTask(
+        loader=load_mmlu, langs=["ar", "en", "vi", "zh"], splits=("val", "dev"), harness="m_mmlu_{l}",
+        hub=("alexandrainst/m_mmlu", "{l}"), metric="acc", scorer=MC_SCORER, fewshot=True, nlu_average=True),
+    "truthfulqa": MultipleChoiceTask(
+        loader=load_truthfulqa, langs=["ar", "vi", "zh"], splits=("validation",), harness="truthfulqa_{l}_mc1",
+        hub=("alexandrainst/m_truthfulqa", "{l}"), metric="acc", acc_strict=True,
+        scorer=MC_SCORER + "; acc_strict: a tie at the top counts as wrong"),
+    "xquad": GenerationTask(
+        loader=load_xquad, langs=["ar", "en", "vi", "zh"], splits=("validation",), harness="xquad_{l}",
+        hub=("google/xquad", "xquad.{l}"), stops=line_stops, score=qa_scorer("xquad"), metric="f1",
+        correct="exact_match",
+        scorer="f1/exact_match: the harness's xquad scorer (transformers squad_metrics: English normalisation, "
+               "whitespace tokens, first gold answer); " + QA_OURS),
+    "mlqa": GenerationTask(
+        loader=load_mlqa, langs=["ar", "en", "vi", "zh"], splits=("dev",), harness="mlqa_{l}_{l}",
+        hub=("facebook/mlqa", "mlqa.{l}.{l}"), stops=line_stops, score=qa_scorer("mlqa"), metric="f1",
+        correct="exact_match",
+        scorer="f1/exact_match: the harness's mlqa scorer (MLQA's official script; zh mixed segmentation), max "
+               "over gold answers; " + QA_OURS),
+    "mkqa": GenerationTask(
+        loader=load_mkqa, langs=["ar", "en", "es", "ru", "zh"], splits=("dev",), stops=mkqa_stops,
+        score=qa_scorer(None), metric="f1_lang", correct="exact_match_lang",
+        scorer="no harness task: f1_lang/exact_match_lang (ours: per-language articles, Unicode punctuation, "
+               "zh/ja/th over characters), max over gold answers"),
+    "mgsm": GenerationTask(
+        loader=partial(load_math, dataset="mgsm", cot=False), langs=MGSM_LANGS, splits=("test",),
+        harness="mgsm_direct_{l}", hub=("juletxara/mgsm", "{l}"), fewshot=True, stops=math_stops,
+        score=math_scorer(cot=False), metric="flexible_extract", correct="flexible_extract", scorer=FLEXIBLE_SCORER),
+    "mgsm_cot": GenerationTask(
+        loader=partial(load_math, dataset="mgsm", cot=True), langs=MGSM_LANGS, splits=("test",),
+        harness="mgsm_native_cot_{l}", hub=("juletxara/mgsm", "{l}"), fewshot=True, stops=math_stops,
+        score=math_scorer(cot=True), metric="flexible_extract", correct="flexible_extract", scorer=FLEXIBLE_SCORER),
+    "msvamp": GenerationTask(
+        loader=partial(load_math, dataset="msvamp", cot=False), langs=MSVAMP_LANGS, splits=("test",),
+        fewshot=True, stops=math_stops, score=math_scorer(cot=False), metric="last_number", correct="last_number",
+        scorer=LAST_NUMBER_SCORER),
+    "msvamp_cot": GenerationTask(
+        loader=partial(load_math, dataset="msvamp", cot=True), langs=MSVAMP_LANGS, splits=("test",),
+        fewshot=True, stops=math_stops, score=math_scorer(cot=True), metric="last_number", correct="last_number",
+        scorer=LAST_NUMBER_SCORER),
+    "translation": TranslationTask(
+        loader=None, langs=MT_LANGS, splits=("test",), stops=line_stops, metric="bleu",  # load: load_translation
+        scorer="sacrebleu corpus BLEU/chrF; stderr: bootstrap over sentences (1000 resamples)"),
+    "nll": NllTask(
+        loader=load_nll, langs=sorted(common.LANGUAGES), splits=("dev",), metric="nll", in_all=False,
+        scorer="token-weighted mean NLL (nats/token) of y + EOS given build_prompt(x)"),
+}
+for _name, _task in TASKS.items():  # a row knows its own name (error messages, result keys)
+    _task.name = _name
+
+
+def shots_for(task, args):
+    return args.num_fewshot if TASKS[task].fewshot else 0
+
+
+def load_task(task, lang, args, direction=None):
+    """Items (after --limit), the data file and the split of one task x language (x direction)."""
+    return TASKS[task].load(lang, direction, args)
+
+
+def evaluate(model, tokenizer, task, lang, items, args, direction=None):
+    """Score items; returns (result entry without file fields, per-item rows)."""
+    spec = TASKS[task]
+    t0 = time.time()
+    with tqdm(total=spec.n_requests(items), desc=f"{task} {direction or lang}", leave=False) as bar:
+        rows = spec.score_items(model, tokenizer, lang, items, args, bar)
+    entry = spec.summarise(rows, lang, args)
     seconds = time.time() - t0
     entry.update(n=len(items), higher_is_better=entry.get("higher_is_better", True), seconds=round(seconds, 2),
                  items_per_second=round(len(items) / max(seconds, 1e-9), 3))
     top = top_prediction(rows, entry)
     if top is not None:
         entry["top_prediction"] = top
+    if "tgt_lang" in rows[0]:  # a translation cell: --compare rebuilds its BLEU / chrF for this language
+        entry["tgt_lang"] = rows[0]["tgt_lang"]
     return entry, rows
 
 
@@ -1115,21 +1272,6 @@ def top_prediction(rows, entry):
     return dict(value=value, share=count / len(preds))
 
 
-SCORER_NOTES = {
-    "xquad": "f1/exact_match: the harness's xquad scorer (transformers squad_metrics: English normalisation, "
-             "whitespace tokens, first gold answer); f1_lang/exact_match_lang: ours (per-language articles, Unicode "
-             "punctuation, zh/ja/th over characters)",
-    "mlqa": "f1/exact_match: the harness's mlqa scorer (MLQA's official script; zh mixed segmentation), max over "
-            "gold answers; f1_lang/exact_match_lang: ours (per-language articles, Unicode punctuation, zh/ja/th over "
-            "characters)",
-    "mkqa": "no harness task: f1_lang/exact_match_lang (ours: per-language articles, Unicode punctuation, zh/ja/th "
-            "over characters), max over gold answers",
-    "flexible_extract": "lm-eval mgsm flexible-extract: last match of (-?[$0-9.,]{2,})|(-?[0-9]+), exact match "
-                        "ignoring case and punctuation",
-    "last_number": "last number in the output (commas removed) equals the gold number",
-}
-
-
 # -----------------------------------------------------------------------------
 # outputs: run JSON, per-item JSONL, results.md, compare
 
@@ -1140,7 +1282,7 @@ def run_name_for(model_path):
 
 
 def result_key(task, args):
-    return "translation_tatoeba" if task == "translation" and args.mt_data == "tatoeba" else task
+    return TASKS[task].result_key(args)
 
 
 def is_run_json(obj):
@@ -1156,10 +1298,6 @@ def fmt_score(entry):
     return s
 
 
-# the paper's NLU average: these tasks, target languages only (every language but English)
-NLU_AVG_TASKS = ("xnli", "xcopa", "xstorycloze", "mmlu")
-
-
 def results_table(runs):
     """Markdown: rows = runs, columns = dtype, task/lang (score ± stderr) and the paper's NLU average.
 
@@ -1168,11 +1306,12 @@ def results_table(runs):
     Generation, math, translation, English and NLL cells are never averaged. A cell marked ⚠ is one where a
     single answer covers >= TOP_SHARE_MARK of the items (top_prediction in the run JSON).
     """
-    order = list(TASKS) + ["translation_tatoeba"]
+    order = [key for spec in TASKS.values() for key in spec.result_keys]
     rank = lambda t: (order.index(t) if t in order else len(order), t)  # noqa: E731 (the task table's order)
     cols = sorted({(t, l) for r in runs for t, langs in r["results"].items() for l in langs},
                   key=lambda c: (rank(c[0]), c[1]))
-    nlu_cols = [(t, l) for t, l in cols if t in NLU_AVG_TASKS and l != "en"]
+    nlu_tasks = [t for t, spec in TASKS.items() if spec.nlu_average]  # target languages only: English left out
+    nlu_cols = [(t, l) for t, l in cols if t in nlu_tasks and l != "en"]
     header = ["run", "dtype"] + [f"{t} {l}" for t, l in cols] + (["NLU avg"] if nlu_cols else [])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     marked = False
@@ -1447,7 +1586,8 @@ def layer_analysis(model, tokenizer, lang, pairs, batch_size=8, max_length=128):
             mass_tgt=f"lens probability on tokens containing {lang} script ({common.LANGUAGES[lang][1]}); "
                      "null for Latin-script languages",
             top1_en="share of target positions whose lens top-1 token is English", top1_tgt="... is target script",
-            cosine_en_tgt="cosine of mean-pooled raw block outputs of parallel en/target sentences, mean over sentences",
+            cosine_en_tgt="cosine of mean-pooled raw block outputs of parallel en/target sentences, mean over "
+                          "sentences",
             standard_errors="per measure and block, over sentences (clustered: a sentence's positions are one unit)",
             per_sentence="per sentence and block: the measure averaged over that sentence's target positions "
                          "(positions = their number); same sentence order as the data file, for paired comparisons"))
@@ -1509,7 +1649,8 @@ def parse_args(argv=None):
                    help="hub = the harness's Hugging Face datasets by name (needs the hub; default: local files)")
     g.add_argument("--split", default="default", help="xnli: validation (2490, the harness's) or test (5010); "
                    "xcopa: test (harness) or validation; mmlu: val or dev (default: the harness's split)")
-    g.add_argument("--limit", type=int, default=None, help="first N items of each task x language (as lm-eval's --limit)")
+    g.add_argument("--limit", type=int, default=None,
+                   help="first N items of each task x language (as lm-eval's --limit)")
     g.add_argument("--pairs", default=None, help="dev pairs JSONL from 01_build_pairs.py (task nll; --analysis layers)")
     g.add_argument("--mt-data", choices=["ntrex", "tatoeba"], default="ntrex",
                    help="translation sentences: NTREX-128 (news, 1997 lines) or Tatoeba (short sentences)")
@@ -1518,7 +1659,8 @@ def parse_args(argv=None):
                    "tasks (official MGSM exemplars, up to 8); other tasks are zero-shot")
     g.add_argument("--math-shots", choices=["harness", "first-k"], default="harness", help="math few-shot "
                    "exemplars: harness = the harness's seeded sampler (seed 1234, drawn per item) and answer "
-                   "formatting; first-k = the first k exemplars for every item, MGSM paper formatting (see mgsm_exemplars)")
+                   "formatting; first-k = the first k exemplars for every item, MGSM paper formatting "
+                   "(see mgsm_exemplars)")
     g.add_argument("--prompt-style", choices=["harness", "alpaca"], default="harness", help="generation tasks: "
                    "harness prompt as is, or wrapped in common.build_prompt (how our checkpoints are trained)")
     g.add_argument("--max-new-tokens", type=int, default=None, help="generation budget (default: per task, 256 as "
@@ -1574,7 +1716,7 @@ def plan(args):
     """[(task, lang, direction or None)] after checking names and data availability; prints skipped combos."""
     tasks = common.parse_list(args.tasks)
     if tasks == ["all"]:
-        tasks = [t for t in TASKS if t != "nll"]
+        tasks = [t for t, spec in TASKS.items() if spec.in_all]
     unknown = [t for t in tasks if t not in TASKS]
     if unknown or not tasks:
         raise UserError(f"unknown task(s) {unknown or tasks}; known tasks: {', '.join(TASKS)}")
@@ -1582,32 +1724,29 @@ def plan(args):
     if not langs:
         raise UserError("--langs is empty")
     if args.split != "default":
-        if not any(args.split in TASKS[t]["splits"] for t in tasks):
+        if not any(args.split in TASKS[t].splits for t in tasks):
             raise UserError(f"--split {args.split}: none of {', '.join(tasks)} has it "
-                            f"({'; '.join(t + ': ' + ', '.join(TASKS[t]['splits']) for t in tasks)})")
-        others = [t for t in tasks if args.split not in TASKS[t]["splits"]]
+                            f"({'; '.join(t + ': ' + ', '.join(TASKS[t].splits) for t in tasks)})")
+        others = [t for t in tasks if args.split not in TASKS[t].splits]
         if others:
             print(f"[plan] --split {args.split} does not exist for {', '.join(others)}: their default split is used")
     if args.num_fewshot:
-        few = [t for t in tasks if TASKS[t].get("fewshot")]
+        few = [t for t in tasks if TASKS[t].fewshot]
         if not few:
-            raise UserError(f"--num-fewshot is supported for {', '.join(t for t in TASKS if TASKS[t].get('fewshot'))}; "
+            raise UserError(f"--num-fewshot is supported for {', '.join(t for t in TASKS if TASKS[t].fewshot)}; "
                             f"{', '.join(tasks)} are zero-shot (as in the paper)")
         if len(few) < len(tasks):
             print(f"[plan] --num-fewshot {args.num_fewshot} applies to {', '.join(few)}; the others stay zero-shot")
     combos, skipped = [], []
     for task in tasks:
-        have = task_langs(task, args)
-        if task == "nll" and not args.pairs:
-            raise UserError("task nll needs --pairs DEV.jsonl (the dev pairs written by 01_build_pairs.py)")
-        ok = [l for l in langs if l in have]
-        if not ok:
+        spec = TASKS[task]
+        have = spec.languages(args)
+        if not any(l in have for l in langs):
             raise UserError(f"task {task} has no data for {', '.join(langs)}; its languages: {', '.join(have)}"
-                            + (" (with --mt-data tatoeba: " + ", ".join(sorted(TATOEBA_CODES)) + ")"
-                               if task == "translation" and args.mt_data == "ntrex" else ""))
+                            + spec.no_data_hint(args))
         for l in langs:
             if l in have:
-                combos.extend([(task, l, "en-xx"), (task, l, "xx-en")] if task == "translation" else [(task, l, None)])
+                combos.extend((task, l, direction) for direction in spec.directions)
             else:
                 skipped.append(f"{task} {l}")
     if skipped:
@@ -1616,17 +1755,7 @@ def plan(args):
 
 
 def load_all(combos, args):
-    data = {}
-    for task, lang, direction in combos:
-        if task == "translation":
-            items, src = load_translation(args.data_dir, lang, direction, args.mt_data)
-            items = items[:args.limit] if args.limit is not None else items
-            if not items:
-                raise UserError(f"translation {lang}: no sentences in {src}")
-            data[(task, lang, direction)] = (items, src, "test")
-        else:
-            data[(task, lang, direction)] = load_task(task, lang, args)
-    return data
+    return {(task, lang, direction): load_task(task, lang, args, direction) for task, lang, direction in combos}
 
 
 def data_label(src, data_dir):
@@ -1685,29 +1814,25 @@ def run_eval(args):
         record["skipped"] = sorted(set(record["skipped"]) | set(skipped))
         t_model = time.time()
         for (task, lang, direction), (items, src, split) in data.items():
-            key = result_key(task, args)
+            spec = TASKS[task]
+            key = spec.result_key(args)
             cell = direction.replace("xx", lang) if direction else lang
             if src not in hashes:
                 hashes[src] = common.sha256_file(src) if not src.startswith("hub:") else None
             entry, rows = evaluate(model, tokenizer, task, lang, items, args, direction)
-            if task == "translation":
-                entry["tgt_lang"] = items[0]["tgt_lang"]
-                for r in rows:
-                    r["tgt_lang"] = items[0]["tgt_lang"]
             items_file = f"{run}.{key}.{cell}.jsonl"
             common.write_jsonl(os.path.join(args.out, items_file), rows)
-            harness = TASKS[task]["harness"]
-            math_fewshot = TASKS[task].get("family") == "math" and shots_for(task, args) > 0
+            own = spec.settings(args)  # the settings of this task's kind (None where they do not apply)
             entry.update(
                 task=key, lang=cell, items_file=items_file, data_file=data_label(src, args.data_dir),
                 data_sha256=hashes[src], split=split,
-                harness_task=harness.format(l=lang) if harness else None,
+                harness_task=spec.harness.format(l=lang) if spec.harness else None,
                 settings=dict(limit=args.limit, num_fewshot=shots_for(task, args), batch_size=args.batch_size,
-                              math_shots=args.math_shots if math_fewshot else None, dtype=dtype,
-                              dtype_requested=args.dtype, device=device_of(args), seed=args.seed,
-                              data_source=args.data_source, share_prefix=not args.no_share_prefix, mt_data=args.mt_data if task == "translation" else None,
-                              prompt_style=args.prompt_style if TASKS[task]["kind"] == "gen" else None,
-                              prefix_token_id=prefix_token_id(tokenizer), data_dir=args.data_dir),
+                              math_shots=own["math_shots"], dtype=dtype, dtype_requested=args.dtype,
+                              device=device_of(args), seed=args.seed, data_source=args.data_source,
+                              share_prefix=not args.no_share_prefix, mt_data=own["mt_data"],
+                              prompt_style=own["prompt_style"], prefix_token_id=prefix_token_id(tokenizer),
+                              data_dir=args.data_dir),
                 evaluated=time.strftime("%Y-%m-%d %H:%M:%S"))
             record["results"].setdefault(key, {})[cell] = entry
             common.write_json(json_path, record)  # after every cell: an interrupted run keeps what it has
@@ -1733,7 +1858,8 @@ def run_analysis(args):
             t0 = time.time()
             res = layer_analysis(model, tokenizer, lang, pairs, batch_size=min(args.batch_size, 8))
             res.update(run=run, model=model_path, model_source=source, lang=lang, data_file=src,
-                       data_sha256=common.sha256_file(src), versions=common.versions(), seconds=round(time.time() - t0, 1),
+                       data_sha256=common.sha256_file(src), versions=common.versions(),
+                       seconds=round(time.time() - t0, 1),
                        dtype=dtype, dtype_requested=args.dtype, device=device_of(args))
             common.write_json(os.path.join(args.out, f"{run}.layers.{lang}.json"), res)
             curves[lang][run] = res

