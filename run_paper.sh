@@ -35,7 +35,7 @@ PAIR_FLAGS=()                          # extra 01_build_pairs.py flags
 MT_FLAGS=()                            # extra 01 flags of the machine-translation route
 if [ "$TINY" = 1 ]; then               # every stage of the GPU path, on CPU in minutes: sizes that only wire it
   MODEL=$OUT/tiny_models/lm MT_MODEL=$OUT/tiny_models/mt
-  LANGS=${TINY_LANGS:-zh ar} METHODS=${TINY_METHODS:-sft tft dft-logits dft-feature}
+  LANGS=${TINY_LANGS:-zh ar} METHODS=${TINY_METHODS:-sft tft dft-logits dft-feature mid-align}
   LC_LAYER=1 ET_LAYER=3 STEPS=2 LIMIT=2 PAIRS_LIMIT=24 NPROC=1 BOOTSTRAP=200 SAVE_EVERY=1
   TRAIN_FLAGS=(--batch-size 2 --max-length 256 --lr 1e-2 --warmup-ratio 0 --log-every 1)
   EVAL_FLAGS=(--max-new-tokens 4 --batch-size 4 --device cpu --dtype float32)
@@ -56,7 +56,7 @@ PLAN_ARGS=(--model "$MODEL" --langs "$(csv $LANGS)" --methods "$(csv $METHODS)" 
 [ -n "${SFT_LANG:-}" ] && PLAN_ARGS+=(--sft-lang "$SFT_LANG")
 [ -n "${TOKENS_PER_S:-}" ] && PLAN_ARGS+=(--tokens-per-s "$TOKENS_PER_S")
 [ "$TINY" = 1 ] && PLAN_ARGS+=(--tiny)
-for lang in $LANGS; do              # PAIRS_<lang>=FILE: pairs built elsewhere (e.g. 01 --source hub) for that language
+for lang in zh vi ar; do            # PAIRS_<lang>=FILE: pairs built elsewhere (e.g. 01 --source hub) for that language
   var=PAIRS_$lang; [ -n "${!var:-}" ] && PLAN_ARGS+=(--pairs-file "$lang=${!var}")
 done
 if [ "$DRY_RUN" = 1 ]; then
@@ -139,8 +139,9 @@ suite() {  # the paper's suite restricted to tasks with data in these languages 
   case " $* " in *" zh "*) tasks+=,mgsm ;; esac          # MGSM zh: ours, not the paper's
   echo "$tasks"
 }
-evaluate() {  # part name, "run names", "models", "languages": the suite + translation (NTREX for zh, Tatoeba else)
-  local name=$1 runs=($2) models=($3) langs=$4 flags=(${LIMIT:+--limit "$LIMIT"} "${EVAL_FLAGS[@]}") tatoeba
+evaluate() {  # group, "run names", "models", "languages": the suite + translation (NTREX for zh, Tatoeba else)
+  local runs=($2) models=($3) langs=$4 flags=(${LIMIT:+--limit "$LIMIT"} "${EVAL_FLAGS[@]}") tatoeba
+  local name="$1_$(echo "${runs[*]}" | tr ' ' '+')"  # the part names its models: a model added later is evaluated
   local common=(--model "${models[@]}" --run-name "${runs[@]}" --out "$OUT/eval" "${flags[@]}")
   tatoeba=$(echo "$langs" | tr ' ' '\n' | grep -v '^zh$' | tr '\n' ' ' || true)
   if [[ " $langs " != *" zh "* ]]; then  # no zh: the suite and Tatoeba in one process
@@ -153,28 +154,28 @@ evaluate() {  # part name, "run names", "models", "languages": the suite + trans
         --mt-data tatoeba --langs "$(csv $tatoeba)"
   fi
 }
-JOBS=()  # "part|run names|models|languages": base and sft on every language, the others on their own
+JOBS=()  # "run|model|languages": base and sft on every language, the others on their own
 shared_runs=base shared_models=$MODEL
 case " $METHODS " in *" sft "*) shared_runs+=" sft" shared_models+=" $OUT/train/sft" ;; esac
 if [ "$PLAN_NPROC" -gt 1 ]; then     # data-parallel evaluation is its own issue: here one model per GPU at a time
-  JOBS+=("base|base|$MODEL|$LANGS")
-  case " $METHODS " in *" sft "*) JOBS+=("sft|sft|$OUT/train/sft|$LANGS") ;; esac
+  JOBS+=("base|$MODEL|$LANGS")
+  case " $METHODS " in *" sft "*) JOBS+=("sft|$OUT/train/sft|$LANGS") ;; esac
   for lang in $LANGS; do
     for method in $METHODS; do
-      [ "$method" = sft ] || JOBS+=("$method-$lang|$method-$lang|$OUT/train/$method-$lang|$lang")
+      [ "$method" = sft ] || JOBS+=("$method-$lang|$OUT/train/$method-$lang|$lang")
     done
   done
   pids=() status=0 k=0
   for job in "${JOBS[@]}"; do
-    IFS='|' read -r name runs models langs <<< "$job"
-    CUDA_VISIBLE_DEVICES=$((k % PLAN_NPROC)) evaluate "$name" "$runs" "$models" "$langs" & pids+=($!)
+    IFS="|" read -r runs models langs <<< "$job"
+    CUDA_VISIBLE_DEVICES=$((k % PLAN_NPROC)) evaluate model "$runs" "$models" "$langs" & pids+=($!)
     k=$((k + 1))
     if [ $((k % PLAN_NPROC)) -eq 0 ]; then for pid in "${pids[@]}"; do wait "$pid" || status=1; done; pids=(); fi
   done
   for pid in "${pids[@]}"; do wait "$pid" || status=1; done
   [ "$status" = 0 ] || { echo "error: an evaluation failed (see above)" >&2; exit 1; }
 else  # one process per language group: the data is read and checked once for all its models
-  evaluate shared "$shared_runs" "$shared_models" "$LANGS"
+  evaluate all "$shared_runs" "$shared_models" "$LANGS"
   for lang in $LANGS; do
     runs="" models=""
     for method in $METHODS; do

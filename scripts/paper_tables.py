@@ -207,9 +207,10 @@ def build(out, numbers_path=NUMBERS, resamples=2000, seed=0):
                 diffs.append(dict(table=table, row=row, task="avg", lang="", metric="acc", n=sum(s[2] for s in stats),
                                   **differences(stats, resamples, seed), paper=paper_d))
     data = [dict(d, **data_used(d["file"])) for d in plan["data"]]
+    notes = {k[:-len("_note")]: v for k, v in paper.items() if k.endswith("_note")}  # e.g. Gemma's unusable Table 1
+    notes["translation"] = paper.get("translation", {}).get("note")
     return dict(plan=plan, data=data, cells=cells, nlu_avg=nlu_avg, differences=diffs, resamples=resamples, seed=seed,
-                deviations=DEVIATIONS, paper_notes={k: v for k, v in paper.items() if k.endswith("note")}
-                | {"translation": paper.get("translation", {}).get("note")})
+                deviations=DEVIATIONS, paper_notes=notes)
 
 
 def data_used(path):
