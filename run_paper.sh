@@ -84,9 +84,9 @@ fi
 if [ "$GPUS" -gt 0 ] && [ "$TINY" != 1 ] && [ -z "${TOKENS_PER_S:-}" ]; then
   # the plan's throughput from 10 timed steps on the first GPU, instead of results/gpu_smoke's 1.1B figures
   part timing env CUDA_VISIBLE_DEVICES=0 "$PY" bench_train.py --model "$MODEL" --device cuda --dtype bfloat16 \
-      --batch-size 4 --max-length 512 --lc-layer "${LC_LAYER:-2}" --et-layer "${ET_LAYER:-15}" --repeats 10 \
-      --methods tft,dft-logits,dft-feature --skip-memory --grad-checkpointing --out "$OUT/timing"
-  "$PY" scripts/paper_plan.py "${PLAN_ARGS[@]}" --timing "$(ls "$OUT"/timing/*.json | head -n 1)"
+      --precisions bf16 --batch-size 4 --max-length 512 --lc-layer "${LC_LAYER:-2}" --et-layer "${ET_LAYER:-15}" \
+      --repeats 10 --methods tft,dft-logits,dft-feature --skip-memory --grad-checkpointing --out "$OUT/timing"
+  "$PY" scripts/paper_plan.py "${PLAN_ARGS[@]}" --timing "$OUT/timing/bench_train.json"
 fi
 
 echo "== 1/4 pairs ($LANGS)"

@@ -260,13 +260,16 @@ def plan(args):
     smoke = json.load(open(SMOKE))["results"]
     factors = {m: smoke[m]["ratio_measured"] for m in ("tft", "dft-logits", "dft-feature")}
     factors.update({"sft": 1.0, "mid-align": MID_ALIGN_COST})
+    factor_src = "results/gpu_smoke"
     if args.tokens_per_s:
         tok_s, tok_src = args.tokens_per_s, "TOKENS_PER_S given by the user"
     elif args.timing:
-        bench = json.load(open(args.timing))["results"]
+        # bench_train.py keys its cells "precision/method" (one precision is timed here); older files "method"
+        bench = {r["method"]: r for r in json.load(open(args.timing))["results"].values()}
         tok_s = bench["tft"]["tokens"]["tft"]["padded"] / bench["tft"]["seconds"]
-        factors.update({m: bench[m]["ratio_measured"] for m in bench})
+        factors.update({m: r["ratio_measured"] for m, r in bench.items()})
         tok_src = f"measured: 10 timed steps on the first GPU ({args.timing})"
+        factor_src = "the same timing, with gradient checkpointing"
     else:
         r = smoke["tft"]
         smoke_params = r["num_layers"] * r["block_params"] + 2 * r["head_params"]
@@ -274,7 +277,8 @@ def plan(args):
         tok_src = (f"results/gpu_smoke/ (a random 1.1B LLaMA on one H200, bf16, batch 8 x 256: "
                    f"{r['tokens']['tft']['padded'] / r['seconds']:,.0f} tokens/s) scaled by parameter count; "
                    "no GPU timing")
-    ckpt = GRAD_CKPT_COST if known and known["grad_checkpointing"] else 1.0
+    # the presets recompute blocks in backward; run_paper.sh's own timing already includes it
+    ckpt = GRAD_CKPT_COST if known and known["grad_checkpointing"] and not args.timing else 1.0
     epochs = known["epochs"] if known else 3
     global_batch = known["global_batch"] if known else 4 * nproc
 
@@ -298,7 +302,8 @@ def plan(args):
                 lc_layer=args.lc_layer, et_layer=args.et_layer, steps=args.steps, limit=args.limit,
                 model_type=model_type, params=params, num_layers=num_layers, layer_cls=layer_cls,
                 fsdp=nproc > 1, data=data, sft_lang=sft_lang, mt_model=args.mt_model, tokenizer=tok_source,
-                tokens_per_s=tok_s, tokens_per_s_source=tok_src, cost_factors=factors, grad_ckpt_factor=ckpt,
+                tokens_per_s=tok_s, tokens_per_s_source=tok_src, cost_factors=factors, cost_factors_source=factor_src,
+                grad_ckpt_factor=ckpt,
                 epochs=None if args.steps else epochs, global_batch=global_batch, runs=runs, evals=evals,
                 gpu_hours=sum(r["gpu_hours"] for r in runs), disk_gb=len(runs) * model_gb + 4 * model_gb,
                 model_gb=model_gb, blockers=blockers, model_source=source)
@@ -326,7 +331,7 @@ def describe(p):
     lines.append(f"== {len(p['evals'])} evaluations: base and sft on every language's cells, each other model on its "
                  "own language's (not included in the GPU-hours)")
     lines.append(f"== throughput {p['tokens_per_s']:,.0f} TFT tokens/s per GPU: {p['tokens_per_s_source']}; "
-                 f"cost x = step cost vs tft (results/gpu_smoke; mid-align {MID_ALIGN_COST} assumed)"
+                 f"cost x = step cost vs tft ({p['cost_factors_source']}; mid-align {MID_ALIGN_COST} assumed)"
                  + (f" x {p['grad_ckpt_factor']:.2f} for gradient checkpointing" if p["grad_ckpt_factor"] > 1 else ""))
     lines.append(f"== total about {p['gpu_hours']:.1f} GPU-hours ({p['gpu_hours'] / p['nproc']:.1f} h wall on "
                  f"{p['nproc']} GPU(s), linear scaling assumed; padding not counted); disk about {p['disk_gb']:.0f} GB "

@@ -175,6 +175,22 @@ def test_plan_writes_fsdp_config_with_the_models_decoder_layer(tmp_path, tiny_ge
     assert "PLAN_ROUTE_zh='shipped'" in env and f"PLAN_FSDP_CONFIG='{out}/fsdp.yaml'" in env
 
 
+def test_plan_throughput_from_a_gpu_timing(tmp_path):
+    """A bench_train.py JSON ("precision/method" cells) sets the tokens/s and the step costs; the user's figure wins."""
+    cell = lambda m, s, ratio: dict(method=m, precision="bf16", seconds=s, ratio_measured=ratio,  # noqa: E731
+                                    tokens={"tft": {"padded": 2048, "labelled": 700}})
+    timing = tmp_path / "bench_train.json"
+    timing.write_text(json.dumps(dict(results={"bf16/tft": cell("tft", 0.5, 1.0), "bf16/dft-logits": cell(
+        "dft-logits", 0.8, 1.6), "bf16/dft-feature": cell("dft-feature", 0.6, 1.2)})))
+    base = ["--tiny", "--langs", "zh", "--lc-layer", "1", "--et-layer", "3", "--visible-gpus", "0", "--steps", "10"]
+    p = paper_plan.plan(paper_plan.parse_args(base + ["--timing", str(timing)]))
+    assert p["tokens_per_s"] == 2048 / 0.5 and p["cost_factors"]["dft-logits"] == 1.6 and p["grad_ckpt_factor"] == 1
+    run = next(r for r in p["runs"] if r["run"] == "dft-logits-zh")
+    assert run["gpu_hours"] == pytest.approx(run["tokens"] * 1.6 / 4096 / 3600)
+    p = paper_plan.plan(paper_plan.parse_args(base + ["--timing", str(timing), "--tokens-per-s", "1000"]))
+    assert p["tokens_per_s"] == 1000 and p["tokens_per_s_source"] == "TOKENS_PER_S given by the user"
+
+
 def run_paper(tmp_path, **env):
     full = dict(os.environ, PY=sys.executable, OUT=str(tmp_path / "out"), CUDA_VISIBLE_DEVICES="", **env)
     return subprocess.run(["bash", os.path.join(REPO, "run_paper.sh")], capture_output=True, text=True, env=full,
