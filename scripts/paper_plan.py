@@ -1,0 +1,375 @@
+"""The plan of run_paper.sh: checks its inputs, counts tokens, estimates GPU-hours and disk, derives the FSDP2 config.
+
+    python scripts/paper_plan.py --dry-run                 # the defaults: LLaMA-2-7B, zh vi ar, 4 methods
+    python scripts/paper_plan.py --model google/gemma-2-2b --langs zh --nproc 8 --out runs/paper_gemma
+    python scripts/paper_plan.py --tiny --langs zh,ar --lc-layer 1 --et-layer 3 --out runs/paper_tiny
+
+Bad input is one error before anything is written: an unknown language or method, --nproc above the visible GPUs,
+a language without pairs and no reachable MT model, a model without a preset and no layers for a DFT method.
+Without --dry-run it writes OUT/plan.json (what scripts/paper_tables.py reports), OUT/plan.env (the shell
+assignments run_paper.sh sources) and, for --nproc > 1, OUT/fsdp.yaml: configs/fsdp_8gpu.yaml with the model's own
+decoder layer class (its `_no_split_modules`) and --nproc processes. With --dry-run it prints the plan, lists what
+would block a real run (an unreachable model, a language without a source) and writes nothing.
+Throughput, in this order: --tokens-per-s (the user's), --timing (a bench_train.py JSON of 10 steps on the first GPU),
+else the figures in results/gpu_smoke/ (a random 1.1B model on one H200) scaled by parameter count.
+"""
+import argparse
+import gzip
+import json
+import os
+import socket
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+import common  # noqa: E402
+from common import UserError  # noqa: E402
+
+PAPER_LANGS = ("zh", "vi", "ar")
+METHODS = ("sft", "tft", "dft-logits", "dft-feature", "mid-align")
+LAYER_METHODS = ("dft-logits", "dft-feature")  # mid-align takes its block from the method (L // 2)
+# the paper's models: 02_train_dft.py's preset, and the shape to plan with when the hub cannot be reached
+PAPER_MODELS = {
+    "meta-llama/Llama-2-7b-hf": dict(preset="llama2-7b", model_type="llama", params=6.74e9, layers=32, epochs=3,
+                                     global_batch=128, grad_checkpointing=True),
+    "google/gemma-2-2b": dict(preset="gemma2-2b", model_type="gemma2", params=2.61e9, layers=26, epochs=3,
+                              global_batch=128, grad_checkpointing=True),
+}
+MAX_LENGTH = 512  # the recipe's; 02 cuts longer sequences
+SHIPPED = {  # Alpaca translations that ship in data/alpaca (docs/PAIRS.md)
+    "zh": ("shipped Alpaca zh (carbonz0 machine translation, ids 0-20,437 only)",
+           ["alpaca_data_zh_carbonz0_0-20437.json.gz"]),
+    "vi": ("shipped Alpaca vi (telexyz/GPT4VN, 40,464 rows aligned to Alpaca ids)",
+           ["alpaca_vi_telexyz_aligned_0-20437.json.gz", "alpaca_vi_telexyz_aligned_20438-52001.json.gz"]),
+}
+ALPACA_EN = "alpaca_data_en.json.gz"
+SMOKE = os.path.join(ROOT, "results", "gpu_smoke", "bench_train_1b_run2.json")
+MID_ALIGN_COST = 2.0  # assumed, not measured: both branches trained, a full English forward and backward
+GRAD_CKPT_COST = 4 / 3  # one more forward per step: forward 1 + backward 2 -> 1 + 1 + 2
+TOKEN_SAMPLE = 500  # pairs per source whose tokens are counted; the rest is extrapolated
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("what to run")
+    g.add_argument("--model", default="meta-llama/Llama-2-7b-hf", help="hub name or folder (default LLaMA-2-7B)")
+    g.add_argument("--langs", default="zh,vi,ar", help="target languages, from zh, vi, ar (default all three)")
+    g.add_argument("--methods", default="sft,tft,dft-logits,dft-feature", help=f"from {', '.join(METHODS)}")
+    g.add_argument("--lc-layer", help="block i for a model without a preset (the presets give theirs)")
+    g.add_argument("--et-layer", help="block j for a model without a preset")
+    g.add_argument("--steps", type=int, help="optimizer steps per run instead of the recipe's epochs")
+    g.add_argument("--limit", type=int, help="items per evaluation cell (default every item)")
+    g.add_argument("--tiny", action="store_true", help="TINY=1: a tiny random model and MT model made after this check")
+    g = p.add_argument_group("data")
+    g.add_argument("--mt-model", default="facebook/nllb-200-distilled-600M",
+                   help="seq2seq model for languages without shipped pairs (01_build_pairs.py --translate-model)")
+    g.add_argument("--pairs-file", action="append", default=[], metavar="LANG=FILE",
+                   help="pairs JSONL built elsewhere (e.g. 01 --source hub) for LANG instead of shipped files or MT")
+    g.add_argument("--pairs-limit", type=int, help="cap on pairs per language (01_build_pairs.py --limit)")
+    g.add_argument("--sft-lang", help="language whose pairs' English side SFT trains on (default: the largest source)")
+    g = p.add_argument_group("machine")
+    g.add_argument("--nproc", help="processes (GPUs) per training; default: the visible GPUs, 1 without one")
+    g.add_argument("--visible-gpus", type=int, help="override the count torch sees (for tests)")
+    g.add_argument("--tokens-per-s", type=float, help="TFT tokens per second per GPU, the user's figure")
+    g.add_argument("--timing", help="bench_train.py JSON of a 10-step timing on the first GPU")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default="runs/paper", help="run_paper.sh's OUT")
+    g.add_argument("--dry-run", action="store_true", help="print the plan and the blockers, write nothing")
+    return p.parse_args(argv)
+
+
+def hub_reachable():
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=3).close()
+        return True
+    except OSError:
+        return False
+
+
+def model_config(name):
+    """The model's config.json as a dict, or None when it cannot be read (a folder without one, the hub unreachable)."""
+    if os.path.isdir(name):
+        path = os.path.join(name, "config.json")
+        return json.load(open(path)) if os.path.exists(path) else None
+    if name.startswith((".", "/", "~")) or not hub_reachable():
+        return None
+    from huggingface_hub import hf_hub_download
+    try:
+        return json.load(open(hf_hub_download(name, "config.json", etag_timeout=5)))
+    except Exception:  # gated, missing or unreachable: a blocker, reported by the caller
+        return None
+
+
+def decoder_layer_class(model_type):
+    """The class FSDP2 wraps: the causal-LM class's first `_no_split_modules` entry (e.g. LlamaDecoderLayer)."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    cls = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])
+    return cls._no_split_modules[0]
+
+
+def count_params(config):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    cfg = AutoConfig.for_model(**config) if isinstance(config, dict) else config
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    return sum(p.numel() for p in model.parameters()), cfg.num_hidden_layers
+
+
+def visible_gpus():
+    import torch
+    return torch.cuda.device_count()
+
+
+def read_alpaca(name):
+    with gzip.open(os.path.join(common.DATA_DIR, "alpaca", name), "rt", encoding="utf-8") as f:
+        rows = json.load(f)
+    out = []
+    for r in rows:
+        if "prompt" in r:
+            out.append((r["prompt"], r["response"]))
+        else:
+            out.append((r["instruction"] + ("\n\n" + r["input"] if r.get("input") else ""), r["output"]))
+    return out
+
+
+def sample(rows, k=TOKEN_SAMPLE):
+    step = max(1, len(rows) // k)
+    return rows[::step][:k]
+
+
+def seq_tokens(tokenizer, x, y):
+    return min(MAX_LENGTH, len(common.encode_prompt(tokenizer, x)[0]) + len(common.encode_response(tokenizer, y)))
+
+
+def mean_tokens(tokenizer, pairs):
+    return sum(seq_tokens(tokenizer, x, y) for x, y in pairs) / max(1, len(pairs))
+
+
+def load_tokenizer(args, config):
+    """(tokenizer, which one): the model's own, else the offline default model's (counts are then approximate)."""
+    from transformers import AutoTokenizer
+    if args.tiny:
+        from conftest import make_tokenizer
+        return make_tokenizer(), "the tiny test tokenizer"
+    if config is not None:
+        try:
+            folder = args.model if os.path.isdir(args.model) else os.path.dirname(
+                __import__("huggingface_hub").hf_hub_download(args.model, "tokenizer_config.json", etag_timeout=5))
+            return AutoTokenizer.from_pretrained(folder), f"{args.model}'s tokenizer"
+        except Exception:
+            pass
+    folder = common.resolve_model(common.DEFAULT_MODEL)[0]
+    return (AutoTokenizer.from_pretrained(folder),
+            f"the offline {common.DEFAULT_MODEL} tokenizer ({args.model}'s is unreachable: counts are approximate)")
+
+
+def plan(args):
+    blockers = []
+    langs = common.parse_list(args.langs)
+    for lang in langs:
+        if lang not in PAPER_LANGS:
+            raise UserError(f"unknown language {lang!r} in LANGS: run_paper.sh reproduces the paper's languages "
+                            f"{' '.join(PAPER_LANGS)}; pick from those")
+    methods = common.parse_list(args.methods)
+    for m in methods:
+        if m not in METHODS:
+            raise UserError(f"unknown method {m!r} in METHODS; pick from {' '.join(METHODS)}")
+    if not langs or not methods:
+        raise UserError("LANGS and METHODS must each name at least one entry")
+    langs, methods = list(dict.fromkeys(langs)), list(dict.fromkeys(methods))
+    gpus = args.visible_gpus if args.visible_gpus is not None else visible_gpus()
+    try:
+        nproc = int(args.nproc) if args.nproc not in (None, "") else max(1, gpus)
+    except ValueError:
+        raise UserError(f"NPROC={args.nproc!r} is not a number of processes; set e.g. NPROC=8") from None
+    if nproc < 1 or (nproc > 1 and nproc > gpus):
+        raise UserError(f"NPROC={nproc} but {gpus} GPU(s) visible; set NPROC to at most {max(1, gpus)} "
+                        "(or check CUDA_VISIBLE_DEVICES)")
+
+    known = PAPER_MODELS.get(args.model)
+    preset = known["preset"] if known else None
+    layers = args.lc_layer is not None and args.et_layer is not None
+    if not preset and not layers and any(m in LAYER_METHODS for m in methods):
+        raise UserError(f"{args.model} has no preset in 02_train_dft.py ({', '.join(PAPER_MODELS)} have): "
+                        "give its layers, e.g. LC_LAYER=2 ET_LAYER=15 (see the entropy rule in docs/TRAINING.md)")
+
+    if args.tiny:
+        from conftest import TINY_CONFIGS
+        config, source = dict(model_type="llama", vocab_size=400, **TINY_CONFIGS["llama"]), "tiny random LLaMA"
+    else:
+        config = model_config(args.model)
+        source = "reachable" if config else None
+        if config is None:
+            if not known:
+                raise UserError(f"model {args.model!r} cannot be read (no local folder with config.json, and the hub "
+                                "is unreachable or the name unknown); pass a model folder as MODEL")
+            blockers.append(f"model {args.model} is unreachable (no network to the Hugging Face hub here, and it is "
+                            "gated: accept its licence and `huggingface-cli login`, or pass a local folder as MODEL)")
+    if config is not None:
+        model_type = config["model_type"]
+        params, num_layers = count_params(config)
+    else:
+        model_type, params, num_layers = known["model_type"], known["params"], known["layers"]
+    layer_cls = decoder_layer_class(model_type)
+
+    files = dict(f.split("=", 1) for f in args.pairs_file if "=" in f)
+    bad = [f for f in args.pairs_file if "=" not in f]
+    if bad:
+        raise UserError(f"--pairs-file {bad[0]!r}: write LANG=FILE, e.g. PAIRS_ar=runs/pairs_ar_hub.jsonl")
+    tokenizer, tok_source = load_tokenizer(args, config)
+    en = read_alpaca(ALPACA_EN)
+    en_tokens = mean_tokens(tokenizer, sample(en))
+    data = []
+    for lang in langs:
+        if lang in files:
+            if not os.path.exists(files[lang]):
+                raise UserError(f"PAIRS_{lang}={files[lang]}: file not found; build it with 01_build_pairs.py")
+            rows = common.read_jsonl(files[lang])
+            tgt = [(r["x_tgt"], r["y_tgt"]) for r in rows]
+            d = dict(route="file", source=f"pairs file {files[lang]}", ids=len(rows), deviation=None)
+        elif lang in SHIPPED:
+            title, names = SHIPPED[lang]
+            tgt = [p for n in names for p in read_alpaca(n)]
+            d = dict(route="shipped", source=title, ids=len(tgt),
+                     deviation=f"{title}: {len(tgt):,} of Alpaca's 52,002 ids (the paper: x-LLM's full translation)")
+        else:
+            mt_ok = args.tiny or model_config(args.mt_model) is not None
+            d = dict(route="mt", source=f"machine translation of English Alpaca with {args.mt_model}", ids=len(en),
+                     deviation=f"machine-translated with {args.mt_model} (the paper: x-LLM's translation)")
+            tgt = None  # not translated yet: its tokens are estimated from the English side
+            if not mt_ok:
+                blockers.append(f"{common.LANGUAGES[lang][0]} has no shipped pairs and MT_MODEL={args.mt_model} is "
+                                f"unreachable: pass PAIRS_{lang}=FILE (e.g. built by 01_build_pairs.py --source hub) "
+                                "or a reachable MT_MODEL (a local folder)")
+        if args.pairs_limit:
+            d["ids"] = min(d["ids"], args.pairs_limit)
+        d.update(lang=lang, file=files.get(lang, os.path.join(args.out, "pairs", f"pairs_{lang}.jsonl")),
+                 tgt_tokens=mean_tokens(tokenizer, sample(tgt)) if tgt else en_tokens,
+                 tokens_note=None if tgt else "target tokens estimated by the English side's (not translated yet)")
+        data.append(d)
+    if blockers and not args.dry_run:
+        raise UserError("cannot start: " + "; ".join(blockers))
+    sft_lang = args.sft_lang or max(data, key=lambda d: d["ids"])["lang"]
+    if sft_lang not in langs:
+        raise UserError(f"SFT_LANG={sft_lang} is not in LANGS ({' '.join(langs)})")
+
+    # throughput: padded TFT tokens per second per GPU; method cost factors relative to tft
+    smoke = json.load(open(SMOKE))["results"]
+    factors = {m: smoke[m]["ratio_measured"] for m in ("tft", "dft-logits", "dft-feature")}
+    factors.update({"sft": 1.0, "mid-align": MID_ALIGN_COST})
+    factor_src = "results/gpu_smoke"
+    if args.tokens_per_s:
+        tok_s, tok_src = args.tokens_per_s, "TOKENS_PER_S given by the user"
+    elif args.timing:
+        # bench_train.py keys its cells "precision/method" (one precision is timed here); older files "method"
+        bench = {r["method"]: r for r in json.load(open(args.timing))["results"].values()}
+        tok_s = bench["tft"]["tokens"]["tft"]["padded"] / bench["tft"]["seconds"]
+        factors.update({m: r["ratio_measured"] for m, r in bench.items()})
+        tok_src = f"measured: 10 timed steps on the first GPU ({args.timing})"
+        factor_src = "the same timing, with gradient checkpointing"
+    else:
+        r = smoke["tft"]
+        smoke_params = r["num_layers"] * r["block_params"] + 2 * r["head_params"]
+        tok_s = r["tokens"]["tft"]["padded"] / r["seconds"] * smoke_params / params
+        tok_src = (f"results/gpu_smoke/ (a random 1.1B LLaMA on one H200, bf16, batch 8 x 256: "
+                   f"{r['tokens']['tft']['padded'] / r['seconds']:,.0f} tokens/s) scaled by parameter count; "
+                   "no GPU timing")
+    # the presets recompute blocks in backward; run_paper.sh's own timing already includes it
+    ckpt = GRAD_CKPT_COST if known and known["grad_checkpointing"] and not args.timing else 1.0
+    epochs = known["epochs"] if known else 3
+    global_batch = known["global_batch"] if known else 4 * nproc
+
+    runs = []
+    by_lang = {d["lang"]: d for d in data}
+    if "sft" in methods:
+        d = by_lang[sft_lang]
+        runs.append(dict(run="sft", method="sft", lang=sft_lang, pairs=d["ids"], seq_tokens=en_tokens))
+    for d in data:
+        runs += [dict(run=f"{m}-{d['lang']}", method=m, lang=d["lang"], pairs=d["ids"], seq_tokens=d["tgt_tokens"])
+                 for m in methods if m != "sft"]
+    for r in runs:
+        r["tokens"] = (args.steps * global_batch if args.steps else r["pairs"] * epochs) * r["seq_tokens"]
+        r["gpu_hours"] = r["tokens"] * factors[r["method"]] * ckpt / tok_s / 3600
+    evals = ["base"] + (["sft"] if "sft" in methods else []) + [r["run"] for r in runs if r["method"] != "sft"]
+    model_gb = 4 * params / 1e9  # float32 upper bound of a saved model (bf16 saves half)
+    # TINY lays its cells beside LLaMA-2-7B's numbers so the whole layout is exercised (and says so)
+    paper_model = args.model if known else ("meta-llama/Llama-2-7b-hf" if args.tiny else None)
+    return dict(model=args.model, paper_model=paper_model,
+                preset=preset, tiny=args.tiny, langs=langs, methods=methods, nproc=nproc, gpus=gpus,
+                lc_layer=args.lc_layer, et_layer=args.et_layer, steps=args.steps, limit=args.limit,
+                model_type=model_type, params=params, num_layers=num_layers, layer_cls=layer_cls,
+                fsdp=nproc > 1, data=data, sft_lang=sft_lang, mt_model=args.mt_model, tokenizer=tok_source,
+                tokens_per_s=tok_s, tokens_per_s_source=tok_src, cost_factors=factors, cost_factors_source=factor_src,
+                grad_ckpt_factor=ckpt,
+                epochs=None if args.steps else epochs, global_batch=global_batch, runs=runs, evals=evals,
+                gpu_hours=sum(r["gpu_hours"] for r in runs), disk_gb=len(runs) * model_gb + 4 * model_gb,
+                model_gb=model_gb, blockers=blockers, model_source=source)
+
+
+def describe(p):
+    lines = [f"== plan: {p['model']} ({p['params'] / 1e9:.2f}B parameters, {p['num_layers']} blocks; "
+             + (f"preset {p['preset']}" if p["preset"] else f"layers i={p['lc_layer']}, j={p['et_layer']}") + ")",
+             f"   {p['nproc']} process(es) per training on {p['gpus']} visible GPU(s): "
+             + (f"FSDP2 wrapping {p['layer_cls']} (OUT/fsdp.yaml)" if p["fsdp"] else "one process, no sharding"),
+             "== pairs"]
+    for d in p["data"]:
+        lines.append(f"   {d['lang']}: {d['source']}; {d['ids']:,} ids before filtering, "
+                     f"{d['tgt_tokens']:.0f} tokens per training sequence"
+                     + (f" ({d['tokens_note']})" if d["tokens_note"] else ""))
+    lines.append(f"   tokens counted with {p['tokenizer']} on up to {TOKEN_SAMPLE} pairs per source, "
+                 f"sequences cut at {MAX_LENGTH}")
+    lines.append(f"== {len(p['runs'])} trainings ("
+                 + (f"{p['steps']} steps x global batch {p['global_batch']}" if p["steps"] else f"{p['epochs']} epochs")
+                 + f"); sft on the English side of the {p['sft_lang']} pairs")
+    lines.append("   run                 pairs    tokens   cost x   GPU-hours")
+    for r in p["runs"]:
+        cost = p["cost_factors"][r["method"]] * p["grad_ckpt_factor"]
+        lines.append(f"   {r['run']:18s} {r['pairs']:7,d} {r['tokens'] / 1e6:8.1f}M {cost:7.2f} {r['gpu_hours']:10.2f}")
+    lines.append(f"== {len(p['evals'])} evaluations: base and sft on every language's cells, each other model on its "
+                 "own language's (not included in the GPU-hours)")
+    lines.append(f"== throughput {p['tokens_per_s']:,.0f} TFT tokens/s per GPU: {p['tokens_per_s_source']}; "
+                 f"cost x = step cost vs tft ({p['cost_factors_source']}; mid-align {MID_ALIGN_COST} assumed)"
+                 + (f" x {p['grad_ckpt_factor']:.2f} for gradient checkpointing" if p["grad_ckpt_factor"] > 1 else ""))
+    lines.append(f"== total about {p['gpu_hours']:.1f} GPU-hours ({p['gpu_hours'] / p['nproc']:.1f} h wall on "
+                 f"{p['nproc']} GPU(s), linear scaling assumed; padding not counted); disk about {p['disk_gb']:.0f} GB "
+                 f"({len(p['runs'])} models x {p['model_gb']:.1f} GB at float32 + one 16 B/parameter checkpoint)")
+    if p["blockers"]:
+        lines.append("== what would block a real run:")
+        lines += [f"   - {b}" for b in p["blockers"]]
+    return "\n".join(lines)
+
+
+def write_outputs(p, out):
+    common.write_json(os.path.join(out, "plan.json"), p)
+    env = dict(PLAN_PRESET=p["preset"] or "", PLAN_NPROC=p["nproc"], PLAN_SFT_LANG=p["sft_lang"],
+               PLAN_FSDP_CONFIG=os.path.join(out, "fsdp.yaml") if p["fsdp"] else "",
+               PLAN_EVALS=" ".join(p["evals"]))
+    for d in p["data"]:
+        env[f"PLAN_ROUTE_{d['lang']}"] = d["route"]
+        env[f"PLAN_PAIRS_{d['lang']}"] = d["file"]
+    with common.atomic_open(os.path.join(out, "plan.env")) as f:
+        f.write("".join(f"{k}='{v}'\n" for k, v in env.items()))
+    if p["fsdp"]:
+        template = open(os.path.join(ROOT, "configs", "fsdp_8gpu.yaml")).read()
+        body = template[template.index("compute_environment"):]
+        body = body.replace("num_processes: 8", f"num_processes: {p['nproc']}").replace(
+            "fsdp_transformer_layer_cls_to_wrap: LlamaDecoderLayer",
+            f"fsdp_transformer_layer_cls_to_wrap: {p['layer_cls']}")
+        with common.atomic_open(os.path.join(out, "fsdp.yaml")) as f:
+            f.write(f"# configs/fsdp_8gpu.yaml for {p['model']}: {p['nproc']} processes, wrapping {p['layer_cls']} "
+                    "(its _no_split_modules); written by scripts/paper_plan.py\n" + body)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    p = plan(args)
+    print(describe(p), flush=True)
+    if not args.dry_run:
+        write_outputs(p, args.out)
+
+
+if __name__ == "__main__":
+    common.run_main(main)

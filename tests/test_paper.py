@@ -1,0 +1,258 @@
+"""run_paper.sh and its two helpers: the table builder against hand-computed cells and differences, the plan's
+checks of bad input (one error, nothing written), the FSDP2 config it derives, the offline dry run, and (after
+`TINY=1 bash run_paper.sh`, as .ci/run does) that every stage of the TINY run left its outputs and the tables have
+every cell: `PAPER_TINY_OUT=runs/paper_tiny python -m pytest tests/test_paper.py -k tiny_outputs`."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, make_tiny_model
+
+sys.path.insert(0, os.path.join(REPO, "scripts"))
+import paper_plan  # noqa: E402
+import paper_tables  # noqa: E402
+from common import UserError  # noqa: E402
+
+NUMBERS = json.load(open(paper_tables.NUMBERS))["models"]["meta-llama/Llama-2-7b-hf"]
+
+
+# ----------------------------------------------------------------------------- the table builder
+
+
+def write_run(folder, run, cells):
+    """A run JSON as 03_evaluate.py writes it: cells {(key, lang): (aggregation, metric, items)}."""
+    results = {}
+    for (key, lang), (agg, metric, items) in cells.items():
+        items_file = f"{run}.{key}.{lang}.jsonl"
+        with open(os.path.join(folder, items_file), "w") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in items))
+        if agg == "mean":
+            v = [r["scores"][metric] for r in items]
+            score, se = sum(v) / len(v), 0.01
+        else:
+            from sacrebleu.metrics import CHRF
+            score = CHRF().corpus_score([r["prediction"] for r in items], [[r["gold"] for r in items]]).score
+            se = 0.5
+        entry = dict(metric="f1" if metric == "f1_lang" else metric, score=score, stderr=se, aggregation=agg,
+                     n=len(items), metrics={metric: dict(score=score, stderr=se)}, items_file=items_file, task=key,
+                     lang=lang)
+        results.setdefault(key, {})[lang] = entry
+    with open(os.path.join(folder, f"{run}.json"), "w") as f:
+        json.dump(dict(format="dft-eval-run/1", run=run, model=run, results=results), f)
+
+
+def synthetic_out(tmp_path, shift=0.1):
+    """OUT of a zh-only run (base, sft, tft, dft-logits): every cell has 10 items; dft-logits scores every item of
+    every mean cell `shift` above tft, and its translations are tft's with one word more right."""
+    out = tmp_path / "out"
+    (out / "eval").mkdir(parents=True)
+    (out / "pairs").mkdir()
+    pairs = out / "pairs" / "pairs_zh.jsonl"
+    pairs.write_text('{"id": 1}\n{"id": 2}\n')
+    (out / "pairs" / "pairs_zh.dev.jsonl").write_text('{"id": 3}\n')
+    plan = dict(model="meta-llama/Llama-2-7b-hf", paper_model="meta-llama/Llama-2-7b-hf", tiny=False, langs=["zh"],
+                methods=["sft", "tft", "dft-logits"], limit=10, steps=None, sft_lang="zh",
+                data=[dict(lang="zh", file=str(pairs), source="shipped", deviation=None)])
+    (out / "plan.json").write_text(json.dumps(plan))
+    base = [0.0, 0.2, 0.4, 0.5, 0.1, 0.3, 0.2, 0.0, 0.4, 0.3]
+    golds = ["the cat sat on the mat", "a dog runs", "rain falls today", "he reads books", "we eat rice"] * 2
+    preds_tft = ["the cat", "a cat runs", "rain", "he books", "we rice"] * 2
+    preds_dft = ["the cat sat", "a dog runs", "rain falls", "he reads books", "we eat"] * 2
+    for run, bump, preds in (("base", 0, preds_tft), ("sft", 0, preds_tft), ("tft", 0, preds_tft),
+                             ("dft-logits", shift, preds_dft)):
+        cells = {}
+        for table in (paper_tables.QA, paper_tables.NLU):
+            for task, _, metric, langs in table:
+                if "zh" in langs:
+                    cells[(task, "zh")] = ("mean", metric, [dict(id=i, scores={metric: v + bump})
+                                                            for i, v in enumerate(base)])
+        cells[("mgsm", "zh")] = ("mean", "flexible_extract",
+                                 [dict(id=i, scores={"flexible_extract": v + bump}) for i, v in enumerate(base)])
+        for direction in ("en-zh", "zh-en"):
+            cells[("translation", direction)] = ("corpus", "chrf", [dict(id=i, prediction=p, gold=g)
+                                                                    for i, (p, g) in enumerate(zip(preds, golds))])
+        name = run if run in ("base", "sft") else f"{run}-zh"
+        write_run(out / "eval", name, cells)
+    return out
+
+
+def test_tables_cells_paper_numbers_and_differences(tmp_path):
+    out = synthetic_out(tmp_path)
+    paper_tables.main(["--out", str(out), "--bootstrap", "300"])
+    result = json.load(open(out / "paper_tables.json"))
+    text = (out / "paper_tables.md").read_text()
+    cells = {(c["table"], c["row"], c["task"], c["lang"]): c for c in result["cells"]}
+    # every cell of every table, for every row: 4 QA + 4 NLU + 2 translation + MGSM, times 4 rows
+    assert len(cells) == 4 * 11 and all(c["ours"] is not None for c in cells.values())
+    mean = sum([0.0, 0.2, 0.4, 0.5, 0.1, 0.3, 0.2, 0.0, 0.4, 0.3]) / 10 * 100
+    c = cells[("qa", "tft", "xquad", "zh")]
+    assert c["ours"] == pytest.approx(mean) and c["stderr"] == pytest.approx(1.0) and c["n"] == 10
+    assert c["paper"] == NUMBERS["qa"]["tft"]["xquad"]["zh"] == 23.41 and not c["paper_reading"]
+    assert cells[("qa", "sft", "xquad", "zh")]["paper"] is None  # a `?` cell stays empty, never guessed
+    reading = cells[("qa", "sft", "truthfulqa", "zh")]
+    assert reading["paper"] == 33.16 and reading["paper_reading"] and "(~33.16)" in text
+    assert cells[("qa", "base", "xquad", "zh")]["paper"] is None  # the paper has no base row
+    assert cells[("translation", "tft", "translation", "en-zh")]["paper"] == 68.37
+    assert cells[("translation", "dft-logits", "translation", "en-zh")]["paper"] is None  # Table 4 has no full DFT
+    assert result["nlu_avg"]["dft-logits"]["ours"] == pytest.approx(mean + 10)
+    assert result["nlu_avg"]["tft"]["paper"] == 46.09 and not result["nlu_avg"]["tft"]["complete"]  # zh only: 4 cells
+    diffs = {(d["table"], d["task"], d["lang"]): d for d in result["differences"]}
+    assert {d["row"] for d in result["differences"]} == {"dft-logits"}
+    # every item +0.1: the difference is +10 points and every resample agrees, so the interval is the point
+    for key in (("qa", "xquad", "zh"), ("nlu", "xnli", "zh"), ("mgsm", "mgsm", "zh"), ("nlu", "avg", "")):
+        d = diffs[key]
+        assert d["delta"] == pytest.approx(10) and d["low"] == pytest.approx(10) and d["high"] == pytest.approx(10)
+    assert diffs[("nlu", "xnli", "zh")]["paper"] == pytest.approx(36.94 - 36.87)
+    assert diffs[("nlu", "avg", "")]["paper"] == pytest.approx(46.55 - 46.09) and diffs[("nlu", "avg", "")]["p"] is None
+    # chrF: against sacrebleu's corpus score of the two runs' outputs; the interval brackets it
+    from sacrebleu.metrics import CHRF
+    golds = [r["gold"] for r in map(json.loads, open(out / "eval" / "tft-zh.translation.en-zh.jsonl"))]
+    preds = {run: [r["prediction"] for r in map(json.loads, open(out / "eval" / f"{run}-zh.translation.en-zh.jsonl"))]
+             for run in ("tft", "dft-logits")}
+    ref = CHRF().corpus_score(preds["dft-logits"], [golds]).score - CHRF().corpus_score(preds["tft"], [golds]).score
+    d = diffs[("translation", "translation", "en-zh")]
+    assert ref > 0 and d["delta"] == pytest.approx(ref) and d["low"] <= ref <= d["high"] and d["p"] < 0.05
+    assert "no data" not in text and "| TFT | " in text and "Deviations from the paper's set-up" in text
+    assert "`" + result["data"][0]["sha256"] + "`" in text and result["data"][0]["train"] == 2
+
+
+def test_tables_name_missing_cells_and_write_nothing(tmp_path):
+    out = synthetic_out(tmp_path)
+    os.remove(out / "eval" / "dft-logits-zh.json")
+    with pytest.raises(UserError, match=r"cell\(s\) have no result in .*dft-logits-zh xquad zh"):
+        paper_tables.main(["--out", str(out)])
+    assert not (out / "paper_tables.md").exists() and not (out / "paper_tables.json").exists()
+
+
+# ----------------------------------------------------------------------------- the plan: bad input, FSDP config
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma(tmp_path_factory, tokenizer):
+    path = str(tmp_path_factory.mktemp("paper-gemma2"))
+    make_tiny_model("gemma2", tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--langs", "zh,xx"], "unknown language 'xx' in LANGS"),
+    (["--methods", "tft,dft-magic"], "unknown method 'dft-magic' in METHODS"),
+    (["--nproc", "4", "--visible-gpus", "1"], "NPROC=4 but 1 GPU"),
+    (["--nproc", "2", "--visible-gpus", "0"], "NPROC=2 but 0 GPU"),
+    (["--model", "someone/unknown-7b"], "has no preset in 02_train_dft.py"),
+    (["MODEL", "--langs", "ar", "--mt-model", "/nonexistent/nllb"], "Arabic has no shipped pairs and MT_MODEL"),
+])
+def test_plan_bad_input_is_one_error_and_writes_nothing(tmp_path, tiny_gemma, argv, message):
+    out = tmp_path / "out"
+    if argv[0] == "MODEL":
+        argv = ["--model", tiny_gemma, "--lc-layer", "1", "--et-layer", "3"] + argv[1:]
+    if "--visible-gpus" not in argv:
+        argv = argv + ["--visible-gpus", "0"]
+    with pytest.raises(UserError, match=message):
+        paper_plan.main(argv + ["--out", str(out)])
+    assert not out.exists()
+
+
+def test_plan_writes_fsdp_config_with_the_models_decoder_layer(tmp_path, tiny_gemma):
+    import yaml
+    out = tmp_path / "out"
+    paper_plan.main(["--model", tiny_gemma, "--lc-layer", "1", "--et-layer", "3", "--langs", "zh", "--nproc", "2",
+                     "--visible-gpus", "2", "--out", str(out)])
+    derived = yaml.safe_load(open(out / "fsdp.yaml"))
+    template = yaml.safe_load(open(os.path.join(REPO, "configs", "fsdp_8gpu.yaml")))
+    assert derived["fsdp_config"].pop("fsdp_transformer_layer_cls_to_wrap") == "Gemma2DecoderLayer"
+    assert template["fsdp_config"].pop("fsdp_transformer_layer_cls_to_wrap") == paper_plan.decoder_layer_class("llama")
+    assert derived.pop("num_processes") == 2 and template.pop("num_processes") == 8
+    assert derived == template  # everything else as the tested 8-GPU config
+    plan = json.load(open(out / "plan.json"))
+    assert [r["run"] for r in plan["runs"]] == ["sft", "tft-zh", "dft-logits-zh", "dft-feature-zh"]
+    assert plan["evals"] == ["base", "sft", "tft-zh", "dft-logits-zh", "dft-feature-zh"]
+    env = (out / "plan.env").read_text()
+    assert "PLAN_ROUTE_zh='shipped'" in env and f"PLAN_FSDP_CONFIG='{out}/fsdp.yaml'" in env
+
+
+def test_plan_throughput_from_a_gpu_timing(tmp_path):
+    """A bench_train.py JSON ("precision/method" cells) sets the tokens/s and the step costs; the user's figure wins."""
+    cell = lambda m, s, ratio: dict(method=m, precision="bf16", seconds=s, ratio_measured=ratio,  # noqa: E731
+                                    tokens={"tft": {"padded": 2048, "labelled": 700}})
+    timing = tmp_path / "bench_train.json"
+    timing.write_text(json.dumps(dict(results={"bf16/tft": cell("tft", 0.5, 1.0), "bf16/dft-logits": cell(
+        "dft-logits", 0.8, 1.6), "bf16/dft-feature": cell("dft-feature", 0.6, 1.2)})))
+    base = ["--tiny", "--langs", "zh", "--lc-layer", "1", "--et-layer", "3", "--visible-gpus", "0", "--steps", "10"]
+    p = paper_plan.plan(paper_plan.parse_args(base + ["--timing", str(timing)]))
+    assert p["tokens_per_s"] == 2048 / 0.5 and p["cost_factors"]["dft-logits"] == 1.6 and p["grad_ckpt_factor"] == 1
+    run = next(r for r in p["runs"] if r["run"] == "dft-logits-zh")
+    assert run["gpu_hours"] == pytest.approx(run["tokens"] * 1.6 / 4096 / 3600)
+    p = paper_plan.plan(paper_plan.parse_args(base + ["--timing", str(timing), "--tokens-per-s", "1000"]))
+    assert p["tokens_per_s"] == 1000 and p["tokens_per_s_source"] == "TOKENS_PER_S given by the user"
+
+
+def run_paper(tmp_path, **env):
+    full = dict(os.environ, PY=sys.executable, OUT=str(tmp_path / "out"), CUDA_VISIBLE_DEVICES="", **env)
+    return subprocess.run(["bash", os.path.join(REPO, "run_paper.sh")], capture_output=True, text=True, env=full,
+                          timeout=300)
+
+
+def test_run_paper_bad_input_stops_before_anything_is_written(tmp_path):
+    proc = run_paper(tmp_path, LANGS="zh fr")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: unknown language 'fr' in LANGS")
+    proc = run_paper(tmp_path, NPROC="2")
+    assert proc.returncode == 2 and "error: NPROC=2 but 0 GPU(s) visible" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_dry_run_with_the_defaults_prints_the_plan_offline(tmp_path):
+    proc = run_paper(tmp_path, DRY_RUN="1")
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout
+    assert "meta-llama/Llama-2-7b-hf (6.74B parameters, 32 blocks; preset llama2-7b)" in text
+    assert "== 10 trainings (3 epochs); sft on the English side of the ar pairs" in text
+    assert "== 11 evaluations" in text and "GPU-hours" in text and "disk about" in text
+    for run in ("sft", "tft-zh", "dft-logits-vi", "dft-feature-ar"):
+        assert f"   {run} " in text
+    if not paper_plan.hub_reachable():
+        assert "the offline HuggingFaceTB/SmolLM2-135M-Instruct tokenizer" in text
+        assert "what would block a real run" in text and "Arabic has no shipped pairs" in text
+    assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- after TINY=1 bash run_paper.sh
+
+
+def test_tiny_outputs():
+    out = os.environ.get("PAPER_TINY_OUT")
+    if not out:
+        pytest.skip("runs after `TINY=1 bash run_paper.sh`: set PAPER_TINY_OUT to its OUT (.ci/run does)")
+    plan = json.load(open(os.path.join(out, "plan.json")))
+    assert plan["tiny"] and set(plan["methods"]) >= {"sft", "tft", "dft-logits", "dft-feature"}
+    assert {d["route"] for d in plan["data"]} == {"shipped", "mt"}  # zh shipped, ar through the MT route
+    for name in ("lm/config.json", "mt/config.json"):
+        assert os.path.exists(os.path.join(out, "tiny_models", name))
+    for d in plan["data"]:
+        for suffix in (".jsonl", ".dev.jsonl", ".stats.json"):
+            assert os.path.getsize(d["file"][: -len(".jsonl")] + suffix) > 0
+    for r in plan["runs"]:
+        folder = os.path.join(out, "train", r["run"])
+        for name in ("config.json", "train_config.json", "train_log.jsonl"):
+            assert os.path.exists(os.path.join(folder, name)), f"{folder}/{name}"
+        assert json.load(open(os.path.join(folder, "train_config.json")))["method"] == r["method"]
+    for run in plan["evals"]:
+        assert os.path.exists(os.path.join(out, "eval", f"{run}.json")), run
+    result = json.load(open(os.path.join(out, "paper_tables.json")))
+    rows = ["base"] + plan["methods"]
+    per_row = sum(sum(lang in langs for *_, langs in paper_tables.QA + paper_tables.NLU) + 2 + (lang == "zh")
+                  for lang in plan["langs"])  # the paper's QA and NLU cells, two translation directions, MGSM zh
+    assert len(result["cells"]) == len(rows) * per_row
+    empty = [c for c in result["cells"] if c["ours"] is None and not c["note"]]
+    assert not empty and all(c["n"] for c in result["cells"] if not c["note"])
+    with_data = sum(1 for c in result["cells"] if c["row"] == "tft" and not c["note"])
+    for method in (m for m in plan["methods"] if m.startswith("dft")):  # every cell against tft + the NLU average
+        assert len([d for d in result["differences"] if d["row"] == method]) == with_data + 1
+    text = open(os.path.join(out, "paper_tables.md")).read()
+    for title in ("Table 1: QA", "Table 2: NLU", "Table 4: translation", "MGSM zh (ours", "Data actually used"):
+        assert title in text
