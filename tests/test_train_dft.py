@@ -248,6 +248,7 @@ def test_bad_input_errors(tmp_path, tiny_model_dirs):
         (["--method", "sft", "--lc", "logits"], "English only"),
         (["--max-length", "10"], "no pair fits --max-length 10"),
         (["--global-batch-size", "6"], "not a multiple"),
+        (["--max-steps", "-3"], "--max-steps must be >= 1, got -3"),
     ]
     for flags, message in cases:
         r = cli("--pairs", PAIRS, "--out", out, "--model", model, "--max-steps", "1", *flags)
@@ -260,6 +261,74 @@ def test_bad_input_errors(tmp_path, tiny_model_dirs):
     assert r.returncode == 2 and "line 1: missing or non-string field(s) ['y_tgt']" in r.stderr
     r = cli("--pairs", str(tmp_path / "none.jsonl"), "--out", out, "--model", model)
     assert r.returncode == 2 and "file not found" in r.stderr
+
+
+# -----------------------------------------------------------------------------
+# configuration: typed flag > --method > --preset > default
+
+
+def resolved(*flags):
+    return train.resolve_config(train.parse_args(["--pairs", "p.jsonl", "--out", "o", *flags]))
+
+
+def test_presets_and_methods_resolve_as_recorded():
+    """tests/fixtures/train_configs.json was written by tests/fixtures/make_train_configs.py with 02_train_dft.py as
+    it was before its argparse flags got real defaults (every default None, merged in resolve_config): every preset
+    x method, and a few typed flags, must still resolve to those configurations."""
+    recorded = json.load(open(os.path.join(REPO, "tests", "fixtures", "train_configs.json")))
+    assert len(recorded) == (len(train.PRESETS) + 1) * (len(train.METHODS) + 1) + 7
+    for case in recorded:
+        assert resolved(*case["flags"]) == case["config"], case["flags"]
+
+
+def test_a_typed_flag_at_its_default_beats_preset_and_method(monkeypatch):
+    assert resolved("--preset", "smollm2-135m")["batch_size"] == 8
+    assert resolved("--preset", "smollm2-135m", "--batch-size", "4")["batch_size"] == 4  # 4 is the default
+    assert resolved("--preset", "llama2-7b", "--dtype", "float32")["dtype"] == "float32"
+    assert resolved("--preset", "llama2-7b", "--lc-layer", "auto")["lc_layer"] == "auto"
+    cfg = resolved("--preset", "llama2-7b", "--method", "mid-align")  # the method's own settings beat the preset's
+    assert (cfg["et_layer"], cfg["feature_grad"]) == ("mid", "both")
+    cfg = resolved("--preset", "llama2-7b", "--method", "mid-align", "--et-layer", "auto", "--feature-grad", "target")
+    assert (cfg["et_layer"], cfg["feature_grad"]) == ("auto", "target")
+    monkeypatch.setitem(train.PRESETS, "short", dict(max_length=256, epochs=1))
+    assert resolved("--preset", "short")["max_length"] == 256
+    assert resolved("--preset", "short", "--max-length", "512")["max_length"] == 512
+    assert resolved("--preset", "short", "--epochs", "3")["epochs"] == 3
+
+
+def test_help_shows_the_real_defaults():
+    text = " ".join(train.build_parser().format_help().split())
+    for shown in ("--lr LR peak learning rate (default: 2e-05)", "(default: 512)", "(default: tft)",
+                  "(default: q_proj,k_proj,v_proj,o_proj)", "(0: only the final model) (default: 0)"):
+        assert shown in text, shown
+    assert "default: None" not in text and "default: False" not in text
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--epochs", "0"], "--epochs must be a positive number, got 0.0"),
+    (["--epochs", "-1"], "--epochs must be a positive number"),
+    (["--epochs", "nan"], "--epochs must be a positive number"),
+    *[([f"--{name}", "0"], f"--{name} must be >= 1, got 0") for name in (
+        "max-steps", "batch-size", "grad-accum", "global-batch-size", "max-length", "eval-every", "eval-limit",
+        "log-every", "layer-sample")],
+    (["--max-steps", "-3"], "--max-steps must be >= 1, got -3"),
+    *[([f"--{name}", "-1"], f"--{name} must be >= 0") for name in (
+        "save-every", "ce-chunk", "lc-weight", "et-weight", "tft-weight", "lr", "warmup-ratio")],
+    (["--lr", "nan"], "--lr must be >= 0"),
+])
+def test_bad_numbers_are_refused_before_any_model_loads(flags, message, tmp_path):
+    out = str(tmp_path / "o")
+    eval_pairs = ["--eval-pairs", PAIRS] if "--eval-every" in flags else []
+    with pytest.raises(common.UserError) as e:  # a missing --model: reaching the loader would raise another error
+        train.main(["--pairs", PAIRS, "--out", out, "--model", str(tmp_path / "no-model"), *eval_pairs, *flags])
+    assert str(e.value).startswith(message), str(e.value)
+    assert not os.path.exists(out)
+
+
+def test_documented_zeros_are_accepted():
+    cfg = resolved("--save-every", "0", "--ce-chunk", "0", "--max-grad-norm", "0", "--lc-weight", "0", "--et-weight",
+                   "0", "--tft-weight", "0", "--warmup-ratio", "0", "--lr", "0", "--method", "dft-logits")
+    assert [cfg[k] for k in ("save_every", "ce_chunk", "max_grad_norm", "lc_weight", "warmup_ratio")] == [0] * 5
 
 
 def test_layer_order_allowed_with_flag(tmp_path, tiny_model_dirs):
