@@ -58,7 +58,8 @@ def test_sequence_layouts(tokenizer, rows):
     assert dec(seqs["tft"]) == rows[0]["y_tgt"] + tokenizer.eos_token
     assert dec(seqs["lc"]) == rows[0]["x_en"]  # [P(x_tgt); x_en], CE on x_en
     assert dec(seqs["et"]) == rows[0]["y_en"] + tokenizer.eos_token  # [P(x_tgt); y_en]
-    prompt = tokenizer.decode(seqs["lc"]["input_ids"][:seqs["lc"]["labels"].index(next(l for l in seqs["lc"]["labels"] if l != -100))])
+    first_label = next(n for n, l in enumerate(seqs["lc"]["labels"]) if l != -100)
+    prompt = tokenizer.decode(seqs["lc"]["input_ids"][:first_label])
     assert prompt == common.build_prompt(rows[0]["x_tgt"])
 
 
@@ -100,9 +101,11 @@ def test_lens_loss_equals_brute_force(tokenizer, rows):
     terms = train.DFTObjective(model, cfg)(batch)
     for name, layer in (("lc", 1), ("et", 3)):
         seq = batch[name]
-        hs = model(input_ids=seq["input_ids"], attention_mask=seq["attention_mask"], output_hidden_states=True).hidden_states
+        hs = model(input_ids=seq["input_ids"], attention_mask=seq["attention_mask"],
+                   output_hidden_states=True).hidden_states
         logits = model.lm_head(model.model.norm(hs[layer]))
-        ref = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), seq["labels"][:, 1:].flatten(), ignore_index=-100)
+        ref = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), seq["labels"][:, 1:].flatten(),
+                                                ignore_index=-100)
         torch.testing.assert_close(terms[f"loss_{name}"], ref)
 
 
@@ -182,7 +185,8 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, tiny_model_dirs):
              "--warmup-ratio", "0.2"]
     full, log_full = run(tmp_path, "full", *flags, model_dir=tiny_model_dirs["llama"])
     out = str(tmp_path / "cut")
-    base = ["--pairs", PAIRS, "--out", out, "--model", tiny_model_dirs["llama"], "--batch-size", "4", "--lr", "3e-3", *flags]
+    base = ["--pairs", PAIRS, "--out", out, "--model", tiny_model_dirs["llama"], "--batch-size", "4", "--lr", "3e-3",
+            *flags]
     train.main(base + ["--stop-after-steps", "3"])  # interrupted after step 3; the checkpoint is from step 2
     assert not os.path.exists(os.path.join(out, "model.safetensors"))
     train.main(base + ["--resume"])
@@ -236,7 +240,8 @@ def test_auto_layers_write_curve(tmp_path, tokenizer):
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, os.path.join(REPO, "02_train_dft.py"), *args], capture_output=True, text=True)
+    return subprocess.run([sys.executable, os.path.join(REPO, "02_train_dft.py"), *args], capture_output=True,
+                          text=True)
 
 
 def test_bad_input_errors(tmp_path, tiny_model_dirs):
@@ -332,8 +337,8 @@ def test_documented_zeros_are_accepted():
 
 
 def test_layer_order_allowed_with_flag(tmp_path, tiny_model_dirs):
-    out, log = run(tmp_path, "order", "--method", "dft-logits", "--max-steps", "1", "--lc-layer", "3", "--et-layer", "2",
-                   "--allow-layer-order", model_dir=tiny_model_dirs["llama"])
+    out, log = run(tmp_path, "order", "--method", "dft-logits", "--max-steps", "1", "--lc-layer", "3", "--et-layer",
+                   "2", "--allow-layer-order", model_dir=tiny_model_dirs["llama"])
     assert len(log) == 1
 
 
@@ -490,9 +495,10 @@ def test_empty_fields_are_refused_with_line_and_id(tmp_path, tiny_model_dirs):
     rows[2] = dict(rows[2], x_en="  \n")
     path = str(tmp_path / "empty.jsonl")
     common.write_jsonl(path, rows)
-    r = cli("--pairs", path, "--out", str(tmp_path / "o"), "--model", tiny_model_dirs["llama"], "--method", "dft-feature",
-            "--lc-layer", "1", "--et-layer", "3")
-    assert r.returncode == 2 and f"line 3 (id {rows[2]['id']!r}): empty or whitespace-only field(s) ['x_en']" in r.stderr
+    r = cli("--pairs", path, "--out", str(tmp_path / "o"), "--model", tiny_model_dirs["llama"], "--method",
+            "dft-feature", "--lc-layer", "1", "--et-layer", "3")
+    message = f"line 3 (id {rows[2]['id']!r}): empty or whitespace-only field(s) ['x_en']"
+    assert r.returncode == 2 and message in r.stderr
 
 
 def test_resume_finds_the_newest_complete_checkpoint(tmp_path, tiny_model_dirs):
@@ -562,7 +568,8 @@ def test_mid_align_preset_and_alternation(tmp_path, tiny_model_dirs):
     out, log = run(tmp_path, "mid", "--method", "mid-align", "--max-steps", "4", "--alternate",
                    model_dir=tiny_model_dirs["llama"])
     cfg = json.load(open(os.path.join(out, "train_config.json")))
-    assert (cfg["et"], cfg["et_layer_used"], cfg["feature_grad"], cfg["contrastive_temperature"]) == ("contrastive", 2, "both", 0.1)
+    assert (cfg["et"], cfg["et_layer_used"], cfg["feature_grad"], cfg["contrastive_temperature"]) == (
+        "contrastive", 2, "both", 0.1)
     assert [r["phase"] for r in log] == ["task", "align", "task", "align"]
     for r in log:  # each phase logs its own terms and counts
         task = r["phase"] == "task"
@@ -571,9 +578,10 @@ def test_mid_align_preset_and_alternation(tmp_path, tiny_model_dirs):
 
 
 def test_one_pair_per_step_is_refused_for_contrastive(tmp_path, tiny_model_dirs):
-    r = cli("--pairs", PAIRS, "--out", str(tmp_path / "one"), "--model", tiny_model_dirs["llama"], "--method", "mid-align",
-            "--batch-size", "1", "--max-steps", "1")
-    assert r.returncode == 2 and "raise --batch-size to at least 2" in r.stderr and not os.path.exists(str(tmp_path / "one" / "train_log.jsonl"))
+    r = cli("--pairs", PAIRS, "--out", str(tmp_path / "one"), "--model", tiny_model_dirs["llama"], "--method",
+            "mid-align", "--batch-size", "1", "--max-steps", "1")
+    assert r.returncode == 2 and "raise --batch-size to at least 2" in r.stderr
+    assert not os.path.exists(str(tmp_path / "one" / "train_log.jsonl"))
 
 
 def test_eval_batches_cover_every_example_once():
@@ -597,6 +605,6 @@ def test_contrastive_errors_before_training(tmp_path, tiny_model_dirs):
 
 
 def test_mid_align_heldout_loss_with_a_lone_last_pair(tmp_path, tiny_model_dirs):
-    _, log = run(tmp_path, "midev", "--method", "mid-align", "--max-steps", "1", "--eval-pairs", PAIRS, "--eval-limit", "5",
-                 model_dir=tiny_model_dirs["llama"])
+    _, log = run(tmp_path, "midev", "--method", "mid-align", "--max-steps", "1", "--eval-pairs", PAIRS, "--eval-limit",
+                 "5", model_dir=tiny_model_dirs["llama"])
     assert log[-1]["eval_loss_et"] > 0 and log[-1]["eval_loss_tft"] > 0
