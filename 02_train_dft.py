@@ -135,6 +135,11 @@ def build_parser():
                         "natively (CUDA Ampere+, a CPU with AMX / AVX512-BF16), else no. An accelerate config or "
                         "ACCELERATE_MIXED_PRECISION decides under auto and must agree with an explicit value")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute blocks in backward")
+    g.add_argument("--lens-prefix", choices=["shared", "recompute"], default="recompute",
+                   help="the dft-logits lens sequences [P(x_tgt); x_en] and [P(x_tgt); y_en]: run only their x_en / "
+                        "y_en tokens, attending to the prompt's keys and values from the L_TFT pass (shared), or run "
+                        "the prompt again (recompute). Same losses and gradients; shared falls back to recompute "
+                        "where it cannot be exact (docs/TRAINING.md)")
     g.add_argument("--ce-chunk", type=int, default=1024,
                    help="tokens per cross-entropy chunk; logits of one chunk live at a time (0: no chunking)")
     g.add_argument("--lora", action="store_true", help="train LoRA adapters (peft) instead of all weights")
@@ -447,6 +452,65 @@ def term_counts(batch):
                 seq=len(batch["ids"]))
 
 
+SHARED_PREFIX_MODELS = ("gpt2", "llama")  # full attention in every block, no softcap on the attention scores
+
+
+def keys_values_recorder(config, layers):
+    """A cache for the L_TFT pass that keeps the keys and values of its first `layers` blocks (with their graph) and
+    hands every block's back unchanged, so the pass computes exactly what it computes without a cache.
+
+    Returns (cache, {block index from 0: (keys, values)})."""
+    from transformers import DynamicCache
+    cache, kept = DynamicCache(config=config), {}
+
+    def update(key_states, value_states, layer_idx, *args, **kwargs):
+        if layer_idx < layers:
+            kept[layer_idx] = (key_states, value_states)
+        return key_states, value_states
+
+    cache.update = update
+    return cache, kept
+
+
+def continue_prompt(parts, layer, prompt_kv, tft_hidden, tft, seq):
+    """The lens sequence seq = [P(x_tgt); continuation] at block `layer`, running only the continuation's tokens.
+
+    Each row's continuation attends to its own prompt's keys and values from the L_TFT pass (prompt_kv) and to
+    itself, at positions that go on from its prompt's length; the mask hides the rest of the TFT row (its y_tgt and
+    padding), which sits between a shorter prompt and the continuation in the cache (masks are built in cache
+    coordinates: every continuation starts after the batch's longest prompt). A fresh cache per call: an update
+    concatenates into its layer entry, so a shared one would let one continuation see the other's tokens.
+    The last prompt position, which predicts the first continuation token, is read from the L_TFT pass's block
+    `layer` output (tft_hidden).
+    Returns (hidden, labels) laid out as [last prompt position; continuation], for shifted()."""
+    from transformers import DynamicCache
+    prompt_len = (tft["labels"] != -100).int().argmax(1)  # the first labelled position of each TFT row
+    device, rows, width = prompt_len.device, *seq["input_ids"].shape
+    lengths = seq["attention_mask"].sum(1) - prompt_len
+    steps = torch.arange(int(lengths.max()), device=device)
+    where = (prompt_len[:, None] + steps).clamp(max=width - 1)  # each token's place in seq; padding stays inside it
+    present = steps < lengths[:, None]
+    labels = torch.where(present, seq["labels"].gather(1, where), -100)
+    last_prompt = tft_hidden[torch.arange(rows, device=device), prompt_len - 1][:, None]
+    head_labels = torch.full((rows, 1), -100, device=device, dtype=labels.dtype)
+    if not len(steps):  # max-length left no continuation token in any row
+        return last_prompt, torch.cat([head_labels, labels], 1)
+    longest = int(prompt_len.max())
+    cache = DynamicCache(config=parts.backbone.config)
+    for k in range(layer):
+        keys, values = prompt_kv[k]
+        cache.update(keys[:, :, :longest], values[:, :, :longest], k)
+    own_prompt = torch.arange(longest, device=device) < prompt_len[:, None]
+    with common.capture_blocks(parts, [layer], stop_after=layer) as captured:
+        try:
+            parts.backbone(input_ids=seq["input_ids"].gather(1, where),
+                           attention_mask=torch.cat([own_prompt, present], 1).long(),
+                           position_ids=where, past_key_values=cache, use_cache=True)
+        except common._StopForward:
+            pass
+    return torch.cat([last_prompt, captured[layer]], 1), torch.cat([head_labels, labels], 1)
+
+
 class DFTObjective(nn.Module):
     """L = w_tft L_TFT + w_lc L_LC + w_et L_ET for one micro-batch (DESIGN §2)."""
 
@@ -478,9 +542,16 @@ class DFTObjective(nn.Module):
         pooled_layers = [k for sig, k in ((self.lc, self.lc_layer), (self.et, self.et_layer))
                          if sig in ("feature", "contrastive")]
         tft = batch["tft"]
+        # --lens-prefix shared: the L_TFT pass also keeps the prompt's keys and values and h_i / h_j for the lens terms
+        lens_layers = [k for sig, k in ((self.lc, self.lc_layer), (self.et, self.et_layer)) if sig == "logits"]
+        shared = bool(lens_layers) and phase != "align" and self.can_share_prefix(parts)
+        prompt_kv, recorder = {}, None
+        if shared:
+            recorder, prompt_kv = keys_values_recorder(parts.backbone.config, max(lens_layers))
         if phase != "align":
-            with common.capture_blocks(parts, pooled_layers) as tgt_states:
-                out = parts.backbone(input_ids=tft["input_ids"], attention_mask=tft["attention_mask"], use_cache=False)
+            with common.capture_blocks(parts, pooled_layers + (lens_layers if shared else [])) as tgt_states:
+                out = parts.backbone(input_ids=tft["input_ids"], attention_mask=tft["attention_mask"],
+                                     past_key_values=recorder, use_cache=bool(shared))
             h, y = shifted(out.last_hidden_state, tft["labels"])
             terms["loss_tft"] = chunked_cross_entropy(h, y, lambda z: self.head(parts, z), cfg["ce_chunk"]) / per("tft")
             loss = cfg["tft_weight"] * terms["loss_tft"]
@@ -500,8 +571,12 @@ class DFTObjective(nn.Module):
             with torch.set_grad_enabled(torch.is_grad_enabled() and weight != 0):
                 if signal == "logits":
                     seq = batch[name]
-                    hidden = common.run_truncated(parts, layer, seq["input_ids"], seq["attention_mask"])
-                    h, y = shifted(hidden, seq["labels"])
+                    if shared:
+                        hidden, labels = continue_prompt(parts, layer, prompt_kv, tgt_states[layer], tft, seq)
+                    else:
+                        hidden = common.run_truncated(parts, layer, seq["input_ids"], seq["attention_mask"])
+                        labels = seq["labels"]
+                    h, y = shifted(hidden, labels)
                     lens = lambda z: common.lens_logits(parts, z)
                     term = chunked_cross_entropy(h, y, lens, cfg["ce_chunk"]) / per(name)
                 elif signal == "contrastive":  # block k on both sides, pooled as the feature signal pools
@@ -522,6 +597,14 @@ class DFTObjective(nn.Module):
         terms["loss"] = loss
         terms["tokens"] = torch.tensor(labelled(tft["labels"]))
         return terms
+
+    def can_share_prefix(self, parts):
+        """--lens-prefix shared where it is exact: plain full-attention models (GPT-2, LLaMA), and no gradient
+        checkpointing (transformers' checkpointed blocks drop past_key_values)."""
+        if self.cfg["lens_prefix"] != "shared":
+            return False
+        checkpointed = getattr(parts.backbone, "gradient_checkpointing", False) and parts.backbone.training
+        return parts.backbone.config.model_type in SHARED_PREFIX_MODELS and not checkpointed
 
     @staticmethod
     def head(parts, hidden):

@@ -109,6 +109,87 @@ def test_lens_loss_equals_brute_force(tokenizer, rows):
         torch.testing.assert_close(terms[f"loss_{name}"], ref)
 
 
+# -----------------------------------------------------------------------------
+# --lens-prefix shared: the lens sequences attend to the L_TFT pass's prompt keys and values
+
+
+def uneven_rows(rows):
+    """The fixture rows and two more: a long prompt with a one-word continuation, a short prompt with a long one
+    (prompt lengths differ by more than the continuation)."""
+    long_prompt = dict(rows[0], id="long", x_tgt=rows[0]["x_tgt"] * 6, x_en="Yes.", y_en="No.")
+    short_prompt = dict(rows[1], id="short", x_tgt="你好", x_en=rows[1]["x_en"] * 3, y_en=rows[1]["y_en"] * 2)
+    return [*rows, long_prompt, short_prompt]
+
+
+def terms_and_grads(model, cfg, batch):
+    model.zero_grad(set_to_none=True)
+    terms = train.DFTObjective(model, cfg)(batch)
+    terms["loss"].backward()
+    return terms, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("layers", [(1, 3), (2, 2), (4, 4)])
+def test_shared_lens_prefix_equals_recompute(arch, layers, tokenizer, rows):
+    model = make_tiny_model(arch, tokenizer)  # eval(): dropout off
+    lc, et = layers
+    cfg = config("dft-logits", lc_layer_used=lc, et_layer_used=et, ce_chunk=5)
+    batch = batch_for(tokenizer, cfg, uneven_rows(rows))
+    prompts = (batch["tft"]["labels"] != -100).int().argmax(1)
+    continuations = batch["lc"]["attention_mask"].sum(1) - prompts
+    assert int(prompts.max() - prompts.min()) > int(continuations.min())
+    ref, ref_grads = terms_and_grads(model, cfg, batch)
+    got, grads = terms_and_grads(model, dict(cfg, lens_prefix="shared"), batch)
+    assert torch.equal(got["loss_tft"], ref["loss_tft"])  # the L_TFT pass computes what it computes without a cache
+    for term in ("loss", "loss_lc", "loss_et"):
+        torch.testing.assert_close(got[term], ref[term], rtol=1e-5, atol=1e-6)
+    assert grads.keys() == ref_grads.keys()
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_shared_lens_prefix_equals_recompute_with_lora(tokenizer, rows):
+    from peft import LoraConfig, get_peft_model
+    model = get_peft_model(make_tiny_model("llama", tokenizer), LoraConfig(
+        r=4, target_modules=["q_proj", "k_proj", "v_proj"], lora_dropout=0.0, init_lora_weights=False))
+    cfg = config("dft-logits", lc_layer_used=2, et_layer_used=3, tft_weight=0.0)
+    batch = batch_for(tokenizer, cfg, uneven_rows(rows))
+    ref, ref_grads = terms_and_grads(model, cfg, batch)
+    got, grads = terms_and_grads(model, dict(cfg, lens_prefix="shared"), batch)
+    torch.testing.assert_close(got["loss"], ref["loss"], rtol=1e-5, atol=1e-6)
+    assert grads.keys() == ref_grads.keys() and all("lora_" in name for name in grads)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_shared_lens_prefix_trains_like_recompute(tmp_path, tiny_model_dirs):
+    flags = ["--method", "dft-logits", "--max-steps", "3", "--lc-layer", "1", "--et-layer", "3", "--mixed-precision",
+             "no", "--batch-size", "2", "--grad-accum", "2"]
+    # LLaMA: no dropout (GPT-2's would draw other masks: the prompt runs once instead of three times)
+    ref, log_ref = run(tmp_path, "recompute", *flags, model_dir=tiny_model_dirs["llama"])
+    got, log = run(tmp_path, "shared", *flags, "--lens-prefix", "shared", model_dir=tiny_model_dirs["llama"])
+    assert json.load(open(os.path.join(got, "train_config.json")))["lens_prefix"] == "shared"
+    for a, b in zip(log_ref, log):
+        for term in ("loss", "loss_tft", "loss_lc", "loss_et", "grad_norm"):
+            assert b[term] == pytest.approx(a[term], rel=1e-5), (a["step"], term)
+    wa, wb = weights(ref), weights(got)
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+def test_shared_lens_prefix_runs_only_the_continuation(tokenizer, rows, monkeypatch):
+    """The lens passes see only the x_en / y_en tokens, never the prompt again."""
+    model = make_tiny_model("llama", tokenizer)
+    cfg = config("dft-logits", lc_layer_used=1, et_layer_used=3, lens_prefix="shared")
+    batch = batch_for(tokenizer, cfg, rows)
+    widths = []
+    hook = model.model.layers[0].register_forward_hook(lambda m, args, out: widths.append(args[0].shape[1]))
+    train.DFTObjective(model, cfg)(batch)
+    hook.remove()
+    prompts = (batch["tft"]["labels"] != -100).int().argmax(1)
+    expected = [int((batch[name]["attention_mask"].sum(1) - prompts).max()) for name in ("lc", "et")]
+    assert widths == [batch["tft"]["input_ids"].shape[1], *expected]
+
+
 def test_feature_losses_zero_for_identical_inputs(tokenizer, rows):
     model = make_tiny_model("llama", tokenizer)
     cfg = config("dft-feature", lc_layer_used=2, et_layer_used=4)
@@ -157,9 +238,9 @@ def weights(folder):
 def test_zero_weights_equal_tft_bit_for_bit(tmp_path, tiny_model_dirs):
     common_flags = ["--max-steps", "3", "--lc-layer", "1", "--et-layer", "3"]
     tft, _ = run(tmp_path, "tft", "--method", "tft", *common_flags, model_dir=tiny_model_dirs["llama"])
-    for method in ("dft-logits", "dft-feature"):
-        dft, log = run(tmp_path, method, "--method", method, "--lc-weight", "0", "--et-weight", "0", *common_flags,
-                       model_dir=tiny_model_dirs["llama"])
+    for method, more in (("dft-logits", []), ("dft-feature", []), ("dft-logits", ["--lens-prefix", "shared"])):
+        dft, log = run(tmp_path, method + "".join(more), "--method", method, "--lc-weight", "0", "--et-weight", "0",
+                       *common_flags, *more, model_dir=tiny_model_dirs["llama"])
         a, b = weights(tft), weights(dft)
         assert all(torch.equal(a[k], b[k]) for k in a)
         assert log[0]["loss_lc"] > 0 and log[0]["loss_et"] > 0  # still computed, for the log
@@ -279,11 +360,13 @@ def resolved(*flags):
 def test_presets_and_methods_resolve_as_recorded():
     """tests/fixtures/train_configs.json was written by tests/fixtures/make_train_configs.py with 02_train_dft.py as
     it was before its argparse flags got real defaults (every default None, merged in resolve_config): every preset
-    x method, and a few typed flags, must still resolve to those configurations."""
+    x method, and a few typed flags, must still resolve to those configurations (plus the flags added since, at
+    their defaults)."""
     recorded = json.load(open(os.path.join(REPO, "tests", "fixtures", "train_configs.json")))
     assert len(recorded) == (len(train.PRESETS) + 1) * (len(train.METHODS) + 1) + 7
+    added = dict(lens_prefix="recompute")
     for case in recorded:
-        assert resolved(*case["flags"]) == case["config"], case["flags"]
+        assert resolved(*case["flags"]) == dict(case["config"], **added), case["flags"]
 
 
 def test_a_typed_flag_at_its_default_beats_preset_and_method(monkeypatch):
