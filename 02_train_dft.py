@@ -452,7 +452,24 @@ def term_counts(batch):
                 seq=len(batch["ids"]))
 
 
-SHARED_PREFIX_MODELS = ("gpt2", "llama")  # full attention in every block, no softcap on the attention scores
+# full attention in every block, or sliding windows whose limit the batch does not reach (the window check below)
+SHARED_PREFIX_MODELS = ("gpt2", "llama", "gemma2", "gemma3_text")
+
+
+def prompt_lengths(tft):
+    """Tokens of each row's prompt P(x_tgt): the first labelled position of its TFT sequence (never the last)."""
+    return (tft["labels"] != -100).int().argmax(1)
+
+
+def window_reached(config, layer, longest_prompt, continuation):
+    """Whether a sliding-window block among blocks 1..layer would cut the shared continuation's view.
+
+    Masks are built in cache coordinates, where a continuation starts after the batch's longest prompt, not after
+    its own, and a sliding layer's cache keeps only the last window - 1 tokens: both agree with the recomputed
+    sequence only while the longest prompt plus the continuation fits in the window (then it cuts nothing)."""
+    types = getattr(config, "layer_types", None) or []
+    sliding = "sliding_attention" in types[:layer]
+    return sliding and longest_prompt + continuation > config.sliding_window
 
 
 def keys_values_recorder(config, layers):
@@ -484,7 +501,7 @@ def continue_prompt(parts, layer, prompt_kv, tft_hidden, tft, seq):
     `layer` output (tft_hidden).
     Returns (hidden, labels) laid out as [last prompt position; continuation], for shifted()."""
     from transformers import DynamicCache
-    prompt_len = (tft["labels"] != -100).int().argmax(1)  # the first labelled position of each TFT row
+    prompt_len = prompt_lengths(tft)
     device, rows, width = prompt_len.device, *seq["input_ids"].shape
     lengths = seq["attention_mask"].sum(1) - prompt_len
     steps = torch.arange(int(lengths.max()), device=device)
@@ -544,7 +561,9 @@ class DFTObjective(nn.Module):
         tft = batch["tft"]
         # --lens-prefix shared: the L_TFT pass also keeps the prompt's keys and values and h_i / h_j for the lens terms
         lens_layers = [k for sig, k in ((self.lc, self.lc_layer), (self.et, self.et_layer)) if sig == "logits"]
-        shared = bool(lens_layers) and phase != "align" and self.can_share_prefix(parts)
+        shared = bool(lens_layers) and phase == "both" and self.can_share_prefix(parts, batch)
+        recomputed = bool(lens_layers) and cfg["lens_prefix"] == "shared" and phase != "task" and not shared
+        terms["lens_recomputed"] = torch.tensor(float(recomputed))  # --lens-prefix shared fell back for this batch
         prompt_kv, recorder = {}, None
         if shared:
             recorder, prompt_kv = keys_values_recorder(parts.backbone.config, max(lens_layers))
@@ -598,13 +617,19 @@ class DFTObjective(nn.Module):
         terms["tokens"] = torch.tensor(labelled(tft["labels"]))
         return terms
 
-    def can_share_prefix(self, parts):
-        """--lens-prefix shared where it is exact: plain full-attention models (GPT-2, LLaMA), and no gradient
-        checkpointing (transformers' checkpointed blocks drop past_key_values)."""
-        if self.cfg["lens_prefix"] != "shared":
-            return False
+    def can_share_prefix(self, parts, batch):
+        """--lens-prefix shared where it is exact: GPT-2, LLaMA, Gemma-2/3 while no sliding window is reached, and
+        no gradient checkpointing (transformers' checkpointed blocks drop past_key_values)."""
+        config = parts.backbone.config
         checkpointed = getattr(parts.backbone, "gradient_checkpointing", False) and parts.backbone.training
-        return parts.backbone.config.model_type in SHARED_PREFIX_MODELS and not checkpointed
+        if self.cfg["lens_prefix"] != "shared" or config.model_type not in SHARED_PREFIX_MODELS or checkpointed:
+            return False
+        prompt_len = prompt_lengths(batch["tft"])
+        for name, signal, layer in (("lc", self.lc, self.lc_layer), ("et", self.et, self.et_layer)):
+            continuation = int((batch[name]["attention_mask"].sum(1) - prompt_len).max()) if signal == "logits" else 0
+            if signal == "logits" and window_reached(config, layer, int(prompt_len.max()), continuation):
+                return False
+        return True
 
     @staticmethod
     def head(parts, hidden):
@@ -1108,7 +1133,7 @@ def micro_batches(examples, cfg, accelerator, pad_id, start_step):
         epoch += 1
 
 
-LOGGED = ("loss", "loss_tft", "loss_lc", "loss_et")
+LOGGED = ("loss", "loss_tft", "loss_lc", "loss_et", "lens_recomputed")
 
 
 def train_step(objective, optimizer, accelerator, batches, cfg, step, lr):
@@ -1155,14 +1180,16 @@ def train_step(objective, optimizer, accelerator, batches, cfg, step, lr):
     optimizer.zero_grad(set_to_none=True)
 
     reduced = accelerator.reduce(torch.tensor([sums[k] for k in LOGGED], device=accelerator.device), reduction="sum")
-    loss, loss_tft, loss_lc, loss_et = (reduced / world).tolist()  # the step's global means
+    loss, loss_tft, loss_lc, loss_et = (reduced[:4] / world).tolist()  # the step's global means
+    # --lens-prefix shared: micro-batches of the step (all devices) whose lens terms ran the recompute path
+    fallbacks = {"lens_recomputed": int(reduced[4])} if cfg["lens_prefix"] == "shared" else {}
     task, align = phase != "align", phase != "task"
     return dict(step=step + 1, loss=loss, loss_tft=loss_tft if task else None,
                 loss_lc=loss_lc if cfg["lc"] != "none" and align else None,
                 loss_et=loss_et if cfg["et"] != "none" and align else None, lr=lr,
                 grad_norm=None if grad_norm is None else float(grad_norm),
                 tokens=int(step_counts[0]) if task else 0, pairs=int(step_counts[3]),
-                **({"phase": phase} if cfg["alternate"] else {}), seconds=round(time.time() - t0, 4))
+                **({"phase": phase} if cfg["alternate"] else {}), **fallbacks, seconds=round(time.time() - t0, 4))
 
 
 def write_record(record, accelerator, cfg, bar, step):

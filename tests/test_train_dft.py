@@ -148,6 +148,46 @@ def test_shared_lens_prefix_equals_recompute(arch, layers, tokenizer, rows):
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def tiny_gemma(arch, tokenizer, window):
+    """A tiny Gemma-2 (softcaps, every other block sliding) or Gemma-3 (local and global blocks) with a given window."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from conftest import TINY_CONFIGS
+    torch.manual_seed(0)
+    extra = dict(layer_types=["sliding_attention", "full_attention"] * 2)
+    config = AutoConfig.for_model(arch, vocab_size=len(tokenizer), bos_token_id=tokenizer.eos_token_id,
+                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
+                                  **dict(TINY_CONFIGS["gemma2"], sliding_window=window, **extra))
+    return AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3_text"])
+def test_shared_lens_prefix_on_gemma_windows(arch, tokenizer, rows):
+    """Shared while the longest prompt plus the continuation fits in the sliding window (exact, the window cuts
+    nothing); one token more and the batch falls back to recompute, counted."""
+    cfg = config("dft-logits", lc_layer_used=1, et_layer_used=3, ce_chunk=5)
+    batch = batch_for(tokenizer, cfg, uneven_rows(rows)[-2:])
+    prompts = (batch["tft"]["labels"] != -100).int().argmax(1)
+    fits = max(int(prompts.max() + (batch[name]["attention_mask"].sum(1) - prompts).max()) for name in ("lc", "et"))
+    for window, fallback in ((512, 0.0), (fits, 0.0), (fits - 1, 1.0)):
+        model = tiny_gemma(arch, tokenizer, window)
+        ref, ref_grads = terms_and_grads(model, cfg, batch)
+        got, grads = terms_and_grads(model, dict(cfg, lens_prefix="shared"), batch)
+        assert float(got["lens_recomputed"]) == fallback and float(ref["lens_recomputed"]) == 0, window
+        assert torch.equal(got["loss_tft"], ref["loss_tft"])
+        for term in ("loss", "loss_lc", "loss_et"):
+            torch.testing.assert_close(got[term], ref[term], rtol=1e-5, atol=1e-6)
+        for name in ref_grads:
+            torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_shared_lens_prefix_fallbacks_are_counted_in_the_log(tmp_path, tiny_model_dirs):
+    """The shipped tiny Gemma-2 has a 16-token window, shorter than any prompt: every micro-batch recomputes."""
+    _, log = run(tmp_path, "gemma", "--method", "dft-logits", "--max-steps", "2", "--lc-layer", "1", "--et-layer", "3",
+                 "--batch-size", "2", "--grad-accum", "2", "--lens-prefix", "shared",
+                 model_dir=tiny_model_dirs["gemma2"])
+    assert [r["lens_recomputed"] for r in log] == [2, 2]
+
+
 def test_shared_lens_prefix_equals_recompute_with_lora(tokenizer, rows):
     from peft import LoraConfig, get_peft_model
     model = get_peft_model(make_tiny_model("llama", tokenizer), LoraConfig(
@@ -169,6 +209,7 @@ def test_shared_lens_prefix_trains_like_recompute(tmp_path, tiny_model_dirs):
     ref, log_ref = run(tmp_path, "recompute", *flags, model_dir=tiny_model_dirs["llama"])
     got, log = run(tmp_path, "shared", *flags, "--lens-prefix", "shared", model_dir=tiny_model_dirs["llama"])
     assert json.load(open(os.path.join(got, "train_config.json")))["lens_prefix"] == "shared"
+    assert all(r["lens_recomputed"] == 0 for r in log) and all("lens_recomputed" not in r for r in log_ref)
     for a, b in zip(log_ref, log):
         for term in ("loss", "loss_tft", "loss_lc", "loss_et", "grad_norm"):
             assert b[term] == pytest.approx(a[term], rel=1e-5), (a["step"], term)
