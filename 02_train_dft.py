@@ -895,11 +895,14 @@ TRAJECTORY_KEYS = ("model", "method", "tft_side", "lc", "et", "lc_layer_used", "
                    "et_weight", "tft_weight", "pool", "feature_grad", "lr", "warmup_ratio", "weight_decay",
                    "max_grad_norm", "batch_size", "grad_accum", "world_size", "global_batch", "seed", "max_length",
                    "pairs_sha256", "dtype", "mixed_precision_used", "lora", "lora_r", "lora_alpha", "lora_dropout",
-                   "lora_targets", "contrastive_temperature", "contrastive_negatives", "alternate")
+                   "lora_targets", "contrastive_temperature", "contrastive_negatives", "alternate", "lens_prefix")
+# what a setting added later reads as in a checkpoint written before it existed
+RESUME_DEFAULTS = {"lens_prefix": "recompute"}
 
 
 def check_resume(saved, now, start_step):
     """Refuse a resume whose configuration differs from the first segment's in anything that changes the trajectory."""
+    saved = dict(RESUME_DEFAULTS, **saved)
     differ = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in TRAJECTORY_KEYS if saved.get(k) != now.get(k)]
     if now["total_steps"] <= start_step:
         differ.append(f"total_steps: {now['total_steps']} leaves nothing to train after the checkpoint's step "
@@ -1118,6 +1121,9 @@ def start_run(accelerator, cfg, run_info, start_step):
           f"{accelerator.mixed_precision})", flush=True)
     if run_info["length_stats"]:
         print(f"max-length {cfg['max_length']}: {run_info['length_stats']}", flush=True)
+    if cfg["lens_prefix"] == "shared" and "logits" in (cfg["lc"], cfg["et"]) and cfg["grad_checkpointing"]:
+        print("note: --lens-prefix shared falls back to recompute under --grad-checkpointing (transformers' "
+              "checkpointed blocks drop past_key_values); lens_recomputed in train_log.jsonl counts it", flush=True)
 
 
 def micro_batches(examples, cfg, accelerator, pad_id, start_step):

@@ -188,6 +188,35 @@ def test_shared_lens_prefix_fallbacks_are_counted_in_the_log(tmp_path, tiny_mode
     assert [r["lens_recomputed"] for r in log] == [2, 2]
 
 
+def test_shared_lens_prefix_falls_back_under_checkpointing_and_alternation(tmp_path, tiny_model_dirs, capsys):
+    flags = ["--method", "dft-logits", "--max-steps", "2", "--lc-layer", "1", "--et-layer", "3", "--mixed-precision",
+             "no", "--lens-prefix", "shared"]
+    _, log = run(tmp_path, "ckpt", *flags, "--grad-checkpointing", model_dir=tiny_model_dirs["llama"])
+    assert [r["lens_recomputed"] for r in log] == [1, 1]
+    assert capsys.readouterr().out.count("falls back to recompute under --grad-checkpointing") == 1
+    # --alternate: the task steps have no lens term, the alignment steps no L_TFT pass to share
+    _, log = run(tmp_path, "alt", *flags, "--alternate", "--max-steps", "4", model_dir=tiny_model_dirs["llama"])
+    _, log_ref = run(tmp_path, "alt-ref", *flags[:-2], "--alternate", "--max-steps", "4",
+                     model_dir=tiny_model_dirs["llama"])
+    assert [(r["phase"], r["lens_recomputed"]) for r in log] == [("task", 0), ("align", 1)] * 2
+    assert [r["loss"] for r in log] == [r["loss"] for r in log_ref]
+
+
+def test_resume_reads_a_checkpoint_without_lens_prefix_as_recompute(tmp_path, tiny_model_dirs):
+    out = str(tmp_path / "old")
+    base = ["--pairs", PAIRS, "--out", out, "--model", tiny_model_dirs["llama"], "--method", "dft-logits",
+            "--lc-layer", "1", "--et-layer", "3", "--max-steps", "3", "--save-every", "1"]
+    train.main(base + ["--stop-after-steps", "1"])
+    path = os.path.join(out, "train_config.json")
+    saved = json.load(open(path))
+    del saved["lens_prefix"]  # as written before the flag existed
+    common.write_json(path, saved)
+    with pytest.raises(common.UserError, match="lens_prefix: 'recompute' -> 'shared'"):
+        train.main(base + ["--resume", "--lens-prefix", "shared", "--stop-after-steps", "2"])
+    train.main(base + ["--resume", "--stop-after-steps", "2"])
+    assert len(read_log_of(out)) == 2
+
+
 def test_shared_lens_prefix_equals_recompute_with_lora(tokenizer, rows):
     from peft import LoraConfig, get_peft_model
     model = get_peft_model(make_tiny_model("llama", tokenizer), LoraConfig(
