@@ -66,90 +66,118 @@ PRESETS = {
                          lc_layer="6", et_layer="16", dtype="float32"),
 }
 
-DEFAULTS = dict(model=common.DEFAULT_MODEL, method="tft", lc=None, et=None, lc_layer="auto", et_layer="auto",
-                lc_weight=1.0, et_weight=1.0, tft_weight=1.0, pool="mean", feature_grad="target",
-                epochs=3, max_steps=None, batch_size=4, grad_accum=None, global_batch_size=None, lr=2e-5,
-                warmup_ratio=0.03, weight_decay=0.0, max_grad_norm=1.0, max_length=512, seed=42, dtype="float32",
-                grad_checkpointing=False, ce_chunk=1024, lora=False, lora_r=16, lora_alpha=32, lora_dropout=0.05,
-                lora_targets="q_proj,k_proj,v_proj,o_proj", merge_lora=False, save_every=0, resume=False,
-                log_every=1, layer_sample=64, allow_layer_order=False, stop_after_steps=None, mixed_precision="auto",
-                eval_pairs=None, eval_every=None, eval_limit=None, report_to="none", run_name=None,
-                contrastive_temperature=0.1, contrastive_negatives="global", alternate=False)
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring as written, and each flag's default after its help; flags without one (None) and switches
+    (False) show none."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Flags left unset take the --preset value, then the --method value, then the default.")
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter,
+                                epilog="A flag left off the command line takes the --method's value (sft, tft, ...: "
+                                       "the sequences; mid-align: its layer and gradient), else the --preset's, "
+                                       "else its default.")
     g = p.add_argument_group("data and model")
     g.add_argument("--pairs", required=True, help="pairs JSONL from 01_build_pairs.py")
     g.add_argument("--out", required=True, help="output folder (model, logs, checkpoints)")
-    g.add_argument("--model", help=f"HF hub name or local folder (default {common.DEFAULT_MODEL})")
+    g.add_argument("--model", default=common.DEFAULT_MODEL, help="HF hub name or local folder")
     g.add_argument("--preset", choices=sorted(PRESETS), help="the paper's recipe for a model (layers, batch, lr, ...)")
     g = p.add_argument_group("objective (DESIGN §2)")
-    g.add_argument("--method", choices=sorted(METHODS), help="sft | tft | dft-logits | dft-feature | mid-align (default tft)")
-    g.add_argument("--lc", choices=SIGNALS, help="language-conversion signal (overrides --method)")
-    g.add_argument("--et", choices=SIGNALS, help="English-thinking signal (overrides --method)")
-    g.add_argument("--lc-layer", help="block i for L_LC, 1-based (HF hidden_states index), 'auto' (entropy rule) "
-                                      "or 'mid' (L // 2)")
-    g.add_argument("--et-layer", help="block j for L_ET, 1-based, 'auto' or 'mid'")
-    g.add_argument("--lc-weight", type=float, help="w_LC (paper: 1); 0 computes L_LC for the log only")
-    g.add_argument("--et-weight", type=float, help="w_ET (paper: 1); 0 computes L_ET for the log only")
-    g.add_argument("--tft-weight", type=float, help="weight of L_TFT (default 1; 0 trains the intermediate objectives alone)")
-    g.add_argument("--pool", choices=["mean", "last"], help="feature pooling over the tokens of x (default mean)")
-    g.add_argument("--feature-grad", choices=["target", "both"],
-                   help="feature / contrastive terms: gradient into the target branch only (default; mid-align: both) "
-                        "or into the English branch too")
-    g.add_argument("--contrastive-temperature", type=float, help="InfoNCE temperature on cosine similarities (default 0.1)")
-    g.add_argument("--contrastive-negatives", choices=["local", "global"],
-                   help="negatives: the other pairs of this device's micro-batch (local) or of every device's (global, "
-                        "default; gathered with gradient, so N devices x batch B equal one device x batch N*B)")
-    g.add_argument("--alternate", action="store_true", default=None,
-                   help="the peer's schedule: odd steps the task loss (L_TFT) only, even steps the intermediate terms only")
-    g.add_argument("--allow-layer-order", action="store_true", default=None, help="allow an LC layer >= the ET layer")
-    g.add_argument("--layer-sample", type=int, help="target prompts used by the auto layer rule (default 64)")
+    g.add_argument("--method", choices=sorted(METHODS), default="tft",
+                   help="sft | tft | dft-logits | dft-feature | mid-align")
+    g.add_argument("--lc", choices=SIGNALS, help="language-conversion signal (default: the --method's)")
+    g.add_argument("--et", choices=SIGNALS, help="English-thinking signal (default: the --method's)")
+    g.add_argument("--lc-layer", default="auto",
+                   help="block i for L_LC, 1-based (HF hidden_states index), 'auto' (entropy rule) or 'mid' (L // 2)")
+    g.add_argument("--et-layer", default="auto", help="block j for L_ET, 1-based, 'auto' or 'mid'")
+    g.add_argument("--lc-weight", type=float, default=1.0, help="w_LC (paper: 1); 0 computes L_LC for the log only")
+    g.add_argument("--et-weight", type=float, default=1.0, help="w_ET (paper: 1); 0 computes L_ET for the log only")
+    g.add_argument("--tft-weight", type=float, default=1.0,
+                   help="weight of L_TFT (0 trains the intermediate objectives alone)")
+    g.add_argument("--pool", choices=["mean", "last"], default="mean", help="feature pooling over the tokens of x")
+    g.add_argument("--feature-grad", choices=["target", "both"], default="target",
+                   help="feature / contrastive terms: gradient into the target branch only or into the English "
+                        "branch too (--method mid-align: both)")
+    g.add_argument("--contrastive-temperature", type=float, default=0.1,
+                   help="InfoNCE temperature on cosine similarities")
+    g.add_argument("--contrastive-negatives", choices=["local", "global"], default="global",
+                   help="negatives: the other pairs of this device's micro-batch (local) or of every device's "
+                        "(global; gathered with gradient, so N devices x batch B equal one device x batch N*B)")
+    g.add_argument("--alternate", action="store_true",
+                   help="the peer's schedule: odd steps the task loss (L_TFT) only, even steps the intermediate "
+                        "terms only")
+    g.add_argument("--allow-layer-order", action="store_true", help="allow an LC layer >= the ET layer")
+    g.add_argument("--layer-sample", type=int, default=64, help="target prompts used by the auto layer rule")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=float, help="passes over the pairs (default 3)")
+    g.add_argument("--epochs", type=float, default=3, help="passes over the pairs")
     g.add_argument("--max-steps", type=int, help="optimizer steps; overrides --epochs")
-    g.add_argument("--batch-size", type=int, help="sequences per device per micro-batch (default 4)")
-    g.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1, or from --global-batch-size)")
+    g.add_argument("--batch-size", type=int, default=4, help="sequences per device per micro-batch")
+    g.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1, or from "
+                                                  "--global-batch-size)")
     g.add_argument("--global-batch-size", type=int, help="checked against batch-size x devices x grad-accum")
-    g.add_argument("--lr", type=float, help="peak learning rate (default 2e-5)")
-    g.add_argument("--warmup-ratio", type=float, help="linear warm-up fraction, then cosine decay (default 0.03)")
-    g.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0, as stanford_alpaca)")
-    g.add_argument("--max-grad-norm", type=grad_norm_arg,
-                   help="clip the global gradient norm to this (default 1.0); 0 or 'none': no clipping (the norm is still logged)")
-    g.add_argument("--max-length", type=int, help="tokens per sequence; longer ones are cut and counted (default 512)")
-    g.add_argument("--seed", type=int, help="data order and initialisation (default 42)")
+    g.add_argument("--lr", type=float, default=2e-5, help="peak learning rate")
+    g.add_argument("--warmup-ratio", type=float, default=0.03, help="linear warm-up fraction, then cosine decay")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (as stanford_alpaca)")
+    g.add_argument("--max-grad-norm", type=grad_norm_arg, default=1.0,
+                   help="clip the global gradient norm to this; 0 or 'none': no clipping (the norm is still logged)")
+    g.add_argument("--max-length", type=int, default=512,
+                   help="tokens per sequence; longer ones are cut and counted")
+    g.add_argument("--seed", type=int, default=42, help="data order and initialisation")
     g = p.add_argument_group("memory and speed")
-    g.add_argument("--dtype", choices=["float32", "bfloat16"], help="parameter dtype (default float32)")
-    g.add_argument("--mixed-precision", choices=["auto", "no", "bf16"],
-                   help="bf16 autocast on float32 master weights; auto (default): bf16 where the device computes bf16 "
+    g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="parameter dtype")
+    g.add_argument("--mixed-precision", choices=["auto", "no", "bf16"], default="auto",
+                   help="bf16 autocast on float32 master weights; auto: bf16 where the device computes bf16 "
                         "natively (CUDA Ampere+, a CPU with AMX / AVX512-BF16), else no. An accelerate config or "
                         "ACCELERATE_MIXED_PRECISION decides under auto and must agree with an explicit value")
-    g.add_argument("--grad-checkpointing", action="store_true", default=None, help="recompute blocks in backward")
-    g.add_argument("--ce-chunk", type=int, help="tokens per cross-entropy chunk; logits of one chunk live at a time (0: no chunking)")
-    g.add_argument("--lora", action="store_true", default=None, help="train LoRA adapters (peft) instead of all weights")
-    g.add_argument("--lora-r", type=int, help="LoRA rank (default 16)")
-    g.add_argument("--lora-alpha", type=int, help="LoRA alpha (default 32)")
-    g.add_argument("--lora-dropout", type=float, help="LoRA dropout (default 0.05)")
-    g.add_argument("--lora-targets", help="comma-separated module names (default q_proj,k_proj,v_proj,o_proj)")
-    g.add_argument("--merge-lora", action="store_true", default=None, help="save the merged full model instead of the adapter")
+    g.add_argument("--grad-checkpointing", action="store_true", help="recompute blocks in backward")
+    g.add_argument("--lens-prefix", choices=["shared", "recompute"], default="recompute",
+                   help="the dft-logits lens sequences [P(x_tgt); x_en] and [P(x_tgt); y_en]: run only their x_en / "
+                        "y_en tokens, attending to the prompt's keys and values from the L_TFT pass (shared), or run "
+                        "the prompt again (recompute). Same losses and gradients; shared falls back to recompute "
+                        "where it cannot be exact (docs/TRAINING.md)")
+    g.add_argument("--ce-chunk", type=int, default=1024,
+                   help="tokens per cross-entropy chunk; logits of one chunk live at a time (0: no chunking)")
+    g.add_argument("--lora", action="store_true", help="train LoRA adapters (peft) instead of all weights")
+    g.add_argument("--lora-r", type=int, default=16, help="LoRA rank")
+    g.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha")
+    g.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout")
+    g.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj", help="comma-separated module names")
+    g.add_argument("--merge-lora", action="store_true", help="save the merged full model instead of the adapter")
     g = p.add_argument_group("held-out loss during training")
-    g.add_argument("--eval-pairs", help="held-out pairs JSONL (e.g. X.dev.jsonl from 01_build_pairs.py): every term of "
-                                        "the objective without gradient, as eval_* fields of train_log.jsonl")
-    g.add_argument("--eval-every", type=int, help="evaluate every N optimizer steps (default with --eval-pairs: only after "
-                                                  "the last step; the last step is always evaluated)")
+    g.add_argument("--eval-pairs", help="held-out pairs JSONL (e.g. X.dev.jsonl from 01_build_pairs.py): every term "
+                                        "of the objective without gradient, as eval_* fields of train_log.jsonl")
+    g.add_argument("--eval-every", type=int, help="evaluate every N optimizer steps (default with --eval-pairs: only "
+                                                  "after the last step; the last step is always evaluated)")
     g.add_argument("--eval-limit", type=int, help="use the first N held-out pairs (default all)")
     g = p.add_argument_group("checkpoints and logging")
-    g.add_argument("--save-every", type=int, help="checkpoint every N optimizer steps (0: only the final model)")
-    g.add_argument("--resume", action="store_true", default=None, help="continue from --out/checkpoint")
-    g.add_argument("--log-every", type=int, help="print every N steps (train_log.jsonl gets every step)")
+    g.add_argument("--save-every", type=int, default=0,
+                   help="checkpoint every N optimizer steps (0: only the final model)")
+    g.add_argument("--resume", action="store_true", help="continue from --out/checkpoint")
+    g.add_argument("--log-every", type=int, default=1, help="print every N steps (train_log.jsonl gets every step)")
     g.add_argument("--stop-after-steps", type=int, help="stop after N steps as if interrupted (to test --resume)")
-    g.add_argument("--report-to", choices=sorted(TRACKERS), help="experiment tracker(s) through accelerate: every logged "
-                                                                 "scalar at its step, the configuration as hyper-parameters "
-                                                                 "(default none; tensorboard writes into --out)")
+    g.add_argument("--report-to", choices=sorted(TRACKERS), default="none",
+                   help="experiment tracker(s) through accelerate: every logged scalar at its step, the "
+                        "configuration as hyper-parameters (tensorboard writes into --out)")
     g.add_argument("--run-name", help="the tracker's run name (default: the name of --out)")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    """Every flag at its value (defaults filled in), and args.given: the flags typed on the command line.
+
+    A second parse starts from a namespace where every flag holds a marker: argparse fills in no default where a
+    value is already present, so a flag still holding the marker was not typed, even one typed at its default."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    untyped = object()
+    typed = parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(args), untyped)))
+    args.given = {name for name, value in vars(typed).items() if value is not untyped}
+    return args
 
 
 def grad_norm_arg(value):
@@ -167,6 +195,17 @@ def grad_norm_arg(value):
 
 TRACKERS = {"none": [], "tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": ["tensorboard", "wandb"]}
 
+# every setting at its default, before --preset and --method (tests and bench_train.py build configurations on it)
+DEFAULTS = {name: value for name, value in vars(build_parser().parse_args(["--pairs", "", "--out", ""])).items()
+            if name not in ("pairs", "out", "preset")}
+
+# bad numbers are refused before any work; the zeros that mean something stay allowed
+AT_LEAST_ONE = ("max_steps", "batch_size", "grad_accum", "global_batch_size", "max_length", "eval_every", "eval_limit",
+                "log_every", "layer_sample")
+NOT_NEGATIVE = {"save_every": "0: only the final model", "ce_chunk": "0: no chunking",
+                "lc_weight": "0: computed for the log only", "et_weight": "0: computed for the log only",
+                "tft_weight": "0: the intermediate objectives alone", "lr": "", "warmup_ratio": "0: no warm-up"}
+
 
 def check_trackers(report_to):
     """Fail before any work when a tracker's package is missing."""
@@ -178,29 +217,42 @@ def check_trackers(report_to):
                                    + (" (offline runs: WANDB_MODE=offline)" if name == "wandb" else ""))
 
 
+def check_numbers(cfg):
+    """One clear error for a count below 1, a negative amount, or a non-positive --epochs."""
+    flag = lambda name: "--" + name.replace("_", "-")
+    if not (cfg["epochs"] > 0 and math.isfinite(cfg["epochs"])):  # also NaN
+        raise common.UserError(f"--epochs must be a positive number, got {cfg['epochs']}")
+    for name in AT_LEAST_ONE:
+        if cfg[name] is not None and cfg[name] < 1:
+            raise common.UserError(f"{flag(name)} must be >= 1, got {cfg[name]}")
+    for name, zero in NOT_NEGATIVE.items():
+        if not cfg[name] >= 0:  # also NaN
+            raise common.UserError(f"{flag(name)} must be >= 0{f' ({zero})' if zero else ''}, got {cfg[name]}")
+
 
 def resolve_config(args):
-    """Explicit flag > --preset > --method > DEFAULTS. Returns a plain dict: what train_config.json records."""
-    cfg = dict(DEFAULTS)
-    if args.preset:
-        cfg.update(PRESETS[args.preset])
-    method = args.method or cfg["method"]
-    cfg.update(METHODS[method], method=method)
-    for key, value in vars(args).items():
-        if value is not None:
-            cfg[key] = value
+    """Typed flag > --method > --preset > default. Returns a plain dict: what train_config.json records.
+
+    The method's own settings (its sequences; mid-align's layer and gradient) beat a preset's, which sets the recipe
+    of a model; a flag typed on the command line beats both, even when typed at its default value."""
+    cfg = {name: value for name, value in vars(args).items() if name != "given"}
+    if cfg["preset"] is None:
+        del cfg["preset"]
+    layered = dict(PRESETS.get(args.preset, {}), **METHODS[args.method])
+    cfg.update({name: value for name, value in layered.items() if name not in args.given})
+    check_numbers(cfg)
     if cfg["method"] == "sft" and (cfg["lc"] != "none" or cfg["et"] != "none"):
-        raise common.UserError("--method sft trains on English only; --lc/--et need target-language inputs (use tft or dft-*)")
+        raise common.UserError("--method sft trains on English only; --lc/--et need target-language inputs "
+                               "(use tft or dft-*)")
     if cfg["eval_every"] is not None and not cfg["eval_pairs"]:
-        raise common.UserError("--eval-every needs --eval-pairs FILE (the held-out pairs, e.g. X.dev.jsonl from 01_build_pairs.py)")
+        raise common.UserError("--eval-every needs --eval-pairs FILE (the held-out pairs, e.g. X.dev.jsonl from "
+                               "01_build_pairs.py)")
     if not cfg["contrastive_temperature"] > 0:  # also NaN
         raise common.UserError(f"--contrastive-temperature must be > 0, got {cfg['contrastive_temperature']}")
     if cfg["alternate"] and not any(cfg[name] != "none" and cfg[f"{name}_weight"] != 0 for name in ("lc", "et")):
-        raise common.UserError("--alternate alternates the task loss with the intermediate terms; this objective has none "
-                               "with a nonzero weight (use --method mid-align, dft-* or --lc/--et, and --lc/--et-weight > 0)")
-    for flag in ("eval_every", "eval_limit"):
-        if cfg[flag] is not None and cfg[flag] < 1:
-            raise common.UserError(f"--{flag.replace('_', '-')} must be >= 1, got {cfg[flag]}")
+        raise common.UserError("--alternate alternates the task loss with the intermediate terms; this objective has "
+                               "none with a nonzero weight (use --method mid-align, dft-* or --lc/--et, and "
+                               "--lc/--et-weight > 0)")
     check_trackers(cfg["report_to"])
     return cfg
 
@@ -313,7 +365,8 @@ def chunk_count(rows, chunk_size, device):
     ones. One tiny all-reduce per CE term; gathering lm_head once per forward instead would keep a (vocab x d)
     copy alive for the whole step on every rank, the memory that ZeRO-3 was chosen to save."""
     n = math.ceil(rows / chunk_size) if chunk_size else int(rows > 0)
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         count = torch.tensor([n], device=device)
         torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
         n = int(count)
@@ -334,7 +387,10 @@ def chunked_cross_entropy(hidden, targets, logits_fn, chunk_size):
     total = hidden.sum() * 0.0  # keeps the graph connected when this micro-batch has no labelled token
     for c in range(chunk_count(hidden.shape[0], chunk_size, hidden.device)):
         h, t = hidden[c * step:(c + 1) * step], targets[c * step:(c + 1) * step]
-        total = total + (checkpoint(chunk_loss, h, t, use_reentrant=False) if torch.is_grad_enabled() else chunk_loss(h, t))
+        if torch.is_grad_enabled():
+            total = total + checkpoint(chunk_loss, h, t, use_reentrant=False)
+        else:
+            total = total + chunk_loss(h, t)
     return total
 
 
@@ -396,6 +452,82 @@ def term_counts(batch):
                 seq=len(batch["ids"]))
 
 
+# full attention in every block, or sliding windows whose limit the batch does not reach (the window check below)
+SHARED_PREFIX_MODELS = ("gpt2", "llama", "gemma2", "gemma3_text")
+
+
+def prompt_lengths(tft):
+    """Tokens of each row's prompt P(x_tgt): the first labelled position of its TFT sequence (never the last)."""
+    return (tft["labels"] != -100).int().argmax(1)
+
+
+def window_reached(config, layer, longest_prompt, continuation):
+    """Whether a sliding-window block among blocks 1..layer would cut the shared continuation's view.
+
+    Masks are built in cache coordinates, where a continuation starts after the batch's longest prompt, not after
+    its own, and a sliding layer's cache keeps only the last window - 1 tokens: both agree with the recomputed
+    sequence only while the longest prompt plus the continuation fits in the window (then it cuts nothing)."""
+    types = getattr(config, "layer_types", None) or []
+    sliding = "sliding_attention" in types[:layer]
+    return sliding and longest_prompt + continuation > config.sliding_window
+
+
+def keys_values_recorder(config, layers):
+    """A cache for the L_TFT pass that keeps the keys and values of its first `layers` blocks (with their graph) and
+    hands every block's back unchanged, so the pass computes exactly what it computes without a cache.
+
+    Returns (cache, {block index from 0: (keys, values)})."""
+    from transformers import DynamicCache
+    cache, kept = DynamicCache(config=config), {}
+
+    def update(key_states, value_states, layer_idx, *args, **kwargs):
+        if layer_idx < layers:
+            kept[layer_idx] = (key_states, value_states)
+        return key_states, value_states
+
+    cache.update = update
+    return cache, kept
+
+
+def continue_prompt(parts, layer, prompt_kv, tft_hidden, tft, seq):
+    """The lens sequence seq = [P(x_tgt); continuation] at block `layer`, running only the continuation's tokens.
+
+    Each row's continuation attends to its own prompt's keys and values from the L_TFT pass (prompt_kv) and to
+    itself, at positions that go on from its prompt's length; the mask hides the rest of the TFT row (its y_tgt and
+    padding), which sits between a shorter prompt and the continuation in the cache (masks are built in cache
+    coordinates: every continuation starts after the batch's longest prompt). A fresh cache per call: an update
+    concatenates into its layer entry, so a shared one would let one continuation see the other's tokens.
+    The last prompt position, which predicts the first continuation token, is read from the L_TFT pass's block
+    `layer` output (tft_hidden).
+    Returns (hidden, labels) laid out as [last prompt position; continuation], for shifted()."""
+    from transformers import DynamicCache
+    prompt_len = prompt_lengths(tft)
+    device, rows, width = prompt_len.device, *seq["input_ids"].shape
+    lengths = seq["attention_mask"].sum(1) - prompt_len
+    steps = torch.arange(int(lengths.max()), device=device)
+    where = (prompt_len[:, None] + steps).clamp(max=width - 1)  # each token's place in seq; padding stays inside it
+    present = steps < lengths[:, None]
+    labels = torch.where(present, seq["labels"].gather(1, where), -100)
+    last_prompt = tft_hidden[torch.arange(rows, device=device), prompt_len - 1][:, None]
+    head_labels = torch.full((rows, 1), -100, device=device, dtype=labels.dtype)
+    if not len(steps):  # max-length left no continuation token in any row
+        return last_prompt, torch.cat([head_labels, labels], 1)
+    longest = int(prompt_len.max())
+    cache = DynamicCache(config=parts.backbone.config)
+    for k in range(layer):
+        keys, values = prompt_kv[k]
+        cache.update(keys[:, :, :longest], values[:, :, :longest], k)
+    own_prompt = torch.arange(longest, device=device) < prompt_len[:, None]
+    with common.capture_blocks(parts, [layer], stop_after=layer) as captured:
+        try:
+            parts.backbone(input_ids=seq["input_ids"].gather(1, where),
+                           attention_mask=torch.cat([own_prompt, present], 1).long(),
+                           position_ids=where, past_key_values=cache, use_cache=True)
+        except common._StopForward:
+            pass
+    return torch.cat([last_prompt, captured[layer]], 1), torch.cat([head_labels, labels], 1)
+
+
 class DFTObjective(nn.Module):
     """L = w_tft L_TFT + w_lc L_LC + w_et L_ET for one micro-batch (DESIGN §2)."""
 
@@ -424,11 +556,21 @@ class DFTObjective(nn.Module):
 
         # L_TFT: the last layer, lm_head trained; h_i / h_j of the target prompt are read from this pass
         # (causal attention: the prompt positions of [P(x_tgt); y_tgt] equal those of P(x_tgt) alone)
-        pooled_layers = [k for sig, k in ((self.lc, self.lc_layer), (self.et, self.et_layer)) if sig in ("feature", "contrastive")]
+        pooled_layers = [k for sig, k in ((self.lc, self.lc_layer), (self.et, self.et_layer))
+                         if sig in ("feature", "contrastive")]
         tft = batch["tft"]
+        # --lens-prefix shared: the L_TFT pass also keeps the prompt's keys and values and h_i / h_j for the lens terms
+        lens_layers = [k for sig, k in ((self.lc, self.lc_layer), (self.et, self.et_layer)) if sig == "logits"]
+        shared = bool(lens_layers) and phase == "both" and self.can_share_prefix(parts, batch)
+        recomputed = bool(lens_layers) and cfg["lens_prefix"] == "shared" and phase != "task" and not shared
+        terms["lens_recomputed"] = torch.tensor(float(recomputed))  # --lens-prefix shared fell back for this batch
+        prompt_kv, recorder = {}, None
+        if shared:
+            recorder, prompt_kv = keys_values_recorder(parts.backbone.config, max(lens_layers))
         if phase != "align":
-            with common.capture_blocks(parts, pooled_layers) as tgt_states:
-                out = parts.backbone(input_ids=tft["input_ids"], attention_mask=tft["attention_mask"], use_cache=False)
+            with common.capture_blocks(parts, pooled_layers + (lens_layers if shared else [])) as tgt_states:
+                out = parts.backbone(input_ids=tft["input_ids"], attention_mask=tft["attention_mask"],
+                                     past_key_values=recorder, use_cache=bool(shared))
             h, y = shifted(out.last_hidden_state, tft["labels"])
             terms["loss_tft"] = chunked_cross_entropy(h, y, lambda z: self.head(parts, z), cfg["ce_chunk"]) / per("tft")
             loss = cfg["tft_weight"] * terms["loss_tft"]
@@ -448,9 +590,14 @@ class DFTObjective(nn.Module):
             with torch.set_grad_enabled(torch.is_grad_enabled() and weight != 0):
                 if signal == "logits":
                     seq = batch[name]
-                    hidden = common.run_truncated(parts, layer, seq["input_ids"], seq["attention_mask"])
-                    h, y = shifted(hidden, seq["labels"])
-                    term = chunked_cross_entropy(h, y, lambda z: common.lens_logits(parts, z), cfg["ce_chunk"]) / per(name)
+                    if shared:
+                        hidden, labels = continue_prompt(parts, layer, prompt_kv, tgt_states[layer], tft, seq)
+                    else:
+                        hidden = common.run_truncated(parts, layer, seq["input_ids"], seq["attention_mask"])
+                        labels = seq["labels"]
+                    h, y = shifted(hidden, labels)
+                    lens = lambda z: common.lens_logits(parts, z)
+                    term = chunked_cross_entropy(h, y, lens, cfg["ce_chunk"]) / per(name)
                 elif signal == "contrastive":  # block k on both sides, pooled as the feature signal pools
                     term = contrastive_loss(pool(tgt_states[layer], tft["pool_mask"], cfg["pool"]),
                                             pool(en_states[layer], batch["en"]["pool_mask"], cfg["pool"]),
@@ -470,6 +617,20 @@ class DFTObjective(nn.Module):
         terms["tokens"] = torch.tensor(labelled(tft["labels"]))
         return terms
 
+    def can_share_prefix(self, parts, batch):
+        """--lens-prefix shared where it is exact: GPT-2, LLaMA, Gemma-2/3 while no sliding window is reached, and
+        no gradient checkpointing (transformers' checkpointed blocks drop past_key_values)."""
+        config = parts.backbone.config
+        checkpointed = getattr(parts.backbone, "gradient_checkpointing", False) and parts.backbone.training
+        if self.cfg["lens_prefix"] != "shared" or config.model_type not in SHARED_PREFIX_MODELS or checkpointed:
+            return False
+        prompt_len = prompt_lengths(batch["tft"])
+        for name, signal, layer in (("lc", self.lc, self.lc_layer), ("et", self.et, self.et_layer)):
+            continuation = int((batch[name]["attention_mask"].sum(1) - prompt_len).max()) if signal == "logits" else 0
+            if signal == "logits" and window_reached(config, layer, int(prompt_len.max()), continuation):
+                return False
+        return True
+
     @staticmethod
     def head(parts, hidden):
         logits = parts.lm_head(hidden)
@@ -484,7 +645,8 @@ class DFTObjective(nn.Module):
             layers += [self.lc_layer] if self.lc == "feature" else []
             if self.et == "feature":
                 with common.capture_blocks(parts, layers) as states:
-                    out = parts.backbone(input_ids=en["input_ids"], attention_mask=en["attention_mask"], use_cache=False)
+                    out = parts.backbone(input_ids=en["input_ids"], attention_mask=en["attention_mask"],
+                                         use_cache=False)
                 return states, out.last_hidden_state
             return common.run_truncated_states(parts, layers, en["input_ids"], en["attention_mask"]), None
 
@@ -503,7 +665,8 @@ def pick_layers(entropy, min_gap=None):
     """
     L = len(entropy)
     if L < 4:
-        raise common.UserError(f"the entropy rule needs at least 4 blocks, this model has {L}; pass --lc-layer/--et-layer")
+        raise common.UserError(f"the entropy rule needs at least 4 blocks, this model has {L}; "
+                               "pass --lc-layer/--et-layer")
     min_gap = max(2, L // 8) if min_gap is None else min_gap
     drops = {k: entropy[k - 2] - entropy[k - 1] for k in range(2, L)}
     first = max(drops, key=drops.get)
@@ -527,7 +690,8 @@ def save_entropy_curve(out_dir, entropy, picked, model_name, num_prompts):
     for k, label in zip(picked, ("LC (i)", "ET (j)")):
         ax.axvline(k, ls="--", c="gray")
         ax.text(k, max(entropy), f" {label}={k}", va="top")
-    ax.set(xlabel="block", ylabel="logit-lens entropy (nats)", title=f"{os.path.basename(model_name)}: target-language prompts")
+    ax.set(xlabel="block", ylabel="logit-lens entropy (nats)",
+           title=f"{os.path.basename(model_name)}: target-language prompts")
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "layer_entropy.png"), dpi=120)
     plt.close(fig)
@@ -598,8 +762,9 @@ def resolve_mixed_precision(flag, launcher, device_type):
     ACCELERATE_MIXED_PRECISION; None for plain python) on a device of `device_type`."""
     if launcher and flag != "auto" and launcher != flag:
         raise common.UserError(f"--mixed-precision {flag} disagrees with the launcher's mixed precision {launcher} "
-                               "(accelerate config or ACCELERATE_MIXED_PRECISION; `accelerate launch` sets 'no' unless told "
-                               f"otherwise): drop the flag, or launch with `accelerate launch --mixed_precision {flag}`")
+                               "(accelerate config or ACCELERATE_MIXED_PRECISION; `accelerate launch` sets 'no' "
+                               "unless told otherwise): drop the flag, or launch with `accelerate launch "
+                               f"--mixed_precision {flag}`")
     if launcher:
         return launcher, "launcher (accelerate config / ACCELERATE_MIXED_PRECISION)"
     if flag != "auto":
@@ -621,14 +786,16 @@ def make_accelerator(cfg):
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     on_cpu = not torch.accelerator.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
     device_type = "cpu" if on_cpu else torch.accelerator.current_accelerator().type
-    mixed, why = resolve_mixed_precision(cfg["mixed_precision"], os.environ.get("ACCELERATE_MIXED_PRECISION"), device_type)
+    mixed, why = resolve_mixed_precision(cfg["mixed_precision"], os.environ.get("ACCELERATE_MIXED_PRECISION"),
+                                         device_type)
     if on_cpu:  # accelerate imports DeepSpeed when unwrapping; its GPU probe would print a warning on every CPU run
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from accelerate.utils import DistributedDataParallelKwargs
     # --alternate: the alignment steps never reach the blocks above the aligned one nor lm_head; DDP must expect that
     ddp = DistributedDataParallelKwargs(find_unused_parameters=bool(cfg["alternate"]))
     accelerator = Accelerator(cpu=launched > 1 and not torch.accelerator.is_available(), mixed_precision=mixed,
-                              log_with=TRACKERS[cfg["report_to"]] or None, project_dir=cfg["out"], kwargs_handlers=[ddp])
+                              log_with=TRACKERS[cfg["report_to"]] or None, project_dir=cfg["out"],
+                              kwargs_handlers=[ddp])
     if launched > 1 and accelerator.num_processes == 1:
         raise common.UserError(f"launched as {launched} processes but accelerate formed no process group; "
                                "check the launcher (torchrun / accelerate launch) and the accelerate config")
@@ -669,8 +836,9 @@ def prepare_model(cfg, accelerator):
     if cfg["lora"]:
         from peft import LoraConfig, get_peft_model
         targets = common.parse_list(cfg["lora_targets"])
-        model = get_peft_model(model, LoraConfig(r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"], lora_dropout=cfg["lora_dropout"],
-                                                 target_modules=targets, task_type="CAUSAL_LM"))
+        model = get_peft_model(model, LoraConfig(r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"],
+                                                 lora_dropout=cfg["lora_dropout"], target_modules=targets,
+                                                 task_type="CAUSAL_LM"))
     if accelerator.mixed_precision != "no":
         # bf16 compute (autocast) on fp32 master weights: FSDP (accelerate) and ZeRO (DeepSpeed) upcast by themselves
         if accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
@@ -678,9 +846,9 @@ def prepare_model(cfg, accelerator):
                 if p.requires_grad and p.dtype != torch.float32:
                     p.data = p.data.float()
     elif cfg["dtype"] != "float32" and not cfg["lora"] and accelerator.is_main_process:
-        print(f"warning: training all weights in {cfg['dtype']} without fp32 master weights: AdamW updates of about --lr "
-              f"are below {cfg['dtype']} resolution for most weights and are lost; launch with mixed_precision: bf16 "
-              "(configs/*.yaml, fp32 master weights) or pass --dtype float32", flush=True)
+        print(f"warning: training all weights in {cfg['dtype']} without fp32 master weights: AdamW updates of about "
+              f"--lr are below {cfg['dtype']} resolution for most weights and are lost; launch with mixed_precision: "
+              "bf16 (configs/*.yaml, fp32 master weights) or pass --dtype float32", flush=True)
     return model, tokenizer
 
 
@@ -723,20 +891,25 @@ def latest_checkpoint(out_dir):
 
 
 # settings that change what a resumed run computes; --max-steps / --epochs may grow (total_steps is checked)
-TRAJECTORY_KEYS = ("model", "method", "tft_side", "lc", "et", "lc_layer_used", "et_layer_used", "lc_weight", "et_weight",
-                   "tft_weight", "pool", "feature_grad", "lr", "warmup_ratio", "weight_decay", "max_grad_norm",
-                   "batch_size", "grad_accum", "world_size", "global_batch", "seed", "max_length", "pairs_sha256",
-                   "dtype", "mixed_precision_used", "lora", "lora_r", "lora_alpha", "lora_dropout", "lora_targets",
-                   "contrastive_temperature", "contrastive_negatives", "alternate")
+TRAJECTORY_KEYS = ("model", "method", "tft_side", "lc", "et", "lc_layer_used", "et_layer_used", "lc_weight",
+                   "et_weight", "tft_weight", "pool", "feature_grad", "lr", "warmup_ratio", "weight_decay",
+                   "max_grad_norm", "batch_size", "grad_accum", "world_size", "global_batch", "seed", "max_length",
+                   "pairs_sha256", "dtype", "mixed_precision_used", "lora", "lora_r", "lora_alpha", "lora_dropout",
+                   "lora_targets", "contrastive_temperature", "contrastive_negatives", "alternate", "lens_prefix")
+# what a setting added later reads as in a checkpoint written before it existed
+RESUME_DEFAULTS = {"lens_prefix": "recompute"}
 
 
 def check_resume(saved, now, start_step):
     """Refuse a resume whose configuration differs from the first segment's in anything that changes the trajectory."""
+    saved = dict(RESUME_DEFAULTS, **saved)
     differ = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in TRAJECTORY_KEYS if saved.get(k) != now.get(k)]
     if now["total_steps"] <= start_step:
-        differ.append(f"total_steps: {now['total_steps']} leaves nothing to train after the checkpoint's step {start_step}")
+        differ.append(f"total_steps: {now['total_steps']} leaves nothing to train after the checkpoint's step "
+                      f"{start_step}")
     elif now["total_steps"] < saved["total_steps"]:
-        differ.append(f"total_steps: {saved['total_steps']} -> {now['total_steps']} (--max-steps/--epochs may only grow)")
+        differ.append(f"total_steps: {saved['total_steps']} -> {now['total_steps']} "
+                      "(--max-steps/--epochs may only grow)")
     if differ:
         raise common.UserError("--resume with a configuration that differs from the run's (train_config.json): "
                                + "; ".join(differ) + ". Resume with the original flags (only --max-steps/--epochs may "
@@ -839,31 +1012,24 @@ def tracker_config(run_info):
             if k not in ("versions", "segments", "length_stats")}
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    cfg = resolve_config(args)
-    from accelerate.utils import DistributedType
-    accelerator = make_accelerator(cfg)
-    check_distributed(accelerator, cfg)
-    is_main = accelerator.is_main_process
-    common.seed_everything(cfg["seed"])
+def resume_point(cfg):
+    """(checkpoint folder, its step), or (None, 0) for a new run; refuses to overwrite a run or resume nothing."""
     out_dir = cfg["out"]
     if os.path.exists(os.path.join(out_dir, "train_log.jsonl")) and not cfg["resume"]:
-        raise common.UserError(f"{out_dir} already holds a training run; pass --resume to continue it or choose a new --out")
-    ckpt, start_step = latest_checkpoint(out_dir) if cfg["resume"] else (None, 0)
-    if cfg["resume"] and ckpt is None:
+        raise common.UserError(f"{out_dir} already holds a training run; pass --resume to continue it or choose a "
+                               "new --out")
+    if not cfg["resume"]:
+        return None, 0
+    ckpt, start_step = latest_checkpoint(out_dir)
+    if ckpt is None:
         raise common.UserError(f"--resume: no complete checkpoint in {out_dir} (train with --save-every N first)")
+    return ckpt, start_step
 
-    rows = load_pairs(cfg["pairs"])
-    eval_rows = load_pairs(cfg["eval_pairs"])[:cfg["eval_limit"]] if cfg["eval_pairs"] else None
-    model, tokenizer = prepare_model(cfg, accelerator)
-    os.makedirs(out_dir, exist_ok=True)
-    resolve_layers(cfg, model, tokenizer, rows, out_dir, accelerator)
-    examples, length_stats = encode_pairs(tokenizer, rows, cfg)
-    eval_examples = encode_pairs(tokenizer, eval_rows, cfg)[0] if eval_rows else None
 
-    # batch arithmetic: global = per-device x devices x accumulation
-    world = accelerator.num_processes
+def batch_plan(cfg, world, num_examples, num_eval_examples):
+    """The batch arithmetic (global = per-device x devices x accumulation) and its checks; fills cfg['grad_accum'].
+
+    Returns global_batch, total_steps and warmup_steps."""
     if cfg["grad_accum"] is None:
         if cfg["global_batch_size"]:
             if cfg["global_batch_size"] % (cfg["batch_size"] * world):
@@ -874,180 +1040,250 @@ def main(argv=None):
             cfg["grad_accum"] = 1
     global_batch = cfg["batch_size"] * world * cfg["grad_accum"]
     if cfg["global_batch_size"] and cfg["global_batch_size"] != global_batch:
-        raise common.UserError(f"global batch {cfg['batch_size']} x {world} devices x {cfg['grad_accum']} accumulation = "
-                               f"{global_batch}, but --global-batch-size is {cfg['global_batch_size']}")
-    micro_per_epoch = len(examples) // (cfg["batch_size"] * world)
+        raise common.UserError(f"global batch {cfg['batch_size']} x {world} devices x {cfg['grad_accum']} "
+                               f"accumulation = {global_batch}, but --global-batch-size is {cfg['global_batch_size']}")
+    micro_per_epoch = num_examples // (cfg["batch_size"] * world)
     if micro_per_epoch < cfg["grad_accum"]:
-        raise common.UserError(f"{len(examples)} pairs make fewer than one optimizer step of {global_batch} sequences; "
+        raise common.UserError(f"{num_examples} pairs make fewer than one optimizer step of {global_batch} sequences; "
                                "lower --batch-size/--grad-accum or add pairs")
     if "contrastive" in (cfg["lc"], cfg["et"]):
-        candidates = cfg["batch_size"] * (world if cfg["contrastive_negatives"] == "global" else 1)
-        if candidates < 2:
-            raise common.UserError(f"the contrastive term compares each pair with the other pairs of its micro-batch, and "
-                                   f"--batch-size {cfg['batch_size']} x {world if cfg['contrastive_negatives'] == 'global' else 1} "
-                                   "device(s) leaves none: raise --batch-size to at least 2")
-    if eval_examples and "contrastive" in (cfg["lc"], cfg["et"]) and len(eval_examples) < 2 * world:
-        raise common.UserError(f"the held-out contrastive term contrasts each device's held-out pairs: {len(eval_examples)} "
-                               f"pairs over {world} device(s) leave a device fewer than 2; give more --eval-pairs "
-                               "(or a larger --eval-limit)")
-    steps_per_epoch = micro_per_epoch // cfg["grad_accum"]
-    total_steps = cfg["max_steps"] or max(1, int(cfg["epochs"] * steps_per_epoch))
+        devices = world if cfg["contrastive_negatives"] == "global" else 1
+        if cfg["batch_size"] * devices < 2:
+            raise common.UserError(f"the contrastive term compares each pair with the other pairs of its micro-batch, "
+                                   f"and --batch-size {cfg['batch_size']} x {devices} device(s) leaves none: raise "
+                                   "--batch-size to at least 2")
+        if num_eval_examples and num_eval_examples < 2 * world:
+            raise common.UserError(f"the held-out contrastive term contrasts each device's held-out pairs: "
+                                   f"{num_eval_examples} pairs over {world} device(s) leave a device fewer than 2; "
+                                   "give more --eval-pairs (or a larger --eval-limit)")
+    total_steps = cfg["max_steps"] or max(1, int(cfg["epochs"] * (micro_per_epoch // cfg["grad_accum"])))
     warmup_steps = max(1, int(cfg["warmup_ratio"] * total_steps)) if cfg["warmup_ratio"] > 0 else 0
+    return dict(global_batch=global_batch, total_steps=total_steps, warmup_steps=warmup_steps)
 
-    run_info = dict(cfg, pairs_sha256=common.sha256_file(cfg["pairs"]), num_pairs=len(rows), num_examples=len(examples),
+
+def make_run_info(cfg, plan, accelerator, model, data, start_step):
+    """What train_config.json records: the configuration, the data, the batch plan, versions and this segment.
+
+    A resumed run keeps its first segment's configuration (checked against this one) and appends a segment."""
+    rows, examples, eval_examples, length_stats = data
+    world = accelerator.num_processes
+    run_info = dict(cfg, pairs_sha256=common.sha256_file(cfg["pairs"]), num_pairs=len(rows),
+                    num_examples=len(examples),
                     eval_pairs_sha256=common.sha256_file(cfg["eval_pairs"]) if cfg["eval_pairs"] else None,
                     num_eval_examples=len(eval_examples) if eval_examples else 0,
-                    length_stats=length_stats, world_size=world, global_batch=global_batch, total_steps=total_steps,
-                    warmup_steps=warmup_steps, num_layers=common.model_parts(model).num_layers,
+                    length_stats=length_stats, world_size=world, **plan,
+                    num_layers=common.model_parts(model).num_layers,
                     versions=common.versions(), device=str(accelerator.device),
                     distributed_type=accelerator.distributed_type.value, mixed_precision=accelerator.mixed_precision,
                     normalisation="split-invariant: token terms / the step's global labelled tokens, "
                                   "sequence terms / the step's global pairs")
+    total_steps = plan["total_steps"]
     segment = dict(start_step=start_step, total_steps=total_steps, max_steps=cfg["max_steps"], epochs=cfg["epochs"],
                    started=time.strftime("%Y-%m-%dT%H:%M:%S"), git_commit=run_info["versions"].get("git_commit"),
                    world_size=world, device=run_info["device"])
-    config_path = os.path.join(out_dir, "train_config.json")
-    if cfg["resume"]:  # the first segment's configuration stays; this segment is appended to its list
-        saved = common.read_json(config_path)
-        check_resume(saved, run_info, start_step)
-        if saved["total_steps"] != total_steps and is_main:
-            print(f"note: --resume grows the run from {saved['total_steps']} to {total_steps} steps; the cosine schedule is "
-                  f"recomputed over {total_steps} steps, so the lr after step {start_step} differs from the first "
-                  "segment's plan", flush=True)
-        run_info = dict(saved, total_steps=total_steps, warmup_steps=warmup_steps,
-                        segments=saved.get("segments", []) + [segment])
-    else:
-        run_info["segments"] = [segment]
+    if not cfg["resume"]:
+        return dict(run_info, segments=[segment])
+    saved = common.read_json(os.path.join(cfg["out"], "train_config.json"))
+    check_resume(saved, run_info, start_step)
+    if saved["total_steps"] != total_steps and accelerator.is_main_process:
+        print(f"note: --resume grows the run from {saved['total_steps']} to {total_steps} steps; the cosine schedule "
+              f"is recomputed over {total_steps} steps, so the lr after step {start_step} differs from the first "
+              "segment's plan", flush=True)
+    return dict(saved, total_steps=total_steps, warmup_steps=plan["warmup_steps"],
+                segments=saved.get("segments", []) + [segment])
+
+
+def make_optimizer(objective, cfg):
+    """AdamW; no weight decay on vectors (norms, biases), as stanford_alpaca's Trainer."""
+    decay = [p for n, p in objective.named_parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for n, p in objective.named_parameters() if p.requires_grad and p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg["lr"])
+
+
+def start_run(accelerator, cfg, run_info, start_step):
+    """Trackers first (one that fails to start leaves no files), then train_config.json, the log kept up to the
+    checkpoint (a resumed run rewrites the steps after it), and the configuration printed."""
+    if cfg["report_to"] != "none":
+        accelerator.init_trackers(cfg["run_name"] or os.path.basename(os.path.normpath(cfg["out"])),
+                                  config=tracker_config(run_info))
+    if not accelerator.is_main_process:
+        return
+    common.write_json(os.path.join(cfg["out"], "train_config.json"), run_info)
+    log_path = os.path.join(cfg["out"], "train_log.jsonl")
+    kept = [line for line in open(log_path)] if cfg["resume"] and os.path.exists(log_path) else []
+    with common.atomic_open(log_path) as f:
+        f.writelines(line for line in kept if json.loads(line)["step"] <= start_step)
+    print("configuration:\n" + "\n".join(f"  {k}: {v}" for k, v in run_info.items()
+                                         if k not in ("versions", "segments")), flush=True)
+    print(f"global batch {run_info['global_batch']} = {cfg['batch_size']} per device x {accelerator.num_processes} "
+          f"devices x {cfg['grad_accum']} accumulation ({accelerator.distributed_type.value}, mixed precision "
+          f"{accelerator.mixed_precision})", flush=True)
+    if run_info["length_stats"]:
+        print(f"max-length {cfg['max_length']}: {run_info['length_stats']}", flush=True)
+    if cfg["lens_prefix"] == "shared" and "logits" in (cfg["lc"], cfg["et"]) and cfg["grad_checkpointing"]:
+        print("note: --lens-prefix shared falls back to recompute under --grad-checkpointing (transformers' "
+              "checkpointed blocks drop past_key_values); lens_recomputed in train_log.jsonl counts it", flush=True)
+
+
+def micro_batches(examples, cfg, accelerator, pad_id, start_step):
+    """This rank's micro-batch stream, deterministic in (seed, epoch): --resume skips what was consumed."""
+    skip, epoch = start_step * cfg["grad_accum"], 0
+    while True:
+        for idx in micro_batch_order(len(examples), cfg["batch_size"], accelerator.num_processes,
+                                     accelerator.process_index, cfg["seed"], epoch, cfg["grad_accum"]):
+            if skip:
+                skip -= 1
+                continue
+            yield collate([examples[i] for i in idx], pad_id)
+        epoch += 1
+
+
+LOGGED = ("loss", "loss_tft", "loss_lc", "loss_et", "lens_recomputed")
+
+
+def train_step(objective, optimizer, accelerator, batches, cfg, step, lr):
+    """One optimizer step over its accumulation micro-batches; returns the step's line of train_log.jsonl.
+
+    Split-invariant normalisation: every term is averaged over the whole optimizer step (all devices, all
+    accumulation micro-batches), so 1 x batch 4 == 1 x 2 x accumulation 2 == 2 devices x 2 (DESIGN §2)."""
+    from accelerate.utils import DistributedType
+    t0, world, kind = time.time(), accelerator.num_processes, accelerator.distributed_type
+    for group in optimizer.param_groups:  # set by hand each step: nothing to restore on resume
+        group["lr"] = lr
+    counts = Counter()
+    for batch in batches:
+        counts.update(term_counts(batch))
+    keys = ("tft", "lc", "et", "seq")
+    step_counts = accelerator.reduce(torch.tensor([float(counts[k]) for k in keys], dtype=torch.float64,
+                                                  device=accelerator.device), reduction="sum").tolist()
+    denominators = {k: n / world for k, n in zip(keys, step_counts)}  # the launchers average gradients over devices
+    phase = ("task" if step % 2 == 0 else "align") if cfg["alternate"] else "both"  # step 1, 3, ...: task
+    sums = Counter()
+    for micro, batch in enumerate(batches):
+        batch = batch_to(batch, accelerator.device)
+        sync = micro == len(batches) - 1
+        if kind == DistributedType.DEEPSPEED:  # DeepSpeed clips and steps inside backward
+            accelerator.gradient_state._set_sync_gradients(sync)
+        # no_sync for DDP only: under FSDP it would hold a full unsharded gradient per device; DeepSpeed
+        # accumulates by itself
+        skip_sync = not sync and world > 1 and kind not in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+        with (accelerator.no_sync(objective) if skip_sync else torch.enable_grad()):
+            terms = objective(batch, denominators, phase)
+            finite = torch.isfinite(terms["loss"].detach())
+            if world > 1:  # all ranks stop at the same micro-batch: none is left waiting in a collective
+                finite = accelerator.reduce(finite.float(), reduction="sum") == world
+            if not finite:
+                raise common.UserError(f"non-finite loss at step {step + 1} (micro-batch {micro}, pair ids "
+                                       f"{batch['ids']}): { {k: float(v) for k, v in terms.items()} }; the last good "
+                                       "checkpoint is kept in --out/checkpoint; lower --lr or check those pairs")
+            accelerator.backward(terms["loss"])
+        for k in LOGGED:
+            sums[k] += float(terms[k].detach())
+    clip = cfg["max_grad_norm"] or float("inf")  # inf: nothing is clipped, the norm is still measured
+    grad_norm = accelerator.clip_grad_norm_(objective.parameters(), clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+    reduced = accelerator.reduce(torch.tensor([sums[k] for k in LOGGED], device=accelerator.device), reduction="sum")
+    loss, loss_tft, loss_lc, loss_et = (reduced[:4] / world).tolist()  # the step's global means
+    # --lens-prefix shared: micro-batches of the step (all devices) whose lens terms ran the recompute path
+    fallbacks = {"lens_recomputed": int(reduced[4])} if cfg["lens_prefix"] == "shared" else {}
+    task, align = phase != "align", phase != "task"
+    return dict(step=step + 1, loss=loss, loss_tft=loss_tft if task else None,
+                loss_lc=loss_lc if cfg["lc"] != "none" and align else None,
+                loss_et=loss_et if cfg["et"] != "none" and align else None, lr=lr,
+                grad_norm=None if grad_norm is None else float(grad_norm),
+                tokens=int(step_counts[0]) if task else 0, pairs=int(step_counts[3]),
+                **({"phase": phase} if cfg["alternate"] else {}), **fallbacks, seconds=round(time.time() - t0, 4))
+
+
+def write_record(record, accelerator, cfg, bar, step):
+    """The step's line of train_log.jsonl, the progress bar, the printed line every --log-every steps, trackers."""
+    if accelerator.is_main_process:
+        with open(os.path.join(cfg["out"], "train_log.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+        bar.set_postfix(loss=f"{record['loss']:.3f}")
+        if (step + 1) % cfg["log_every"] == 0 or "eval_loss" in record:
+            bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+    if cfg["report_to"] != "none":
+        scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+        accelerator.log(scalars, step=step + 1)
+
+
+def finish_run(accelerator, run_info, cfg, seconds):
+    """train_config.json gains the held-out summary (the last evaluation and the best one, from the whole log)."""
+    if not accelerator.is_main_process:
+        return
+    log_path = os.path.join(cfg["out"], "train_log.jsonl")
+    evals = [r for r in map(json.loads, open(log_path)) if r.get("eval_loss") is not None] if cfg["eval_pairs"] else []
+    if evals:
+        best = min(evals, key=lambda r: r["eval_loss"])
+        final = {k: v for k, v in evals[-1].items() if k.startswith("eval_") or k == "step"}
+        run_info["eval_summary"] = dict(final=final, best=dict(step=best["step"], eval_loss=best["eval_loss"]))
+        common.write_json(os.path.join(cfg["out"], "train_config.json"), run_info)
+    print(f"saved {cfg['method']} model to {cfg['out']} ({run_info['total_steps']} steps, {seconds:.0f}s)",
+          flush=True)
+
+
+def main(argv=None):
+    cfg = resolve_config(parse_args(argv))
+    from accelerate.utils import DistributedType
+    from tqdm import tqdm
+    accelerator = make_accelerator(cfg)
+    check_distributed(accelerator, cfg)
+    common.seed_everything(cfg["seed"])
+    ckpt, start_step = resume_point(cfg)
+
+    rows = load_pairs(cfg["pairs"])
+    eval_rows = load_pairs(cfg["eval_pairs"])[:cfg["eval_limit"]] if cfg["eval_pairs"] else None
+    model, tokenizer = prepare_model(cfg, accelerator)
+    os.makedirs(cfg["out"], exist_ok=True)
+    resolve_layers(cfg, model, tokenizer, rows, cfg["out"], accelerator)
+    examples, length_stats = encode_pairs(tokenizer, rows, cfg)
+    eval_examples = encode_pairs(tokenizer, eval_rows, cfg)[0] if eval_rows else None
+    plan = batch_plan(cfg, accelerator.num_processes, len(examples), len(eval_examples) if eval_examples else 0)
+    run_info = make_run_info(cfg, plan, accelerator, model, (rows, examples, eval_examples, length_stats), start_step)
+    total_steps = plan["total_steps"]
 
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         configure_deepspeed(accelerator, cfg)
     objective = DFTObjective(model, cfg)
     objective.train()
-    decay = [p for n, p in objective.named_parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for n, p in objective.named_parameters() if p.requires_grad and p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg["lr"])
-    objective, optimizer = accelerator.prepare(objective, optimizer)
+    objective, optimizer = accelerator.prepare(objective, make_optimizer(objective, cfg))
     if ckpt:
         accelerator.load_state(ckpt)
+    start_run(accelerator, cfg, run_info, start_step)
 
-    if cfg["report_to"] != "none":  # before anything is written: a tracker that fails to start leaves no files
-        accelerator.init_trackers(cfg["run_name"] or os.path.basename(os.path.normpath(out_dir)), config=tracker_config(run_info))
-    if is_main:
-        common.write_json(config_path, run_info)
-        print("configuration:\n" + "\n".join(f"  {k}: {v}" for k, v in run_info.items() if k not in ("versions", "segments")),
-              flush=True)
-        print(f"global batch {global_batch} = {cfg['batch_size']} per device x {world} devices x {cfg['grad_accum']} "
-              f"accumulation ({accelerator.distributed_type.value}, mixed precision {accelerator.mixed_precision})", flush=True)
-        if length_stats:
-            print(f"max-length {cfg['max_length']}: {length_stats}", flush=True)
-
-    # the micro-batch stream, deterministic in (seed, epoch): --resume skips what was consumed
-    def micro_batches():
-        epoch = 0
-        while True:
-            for idx in micro_batch_order(len(examples), cfg["batch_size"], world, accelerator.process_index, cfg["seed"], epoch,
-                                         cfg["grad_accum"]):
-                yield collate([examples[i] for i in idx], tokenizer.pad_token_id)
-            epoch += 1
-
-    stream = micro_batches()
-    for _ in range(start_step * cfg["grad_accum"]):
-        next(stream)
-
-    from tqdm import tqdm
-    log_path = os.path.join(out_dir, "train_log.jsonl")
-    if is_main:  # a resumed run rewrites the steps after its checkpoint
-        kept = [l for l in open(log_path)] if cfg["resume"] and os.path.exists(log_path) else []
-        with common.atomic_open(log_path) as f:
-            f.writelines(l for l in kept if json.loads(l)["step"] <= start_step)
-    names = ("loss", "loss_tft", "loss_lc", "loss_et")
-    clip = cfg["max_grad_norm"] or float("inf")  # inf: nothing is clipped, the norm is still measured
-    bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, disable=not is_main, desc=cfg["method"])
+    stream = micro_batches(examples, cfg, accelerator, tokenizer.pad_token_id, start_step)
+    bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps,
+               disable=not accelerator.is_main_process, desc=cfg["method"])
     t_start = time.time()
     for step in bar:
-        t0 = time.time()
-        lr = cfg["lr"] * lr_at(step, total_steps, warmup_steps)  # set by hand each step: nothing to restore on resume
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        # split-invariant normalisation: every term is averaged over the whole optimizer step (all devices, all
-        # accumulation micro-batches), so 1 x batch 4 == 1 x 2 x accumulation 2 == 2 devices x 2 (DESIGN §2)
+        lr = cfg["lr"] * lr_at(step, total_steps, plan["warmup_steps"])
         batches = [next(stream) for _ in range(cfg["grad_accum"])]
-        counts = Counter()
-        for batch in batches:
-            counts.update(term_counts(batch))
-        keys = ("tft", "lc", "et", "seq")
-        step_counts = accelerator.reduce(torch.tensor([float(counts[k]) for k in keys], dtype=torch.float64,
-                                                      device=accelerator.device), reduction="sum").tolist()
-        denominators = {k: n / world for k, n in zip(keys, step_counts)}  # the launchers average gradients over devices
-        phase = ("task" if step % 2 == 0 else "align") if cfg["alternate"] else "both"  # step 1, 3, ...: task
-        sums = Counter()
-        for micro, batch in enumerate(batches):
-            batch = batch_to(batch, accelerator.device)
-            sync = micro == cfg["grad_accum"] - 1
-            if accelerator.distributed_type == DistributedType.DEEPSPEED:  # DeepSpeed clips and steps inside backward
-                accelerator.gradient_state._set_sync_gradients(sync)
-            # no_sync for DDP only: under FSDP it would hold a full unsharded gradient per device; DeepSpeed accumulates itself
-            skip_sync = not sync and world > 1 and accelerator.distributed_type not in (DistributedType.FSDP,
-                                                                                        DistributedType.DEEPSPEED)
-            with (accelerator.no_sync(objective) if skip_sync else torch.enable_grad()):
-                terms = objective(batch, denominators, phase)
-                finite = torch.isfinite(terms["loss"].detach())
-                if world > 1:  # all ranks stop at the same micro-batch: none is left waiting in a collective
-                    finite = accelerator.reduce(finite.float(), reduction="sum") == world
-                if not finite:
-                    raise common.UserError(f"non-finite loss at step {step + 1} (micro-batch {micro}, pair ids {batch['ids']}): "
-                                           f"{ {k: float(v) for k, v in terms.items()} }; the last good checkpoint is kept "
-                                           "in --out/checkpoint; lower --lr or check those pairs")
-                accelerator.backward(terms["loss"])
-            for k in names:
-                sums[k] += float(terms[k].detach())
-        grad_norm = accelerator.clip_grad_norm_(objective.parameters(), clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-        reduced = accelerator.reduce(torch.tensor([sums[k] for k in names], device=accelerator.device), reduction="sum")
-        loss, loss_tft, loss_lc, loss_et = (reduced / world).tolist()  # the step's global means
-        task, align = phase != "align", phase != "task"
-        record = dict(step=step + 1, loss=loss, loss_tft=loss_tft if task else None,
-                      loss_lc=loss_lc if cfg["lc"] != "none" and align else None,
-                      loss_et=loss_et if cfg["et"] != "none" and align else None, lr=lr,
-                      grad_norm=None if grad_norm is None else float(grad_norm),
-                      tokens=int(step_counts[0]) if task else 0, pairs=int(step_counts[3]),
-                      **({"phase": phase} if cfg["alternate"] else {}),
-                      seconds=round(time.time() - t0, 4), elapsed=round(time.time() - t_start, 2),
-                      peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None)
-        if eval_examples and ((cfg["eval_every"] and (step + 1) % cfg["eval_every"] == 0) or step + 1 == total_steps):
+        record = train_step(objective, optimizer, accelerator, batches, cfg, step, lr)
+        record.update(elapsed=round(time.time() - t_start, 2), peak_mem_gib=round(
+            torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None)
+        last = step + 1 == total_steps
+        if eval_examples and ((cfg["eval_every"] and (step + 1) % cfg["eval_every"] == 0) or last):
             t_eval = time.time()
-            record.update(heldout_losses(objective, accelerator, eval_examples, cfg, tokenizer.pad_token_id, is_main))
+            record.update(heldout_losses(objective, accelerator, eval_examples, cfg, tokenizer.pad_token_id,
+                                         accelerator.is_main_process))
             record["eval_seconds"] = round(time.time() - t_eval, 2)
-        if is_main:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            bar.set_postfix(loss=f"{loss:.3f}")
-            if (step + 1) % cfg["log_every"] == 0 or "eval_loss" in record:
-                bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
-        if cfg["report_to"] != "none":
-            accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}, step=step + 1)
-        if cfg["save_every"] and (step + 1) % cfg["save_every"] == 0 and step + 1 < total_steps:
-            save_checkpoint(accelerator, out_dir, step + 1, cfg)
-        if cfg["stop_after_steps"] and step + 1 >= cfg["stop_after_steps"] and step + 1 < total_steps:
-            if is_main:
-                print(f"stopping after step {step + 1} as asked (--stop-after-steps); continue with --resume", flush=True)
+        write_record(record, accelerator, cfg, bar, step)
+        if cfg["save_every"] and (step + 1) % cfg["save_every"] == 0 and not last:
+            save_checkpoint(accelerator, cfg["out"], step + 1, cfg)
+        if cfg["stop_after_steps"] and step + 1 >= cfg["stop_after_steps"] and not last:
+            if accelerator.is_main_process:
+                print(f"stopping after step {step + 1} as asked (--stop-after-steps); continue with --resume",
+                      flush=True)
             accelerator.end_training()
             return
-    save_final(accelerator, objective, tokenizer, out_dir, cfg)
+    save_final(accelerator, objective, tokenizer, cfg["out"], cfg)
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    if is_main:
-        if eval_examples:  # the held-out summary: the last evaluation and the best one, from the whole log
-            evals = [r for r in map(json.loads, open(log_path)) if r.get("eval_loss") is not None]
-        if eval_examples and evals:
-            best = min(evals, key=lambda r: r["eval_loss"])
-            run_info["eval_summary"] = dict(final={k: v for k, v in evals[-1].items() if k.startswith("eval_") or k == "step"},
-                                            best=dict(step=best["step"], eval_loss=best["eval_loss"]))
-            common.write_json(config_path, run_info)
-        print(f"saved {cfg['method']} model to {out_dir} ({total_steps} steps, {time.time() - t_start:.0f}s)", flush=True)
+    finish_run(accelerator, run_info, cfg, time.time() - t_start)
 
 
 if __name__ == "__main__":

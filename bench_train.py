@@ -14,6 +14,8 @@ parameter FLOPs (2 x params x tokens per forward; attention's quadratic term is 
   no-grad English pass (feature): 1 x forward of the English prompt; with gradient (mid-align trains both
   branches): 3 x forward
 tft = 3 P_block L N_tft + 4 P_head n_tft; dft-logits adds 3 P_block (i N_lc + j N_et) + 3 P_head (n_lc + n_et);
+dft-logits-shared (02's --lens-prefix shared) counts in N_lc, N_et only the padded x_en / y_en tokens after the
+prompt (the prompt's keys and values come from the tft pass);
 dft-feature adds P_block L N_en (N: padded tokens through the blocks, n: labelled tokens through the head);
 mid-align (InfoNCE at block k = L // 2, English branch trained) adds 3 P_block k N_en and a B x B similarity
 matrix (B^2 d: nothing next to the blocks).
@@ -36,7 +38,7 @@ import torch
 
 import common
 
-METHODS = ["tft", "dft-logits", "dft-feature", "mid-align"]
+METHODS = ["tft", "dft-logits", "dft-logits-shared", "dft-feature", "mid-align"]
 
 
 def load_train_module():
@@ -66,8 +68,12 @@ def peak_memory_mb(device):
 
 
 def setup(args, train, method, model, tokenizer):
+    """The objective and batch of a method; NAME-shared is NAME with --lens-prefix shared."""
+    shared = method.endswith("-shared")
+    method = method[:-len("-shared")] if shared else method
     cfg = dict(train.DEFAULTS, **train.METHODS[method], method=method, max_length=args.max_length,
-               lc_layer_used=args.lc_layer, et_layer_used=args.et_layer, ce_chunk=args.ce_chunk)
+               lc_layer_used=args.lc_layer, et_layer_used=args.et_layer, ce_chunk=args.ce_chunk,
+               lens_prefix="shared" if shared else "recompute")
     if cfg["et_layer"] == "mid":
         cfg["et_layer_used"] = common.model_parts(model).num_layers // 2
     rows = train.load_pairs(args.pairs)[:args.batch_size]
@@ -142,6 +148,11 @@ def measure_times(args, methods, precisions):
         tokens = {k: dict(padded=int(v["input_ids"].numel()), labelled=int((v["labels"][:, 1:] != -100).sum()))
                   for k, v in batch.items() if isinstance(v, dict)}
         cfg, L = objective.cfg, parts.num_layers
+        if cfg["lens_prefix"] == "shared":  # the lens passes run only the tokens after the prompt
+            prompt = train.prompt_lengths(batch["tft"])
+            for k in ("lc", "et"):
+                if k in batch:
+                    tokens[k]["continuation"] = len(prompt) * int((batch[k]["attention_mask"].sum(1) - prompt).max())
         pooled = [k for sig, k in ((cfg["lc"], cfg["lc_layer_used"]), (cfg["et"], cfg["et_layer_used"]))
                   if sig in ("feature", "contrastive")]
         results[f"{precision}/{method}"] = dict(
@@ -158,9 +169,9 @@ def cost_model(result, lc_layer, et_layer):
     tok, P, H, L = result["tokens"], result["block_params"], result["head_params"], result["num_layers"]
     cost = 3 * P * L * tok["tft"]["padded"] + 4 * H * tok["tft"]["labelled"]
     if "lc" in tok:
-        cost += 3 * P * lc_layer * tok["lc"]["padded"] + 3 * H * tok["lc"]["labelled"]
+        cost += 3 * P * lc_layer * tok["lc"].get("continuation", tok["lc"]["padded"]) + 3 * H * tok["lc"]["labelled"]
     if "et" in tok:
-        cost += 3 * P * et_layer * tok["et"]["padded"] + 3 * H * tok["et"]["labelled"]
+        cost += 3 * P * et_layer * tok["et"].get("continuation", tok["et"]["padded"]) + 3 * H * tok["et"]["labelled"]
     if "en" in tok:  # through block L (ET feature) or the highest pooled block; 3x with gradient
         cost += (3 if result["en_grad"] else 1) * P * result["en_layers"] * tok["en"]["padded"]
     return cost

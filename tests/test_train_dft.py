@@ -58,7 +58,8 @@ def test_sequence_layouts(tokenizer, rows):
     assert dec(seqs["tft"]) == rows[0]["y_tgt"] + tokenizer.eos_token
     assert dec(seqs["lc"]) == rows[0]["x_en"]  # [P(x_tgt); x_en], CE on x_en
     assert dec(seqs["et"]) == rows[0]["y_en"] + tokenizer.eos_token  # [P(x_tgt); y_en]
-    prompt = tokenizer.decode(seqs["lc"]["input_ids"][:seqs["lc"]["labels"].index(next(l for l in seqs["lc"]["labels"] if l != -100))])
+    first_label = next(n for n, l in enumerate(seqs["lc"]["labels"]) if l != -100)
+    prompt = tokenizer.decode(seqs["lc"]["input_ids"][:first_label])
     assert prompt == common.build_prompt(rows[0]["x_tgt"])
 
 
@@ -100,10 +101,163 @@ def test_lens_loss_equals_brute_force(tokenizer, rows):
     terms = train.DFTObjective(model, cfg)(batch)
     for name, layer in (("lc", 1), ("et", 3)):
         seq = batch[name]
-        hs = model(input_ids=seq["input_ids"], attention_mask=seq["attention_mask"], output_hidden_states=True).hidden_states
+        hs = model(input_ids=seq["input_ids"], attention_mask=seq["attention_mask"],
+                   output_hidden_states=True).hidden_states
         logits = model.lm_head(model.model.norm(hs[layer]))
-        ref = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), seq["labels"][:, 1:].flatten(), ignore_index=-100)
+        ref = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), seq["labels"][:, 1:].flatten(),
+                                                ignore_index=-100)
         torch.testing.assert_close(terms[f"loss_{name}"], ref)
+
+
+# -----------------------------------------------------------------------------
+# --lens-prefix shared: the lens sequences attend to the L_TFT pass's prompt keys and values
+
+
+def uneven_rows(rows):
+    """The fixture rows and two more: a long prompt with a one-word continuation, a short prompt with a long one
+    (prompt lengths differ by more than the continuation)."""
+    long_prompt = dict(rows[0], id="long", x_tgt=rows[0]["x_tgt"] * 6, x_en="Yes.", y_en="No.")
+    short_prompt = dict(rows[1], id="short", x_tgt="你好", x_en=rows[1]["x_en"] * 3, y_en=rows[1]["y_en"] * 2)
+    return [*rows, long_prompt, short_prompt]
+
+
+def terms_and_grads(model, cfg, batch):
+    model.zero_grad(set_to_none=True)
+    terms = train.DFTObjective(model, cfg)(batch)
+    terms["loss"].backward()
+    return terms, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("layers", [(1, 3), (2, 2), (4, 4)])
+def test_shared_lens_prefix_equals_recompute(arch, layers, tokenizer, rows):
+    model = make_tiny_model(arch, tokenizer)  # eval(): dropout off
+    lc, et = layers
+    cfg = config("dft-logits", lc_layer_used=lc, et_layer_used=et, ce_chunk=5)
+    batch = batch_for(tokenizer, cfg, uneven_rows(rows))
+    prompts = (batch["tft"]["labels"] != -100).int().argmax(1)
+    continuations = batch["lc"]["attention_mask"].sum(1) - prompts
+    assert int(prompts.max() - prompts.min()) > int(continuations.min())
+    ref, ref_grads = terms_and_grads(model, cfg, batch)
+    got, grads = terms_and_grads(model, dict(cfg, lens_prefix="shared"), batch)
+    assert torch.equal(got["loss_tft"], ref["loss_tft"])  # the L_TFT pass computes what it computes without a cache
+    for term in ("loss", "loss_lc", "loss_et"):
+        torch.testing.assert_close(got[term], ref[term], rtol=1e-5, atol=1e-6)
+    assert grads.keys() == ref_grads.keys()
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def tiny_gemma(arch, tokenizer, window):
+    """A tiny Gemma-2 (softcaps, every other block sliding) or Gemma-3 (local and global blocks) with a given window."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from conftest import TINY_CONFIGS
+    torch.manual_seed(0)
+    extra = dict(layer_types=["sliding_attention", "full_attention"] * 2)
+    config = AutoConfig.for_model(arch, vocab_size=len(tokenizer), bos_token_id=tokenizer.eos_token_id,
+                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
+                                  **dict(TINY_CONFIGS["gemma2"], sliding_window=window, **extra))
+    return AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3_text"])
+def test_shared_lens_prefix_on_gemma_windows(arch, tokenizer, rows):
+    """Shared while the longest prompt plus the continuation fits in the sliding window (exact, the window cuts
+    nothing); one token more and the batch falls back to recompute, counted."""
+    cfg = config("dft-logits", lc_layer_used=1, et_layer_used=3, ce_chunk=5)
+    batch = batch_for(tokenizer, cfg, uneven_rows(rows)[-2:])
+    prompts = (batch["tft"]["labels"] != -100).int().argmax(1)
+    fits = max(int(prompts.max() + (batch[name]["attention_mask"].sum(1) - prompts).max()) for name in ("lc", "et"))
+    for window, fallback in ((512, 0.0), (fits, 0.0), (fits - 1, 1.0)):
+        model = tiny_gemma(arch, tokenizer, window)
+        ref, ref_grads = terms_and_grads(model, cfg, batch)
+        got, grads = terms_and_grads(model, dict(cfg, lens_prefix="shared"), batch)
+        assert float(got["lens_recomputed"]) == fallback and float(ref["lens_recomputed"]) == 0, window
+        assert torch.equal(got["loss_tft"], ref["loss_tft"])
+        for term in ("loss", "loss_lc", "loss_et"):
+            torch.testing.assert_close(got[term], ref[term], rtol=1e-5, atol=1e-6)
+        for name in ref_grads:
+            torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_shared_lens_prefix_fallbacks_are_counted_in_the_log(tmp_path, tiny_model_dirs):
+    """The shipped tiny Gemma-2 has a 16-token window, shorter than any prompt: every micro-batch recomputes."""
+    _, log = run(tmp_path, "gemma", "--method", "dft-logits", "--max-steps", "2", "--lc-layer", "1", "--et-layer", "3",
+                 "--batch-size", "2", "--grad-accum", "2", "--lens-prefix", "shared",
+                 model_dir=tiny_model_dirs["gemma2"])
+    assert [r["lens_recomputed"] for r in log] == [2, 2]
+
+
+def test_shared_lens_prefix_falls_back_under_checkpointing_and_alternation(tmp_path, tiny_model_dirs, capsys):
+    flags = ["--method", "dft-logits", "--max-steps", "2", "--lc-layer", "1", "--et-layer", "3", "--mixed-precision",
+             "no", "--lens-prefix", "shared"]
+    _, log = run(tmp_path, "ckpt", *flags, "--grad-checkpointing", model_dir=tiny_model_dirs["llama"])
+    assert [r["lens_recomputed"] for r in log] == [1, 1]
+    assert capsys.readouterr().out.count("falls back to recompute under --grad-checkpointing") == 1
+    # --alternate: the task steps have no lens term, the alignment steps no L_TFT pass to share
+    _, log = run(tmp_path, "alt", *flags, "--alternate", "--max-steps", "4", model_dir=tiny_model_dirs["llama"])
+    _, log_ref = run(tmp_path, "alt-ref", *flags[:-2], "--alternate", "--max-steps", "4",
+                     model_dir=tiny_model_dirs["llama"])
+    assert [(r["phase"], r["lens_recomputed"]) for r in log] == [("task", 0), ("align", 1)] * 2
+    assert [r["loss"] for r in log] == [r["loss"] for r in log_ref]
+
+
+def test_resume_reads_a_checkpoint_without_lens_prefix_as_recompute(tmp_path, tiny_model_dirs):
+    out = str(tmp_path / "old")
+    base = ["--pairs", PAIRS, "--out", out, "--model", tiny_model_dirs["llama"], "--method", "dft-logits",
+            "--lc-layer", "1", "--et-layer", "3", "--max-steps", "3", "--save-every", "1"]
+    train.main(base + ["--stop-after-steps", "1"])
+    path = os.path.join(out, "train_config.json")
+    saved = json.load(open(path))
+    del saved["lens_prefix"]  # as written before the flag existed
+    common.write_json(path, saved)
+    with pytest.raises(common.UserError, match="lens_prefix: 'recompute' -> 'shared'"):
+        train.main(base + ["--resume", "--lens-prefix", "shared", "--stop-after-steps", "2"])
+    train.main(base + ["--resume", "--stop-after-steps", "2"])
+    assert len(read_log_of(out)) == 2
+
+
+def test_shared_lens_prefix_equals_recompute_with_lora(tokenizer, rows):
+    from peft import LoraConfig, get_peft_model
+    model = get_peft_model(make_tiny_model("llama", tokenizer), LoraConfig(
+        r=4, target_modules=["q_proj", "k_proj", "v_proj"], lora_dropout=0.0, init_lora_weights=False))
+    cfg = config("dft-logits", lc_layer_used=2, et_layer_used=3, tft_weight=0.0)
+    batch = batch_for(tokenizer, cfg, uneven_rows(rows))
+    ref, ref_grads = terms_and_grads(model, cfg, batch)
+    got, grads = terms_and_grads(model, dict(cfg, lens_prefix="shared"), batch)
+    torch.testing.assert_close(got["loss"], ref["loss"], rtol=1e-5, atol=1e-6)
+    assert grads.keys() == ref_grads.keys() and all("lora_" in name for name in grads)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_shared_lens_prefix_trains_like_recompute(tmp_path, tiny_model_dirs):
+    flags = ["--method", "dft-logits", "--max-steps", "3", "--lc-layer", "1", "--et-layer", "3", "--mixed-precision",
+             "no", "--batch-size", "2", "--grad-accum", "2"]
+    # LLaMA: no dropout (GPT-2's would draw other masks: the prompt runs once instead of three times)
+    ref, log_ref = run(tmp_path, "recompute", *flags, model_dir=tiny_model_dirs["llama"])
+    got, log = run(tmp_path, "shared", *flags, "--lens-prefix", "shared", model_dir=tiny_model_dirs["llama"])
+    assert json.load(open(os.path.join(got, "train_config.json")))["lens_prefix"] == "shared"
+    assert all(r["lens_recomputed"] == 0 for r in log) and all("lens_recomputed" not in r for r in log_ref)
+    for a, b in zip(log_ref, log):
+        for term in ("loss", "loss_tft", "loss_lc", "loss_et", "grad_norm"):
+            assert b[term] == pytest.approx(a[term], rel=1e-5), (a["step"], term)
+    wa, wb = weights(ref), weights(got)
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+def test_shared_lens_prefix_runs_only_the_continuation(tokenizer, rows, monkeypatch):
+    """The lens passes see only the x_en / y_en tokens, never the prompt again."""
+    model = make_tiny_model("llama", tokenizer)
+    cfg = config("dft-logits", lc_layer_used=1, et_layer_used=3, lens_prefix="shared")
+    batch = batch_for(tokenizer, cfg, rows)
+    widths = []
+    hook = model.model.layers[0].register_forward_hook(lambda m, args, out: widths.append(args[0].shape[1]))
+    train.DFTObjective(model, cfg)(batch)
+    hook.remove()
+    prompts = (batch["tft"]["labels"] != -100).int().argmax(1)
+    expected = [int((batch[name]["attention_mask"].sum(1) - prompts).max()) for name in ("lc", "et")]
+    assert widths == [batch["tft"]["input_ids"].shape[1], *expected]
 
 
 def test_feature_losses_zero_for_identical_inputs(tokenizer, rows):
@@ -154,9 +308,9 @@ def weights(folder):
 def test_zero_weights_equal_tft_bit_for_bit(tmp_path, tiny_model_dirs):
     common_flags = ["--max-steps", "3", "--lc-layer", "1", "--et-layer", "3"]
     tft, _ = run(tmp_path, "tft", "--method", "tft", *common_flags, model_dir=tiny_model_dirs["llama"])
-    for method in ("dft-logits", "dft-feature"):
-        dft, log = run(tmp_path, method, "--method", method, "--lc-weight", "0", "--et-weight", "0", *common_flags,
-                       model_dir=tiny_model_dirs["llama"])
+    for method, more in (("dft-logits", []), ("dft-feature", []), ("dft-logits", ["--lens-prefix", "shared"])):
+        dft, log = run(tmp_path, method + "".join(more), "--method", method, "--lc-weight", "0", "--et-weight", "0",
+                       *common_flags, *more, model_dir=tiny_model_dirs["llama"])
         a, b = weights(tft), weights(dft)
         assert all(torch.equal(a[k], b[k]) for k in a)
         assert log[0]["loss_lc"] > 0 and log[0]["loss_et"] > 0  # still computed, for the log
@@ -182,7 +336,8 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, tiny_model_dirs):
              "--warmup-ratio", "0.2"]
     full, log_full = run(tmp_path, "full", *flags, model_dir=tiny_model_dirs["llama"])
     out = str(tmp_path / "cut")
-    base = ["--pairs", PAIRS, "--out", out, "--model", tiny_model_dirs["llama"], "--batch-size", "4", "--lr", "3e-3", *flags]
+    base = ["--pairs", PAIRS, "--out", out, "--model", tiny_model_dirs["llama"], "--batch-size", "4", "--lr", "3e-3",
+            *flags]
     train.main(base + ["--stop-after-steps", "3"])  # interrupted after step 3; the checkpoint is from step 2
     assert not os.path.exists(os.path.join(out, "model.safetensors"))
     train.main(base + ["--resume"])
@@ -236,7 +391,8 @@ def test_auto_layers_write_curve(tmp_path, tokenizer):
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, os.path.join(REPO, "02_train_dft.py"), *args], capture_output=True, text=True)
+    return subprocess.run([sys.executable, os.path.join(REPO, "02_train_dft.py"), *args], capture_output=True,
+                          text=True)
 
 
 def test_bad_input_errors(tmp_path, tiny_model_dirs):
@@ -248,6 +404,7 @@ def test_bad_input_errors(tmp_path, tiny_model_dirs):
         (["--method", "sft", "--lc", "logits"], "English only"),
         (["--max-length", "10"], "no pair fits --max-length 10"),
         (["--global-batch-size", "6"], "not a multiple"),
+        (["--max-steps", "-3"], "--max-steps must be >= 1, got -3"),
     ]
     for flags, message in cases:
         r = cli("--pairs", PAIRS, "--out", out, "--model", model, "--max-steps", "1", *flags)
@@ -262,9 +419,79 @@ def test_bad_input_errors(tmp_path, tiny_model_dirs):
     assert r.returncode == 2 and "file not found" in r.stderr
 
 
+# -----------------------------------------------------------------------------
+# configuration: typed flag > --method > --preset > default
+
+
+def resolved(*flags):
+    return train.resolve_config(train.parse_args(["--pairs", "p.jsonl", "--out", "o", *flags]))
+
+
+def test_presets_and_methods_resolve_as_recorded():
+    """tests/fixtures/train_configs.json was written by tests/fixtures/make_train_configs.py with 02_train_dft.py as
+    it was before its argparse flags got real defaults (every default None, merged in resolve_config): every preset
+    x method, and a few typed flags, must still resolve to those configurations (plus the flags added since, at
+    their defaults)."""
+    recorded = json.load(open(os.path.join(REPO, "tests", "fixtures", "train_configs.json")))
+    assert len(recorded) == (len(train.PRESETS) + 1) * (len(train.METHODS) + 1) + 7
+    added = dict(lens_prefix="recompute")
+    for case in recorded:
+        assert resolved(*case["flags"]) == dict(case["config"], **added), case["flags"]
+
+
+def test_a_typed_flag_at_its_default_beats_preset_and_method(monkeypatch):
+    assert resolved("--preset", "smollm2-135m")["batch_size"] == 8
+    assert resolved("--preset", "smollm2-135m", "--batch-size", "4")["batch_size"] == 4  # 4 is the default
+    assert resolved("--preset", "llama2-7b", "--dtype", "float32")["dtype"] == "float32"
+    assert resolved("--preset", "llama2-7b", "--lc-layer", "auto")["lc_layer"] == "auto"
+    cfg = resolved("--preset", "llama2-7b", "--method", "mid-align")  # the method's own settings beat the preset's
+    assert (cfg["et_layer"], cfg["feature_grad"]) == ("mid", "both")
+    cfg = resolved("--preset", "llama2-7b", "--method", "mid-align", "--et-layer", "auto", "--feature-grad", "target")
+    assert (cfg["et_layer"], cfg["feature_grad"]) == ("auto", "target")
+    monkeypatch.setitem(train.PRESETS, "short", dict(max_length=256, epochs=1))
+    assert resolved("--preset", "short")["max_length"] == 256
+    assert resolved("--preset", "short", "--max-length", "512")["max_length"] == 512
+    assert resolved("--preset", "short", "--epochs", "3")["epochs"] == 3
+
+
+def test_help_shows_the_real_defaults():
+    text = " ".join(train.build_parser().format_help().split())
+    for shown in ("--lr LR peak learning rate (default: 2e-05)", "(default: 512)", "(default: tft)",
+                  "(default: q_proj,k_proj,v_proj,o_proj)", "(0: only the final model) (default: 0)"):
+        assert shown in text, shown
+    assert "default: None" not in text and "default: False" not in text
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--epochs", "0"], "--epochs must be a positive number, got 0.0"),
+    (["--epochs", "-1"], "--epochs must be a positive number"),
+    (["--epochs", "nan"], "--epochs must be a positive number"),
+    *[([f"--{name}", "0"], f"--{name} must be >= 1, got 0") for name in (
+        "max-steps", "batch-size", "grad-accum", "global-batch-size", "max-length", "eval-every", "eval-limit",
+        "log-every", "layer-sample")],
+    (["--max-steps", "-3"], "--max-steps must be >= 1, got -3"),
+    *[([f"--{name}", "-1"], f"--{name} must be >= 0") for name in (
+        "save-every", "ce-chunk", "lc-weight", "et-weight", "tft-weight", "lr", "warmup-ratio")],
+    (["--lr", "nan"], "--lr must be >= 0"),
+])
+def test_bad_numbers_are_refused_before_any_model_loads(flags, message, tmp_path):
+    out = str(tmp_path / "o")
+    eval_pairs = ["--eval-pairs", PAIRS] if "--eval-every" in flags else []
+    with pytest.raises(common.UserError) as e:  # a missing --model: reaching the loader would raise another error
+        train.main(["--pairs", PAIRS, "--out", out, "--model", str(tmp_path / "no-model"), *eval_pairs, *flags])
+    assert str(e.value).startswith(message), str(e.value)
+    assert not os.path.exists(out)
+
+
+def test_documented_zeros_are_accepted():
+    cfg = resolved("--save-every", "0", "--ce-chunk", "0", "--max-grad-norm", "0", "--lc-weight", "0", "--et-weight",
+                   "0", "--tft-weight", "0", "--warmup-ratio", "0", "--lr", "0", "--method", "dft-logits")
+    assert [cfg[k] for k in ("save_every", "ce_chunk", "max_grad_norm", "lc_weight", "warmup_ratio")] == [0] * 5
+
+
 def test_layer_order_allowed_with_flag(tmp_path, tiny_model_dirs):
-    out, log = run(tmp_path, "order", "--method", "dft-logits", "--max-steps", "1", "--lc-layer", "3", "--et-layer", "2",
-                   "--allow-layer-order", model_dir=tiny_model_dirs["llama"])
+    out, log = run(tmp_path, "order", "--method", "dft-logits", "--max-steps", "1", "--lc-layer", "3", "--et-layer",
+                   "2", "--allow-layer-order", model_dir=tiny_model_dirs["llama"])
     assert len(log) == 1
 
 
@@ -421,9 +648,10 @@ def test_empty_fields_are_refused_with_line_and_id(tmp_path, tiny_model_dirs):
     rows[2] = dict(rows[2], x_en="  \n")
     path = str(tmp_path / "empty.jsonl")
     common.write_jsonl(path, rows)
-    r = cli("--pairs", path, "--out", str(tmp_path / "o"), "--model", tiny_model_dirs["llama"], "--method", "dft-feature",
-            "--lc-layer", "1", "--et-layer", "3")
-    assert r.returncode == 2 and f"line 3 (id {rows[2]['id']!r}): empty or whitespace-only field(s) ['x_en']" in r.stderr
+    r = cli("--pairs", path, "--out", str(tmp_path / "o"), "--model", tiny_model_dirs["llama"], "--method",
+            "dft-feature", "--lc-layer", "1", "--et-layer", "3")
+    message = f"line 3 (id {rows[2]['id']!r}): empty or whitespace-only field(s) ['x_en']"
+    assert r.returncode == 2 and message in r.stderr
 
 
 def test_resume_finds_the_newest_complete_checkpoint(tmp_path, tiny_model_dirs):
@@ -493,7 +721,8 @@ def test_mid_align_preset_and_alternation(tmp_path, tiny_model_dirs):
     out, log = run(tmp_path, "mid", "--method", "mid-align", "--max-steps", "4", "--alternate",
                    model_dir=tiny_model_dirs["llama"])
     cfg = json.load(open(os.path.join(out, "train_config.json")))
-    assert (cfg["et"], cfg["et_layer_used"], cfg["feature_grad"], cfg["contrastive_temperature"]) == ("contrastive", 2, "both", 0.1)
+    assert (cfg["et"], cfg["et_layer_used"], cfg["feature_grad"], cfg["contrastive_temperature"]) == (
+        "contrastive", 2, "both", 0.1)
     assert [r["phase"] for r in log] == ["task", "align", "task", "align"]
     for r in log:  # each phase logs its own terms and counts
         task = r["phase"] == "task"
@@ -502,9 +731,10 @@ def test_mid_align_preset_and_alternation(tmp_path, tiny_model_dirs):
 
 
 def test_one_pair_per_step_is_refused_for_contrastive(tmp_path, tiny_model_dirs):
-    r = cli("--pairs", PAIRS, "--out", str(tmp_path / "one"), "--model", tiny_model_dirs["llama"], "--method", "mid-align",
-            "--batch-size", "1", "--max-steps", "1")
-    assert r.returncode == 2 and "raise --batch-size to at least 2" in r.stderr and not os.path.exists(str(tmp_path / "one" / "train_log.jsonl"))
+    r = cli("--pairs", PAIRS, "--out", str(tmp_path / "one"), "--model", tiny_model_dirs["llama"], "--method",
+            "mid-align", "--batch-size", "1", "--max-steps", "1")
+    assert r.returncode == 2 and "raise --batch-size to at least 2" in r.stderr
+    assert not os.path.exists(str(tmp_path / "one" / "train_log.jsonl"))
 
 
 def test_eval_batches_cover_every_example_once():
@@ -528,6 +758,6 @@ def test_contrastive_errors_before_training(tmp_path, tiny_model_dirs):
 
 
 def test_mid_align_heldout_loss_with_a_lone_last_pair(tmp_path, tiny_model_dirs):
-    _, log = run(tmp_path, "midev", "--method", "mid-align", "--max-steps", "1", "--eval-pairs", PAIRS, "--eval-limit", "5",
-                 model_dir=tiny_model_dirs["llama"])
+    _, log = run(tmp_path, "midev", "--method", "mid-align", "--max-steps", "1", "--eval-pairs", PAIRS, "--eval-limit",
+                 "5", model_dir=tiny_model_dirs["llama"])
     assert log[-1]["eval_loss_et"] > 0 and log[-1]["eval_loss_tft"] > 0
