@@ -146,7 +146,8 @@ def load_alpaca(en_rows, tgt_rows, tgt_name, source="alpaca"):
         where = f"{tgt_name} item {pos}"
         i = as_index(t["id"], where) if any(has_id) else pos
         if i >= len(en_rows):
-            raise UserError(f"{where}: id {i} is beyond the English file ({len(en_rows)} items): wrong file or shifted ids")
+            raise UserError(f"{where}: id {i} is beyond the English file ({len(en_rows)} items): "
+                            "wrong file or shifted ids")
         if i in seen:
             raise UserError(f"{where}: id {i} appears twice (first at item {seen[i]}): duplicated or shifted ids")
         seen[i] = pos
@@ -255,7 +256,8 @@ def load_hub_rows(name, config, split):
         ds = datasets.load_dataset(name, config, split=split)
     except Exception as e:  # unreachable hub, unknown name or config, missing split
         msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-        raise UserError(f"cannot load hub dataset {name!r} (config {config}, split {split}): {type(e).__name__}: {msg}; "
+        raise UserError(f"cannot load hub dataset {name!r} (config {config}, split {split}): "
+                        f"{type(e).__name__}: {msg}; "
                         "check the name while the hub is reachable, or use local files (--source alpaca/gsm8k/parallel "
                         "with --en-file/--tgt-file)") from None
     return [dict(r) for r in ds]
@@ -315,7 +317,8 @@ def load_rows(args, translate):
         raise UserError("--translate-model with --source hub needs --hub-layout columns (x_en=..,y_en=..)")
     en_path = args.en_file or data(ALPACA_EN if args.hub_layout == "alpaca" else GSM8K_EN)
     if args.hub_layout == "alpaca":
-        hub = rename(hub, parse_fields(args.hub_fields, (), ("id", "instruction", "input", "output", "prompt", "response")))
+        hub = rename(hub, parse_fields(args.hub_fields, (),
+                                       ("id", "instruction", "input", "output", "prompt", "response")))
         return load_alpaca(read_json_list(en_path), hub, source, source), [en_path, source]
     fields = parse_fields(args.hub_fields, ("id", "question"), ("answer",))
     hub = [(f"{source} row {k}", r["id"], r["question"], r.get("answer")) for k, r in enumerate(rename(hub, fields))]
@@ -349,7 +352,8 @@ NUMBER_WORDS = {
     "es": ("dos tres cuatro cinco seis siete ocho nueve diez once doce trece catorce quince dieciséis diecisiete "
            "dieciocho diecinueve veinte", "veinte treinta cuarenta cincuenta sesenta setenta ochenta noventa cien"),
     "fr": ("deux trois quatre cinq six sept huit neuf dix onze douze treize quatorze quinze seize dix-sept dix-huit "
-           "dix-neuf vingt", "vingt trente quarante cinquante soixante soixante-dix quatre-vingts quatre-vingt-dix cent"),
+           "dix-neuf vingt",
+           "vingt trente quarante cinquante soixante soixante-dix quatre-vingts quatre-vingt-dix cent"),
     "ru": ("два три четыре пять шесть семь восемь девять десять одиннадцать двенадцать тринадцать четырнадцать "
            "пятнадцать шестнадцать семнадцать восемнадцать девятнадцать двадцать",
            "двадцать тридцать сорок пятьдесят шестьдесят семьдесят восемьдесят девяносто сто"),
@@ -418,8 +422,9 @@ def carries(en, tgt):
 def find_shift(rows, en_nums, tgt_nums):
     """The first local shift: a run of pairs that do not carry their own English numbers, where targets carry the
     numbers of the next (or previous) id's English in >= SHIFT_MIN_RUN pairs and as many as SHIFT_MIN_VOTES of
-    the run's failures (each shifted number shows twice: a failure at its own id, a vote at its neighbour's). Only numbers of
-    >= 2 digits count here ("24", "1867"): "1" and "2" are in every other text and would match by chance.
+    the run's failures (each shifted number shows twice: a failure at its own id, a vote at its neighbour's).
+    Only numbers of >= 2 digits count here ("24", "1867"): "1" and "2" are in every other text and would match
+    by chance.
     A run ends at a pair that carries its own numbers and no neighbour's. Returns (first id, last id,
     direction, votes, pairs in the run) or None."""
     specific = lambda nums: {n for n in nums if len(n) >= 2}
@@ -464,8 +469,8 @@ def verify_alignment(rows, lang, min_agreement, max_misaligned):
         if shift:
             first, last, direction, votes, n = shift
             raise UserError(f"ids {first} .. {last} look shifted by one: {n} pairs with numbers there in a row do not "
-                            f"carry their own English numbers, and {votes} targets there carry those of the {direction} "
-                            "id's English; "
+                            f"carry their own English numbers, and {votes} targets there carry those of the "
+                            f"{direction} id's English; "
                             "a row was inserted or lost in the target file there: fix it "
                             "(--align-min-agreement 0 skips the alignment checks)")
     evidence = []  # (id, agrees) for pairs whose English side carries >= 2 numbers
@@ -500,8 +505,8 @@ def verify_alignment(rows, lang, min_agreement, max_misaligned):
 # script: URLs, e-mail addresses, hashtags and @handles, file / domain / dotted names, tokens with code
 # characters inside (snake_case, a/b, x=y, <tag>), and numbers.
 _NS = r"[^\s\u2e80-\u9fff\uac00-\ud7af\uff00-\uffef]"  # a non-space that is not CJK (CJK runs have no spaces)
-NEUTRAL = re.compile(rf"(?:https?://|www\.){_NS}+|[\w.+-]+@[\w-]+(?:\.[\w-]+)+|[#@]\w+|{_NS}*\w[._/\\<>{{}}=|^~`*]\w{_NS}*"
-                     rf"|</?\w[^>]*>|{_NS}*\d{_NS}*")
+NEUTRAL = re.compile(rf"(?:https?://|www\.){_NS}+|[\w.+-]+@[\w-]+(?:\.[\w-]+)+|[#@]\w+"
+                     rf"|{_NS}*\w[._/\\<>{{}}=|^~`*]\w{_NS}*|</?\w[^>]*>|{_NS}*\d{_NS}*")
 # English function words: prose has ~40% of them, lists of names, titles, code and tags have few
 EN_FUNCTION = set("""a an the of to in on at by for with from into about over after before between through during
 and or but nor so if then than as that this these those there here it its is are was were be been being am has
@@ -516,7 +521,8 @@ CODE_STRONG = re.compile(
     r"^\s*```|^\s*" + SQL_HEAD + r"\b|\b" + SQL_HEAD + r"\b.*(?:\bFROM\b|\bSET\b|\bVALUES\b|\bAS\b|\(|\*|;\s*$)"
     r"|^\s*(?:def|class)\s+\w+\s*[(:]|^\s*(?:import\s+\w+|from\s+[\w.]+\s+import\b|#include\b|using\s+namespace\b)"
     r"|^\s*(?:public|private|protected|static)\s+[\w<>\[\]]+\s+\w+|^\s*function\s+\w*\s*\("
-    r"|^\s*(?:var|let|const)\s+\w+\s*=|^\s*for\s*\(.*;.*;|\bcout\s*<<|\b[a-z_]\w*\s*\+\+\s*[;)]|\w\s*(?:==|!=|\+=|-=|=>|&&|\|\|)|\b(?:print|console\.log|printf|println|"
+    r"|^\s*(?:var|let|const)\s+\w+\s*=|^\s*for\s*\(.*;.*;|\bcout\s*<<|\b[a-z_]\w*\s*\+\+\s*[;)]"
+    r"|\w\s*(?:==|!=|\+=|-=|=>|&&|\|\|)|\b(?:print|console\.log|printf|println|"
     r"System\.out\.println)\s*\(|^\s*</?(?:html|head|body|div|p|span|img|a|ul|ol|li|table|tr|td|h[1-6]|script|"
     r"style|form|input|button)\b[^>]*>", re.M)
 CODE_LINE = re.compile(
@@ -655,7 +661,8 @@ def drop_reason(row, lang, min_ratio, max_ratio, anchors_only=False):
         return "numbers_absent"
     # (English, target, letters from which the text is judged): x always (an instruction is always translated),
     # y from JUDGE_MIN_LETTERS letters of prose on (a short answer is often the same in every language)
-    sides = [(row["x_en"], row["x_tgt"], True)] + ([] if row.get("_y_english") else [(row["y_en"], row["y_tgt"], False)])
+    sides = ([(row["x_en"], row["x_tgt"], True)]
+             + ([] if row.get("_y_english") else [(row["y_en"], row["y_tgt"], False)]))
     if any(broken_code(en, tgt) for en, tgt, _ in sides):
         return "code_translated"
     if any(untranslated(en, tgt, JUDGE_MIN_LETTERS, instruction, "" if instruction else row["x_tgt"])
@@ -749,7 +756,8 @@ def public(row, lang):
 
 def compute_stats(lang, source, n_in, drops, dropped, kept, train, dev, alignment, n_examples=3):
     out = train + dev
-    short = lambda r: {k: (v[:300] + "...") if isinstance(v, str) and len(v) > 300 else v for k, v in public(r, lang).items()}
+    short = lambda r: {k: (v[:300] + "...") if isinstance(v, str) and len(v) > 300 else v
+                       for k, v in public(r, lang).items()}
     stats = {
         "lang": lang, "source": source,
         "counts": {"in": n_in, "kept": len(kept), "dropped": sum(drops.values()),
@@ -779,8 +787,9 @@ def load_translator(name, device):
         model = AutoModelForSeq2SeqLM.from_pretrained(name)
     except Exception as e:  # unreachable hub, not a seq2seq model, no such folder
         msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-        raise UserError(f"cannot load translation model {name!r}: {type(e).__name__}: {msg}; pass a local folder "
-                        "or the hub name of a seq2seq model (NLLB, Marian, M2M100) while the hub is reachable") from None
+        raise UserError(f"cannot load translation model {name!r}: {type(e).__name__}: {msg}; "
+                        "pass a local folder or the hub name of a seq2seq model (NLLB, Marian, M2M100) "
+                        "while the hub is reachable") from None
     return tok, model.to(device).eval()
 
 
@@ -870,7 +879,8 @@ def parse_args(argv=None):
                         "(fields id,instruction,input,output or id,prompt,response; gsm8k: id,question[,answer])")
     g.add_argument("--hub-fields", help="KEY=COLUMN,... mapping our keys to the dataset's columns")
     g = p.add_argument_group("filters and checks")
-    g.add_argument("--min-ratio", type=float, help="min chars(tgt)/chars(en) (default per language, LENGTH_RATIO_BOUNDS)")
+    g.add_argument("--min-ratio", type=float,
+                   help="min chars(tgt)/chars(en) (default per language, LENGTH_RATIO_BOUNDS)")
     g.add_argument("--max-ratio", type=float, help="max chars(tgt)/chars(en)")
     g.add_argument("--max-tokens", type=int, help="drop pairs whose longest training sequence exceeds this")
     g.add_argument("--tokenizer", help="tokenizer (model name or folder) for --max-tokens")
@@ -891,9 +901,11 @@ def parse_args(argv=None):
     g.add_argument("--translate-model", help="transformers seq2seq model (e.g. facebook/nllb-200-distilled-600M)")
     g.add_argument("--bt-model", help="target->English model for the back-translation chrF (default: the same "
                                       "model when it is multilingual)")
-    g.add_argument("--bt-sample", type=int, default=50, help="items back-translated for the chrF estimate (default %(default)s)")
+    g.add_argument("--bt-sample", type=int, default=50,
+                   help="items back-translated for the chrF estimate (default %(default)s)")
     g.add_argument("--translate-batch-size", type=int, default=16, help="default %(default)s")
-    g.add_argument("--translate-max-length", type=int, default=256, help="max tokens per translated line (default %(default)s)")
+    g.add_argument("--translate-max-length", type=int, default=256,
+                   help="max tokens per translated line (default %(default)s)")
     g.add_argument("--device", default=None, help="default: cuda when available")
     return p.parse_args(argv)
 

@@ -127,7 +127,8 @@ def okapi_task_files(folder, tasks_dir, data_dir=common.DATA_DIR):
                          mc2_targets_choices=r["mc2_targets_choices"], mc2_targets_labels=r["mc2_targets_labels"]))
     tqa = os.path.join(folder, "truthfulqa_zh_validation.jsonl")
     _write_jsonl(tqa, rows)
-    _local_yaml(folder, "truthfulqa_zh_mc1_local", os.path.join(okapi, "truthfulqa_multilingual", "truthfulqa_zh_mc1.yaml"),
+    _local_yaml(folder, "truthfulqa_zh_mc1_local",
+                os.path.join(okapi, "truthfulqa_multilingual", "truthfulqa_zh_mc1.yaml"),
                 dict(files=dict(val=tqa), keys=dict(validation_split="val", test_split="null", training_split="null")))
     return perm
 
@@ -148,7 +149,8 @@ def harness_task_files(folder, tasks_dir, xnli_rows, mgsm_rows):
 
 def run_ours(models, args, share_prefix=True):
     """{task: {dtype: run}} for every task with a limit, each task run in every dtype in turn."""
-    a = ev.parse_args(["--out", "x", "--batch-size", str(args.batch_size)] + ([] if share_prefix else ["--no-share-prefix"]))
+    a = ev.parse_args(["--out", "x", "--batch-size", str(args.batch_size)]
+                      + ([] if share_prefix else ["--no-share-prefix"]))
     a.pairs = args.nll_pairs
     out = {}
     for task, _, flag in TASKS + (("nll", None, "nll_limit"),):
@@ -161,7 +163,8 @@ def run_ours(models, args, share_prefix=True):
             t0, c0 = time.time(), time.process_time()
             items, _, _ = ev.load_task(task, "zh", a)
             entry, rows = ev.evaluate(model, tokenizer, task, "zh", items, a)
-            out[task][dtype] = dict(seconds=time.time() - t0, cpu_seconds=time.process_time() - c0, entry=entry, rows=rows)
+            out[task][dtype] = dict(seconds=time.time() - t0, cpu_seconds=time.process_time() - c0,
+                                    entry=entry, rows=rows)
             print(f"[ours {dtype}] {task}: {len(rows)} items, {out[task][dtype]['cpu_seconds']:.1f} CPU s, "
                   f"{entry['metric']} {entry['score']:.4f}", flush=True)
     return out
@@ -183,7 +186,8 @@ def compare_dtypes(task, ref, other):
     out = dict(n=len(a), score_ref=ref["entry"]["score"], score=other["entry"]["score"])
     if task in MC_TASKS:
         diff = [x["id"] for x, y in zip(a, b) if x["pred"] != y["pred"]]
-        out.update(different_prediction=len(diff), different_share=round(len(diff) / len(a), 4), different_ids=diff[:20],
+        out.update(different_prediction=len(diff), different_share=round(len(diff) / len(a), 4),
+                   different_ids=diff[:20],
                    max_abs_loglik_diff=max(abs(u - v) for x, y in zip(a, b)
                                            for u, v in zip(x["loglikelihoods"], y["loglikelihoods"])))
     elif task == "nll":
@@ -228,11 +232,13 @@ def compare_mc(ours, harness, perm=None):
         if h_pred == row["pred"]:
             agree += 1
         else:
-            mism.append(dict(id=i, ours=row["loglikelihoods"], harness_in_our_order=[h for _, h in sorted(zip(order, h_lls))],
+            mism.append(dict(id=i, ours=row["loglikelihoods"],
+                             harness_in_our_order=[h for _, h in sorted(zip(order, h_lls))],
                              ours_pred=row["pred"], harness_pred=h_pred, gold=row["gold"]))
     n = len(ours["rows"])
     return dict(n=n, harness_n=len(docs), same_items=same_items, same_requests=same_prompt, same_prediction=agree,
-                same_correct=same_correct, max_abs_loglik_diff=max_diff, acc_ours=sum(bool(r["correct"]) for r in ours["rows"]) / n,
+                same_correct=same_correct, max_abs_loglik_diff=max_diff,
+                acc_ours=sum(bool(r["correct"]) for r in ours["rows"]) / n,
                 acc_harness=h_correct / n, mismatches=mism[:5], request_mismatches=[
                     dict(d, ours=[x[:300] for x in d["ours"]], harness=[x[:300] for x in d["harness"] or []])
                     for d in bad_prompt[:3]])
@@ -302,7 +308,8 @@ def main():
                   limits=dict(xnli=args.xnli_limit, mmlu=args.mmlu_limit, truthfulqa=args.truthfulqa_limit,
                               mgsm=args.mgsm_limit, nll=args.nll_limit if args.nll_pairs else 0),
                   harness_limits={t: n for t, _, n in run}, versions=common.versions(),
-                  nll_pairs=dict(path=args.nll_pairs, sha256=common.sha256_file(args.nll_pairs)) if args.nll_pairs else None,
+                  nll_pairs=(dict(path=args.nll_pairs, sha256=common.sha256_file(args.nll_pairs))
+                             if args.nll_pairs else None),
                   started=time.strftime("%Y-%m-%d %H:%M:%S"))
 
     models = {}
@@ -315,7 +322,8 @@ def main():
                           for d, r in by_dtype.items()} for t, by_dtype in ours.items()}
     report["speedup_cpu_vs_" + ref] = {t: {d: round(by_dtype[ref]["cpu_seconds"] / r["cpu_seconds"], 2)
                                            for d, r in by_dtype.items() if d != ref} for t, by_dtype in ours.items()}
-    report["agreement_vs_" + ref] = {t: {d: compare_dtypes(t, by_dtype[ref], r) for d, r in by_dtype.items() if d != ref}
+    report["agreement_vs_" + ref] = {t: {d: compare_dtypes(t, by_dtype[ref], r)
+                                         for d, r in by_dtype.items() if d != ref}
                                      for t, by_dtype in ours.items()}
     if args.share_prefix_check:
         flat = run_ours({ref: models[ref]}, args, share_prefix=False)

@@ -193,7 +193,8 @@ def main():
     g.add_argument("--precisions", default="no,bf16",
                    help="compute precisions timed side by side: no (float32), bf16 (autocast on the weights)")
     g.add_argument("--threads", type=int, default=1,
-                   help="torch threads (0: torch's default); with 1 on a CPU the ratios use process time, robust to other jobs")
+                   help="torch threads (0: torch's default); with 1 on a CPU the ratios use process time, "
+                        "robust to other jobs")
     g.add_argument("--grad-checkpointing", action="store_true")
     g = p.add_argument_group("measurement")
     g.add_argument("--warmup", type=int, default=1)
@@ -241,10 +242,12 @@ def main():
                     + f" | {measured:.2f} | {model:.2f} | {100 * r['over_model']:+.0f}% | "
                     f"{r['peak_mb']:.0f} ({r['peak_mb'] - r['before_mb']:+.0f}) |")
     table = (f"| method | precision | wall s/step | CPU s/step | step / float32 step ({clock}) | measured / tft | "
-             "cost model / tft | measured vs model | peak MB (step) |\n|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows))
+             "cost model / tft | measured vs model | peak MB (step) |\n|---|---|---|---|---|---|---|---|---|\n"
+             + "\n".join(rows))
     header = (f"model {args.model}, {args.device}, weights {args.dtype}, batch {args.batch_size}, max length "
-              f"{args.max_length}, i={args.lc_layer}, j={args.et_layer}, L={results[f'{precisions[0]}/tft']['num_layers']}, "
-              f"{args.threads or 'default'} thread(s), median of {args.repeats} steps; precisions interleaved in each round")
+              f"{args.max_length}, i={args.lc_layer}, j={args.et_layer}, "
+              f"L={results[f'{precisions[0]}/tft']['num_layers']}, {args.threads or 'default'} thread(s), "
+              f"median of {args.repeats} steps; precisions interleaved in each round")
     os.makedirs(args.out, exist_ok=True)
     common.write_json(os.path.join(args.out, "bench_train.json"), dict(settings=vars(args), results=results,
                                                                      versions=common.versions()))

@@ -13,7 +13,8 @@ TGT=${TGT:-zh}              # alpaca ships zh and vi
 METHOD=${METHOD:-dft-logits}
 STEPS=${STEPS:-30}
 LIMIT=${LIMIT:-50}          # items per task x language in the evaluation
-PRECISION=${PRECISION:-auto} # auto: bf16 where the CPU/GPU computes it natively (training autocast, evaluation weights); no: float32
+# auto: bf16 where the CPU/GPU computes it natively (training autocast, evaluation weights); no: float32
+PRECISION=${PRECISION:-auto}
 BASE=HuggingFaceTB/SmolLM2-135M-Instruct
 rm -rf "$OUT"
 

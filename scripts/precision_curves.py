@@ -68,7 +68,8 @@ def main():
     extra = [a for a in extra if a != "--"]
     rows, results = [], {}
     for method in common.parse_list(args.methods):
-        logs = {mp: common.read_jsonl(os.path.join(train(method, mp, args, extra), "train_log.jsonl")) for mp in ("no", "bf16")}
+        logs = {mp: common.read_jsonl(os.path.join(train(method, mp, args, extra), "train_log.jsonl"))
+                for mp in ("no", "bf16")}
         diffs = compare(logs["no"], logs["bf16"])
         seconds = {mp: sum(r["seconds"] for r in log) for mp, log in logs.items()}
         results[method] = dict(relative_difference=diffs, train_seconds=seconds)
@@ -78,8 +79,9 @@ def main():
                         f"{100 * sum(d) / len(d):.2f}% | {'yes' if max(d) <= args.threshold else 'no'} |")
         rows.append(f"| {method} | step time float32 / bf16 | | {seconds['no']:.0f} s / {seconds['bf16']:.0f} s "
                     f"({seconds['bf16'] / seconds['no']:.2f}x) | | |")
-    header = (f"{args.model}, {args.steps} steps x batch {args.batch_size}, max length {args.max_length}, lr {args.lr}, "
-              f"seed {args.seed}, i={args.lc_layer}, j={args.et_layer}; pairs {os.path.basename(args.pairs)} "
+    header = (f"{args.model}, {args.steps} steps x batch {args.batch_size}, max length {args.max_length}, "
+              f"lr {args.lr}, seed {args.seed}, i={args.lc_layer}, j={args.et_layer}; "
+              f"pairs {os.path.basename(args.pairs)} "
               f"(sha256 {common.sha256_file(args.pairs)[:12]})")
     table = ("| method | term | steps | max relative difference bf16 vs float32 | mean | <= "
              f"{100 * args.threshold:.0f}% every step |\n|---|---|---|---|---|---|\n" + "\n".join(rows))

@@ -1,6 +1,8 @@
 """The documentation holds together: every relative link in a tracked markdown file resolves (the file or
-folder exists; for `#anchor`, a heading with that GitHub slug exists in the target), and README.md stays
-a front page (at most README_MAX_LINES lines). No torch import: this runs on a bare Python."""
+folder exists; for `#anchor`, a heading with that GitHub slug exists in the target), every repository path
+the front pages name exists, README.md stays a front page (at most README_MAX_LINES lines) and results/
+holds no code. No torch import: this runs on a bare Python."""
+import glob
 import os
 import re
 import subprocess
@@ -164,3 +166,72 @@ def test_readme_is_a_front_page():
         n = len(f.read().splitlines())
     assert n <= README_MAX_LINES, f"README.md has {n} lines (at most {README_MAX_LINES}): move reference " \
                                   "material into docs/"
+
+
+# A repository path written in prose or code spans: under one of the tracked top folders, or a bare script name.
+# Placeholders (<run>, {lang}, $OUT) end the match, so only concrete paths are checked; '*' is a glob.
+REPO_PATH = re.compile(r"(?<![\w./<{$*-])((?:scripts|results|docs|configs|data|tests)/[\w./*-]*[\w/*]"
+                       r"|[\w-]+\.(?:py|sh))(?![\w/<{$-])")
+# Folders a page names before they exist: what a pre-registered, still running study will write.
+NOT_YET_WRITTEN = {"results/gemma3/ablations/"}
+
+
+def tracked_files():
+    try:
+        out = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+        return [f for f in out.decode().split("\0") if f]
+    except (OSError, subprocess.CalledProcessError):
+        files = []
+        for d, dirs, names in os.walk(ROOT):
+            dirs[:] = [x for x in dirs if not x.startswith(".") and x not in ("runs", "node_modules")]
+            files += [os.path.relpath(os.path.join(d, n), ROOT) for n in names]
+        return files
+
+
+def front_pages():
+    """README.md, the docs pages and the results pages: what a reader follows to find a file."""
+    return [f for f in FILES if f == "README.md" or f.startswith("docs/")
+            or (f.startswith("results/") and f.endswith("README.md"))]
+
+
+def missing_paths(rel_path, names):
+    with open(os.path.join(ROOT, rel_path), encoding="utf-8") as f:
+        text = f.read()
+    here = os.path.dirname(rel_path)
+    errors = []
+    for n, line in enumerate(text.split("\n"), 1):
+        for m in REPO_PATH.finditer(line):
+            path = m.group(1)
+            if path in NOT_YET_WRITTEN:
+                continue
+            if "/" not in path:  # a bare script name: some tracked file has it
+                found = path in names
+            else:
+                found = any(glob.glob(os.path.join(base, path)) for base in (ROOT, os.path.join(ROOT, here)))
+            if not found:
+                errors.append(f"{rel_path}:{n}: {path}")
+    return errors
+
+
+def test_path_checker_catches_a_moved_file(tmp_path, monkeypatch):
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / "scripts" / "a.py").write_text("")
+    (tmp_path / "README.md").write_text("`scripts/a.py`, `a.py`, `scripts/*.py`, `results/<run>.json`, "
+                                        "`$OUT/x.py`\n`results/a.py` and `b.sh` moved.\n")
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", str(tmp_path))
+    errors = missing_paths("README.md", {"a.py"})
+    assert errors == ["README.md:2: results/a.py", "README.md:2: b.sh"], errors
+
+
+def test_paths_in_front_pages_exist():
+    names = {os.path.basename(f) for f in tracked_files()}
+    pages = front_pages()
+    assert "README.md" in pages and "docs/LOG.md" in pages and "results/README.md" in pages
+    errors = [e for page in pages for e in missing_paths(page, names)]
+    assert not errors, "paths that do not exist (moved or renamed?):\n" + "\n".join(errors)
+
+
+def test_results_hold_no_code():
+    code = [f for f in tracked_files() if f.startswith("results/")
+            and f.endswith((".py", ".sh", ".ipynb", ".bash"))]
+    assert not code, f"code under results/ (it belongs in scripts/): {code}"

@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# device run: GPU smoke (A-E) + bench on the SmolLM2-shaped model, then bench on a random 1.1B LLaMA (TinyLlama shape)
+# The script behind results/gpu_smoke/ (its README says how it ran), run from the repository root on a one-GPU
+# machine without network: GPU smoke test A-E + step timings on the SmolLM2-shaped model (scripts/gpu_smoke.sh),
+# then the step timings of a random 1.1B LLaMA (TinyLlama shape). Python packages come as wheels in .whl/;
+# files for results/ are written to $OUT.
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1 PIP_NO_INDEX=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 T0=$SECONDS
 PY=python3 OUT=/tmp/smoke BENCH=1 bash scripts/gpu_smoke.sh; echo "smoke rc $? after $((SECONDS-T0)) s"
@@ -14,8 +18,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from conftest import make_tokenizer
 tok = make_tokenizer()
-cfg = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                  num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=False, rms_norm_eps=1e-5,
+cfg = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                  num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
+                  tie_word_embeddings=False, rms_norm_eps=1e-5,
                   bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
 torch.manual_seed(0)
 with torch.device("cuda"):

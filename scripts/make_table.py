@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The replication tables from the run JSONs in results/eval (or any 03_evaluate.py --out folder).
 
-    python results/make_table.py results/eval > results/table.md
+    python scripts/make_table.py results/eval > results/table.md
 
 1. scores ± standard error, five models x the measures that matter here (NLL first: it can move at this
    scale), including chrF (03's --compare and results.md use BLEU, the primary translation metric);
@@ -52,21 +52,24 @@ def chrf_p(folder, a, b, direction, resamples=10000, seed=1234):
     n = len(refs)
     full = np.arange(n)
     delta, p = common.paired_bootstrap(lambda idx: score(a, idx), lambda idx: score(b, idx), n,
-                                                 resamples=resamples, seed=seed)
+                                       resamples=resamples, seed=seed)
     return score(a, full), score(b, full), delta, p, n
 
 
 def main():
     folder = sys.argv[1] if len(sys.argv) > 1 else "results/eval"
-    runs = {r: json.load(open(os.path.join(folder, f"{r}.json"))) for r in RUNS if os.path.exists(os.path.join(folder, f"{r}.json"))}
-    head = ["run"] + [f"{t.replace('translation_tatoeba', 'chrF')} {l}".replace("chrF en-zh", "chrF en→zh").replace("chrF zh-en", "chrF zh→en")
-                      for t, l, _ in COLS]
+    runs = {r: json.load(open(os.path.join(folder, f"{r}.json")))
+            for r in RUNS if os.path.exists(os.path.join(folder, f"{r}.json"))}
+    arrows = {"chrF en-zh": "chrF en→zh", "chrF zh-en": "chrF zh→en"}
+    head = ["run"] + [arrows.get(name, name) for name in
+                      (f"{t.replace('translation_tatoeba', 'chrF')} {l}" for t, l, _ in COLS)]
     print("### Scores ± standard error (NLL: nats/token, lower is better; acc/F1 in %; chrF 0-100)\n")
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for r, rec in runs.items():
         cells = [cell(rec["results"][t][l], m) if l in rec["results"].get(t, {}) else "–" for t, l, m in COLS]
         print(f"| {r} | " + " | ".join(cells) + " |")
-    n = {f"{t} {l}": rec["results"][t][l]["n"] for rec in runs.values() for t, l, _ in COLS if l in rec["results"].get(t, {})}
+    n = {f"{t} {l}": rec["results"][t][l]["n"]
+         for rec in runs.values() for t, l, _ in COLS if l in rec["results"].get(t, {})}
     print("\nItems per cell: " + ", ".join(f"{k} {v}" for k, v in n.items()) + ".\n")
     print("### Paired bootstrap, B − A (two-sided p; 10000 resamples)\n")
     print("| A → B | " + " | ".join(f"{t.replace('translation_tatoeba', 'chrF')} {l}" for t, l, _ in COLS) + " |")

@@ -2,11 +2,12 @@
 Exploratory probe (not the benchmark): greedy decoding in float32 vs bf16, CPU time per generated token.
 
 Used to ask whether a different decoding set-up (batch size, attention kernel) could lift MGSM's bf16
-speed-up to 2x; results and the conditions they were taken under: README.md (*Can decoding reach 2x?*).
+speed-up to 2x; results and the conditions they were taken under: results/bench_evaluate/README.md
+(*Can decoding reach 2x?*).
 
-    OMP_NUM_THREADS=1 .venv/bin/python results/bench_evaluate/decode_probe.py --batch 16 --new-tokens 160
-    OMP_NUM_THREADS=1 .venv/bin/python results/bench_evaluate/decode_probe.py --attn eager
-    OMP_NUM_THREADS=1 .venv/bin/python results/bench_evaluate/decode_probe.py --new-tokens 64 --profile
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/decode_probe.py --batch 16 --new-tokens 160
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/decode_probe.py --attn eager
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/decode_probe.py --new-tokens 64 --profile
 """
 import argparse
 import contextlib
@@ -17,10 +18,11 @@ import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import common  # noqa: E402
 
+# The probe times 03's own greedy_generate (and reads MGSM with 03's _tsv), so it loads the stage by file path.
 spec = importlib.util.spec_from_file_location("evaluate", os.path.join(ROOT, "03_evaluate.py"))
 ev = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(ev)
@@ -45,7 +47,8 @@ def main():
         never = ["@@@@"]  # a stop string that does not occur: every row generates --new-tokens
         with torch.no_grad():
             ev.greedy_generate(model, tokenizer, prompts[:2], 4, never, batch_size=args.batch)  # warm-up
-            profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if args.profile else None
+            profiler = (torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+                        if args.profile else None)
             start = time.process_time()
             with profiler or contextlib.nullcontext():
                 _, counts = ev.greedy_generate(model, tokenizer, prompts, args.new_tokens, never, batch_size=args.batch)

@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Which tokens the logit lens puts first at one block: the commonest lens top-1 tokens on zh dev sentences.
 
-    python results/lens_top_tokens.py runs/replication_gemma/tft-s1 runs/replication_gemma/dft-logits-w1-s1 \
+    python scripts/lens_top_tokens.py runs/replication_gemma/tft-s1 runs/replication_gemma/dft-logits-w1-s1 \
         --pairs runs/replication_gemma/pairs_zh.dev.jsonl --block 8 --n 40 > results/gemma3/layers/top_tokens_block8.md
 
-Exploratory (fourth session): it names the "neither English nor zh" tokens of the mechanism tables. Positions
+Exploratory: it names the "neither English nor zh" tokens of the mechanism tables. Positions
 are every token of x_tgt, as in 03_evaluate.py --analysis layers (same lens, same right padding).
 """
 import argparse
@@ -45,7 +45,8 @@ def main():
                     parts.backbone(input_ids=enc.input_ids, attention_mask=enc.attention_mask, use_cache=False)
                 counts.update(common.lens_logits(parts, captured[args.block][mask]).float().argmax(-1).tolist())
         n = sum(counts.values())
-        listed = ", ".join(f"`{json.dumps(tok.decode([t]), ensure_ascii=False)}` {c / n:.3f}" for t, c in counts.most_common(args.top))
+        listed = ", ".join(f"`{json.dumps(tok.decode([t]), ensure_ascii=False)}` {c / n:.3f}"
+                           for t, c in counts.most_common(args.top))
         print(f"| {os.path.basename(path.rstrip('/'))} | {n} | {listed} |", flush=True)
 
 
