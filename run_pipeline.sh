@@ -30,5 +30,6 @@ $PY 02_train_dft.py --pairs "$OUT/pairs_$TGT.jsonl" --out "$OUT/$METHOD" --model
 echo "== 3/3 evaluation: base vs $METHOD"
 $PY 03_evaluate.py --model "$BASE" "$OUT/$METHOD" --run-name base "$METHOD" \
     --tasks xnli,xcopa,xstorycloze,xquad,nll --langs "$TGT" --limit "$LIMIT" --max-new-tokens 32 \
-    --pairs "$OUT/pairs_$TGT.dev.jsonl" --out "$OUT/eval" --dtype "$([ "$PRECISION" = no ] && echo float32 || echo auto)"
+    --pairs "$OUT/pairs_$TGT.dev.jsonl" --out "$OUT/eval" \
+    --dtype "$([ "$PRECISION" = no ] && echo float32 || echo auto)"
 echo "results: $OUT/eval/results.md"

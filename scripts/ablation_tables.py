@@ -80,7 +80,8 @@ def penalty(steps, seeds):
     name = (lambda g, s: f"{g}-300-s{s}") if steps == 300 else (lambda g, s: f"{g}-s{s}")
     where = NEW if steps == 300 else OLD
     feature = "dft-feature" if steps == 300 else "dft-feature-w1"
-    return [t for s in seeds for t in ((where, name(feature, s), 1 / len(seeds)), (where, name("tft", s), -1 / len(seeds)))]
+    w = 1 / len(seeds)
+    return [t for s in seeds for t in ((where, name(feature, s), w), (where, name("tft", s), -w))]
 
 
 def scale(terms, c):
@@ -109,9 +110,9 @@ def question1(out):
         r["p_holm"] = p_holm
     out.append("### Question 1: budget (dft-feature − tft at 300 vs at 100 steps, seeds 1 and 2 pooled)\n")
     out.append("Δ = penalty at 300 − penalty at 100 (penalty = dft-feature − tft, seeds averaged); one item draw "
-               "per resample shared by all eight runs. Holm over NLL zh and NLU avg; NLL en descriptive. Claimed only if "
-               "Holm p < 0.05, the interval excludes 0 and |Δ| > |placebo|. NLU avg: minimum detectable change ≈ 1.2 "
-               "points.\n")
+               "per resample shared by all eight runs. Holm over NLL zh and NLU avg; NLL en descriptive. "
+               "Claimed only if Holm p < 0.05, the interval excludes 0 and |Δ| > |placebo|. NLU avg: minimum "
+               "detectable change ≈ 1.1–1.2 points.\n")
     out.append("| measure | penalty at 100 | penalty at 300 | Δ | 95% interval | p | p (Holm) | placebo Δ [95%] | "
                "claim |")
     out.append("|---|---|---|---|---|---|---|---|---|")
@@ -164,12 +165,14 @@ def plot_curves(path):
     fig, ax = plt.subplots(figsize=(7, 4.2))
     drawn = 0
     for where, run, style in [(OLD, "tft-s1", "C0--"), (OLD, "tft-s2", "C0:"), (OLD, "dft-feature-w1-s1", "C1--"),
-                              (OLD, "dft-feature-w1-s2", "C1:"), (NEW, "tft-300-s1", "C0-"), (NEW, "tft-300-s2", "C0-."),
+                              (OLD, "dft-feature-w1-s2", "C1:"), (NEW, "tft-300-s1", "C0-"),
+                              (NEW, "tft-300-s2", "C0-."),
                               (NEW, "dft-feature-300-s1", "C1-"), (NEW, "dft-feature-300-s2", "C1-.")]:
         log = os.path.join(REPL if where == OLD else ABL, "train", run, "train_log.jsonl")
         if not os.path.exists(log):
             continue
-        pts = [(r["step"], r["eval_loss_tft"]) for r in map(json.loads, open(log)) if r.get("eval_loss_tft") is not None]
+        rows = [json.loads(line) for line in open(log) if line.strip()]
+        pts = [(r["step"], r["eval_loss_tft"]) for r in rows if r.get("eval_loss_tft") is not None]
         if pts:
             ax.plot(*zip(*pts), style, marker="o", ms=3, label=run)
             drawn += 1
@@ -264,7 +267,8 @@ def max_abs_diff(a, b):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--check-base", metavar="EVAL_DIR", help="compare base's per-item files there with the replication's")
+    p.add_argument("--check-base", metavar="EVAL_DIR",
+                   help="compare base's per-item files there with the replication's")
     p.add_argument("--out", default=ABL, help="folder for tables.md, compare.json and the figures")
     args = p.parse_args()
     if args.check_base:

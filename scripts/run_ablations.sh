@@ -55,7 +55,8 @@ if [ ! -f "$OUT/pairs.done" ]; then
     want_dev=$(awk '$2 == "pairs_zh.dev.jsonl" {print $1}' "$REPL_SHA")
     got_old=$(sha256sum < "$PAIRS_OLD" | cut -c1-64)
     for dev in "$DEV" "${PAIRS_OLD%.jsonl}.dev.jsonl"; do
-        [ "$(sha256sum < "$dev" | cut -c1-64)" = "$want_dev" ] || { stamp "$dev is not the replication's dev set: stop"; exit 1; }
+        [ "$(sha256sum < "$dev" | cut -c1-64)" = "$want_dev" ] ||
+            { stamp "$dev is not the replication's dev set: stop"; exit 1; }
     done
     [ "$got_old" = "$want_train" ] || { stamp "$PAIRS_OLD is not the replication's train file: stop"; exit 1; }
     missing=$(comm -23 <(cut -d, -f1 "$PAIRS_OLD" | sort) <(cut -d, -f1 "$PAIRS_BIG" | sort) | wc -l)
@@ -69,7 +70,8 @@ fi
 
 refresh_tables() {  # tables and figures from what has finished (one writer at a time)
     ( flock 9
-      $PY scripts/ablation_tables.py --out "$RES" > /dev/null 2> "$OUT/tables.err" || stamp "tables failed (see $OUT/tables.err)"
+      $PY scripts/ablation_tables.py --out "$RES" > /dev/null 2> "$OUT/tables.err" ||
+          stamp "tables failed (see $OUT/tables.err)"
     ) 9> "$OUT/.tables.lock"
 }
 
