@@ -700,7 +700,7 @@ SHARE_MIN_RATIO = 4
 
 
 @torch.no_grad()
-def loglikelihoods(model, groups, batch_size=16, share_prefix=True, progress=None):
+def loglikelihoods(model, groups, batch_size=16, share_prefix=True, progress=None, shard=None):
     """Summed log-probabilities of continuations: groups[g] = [(ctx ids, cont ids), ...] -> [[(logprob, n)]].
 
     Each group (one item's choices) is split into the longest token prefix all its rows share and one
@@ -709,6 +709,8 @@ def loglikelihoods(model, groups, batch_size=16, share_prefix=True, progress=Non
     computed once per question instead of once per choice. Only the positions that score continuation
     tokens go through the lm_head. Otherwise, with share_prefix=False, or for a sliding-window model,
     every row is its own group: lm-eval's layout, one forward per batch of rows sorted by length.
+    shard = (rank, world): compute only batches b of this plan with b % world == rank; the other rows'
+    log-probabilities are None (Ranks.sharded merges the ranks' results).
     """
     parts = common.model_parts(model)
     device = next(model.parameters()).device
@@ -732,13 +734,17 @@ def loglikelihoods(model, groups, batch_size=16, share_prefix=True, progress=Non
     jobs.sort(key=lambda j: (-max(len(s) for s, _, _ in j[1]), j[0]))  # longest first, as the harness orders
     results = [[None] * len(group) for group in groups]
     pad = 0
-    i = 0
+    rank, world = shard or (0, 1)
+    i, n_batches = 0, 0
     while i < len(jobs):
         batch, n_rows = [], 0  # consecutive jobs while the suffix batch stays within batch_size rows
         while i < len(jobs) and (not batch or n_rows + len(jobs[i][1]) <= batch_size):
             batch.append(jobs[i])
             n_rows += len(jobs[i][1])
             i += 1
+        n_batches += 1
+        if (n_batches - 1) % world != rank:  # another rank's batch: the plan is the same on every rank
+            continue
         need_suffix = any(len(s) - 1 > P for _, rows, P in batch for s, _, _ in rows)
         Pmax = max(P for _, _, P in batch)
         ids = torch.full((len(batch), Pmax), pad, dtype=torch.long)
@@ -833,7 +839,7 @@ def truncate_at_stops(text, stops):
 
 @torch.no_grad()
 def greedy_generate(model, tokenizer, prompts, max_new_tokens, stops, batch_size=16, progress=None,
-                    skip_leading_space=False):
+                    skip_leading_space=False, shard=None):
     """Greedy continuations of prompts, cut at the first stop string (lm-eval's generate_until).
 
     skip_leading_space: stop strings count only once the answer has begun, i.e. leading whitespace is
@@ -843,6 +849,7 @@ def greedy_generate(model, tokenizer, prompts, max_new_tokens, stops, batch_size
     Batches of prompts sorted by length, left-padded, one prefill and then one token per step on a KV
     cache; a row leaves the batch (and its cache rows are dropped) as soon as it emits EOS or a stop string,
     so long rambling rows do not keep finished ones computing. Returns (texts, numbers of new tokens).
+    shard = (rank, world): generate only batches b with b % world == rank; the other prompts get None.
     """
     device = next(model.parameters()).device
     max_ctx = model_max_length(model) - max_new_tokens
@@ -852,8 +859,11 @@ def greedy_generate(model, tokenizer, prompts, max_new_tokens, stops, batch_size
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos))
     enc = [tok_encode(tokenizer, p)[-max_ctx:] for p in prompts]  # left truncation, as the harness
     order = sorted(range(len(prompts)), key=lambda i: (-len(enc[i]), prompts[i]))
-    texts, counts = [None] * len(prompts), [0] * len(prompts)
+    texts, counts = [None] * len(prompts), [None] * len(prompts)
+    rank, world = shard or (0, 1)
     for start in range(0, len(order), batch_size):
+        if (start // batch_size) % world != rank:  # another rank's batch
+            continue
         idx = order[start:start + batch_size]
         T = max(len(enc[i]) for i in idx)
         ids = torch.full((len(idx), T), pad, dtype=torch.long)
@@ -904,6 +914,108 @@ def greedy_generate(model, tokenizer, prompts, max_new_tokens, stops, batch_size
 
 
 # -----------------------------------------------------------------------------
+# data parallel: `torchrun --nproc_per_node N` / `accelerate launch --num_processes N` shard each cell's batches
+
+
+class RankFailed(Exception):
+    """Some rank raised: every rank leaves with exit code `code`; rank 0 prints `message` once."""
+
+    def __init__(self, message, code):
+        super().__init__(message)
+        self.message, self.code = message, code
+
+
+def merge_shards(parts):
+    """Element-wise union of the ranks' partial results (nested lists / tuples, None where a rank did not
+    compute the value): every value was computed by exactly one rank."""
+    if isinstance(parts[0], (list, tuple)):
+        return type(parts[0])(merge_shards(list(p)) for p in zip(*parts))
+    return next((p for p in parts if p is not None), None)
+
+
+class Ranks:
+    """The processes of one command. The launcher sets RANK, WORLD_SIZE and LOCAL_RANK (none: one process).
+
+    Every rank builds the same batch plan and computes its share of the batches (sharded); rank 0 alone
+    summarises and writes (on_main). Each collective step also carries failures: a rank that raises sends
+    its error instead of its results, so every rank stops together and rank 0 prints the error once.
+    """
+
+    def __init__(self, rank=0, world=1, local=0):
+        self.rank, self.world, self.local = rank, world, local
+
+    @classmethod
+    def from_env(cls):
+        env = os.environ
+        return cls(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+    def start(self, device_type):
+        """Join the process group (nccl on CUDA, each rank on cuda:LOCAL_RANK; gloo on CPU); one process: no-op."""
+        if self.world == 1:
+            return
+        import datetime
+        if device_type == "cuda":
+            torch.cuda.set_device(self.local)
+        # rank 0 alone runs --analysis / --compare / the writing while the others wait: no short timeout
+        torch.distributed.init_process_group("nccl" if device_type == "cuda" else "gloo",
+                                             timeout=datetime.timedelta(hours=12))
+
+    def barrier(self):
+        if self.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+
+    def stop(self):
+        if self.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+    def _run(self, fn):
+        """("ok", fn()) or ("error", message, exit code); a RankFailed is already known to every rank."""
+        import traceback
+        try:
+            return ("ok", fn())
+        except RankFailed:
+            raise
+        except UserError as e:
+            return ("error", f"error: {e}", 2)
+        except Exception:
+            return ("error", f"rank {self.rank} failed:\n{traceback.format_exc()}", 1)
+
+    def _exchange(self, payload):
+        payloads = [None] * self.world
+        torch.distributed.all_gather_object(payloads, payload)
+        failed = [p for p in payloads if p[0] == "error"]
+        if failed:
+            raise RankFailed(failed[0][1], failed[0][2])
+        return payloads
+
+    def checked(self, fn):
+        """This rank's fn(); if fn raised on any rank, RankFailed on every rank (one process: fn() as is)."""
+        if self.world == 1:
+            return fn()
+        payload = self._run(fn)
+        self._exchange(("ok",) if payload[0] == "ok" else payload)  # only the status travels
+        return payload[1]
+
+    def sharded(self, fn):
+        """fn(shard=(rank, world)) on every rank, the partial results merged (merge_shards) on every rank."""
+        if self.world == 1:
+            return fn()
+        payloads = self._exchange(self._run(partial(fn, shard=(self.rank, self.world))))
+        return merge_shards([p[1] for p in payloads])
+
+    def on_main(self, fn):
+        """fn() on rank 0 while the other ranks wait (its result on rank 0, None elsewhere)."""
+        return self.checked(lambda: fn() if self.main else None)
+
+
+SINGLE = Ranks()  # one process
+
+
+# -----------------------------------------------------------------------------
 # the tasks: one row of TASKS per task, a small class per kind that runs it
 
 
@@ -934,7 +1046,8 @@ def mean_metrics(rows):
 class Task:
     """One task: where its items come from and what it reports. The subclass (its kind) scores it in two
     steps: score_items (the model's work, one row per item; items are independent, so any split of them
-    into batches gives the same rows) and summarise (the cell's scores from all its rows)."""
+    into batches gives the same rows; with several ranks each computes its share of the batches and every
+    rank gets all the rows) and summarise (the cell's scores from all its rows, on rank 0)."""
     loader: Callable  # (args, lang, split, hub) -> (items, data file)
     langs: list  # languages of the shipped data
     splits: tuple  # the first is the default (the harness's)
@@ -987,9 +1100,10 @@ class MultipleChoiceTask(Task):
     def n_requests(self, items):
         return sum(len(it["choices"]) for it in items)
 
-    def score_items(self, model, tokenizer, lang, items, args, progress=None):
+    def score_items(self, model, tokenizer, lang, items, args, progress=None, ranks=SINGLE):
         groups = [[encode_request(tokenizer, it["context"], " " + c) for c in it["choices"]] for it in items]
-        lls = loglikelihoods(model, groups, args.batch_size, not args.no_share_prefix, progress)
+        lls = ranks.sharded(partial(loglikelihoods, model, groups, args.batch_size, not args.no_share_prefix,
+                                    progress))
         rows = []
         for it, ll in zip(items, lls):
             scores = [s for s, _ in ll]
@@ -1023,16 +1137,17 @@ class GenerationTask(Task):
     def n_requests(self, items):
         return len(items)
 
-    def generate(self, model, tokenizer, lang, items, args, progress):
+    def generate(self, model, tokenizer, lang, items, args, progress, ranks):
         stops, max_new = generation_setup(self.name, lang, args)
         prompts = [wrap_prompt(it["prompt"], args) for it in items]
-        outputs, n_new = greedy_generate(model, tokenizer, prompts, max_new, stops, args.batch_size, progress,
-                                         skip_leading_space=args.prompt_style == "alpaca")
+        outputs, n_new = ranks.sharded(partial(greedy_generate, model, tokenizer, prompts, max_new, stops,
+                                               args.batch_size, progress,
+                                               skip_leading_space=args.prompt_style == "alpaca"))
         return [dict(id=it["id"], prompt=prompt, prediction=out, gold=it["gold"], n_new_tokens=n)
                 for it, prompt, out, n in zip(items, prompts, outputs, n_new)]
 
-    def score_items(self, model, tokenizer, lang, items, args, progress=None):
-        rows = self.generate(model, tokenizer, lang, items, args, progress)
+    def score_items(self, model, tokenizer, lang, items, args, progress=None, ranks=SINGLE):
+        rows = self.generate(model, tokenizer, lang, items, args, progress, ranks)
         for row in rows:
             row["scores"], extracted = self.score(row["prediction"], row["gold"], lang)
             if extracted is not None:
@@ -1079,8 +1194,8 @@ class TranslationTask(GenerationTask):
             raise UserError(f"{self.name} {lang}: no sentences in {src}")
         return items, src, self.splits[0]
 
-    def score_items(self, model, tokenizer, lang, items, args, progress=None):
-        rows = self.generate(model, tokenizer, lang, items, args, progress)
+    def score_items(self, model, tokenizer, lang, items, args, progress=None, ranks=SINGLE):
+        rows = self.generate(model, tokenizer, lang, items, args, progress, ranks)
         for row, it in zip(rows, items):
             row["prediction"] = row["prediction"].strip()
             row["tgt_lang"] = it["tgt_lang"]
@@ -1117,10 +1232,10 @@ class NllTask(Task):
     def n_requests(self, items):
         return len(items)
 
-    def score_items(self, model, tokenizer, lang, items, args, progress=None):
+    def score_items(self, model, tokenizer, lang, items, args, progress=None, ranks=SINGLE):
         groups = [[(common.encode_prompt(tokenizer, it["x"])[0], common.encode_response(tokenizer, it["y"]))]
                   for it in items]
-        lls = loglikelihoods(model, groups, args.batch_size, False, progress)
+        lls = ranks.sharded(partial(loglikelihoods, model, groups, args.batch_size, False, progress))
         return [dict(id=it["id"], prompt=common.build_prompt(it["x"]), target=it["y"], nll_sum=-ll[0][0],
                      n_tokens=ll[0][1], scores={"nll": -ll[0][0] / ll[0][1]}) for it, ll in zip(items, lls)]
 
@@ -1232,12 +1347,16 @@ def load_task(task, lang, args, direction=None):
     return TASKS[task].load(lang, direction, args)
 
 
-def evaluate(model, tokenizer, task, lang, items, args, direction=None):
-    """Score items; returns (result entry without file fields, per-item rows)."""
+def evaluate(model, tokenizer, task, lang, items, args, direction=None, ranks=SINGLE):
+    """Score items; returns (result entry without file fields, per-item rows); the entry is None on ranks
+    other than 0 (the model's work is shared, the summary is rank 0's)."""
     spec = TASKS[task]
     t0 = time.time()
-    with tqdm(total=spec.n_requests(items), desc=f"{task} {direction or lang}", leave=False) as bar:
-        rows = spec.score_items(model, tokenizer, lang, items, args, bar)
+    with tqdm(total=spec.n_requests(items), desc=f"{task} {direction or lang}", leave=False,
+              disable=not ranks.main) as bar:
+        rows = spec.score_items(model, tokenizer, lang, items, args, bar, ranks)
+    if not ranks.main:
+        return None, rows
     entry = spec.summarise(rows, lang, args)
     seconds = time.time() - t0
     entry.update(n=len(items), higher_is_better=entry.get("higher_is_better", True), seconds=round(seconds, 2),
@@ -1767,10 +1886,17 @@ def data_label(src, data_dir):
     return src if rel.startswith("..") else rel
 
 
-def device_of(args):
-    if args.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return args.device
+def device_of(args, ranks=SINGLE):
+    """The device of this rank: --device, or cuda when available; with several ranks, rank r's cuda:LOCAL_RANK."""
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if ranks.world > 1 and device.startswith("cuda"):
+        if device != "cuda":
+            raise UserError(f"--device {device} with {ranks.world} processes: each rank takes cuda:LOCAL_RANK; "
+                            "pass --device cuda (or auto), or launch one process")
+        device = f"cuda:{ranks.local}"
+    return device
 
 
 def resolve_dtype(dtype, device):
@@ -1792,56 +1918,77 @@ def resolve_dtype(dtype, device):
     return dtype
 
 
-def run_eval(args):
-    combos, skipped = plan(args)
-    data = load_all(combos, args)  # every data file is read (and its errors raised) before any model loads
-    sources = [common.resolve_model(m) for m in args.model]  # a folder without weights fails here
+def run_eval(args, ranks=SINGLE):
+    def prepare():  # every data file is read (and its errors raised) before any model loads
+        combos, skipped = plan(args)
+        return skipped, load_all(combos, args), [common.resolve_model(m) for m in args.model]
+
+    skipped, data, sources = ranks.checked(prepare)  # a folder without weights fails here
     hashes = {}
-    dtype = resolve_dtype(args.dtype, device_of(args))
-    os.makedirs(args.out, exist_ok=True)
+    device = device_of(args, ranks)
+    dtype = resolve_dtype(args.dtype, device)
+    if ranks.world > 1:
+        print(f"[ranks] {ranks.world} processes, each on its own device ({device} on rank 0), share every "
+              "task x language by whole batches; rank 0 writes", flush=True)
     for model_path, run, (_, _, source) in zip(args.model, args.run_names, sources):
         common.seed_everything(args.seed)
-        model, tokenizer = common.load_model_and_tokenizer(model_path, dtype, device_of(args), padding_side="left")
+        model, tokenizer = ranks.checked(
+            lambda: common.load_model_and_tokenizer(model_path, dtype, device, padding_side="left"))
         model.eval()
         json_path = os.path.join(args.out, f"{run}.json")
-        record = common.read_json(json_path) if os.path.exists(json_path) else None
-        if record is not None and (not is_run_json(record) or record.get("model") != model_path):
-            raise UserError(f"{json_path} holds results of another model ({record.get('model')}); "
-                            "pass --run-name or another --out")
-        record = record or dict(format="dft-eval-run/1", run=run, model=model_path, results={})
-        record.update(model_source=source, versions=common.versions(), updated=time.strftime("%Y-%m-%d %H:%M:%S"))
-        record.setdefault("skipped", [])
-        record["skipped"] = sorted(set(record["skipped"]) | set(skipped))
+
+        def open_record():
+            record = common.read_json(json_path) if os.path.exists(json_path) else None
+            if record is not None and (not is_run_json(record) or record.get("model") != model_path):
+                raise UserError(f"{json_path} holds results of another model ({record.get('model')}); "
+                                "pass --run-name or another --out")
+            record = record or dict(format="dft-eval-run/1", run=run, model=model_path, results={})
+            record.update(model_source=source, versions=common.versions(),
+                          updated=time.strftime("%Y-%m-%d %H:%M:%S"))
+            record.setdefault("skipped", [])
+            record["skipped"] = sorted(set(record["skipped"]) | set(skipped))
+            os.makedirs(args.out, exist_ok=True)
+            return record
+
+        record = ranks.on_main(open_record)
         t_model = time.time()
         for (task, lang, direction), (items, src, split) in data.items():
             spec = TASKS[task]
             key = spec.result_key(args)
             cell = direction.replace("xx", lang) if direction else lang
-            if src not in hashes:
-                hashes[src] = common.sha256_file(src) if not src.startswith("hub:") else None
-            entry, rows = evaluate(model, tokenizer, task, lang, items, args, direction)
-            items_file = f"{run}.{key}.{cell}.jsonl"
-            common.write_jsonl(os.path.join(args.out, items_file), rows)
-            own = spec.settings(args)  # the settings of this task's kind (None where they do not apply)
-            entry.update(
-                task=key, lang=cell, items_file=items_file, data_file=data_label(src, args.data_dir),
-                data_sha256=hashes[src], split=split,
-                harness_task=spec.harness.format(l=lang) if spec.harness else None,
-                settings=dict(limit=args.limit, num_fewshot=shots_for(task, args), batch_size=args.batch_size,
-                              math_shots=own["math_shots"], dtype=dtype, dtype_requested=args.dtype,
-                              device=device_of(args), seed=args.seed, data_source=args.data_source,
-                              share_prefix=not args.no_share_prefix, mt_data=own["mt_data"],
-                              prompt_style=own["prompt_style"], prefix_token_id=prefix_token_id(tokenizer),
-                              data_dir=args.data_dir),
-                evaluated=time.strftime("%Y-%m-%d %H:%M:%S"))
-            record["results"].setdefault(key, {})[cell] = entry
-            common.write_json(json_path, record)  # after every cell: an interrupted run keeps what it has
-            print(f"[{run}] {key} {cell}: {entry['metric']} {fmt_score(entry)} (n={entry['n']}, "
-                  f"{entry['seconds']:.1f}s, {entry['items_per_second']:.2f} items/s)", flush=True)
+
+            def write_cell(entry, rows):
+                if src not in hashes:
+                    hashes[src] = common.sha256_file(src) if not src.startswith("hub:") else None
+                items_file = f"{run}.{key}.{cell}.jsonl"
+                common.write_jsonl(os.path.join(args.out, items_file), rows)
+                own = spec.settings(args)  # the settings of this task's kind (None where they do not apply)
+                entry.update(
+                    task=key, lang=cell, items_file=items_file, data_file=data_label(src, args.data_dir),
+                    data_sha256=hashes[src], split=split,
+                    harness_task=spec.harness.format(l=lang) if spec.harness else None,
+                    settings=dict(limit=args.limit, num_fewshot=shots_for(task, args), batch_size=args.batch_size,
+                                  math_shots=own["math_shots"], dtype=dtype, dtype_requested=args.dtype,
+                                  device=device, seed=args.seed, data_source=args.data_source,
+                                  share_prefix=not args.no_share_prefix, mt_data=own["mt_data"],
+                                  prompt_style=own["prompt_style"], prefix_token_id=prefix_token_id(tokenizer),
+                                  data_dir=args.data_dir),
+                    evaluated=time.strftime("%Y-%m-%d %H:%M:%S"))
+                record["results"].setdefault(key, {})[cell] = entry
+                common.write_json(json_path, record)  # after every cell: an interrupted run keeps what it has
+                print(f"[{run}] {key} {cell}: {entry['metric']} {fmt_score(entry)} (n={entry['n']}, "
+                      f"{entry['seconds']:.1f}s, {entry['items_per_second']:.2f} items/s)", flush=True)
+
+            def score_cell():  # the model's work on every rank; the summary and the files on rank 0
+                entry, rows = evaluate(model, tokenizer, task, lang, items, args, direction, ranks)
+                if ranks.main:
+                    write_cell(entry, rows)
+
+            ranks.checked(score_cell)
         print(f"[{run}] done in {time.time() - t_model:.0f}s -> {json_path}", flush=True)
         del model
-    table = write_results_md(args.out)
-    print("\n" + table)
+    table = ranks.on_main(lambda: write_results_md(args.out))
+    print("\n" + (table or ""))
 
 
 def run_analysis(args):
@@ -1874,14 +2021,38 @@ def run_analysis(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    check_args(args)
+    ranks = Ranks.from_env()
+    if not ranks.main:  # one copy of every line and progress bar: rank 0's (errors too, see RankFailed)
+        sys.stdout = open(os.devnull, "w")
+        import transformers
+        transformers.utils.logging.disable_progress_bar()
+    try:
+        # join first, so that even a bad argument is said once by rank 0 before any rank exits
+        cuda = torch.cuda.is_available() and (args.device == "auto" or args.device.startswith("cuda"))
+        ranks.start("cuda" if cuda else "cpu")
+        ranks.checked(lambda: (check_args(args), device_of(args, ranks)))
+        if args.compare or args.analysis:
+            if ranks.world > 1:
+                print(f"[ranks] {'--compare' if args.compare else '--analysis layers'} runs on rank 0 alone; the "
+                      f"other {ranks.world - 1} wait", flush=True)
+            ranks.on_main(lambda: run_compare_or_analysis(args))
+        else:
+            run_eval(args, ranks)
+    except RankFailed as e:
+        if ranks.main:
+            print(e.message, file=sys.stderr, flush=True)
+        ranks.barrier()  # no rank exits (and gets the others killed by the launcher) before rank 0 has said it
+        sys.exit(e.code)
+    finally:
+        ranks.stop()
+
+
+def run_compare_or_analysis(args):
     if args.compare:
         out = args.out or os.path.dirname(os.path.abspath(args.compare[1]))
         compare_runs(args.compare[0], args.compare[1], out, args.bootstrap, args.seed, args.allow_mismatch)
-    elif args.analysis == "layers":
-        run_analysis(args)
     else:
-        run_eval(args)
+        run_analysis(args)
 
 
 if __name__ == "__main__":
