@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import REPO, load_stage  # noqa: E402
@@ -114,6 +115,52 @@ def test_a_failing_rank_stops_every_rank_and_prints_once(mode, message, code, ti
     assert r.returncode != 0 and text.count(message) == 1, text[-4000:]
     assert f"exitcode  : {code}" in text  # torchrun's summary: the ranks' own exit codes
     assert not out.exists() or not os.listdir(out)
+
+
+def simulate_memory(monkeypatch, max_rows):
+    """A device that holds at most max_rows sequences per forward (torch.OutOfMemoryError beyond), probed as CUDA."""
+    from transformers.models.llama import modeling_llama
+    forward = modeling_llama.LlamaModel.forward
+
+    def limited(self, input_ids=None, **kwargs):
+        if input_ids is not None and input_ids.shape[0] > max_rows:
+            raise torch.OutOfMemoryError(f"simulated: {input_ids.shape[0]} rows > {max_rows}")
+        return forward(self, input_ids=input_ids, **kwargs)
+    monkeypatch.setattr(modeling_llama.LlamaModel, "forward", limited)
+    monkeypatch.setattr(ev, "probes_memory", lambda device: True)
+
+
+def auto_run(model, out, *flags):
+    ev.main(["--model", model, "--run-name", "m", "--tasks", "xnli,mgsm", "--langs", "zh", "--limit", "8",
+             "--max-new-tokens", "3", "--dtype", "float32", "--out", str(out), *flags])
+    run = json.load(open(out / "m.json"))
+    items = {f: open(out / f).read() for f in sorted(os.listdir(out)) if f.endswith(".jsonl")}
+    return {t: run["results"][t]["zh"]["settings"] for t in ("xnli", "mgsm")}, items
+
+
+def test_batch_size_auto_probes_then_halves_on_out_of_memory(tiny_model_dirs, tmp_path, monkeypatch):
+    model = tiny_model_dirs["llama"]
+    assert ev.BatchSize("auto").for_cell(ev.common.load_model_and_tokenizer(model)[0], "generation", None,
+                                          ev.SINGLE) == ev.AUTO_BATCH_CPU  # a CPU: today's default, no probe
+    simulate_memory(monkeypatch, max_rows=4)
+    settings, items = auto_run(model, tmp_path / "auto", "--batch-size", "auto")  # the probe: 64, 32, 16, 8, 4
+    assert all(s["batch_size"] == 4 and s["batch_size_requested"] == "auto" and s["batch_halved_to"] is None
+               for s in settings.values())
+    assert auto_run(model, tmp_path / "four", "--batch-size", "4")[1] == items  # the same rows as batches of 4
+    # the probe passed at 8 but the run's batches of 8 do not fit: each halves (8 -> 4 -> 2), the task goes on
+    simulate_memory(monkeypatch, max_rows=2)
+    monkeypatch.setattr(ev, "probe_batch_size", lambda model, n_tokens, kind: 8)
+    settings, items = auto_run(model, tmp_path / "halved", "--batch-size", "auto")
+    assert all(s["batch_size"] == 8 and s["batch_halved_to"] == 2 for s in settings.values())
+    assert auto_run(model, tmp_path / "two", "--batch-size", "2")[1] == items
+
+
+def test_batch_size_auto_when_one_sequence_does_not_fit(tiny_model_dirs, tmp_path, monkeypatch):
+    simulate_memory(monkeypatch, max_rows=0)
+    with pytest.raises(common.UserError, match=r"--batch-size auto: one sequence of \d+ tokens does not fit on cpu "
+                       r"\(.* GiB free\) with the model in float32; pass --dtype bfloat16"):
+        auto_run(tiny_model_dirs["llama"], tmp_path / "out", "--batch-size", "auto")
+    assert not (tmp_path / "out" / "m.json").exists()
 
 
 def fail_worker(mode, argv):
