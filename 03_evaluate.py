@@ -20,6 +20,9 @@ Examples
   # the English-pivot picture: lens entropy, English vs Chinese token mass and en/zh cosine per layer
   python 03_evaluate.py --analysis layers --model HuggingFaceTB/SmolLM2-135M-Instruct runs/dft-zh --langs zh \
       --out runs/eval
+  # 8 processes, one GPU each (or accelerate launch --multi_gpu --num_processes 8): the files one process writes
+  torchrun --nproc_per_node 8 03_evaluate.py --model runs/dft-zh --tasks all --langs zh --batch-size auto \
+      --out runs/eval
 
 Tasks, one row of TASKS each: harness task (`{l}` = language): prompt (context -> continuation); metric.
 mc = the choice with the highest summed log-probability of its continuation tokens wins (lm-eval's `acc`);
@@ -700,7 +703,7 @@ SHARE_MIN_RATIO = 4
 
 
 @torch.no_grad()
-def loglikelihoods(model, groups, batch_size=16, share_prefix=True, progress=None):
+def loglikelihoods(model, groups, batch_size=16, share_prefix=True, progress=None, shard=None, on_oom=None):
     """Summed log-probabilities of continuations: groups[g] = [(ctx ids, cont ids), ...] -> [[(logprob, n)]].
 
     Each group (one item's choices) is split into the longest token prefix all its rows share and one
@@ -709,6 +712,8 @@ def loglikelihoods(model, groups, batch_size=16, share_prefix=True, progress=Non
     computed once per question instead of once per choice. Only the positions that score continuation
     tokens go through the lm_head. Otherwise, with share_prefix=False, or for a sliding-window model,
     every row is its own group: lm-eval's layout, one forward per batch of rows sorted by length.
+    shard = (rank, world): compute only batches b of this plan with b % world == rank; the other rows'
+    log-probabilities are None (Ranks.sharded merges the ranks' results). on_oom: see halving_on_oom.
     """
     parts = common.model_parts(model)
     device = next(model.parameters()).device
@@ -731,58 +736,73 @@ def loglikelihoods(model, groups, batch_size=16, share_prefix=True, progress=Non
         jobs.extend((g, [row], len(row[0]) - 1) for row in rows)
     jobs.sort(key=lambda j: (-max(len(s) for s, _, _ in j[1]), j[0]))  # longest first, as the harness orders
     results = [[None] * len(group) for group in groups]
-    pad = 0
-    i = 0
+    rank, world = shard or (0, 1)
+    i, n_batches = 0, 0
     while i < len(jobs):
         batch, n_rows = [], 0  # consecutive jobs while the suffix batch stays within batch_size rows
         while i < len(jobs) and (not batch or n_rows + len(jobs[i][1]) <= batch_size):
             batch.append(jobs[i])
             n_rows += len(jobs[i][1])
             i += 1
-        need_suffix = any(len(s) - 1 > P for _, rows, P in batch for s, _, _ in rows)
-        Pmax = max(P for _, _, P in batch)
-        ids = torch.full((len(batch), Pmax), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), Pmax), dtype=torch.long)
-        for b, (_, rows, P) in enumerate(batch):
-            ids[b, :P] = torch.tensor(rows[0][0][:P])
-            mask[b, :P] = 1
-        out = parts.backbone(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=need_suffix)
-        hidden = out.last_hidden_state
-        # (batch row, position, target token, result slot) of every scored position inside the prefix
-        picks = []
-        for b, (g, rows, P) in enumerate(batch):
-            for seq, start, r in rows:
-                for pos in range(start - 1, min(P, len(seq) - 1)):
-                    picks.append((b, pos, seq[pos + 1], (g, r)))
-        sums = _score_positions(parts, hidden, picks)
-        if need_suffix:
-            cache = out.past_key_values
-            srows = [(b, P, seq, start, g, r) for b, (g, rows, P) in enumerate(batch) for seq, start, r in rows
-                     if len(seq) - 1 > P]
-            S = max(len(seq) - 1 - P for _, P, seq, _, _, _ in srows)
-            sids = torch.full((len(srows), S), pad, dtype=torch.long)
-            smask = torch.zeros((len(srows), Pmax + S), dtype=torch.long)
-            spos = torch.zeros((len(srows), S), dtype=torch.long)
-            for k, (b, P, seq, start, g, r) in enumerate(srows):
-                tail = seq[P:len(seq) - 1]
-                sids[k, :len(tail)] = torch.tensor(tail)
-                smask[k, :P] = 1
-                smask[k, Pmax:Pmax + len(tail)] = 1
-                spos[k] = P + torch.arange(S)
-            cache.batch_select_indices(torch.tensor([b for b, *_ in srows], device=device))
-            sout = parts.backbone(input_ids=sids.to(device), attention_mask=smask.to(device),
-                                  position_ids=spos.to(device), past_key_values=cache, use_cache=True)
-            spicks = []
-            for k, (b, P, seq, start, g, r) in enumerate(srows):
-                for pos in range(max(start - 1, P), len(seq) - 1):
-                    spicks.append((k, pos - P, seq[pos + 1], (g, r)))
-            for key, v in _score_positions(parts, sout.last_hidden_state, spicks).items():
-                sums[key] = sums.get(key, 0.0) + v
+        n_batches += 1
+        if (n_batches - 1) % world != rank:  # another rank's batch: the plan is the same on every rank
+            continue
+        sums = halving_on_oom(partial(_loglik_batch, parts, device), batch, on_oom, model,
+                              rows=lambda half: sum(len(rows) for _, rows, _ in half))
         for (g, r), v in sums.items():
             results[g][r] = v
         if progress is not None:
             progress.update(n_rows)
     return [[(results[g][r], len(groups[g][r][1])) for r in range(len(groups[g]))] for g in range(len(groups))]
+
+
+def _loglik_batch(parts, device, batch, pad=0):
+    """{(group, row): summed log-probability} of one batch of jobs (see loglikelihoods)."""
+    need_suffix = any(len(s) - 1 > P for _, rows, P in batch for s, _, _ in rows)
+    Pmax = max(P for _, _, P in batch)
+    ids = torch.full((len(batch), Pmax), pad, dtype=torch.long)
+    mask = torch.zeros((len(batch), Pmax), dtype=torch.long)
+    for b, (_, rows, P) in enumerate(batch):
+        ids[b, :P] = torch.tensor(rows[0][0][:P])
+        mask[b, :P] = 1
+    out = parts.backbone(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=need_suffix)
+    hidden = out.last_hidden_state
+    # (batch row, position, target token, result slot) of every scored position inside the prefix
+    picks = []
+    for b, (g, rows, P) in enumerate(batch):
+        for seq, start, r in rows:
+            for pos in range(start - 1, min(P, len(seq) - 1)):
+                picks.append((b, pos, seq[pos + 1], (g, r)))
+    sums = _score_positions(parts, hidden, picks)
+    if need_suffix:
+        cache = out.past_key_values
+        srows = [(b, P, seq, start, g, r) for b, (g, rows, P) in enumerate(batch) for seq, start, r in rows
+                 if len(seq) - 1 > P]
+        S = max(len(seq) - 1 - P for _, P, seq, _, _, _ in srows)
+        sids = torch.full((len(srows), S), pad, dtype=torch.long)
+        smask = torch.zeros((len(srows), Pmax + S), dtype=torch.long)
+        spos = torch.zeros((len(srows), S), dtype=torch.long)
+        for k, (b, P, seq, start, g, r) in enumerate(srows):
+            tail = seq[P:len(seq) - 1]
+            sids[k, :len(tail)] = torch.tensor(tail)
+            smask[k, :P] = 1
+            smask[k, Pmax:Pmax + len(tail)] = 1
+            spos[k] = P + torch.arange(S)
+        cache.batch_select_indices(torch.tensor([b for b, *_ in srows], device=device))
+        sout = parts.backbone(input_ids=sids.to(device), attention_mask=smask.to(device),
+                              position_ids=spos.to(device), past_key_values=cache, use_cache=True)
+        spicks = []
+        for k, (b, P, seq, start, g, r) in enumerate(srows):
+            for pos in range(max(start - 1, P), len(seq) - 1):
+                spicks.append((k, pos - P, seq[pos + 1], (g, r)))
+        for key, v in _score_positions(parts, sout.last_hidden_state, spicks).items():
+            sums[key] = sums.get(key, 0.0) + v
+    return sums
+
+
+def longest_request(model, groups):
+    """Tokens in the longest row of a log-likelihood cell (what --batch-size auto probes with)."""
+    return min(max(len(ctx) + len(cont) for group in groups for ctx, cont in group), model_max_length(model) + 1)
 
 
 LSE_ROWS = 8  # rows per float32 logsumexp block in _score_positions
@@ -833,7 +853,7 @@ def truncate_at_stops(text, stops):
 
 @torch.no_grad()
 def greedy_generate(model, tokenizer, prompts, max_new_tokens, stops, batch_size=16, progress=None,
-                    skip_leading_space=False):
+                    skip_leading_space=False, shard=None, on_oom=None):
     """Greedy continuations of prompts, cut at the first stop string (lm-eval's generate_until).
 
     skip_leading_space: stop strings count only once the answer has begun, i.e. leading whitespace is
@@ -843,6 +863,8 @@ def greedy_generate(model, tokenizer, prompts, max_new_tokens, stops, batch_size
     Batches of prompts sorted by length, left-padded, one prefill and then one token per step on a KV
     cache; a row leaves the batch (and its cache rows are dropped) as soon as it emits EOS or a stop string,
     so long rambling rows do not keep finished ones computing. Returns (texts, numbers of new tokens).
+    shard = (rank, world): generate only batches b with b % world == rank; the other prompts get None.
+    on_oom: see halving_on_oom.
     """
     device = next(model.parameters()).device
     max_ctx = model_max_length(model) - max_new_tokens
@@ -852,55 +874,285 @@ def greedy_generate(model, tokenizer, prompts, max_new_tokens, stops, batch_size
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos))
     enc = [tok_encode(tokenizer, p)[-max_ctx:] for p in prompts]  # left truncation, as the harness
     order = sorted(range(len(prompts)), key=lambda i: (-len(enc[i]), prompts[i]))
-    texts, counts = [None] * len(prompts), [0] * len(prompts)
+    texts, counts = [None] * len(prompts), [None] * len(prompts)
+    rank, world = shard or (0, 1)
     for start in range(0, len(order), batch_size):
+        if (start // batch_size) % world != rank:  # another rank's batch
+            continue
         idx = order[start:start + batch_size]
-        T = max(len(enc[i]) for i in idx)
-        ids = torch.full((len(idx), T), pad, dtype=torch.long)
-        mask = torch.zeros((len(idx), T), dtype=torch.long)
-        for b, i in enumerate(idx):
-            ids[b, T - len(enc[i]):] = torch.tensor(enc[i])
-            mask[b, T - len(enc[i]):] = 1
-        ids, mask = ids.to(device), mask.to(device)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # what HF generate derives for left padding
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-        cache, last_pos = out.past_key_values, pos[:, -1]
-        alive = list(range(len(idx)))  # batch rows still generating
-        generated = [[] for _ in idx]
-        for step in range(max_new_tokens):
-            next_tok = out.logits[:, -1].argmax(-1)
-            keep = []
-            for k, (b, tok) in enumerate(zip(alive, next_tok.tolist())):
-                generated[b].append(tok)
-                if tok in eos:
-                    continue
-                if skip_leading_space:
-                    tail = tokenizer.decode(generated[b]).lstrip()  # O(new tokens): small next to a forward
-                else:
-                    tail = tokenizer.decode(generated[b][-window:])
-                if stops and any(s in tail for s in stops):
-                    continue
-                keep.append(k)
-            if not keep or step == max_new_tokens - 1:
-                break
-            if len(keep) < len(alive):  # drop finished rows from the batch and the cache
-                sel = torch.tensor(keep, device=device)
-                cache.batch_select_indices(sel)
-                mask, next_tok, last_pos = mask[sel], next_tok[sel], last_pos[sel]
-                alive = [alive[k] for k in keep]
-            mask = torch.cat([mask, mask.new_ones((len(alive), 1))], dim=1)
-            last_pos = last_pos + 1
-            out = model(input_ids=next_tok[:, None], attention_mask=mask, position_ids=last_pos[:, None],
-                        past_key_values=cache, use_cache=True)
-        for b, i in enumerate(idx):
-            toks = generated[b]
-            toks = toks[:-1] if toks and toks[-1] in eos else toks
-            counts[i] = len(generated[b])
-            text = tokenizer.decode(toks, skip_special_tokens=True)
-            texts[i] = truncate_at_stops(text.lstrip() if skip_leading_space else text, stops)
+        done = halving_on_oom(partial(_generate_batch, model, tokenizer, enc, prompts, max_new_tokens, stops, window,
+                                      eos, pad, skip_leading_space, device), idx, on_oom, model)
+        for i, (text, count) in done.items():
+            texts[i], counts[i] = text, count
         if progress is not None:
             progress.update(len(idx))
     return texts, counts
+
+
+def _generate_batch(model, tokenizer, enc, prompts, max_new_tokens, stops, window, eos, pad, skip_leading_space,
+                    device, idx):
+    """{prompt index: (text, new tokens)} of one batch of prompts (see greedy_generate)."""
+    T = max(len(enc[i]) for i in idx)
+    ids = torch.full((len(idx), T), pad, dtype=torch.long)
+    mask = torch.zeros((len(idx), T), dtype=torch.long)
+    for b, i in enumerate(idx):
+        ids[b, T - len(enc[i]):] = torch.tensor(enc[i])
+        mask[b, T - len(enc[i]):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # what HF generate derives for left padding
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    cache, last_pos = out.past_key_values, pos[:, -1]
+    alive = list(range(len(idx)))  # batch rows still generating
+    generated = [[] for _ in idx]
+    for step in range(max_new_tokens):
+        next_tok = out.logits[:, -1].argmax(-1)
+        keep = []
+        for k, (b, tok) in enumerate(zip(alive, next_tok.tolist())):
+            generated[b].append(tok)
+            if tok in eos:
+                continue
+            if skip_leading_space:
+                tail = tokenizer.decode(generated[b]).lstrip()  # O(new tokens): small next to a forward
+            else:
+                tail = tokenizer.decode(generated[b][-window:])
+            if stops and any(s in tail for s in stops):
+                continue
+            keep.append(k)
+        if not keep or step == max_new_tokens - 1:
+            break
+        if len(keep) < len(alive):  # drop finished rows from the batch and the cache
+            sel = torch.tensor(keep, device=device)
+            cache.batch_select_indices(sel)
+            mask, next_tok, last_pos = mask[sel], next_tok[sel], last_pos[sel]
+            alive = [alive[k] for k in keep]
+        mask = torch.cat([mask, mask.new_ones((len(alive), 1))], dim=1)
+        last_pos = last_pos + 1
+        out = model(input_ids=next_tok[:, None], attention_mask=mask, position_ids=last_pos[:, None],
+                    past_key_values=cache, use_cache=True)
+    done = {}
+    for b, i in enumerate(idx):
+        toks = generated[b]
+        toks = toks[:-1] if toks and toks[-1] in eos else toks
+        text = tokenizer.decode(toks, skip_special_tokens=True)
+        done[i] = (truncate_at_stops(text.lstrip() if skip_leading_space else text, stops), len(generated[b]))
+    return done
+
+
+# -----------------------------------------------------------------------------
+# batch size: --batch-size N, or auto (on CUDA the largest batch that fits)
+
+AUTO_BATCH_CPU = 16  # --batch-size auto on a CPU: the fixed default (no device memory to fill)
+AUTO_BATCH_MAX = 64  # the largest batch the probe tries (the harness's max_batch_size)
+
+
+def probes_memory(device):
+    """Whether --batch-size auto probes this device's memory (CUDA) or takes AUTO_BATCH_CPU."""
+    return torch.device(device).type == "cuda"
+
+
+def free_device_memory(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def memory_text(device):
+    """The device's memory, for the error that says a batch of 1 does not fit."""
+    if torch.device(device).type == "cuda":
+        free, total = torch.cuda.mem_get_info(torch.device(device))
+        return f"{free / 2**30:.1f} of {total / 2**30:.1f} GiB free"
+    import psutil
+    mem = psutil.virtual_memory()
+    return f"{mem.available / 2**30:.1f} of {mem.total / 2**30:.1f} GiB free"
+
+
+def no_fit_error(model, what):
+    p = next(model.parameters())
+    return UserError(f"--batch-size auto: {what} does not fit on {p.device} ({memory_text(p.device)}) with the model "
+                     f"in {str(p.dtype).replace('torch.', '')}; pass --dtype bfloat16 (or float16) to halve the "
+                     "weights' memory, a shorter --max-new-tokens, or use a device with more memory")
+
+
+def probe_batch_size(model, n_tokens, kind):
+    """The largest batch of n_tokens-token rows (<= AUTO_BATCH_MAX, halving) whose forward fits in memory:
+    full logits for log-likelihoods (an upper bound on the positions scored), the last position and the KV
+    cache for generation (n_tokens = the longest prompt + the generation budget)."""
+    device = next(model.parameters()).device
+    size = AUTO_BATCH_MAX
+    while size >= 1:
+        try:
+            with torch.no_grad():
+                ids = torch.zeros((size, n_tokens), dtype=torch.long, device=device)
+                if kind == "generation":
+                    model(input_ids=ids, use_cache=True, logits_to_keep=1)
+                else:
+                    model(input_ids=ids, use_cache=False)
+            return size
+        except torch.OutOfMemoryError:
+            free_device_memory(device)
+            size //= 2
+    raise no_fit_error(model, f"one sequence of {n_tokens} tokens")
+
+
+def halving_on_oom(run, batch, on_oom, model, rows=len):
+    """run(batch) -> {key: value}; on an out-of-memory error with on_oom set (--batch-size auto), each half of
+    the batch runs on its own (halving again as needed) and on_oom(rows of the half) records it; without
+    on_oom the error propagates. One job that does not fit alone is one clear error."""
+    try:
+        return run(batch)
+    except torch.OutOfMemoryError:
+        if on_oom is None:
+            raise
+    free_device_memory(next(model.parameters()).device)
+    if len(batch) == 1:
+        raise no_fit_error(model, f"a batch of {rows(batch)} sequence(s)")
+    half = (len(batch) + 1) // 2
+    on_oom(rows(batch[:half]))
+    done = halving_on_oom(run, batch[:half], on_oom, model, rows)
+    done.update(halving_on_oom(run, batch[half:], on_oom, model, rows))
+    return done
+
+
+class BatchSize:
+    """--batch-size N, or auto: on CUDA the largest batch that fits, probed once per task kind and length
+    (the cell's longest row; its other batches are no longer), agreed over the ranks (the smallest, so that
+    every rank has the same batch plan); a batch that still runs out of memory is halved and retried, not
+    the task. On a CPU auto is AUTO_BATCH_CPU. `used` is what the last cell used (for the run JSON)."""
+
+    def __init__(self, requested):
+        self.requested = requested
+        self.probed = {}  # (kind, tokens) -> batch size, for the model being evaluated
+        self.used = dict(batch_size=requested, batch_halved_to=None)
+
+    def new_model(self):
+        self.probed = {}
+
+    def for_cell(self, model, kind, longest, ranks):
+        """The batch size of one cell's plan; longest() = its longest row in tokens (computed only to probe)."""
+        if self.requested != "auto":
+            size = self.requested
+        elif not probes_memory(next(model.parameters()).device):
+            size = AUTO_BATCH_CPU
+        else:
+            key = (kind, longest())
+            if key not in self.probed:
+                self.probed[key] = min(ranks.gathered(lambda: probe_batch_size(model, key[1], kind)))
+            size = self.probed[key]
+        self.used = dict(batch_size=size, batch_halved_to=None)
+        return size
+
+    def on_oom(self):
+        return self.halved if self.requested == "auto" else None
+
+    def halved(self, rows):
+        smallest = self.used["batch_halved_to"]
+        self.used["batch_halved_to"] = rows if smallest is None else min(smallest, rows)
+
+
+# -----------------------------------------------------------------------------
+# data parallel: `torchrun --nproc_per_node N` / `accelerate launch --num_processes N` shard each cell's batches
+
+
+class RankFailed(Exception):
+    """Some rank raised: every rank leaves with exit code `code`; rank 0 prints `message` once."""
+
+    def __init__(self, message, code):
+        super().__init__(message)
+        self.message, self.code = message, code
+
+
+def merge_shards(parts):
+    """Element-wise union of the ranks' partial results (nested lists / tuples, None where a rank did not
+    compute the value): every value was computed by exactly one rank."""
+    if isinstance(parts[0], (list, tuple)):
+        return type(parts[0])(merge_shards(list(p)) for p in zip(*parts))
+    return next((p for p in parts if p is not None), None)
+
+
+class Ranks:
+    """The processes of one command. The launcher sets RANK, WORLD_SIZE and LOCAL_RANK (none: one process).
+
+    Every rank builds the same batch plan and computes its share of the batches (sharded); rank 0 alone
+    summarises and writes (on_main). Each collective step also carries failures: a rank that raises sends
+    its error instead of its results, so every rank stops together and rank 0 prints the error once.
+    """
+
+    def __init__(self, rank=0, world=1, local=0):
+        self.rank, self.world, self.local = rank, world, local
+
+    @classmethod
+    def from_env(cls):
+        env = os.environ
+        return cls(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+    def start(self, device_type):
+        """Join the process group (nccl on CUDA, each rank on cuda:LOCAL_RANK; gloo on CPU); one process: no-op."""
+        if self.world == 1:
+            return
+        import datetime
+        if device_type == "cuda":
+            torch.cuda.set_device(self.local)
+        # rank 0 alone runs --analysis / --compare / the writing while the others wait: no short timeout
+        torch.distributed.init_process_group("nccl" if device_type == "cuda" else "gloo",
+                                             timeout=datetime.timedelta(hours=12))
+
+    def barrier(self):
+        if self.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+
+    def stop(self):
+        if self.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+    def _run(self, fn):
+        """("ok", fn()) or ("error", message, exit code); a RankFailed is already known to every rank."""
+        import traceback
+        try:
+            return ("ok", fn())
+        except RankFailed:
+            raise
+        except UserError as e:
+            return ("error", f"error: {e}", 2)
+        except Exception:
+            return ("error", f"rank {self.rank} failed:\n{traceback.format_exc()}", 1)
+
+    def _exchange(self, payload):
+        payloads = [None] * self.world
+        torch.distributed.all_gather_object(payloads, payload)
+        failed = [p for p in payloads if p[0] == "error"]
+        if failed:
+            raise RankFailed(failed[0][1], failed[0][2])
+        return payloads
+
+    def checked(self, fn):
+        """This rank's fn(); if fn raised on any rank, RankFailed on every rank (one process: fn() as is)."""
+        if self.world == 1:
+            return fn()
+        payload = self._run(fn)
+        self._exchange(("ok",) if payload[0] == "ok" else payload)  # only the status travels
+        return payload[1]
+
+    def gathered(self, fn):
+        """[fn() of every rank] on every rank (or RankFailed)."""
+        if self.world == 1:
+            return [fn()]
+        return [p[1] for p in self._exchange(self._run(fn))]
+
+    def sharded(self, fn):
+        """fn(shard=(rank, world)) on every rank, the partial results merged (merge_shards) on every rank."""
+        if self.world == 1:
+            return fn()
+        return merge_shards(self.gathered(partial(fn, shard=(self.rank, self.world))))
+
+    def on_main(self, fn):
+        """fn() on rank 0 while the other ranks wait (its result on rank 0, None elsewhere)."""
+        return self.checked(lambda: fn() if self.main else None)
+
+
+SINGLE = Ranks()  # one process
 
 
 # -----------------------------------------------------------------------------
@@ -934,7 +1186,8 @@ def mean_metrics(rows):
 class Task:
     """One task: where its items come from and what it reports. The subclass (its kind) scores it in two
     steps: score_items (the model's work, one row per item; items are independent, so any split of them
-    into batches gives the same rows) and summarise (the cell's scores from all its rows)."""
+    into batches gives the same rows; with several ranks each computes its share of the batches and every
+    rank gets all the rows) and summarise (the cell's scores from all its rows, on rank 0)."""
     loader: Callable  # (args, lang, split, hub) -> (items, data file)
     langs: list  # languages of the shipped data
     splits: tuple  # the first is the default (the harness's)
@@ -987,9 +1240,11 @@ class MultipleChoiceTask(Task):
     def n_requests(self, items):
         return sum(len(it["choices"]) for it in items)
 
-    def score_items(self, model, tokenizer, lang, items, args, progress=None):
+    def score_items(self, model, tokenizer, lang, items, args, progress=None, ranks=SINGLE):
         groups = [[encode_request(tokenizer, it["context"], " " + c) for c in it["choices"]] for it in items]
-        lls = loglikelihoods(model, groups, args.batch_size, not args.no_share_prefix, progress)
+        batch_size = args.batch.for_cell(model, "loglikelihood", lambda: longest_request(model, groups), ranks)
+        lls = ranks.sharded(partial(loglikelihoods, model, groups, batch_size, not args.no_share_prefix, progress,
+                                    on_oom=args.batch.on_oom()))
         rows = []
         for it, ll in zip(items, lls):
             scores = [s for s, _ in ll]
@@ -1023,16 +1278,22 @@ class GenerationTask(Task):
     def n_requests(self, items):
         return len(items)
 
-    def generate(self, model, tokenizer, lang, items, args, progress):
+    def generate(self, model, tokenizer, lang, items, args, progress, ranks):
         stops, max_new = generation_setup(self.name, lang, args)
         prompts = [wrap_prompt(it["prompt"], args) for it in items]
-        outputs, n_new = greedy_generate(model, tokenizer, prompts, max_new, stops, args.batch_size, progress,
-                                         skip_leading_space=args.prompt_style == "alpaca")
+
+        def longest():  # the longest prompt and its generation budget, in tokens
+            return min(max(len(tok_encode(tokenizer, p)) for p in prompts) + max_new, model_max_length(model))
+
+        batch_size = args.batch.for_cell(model, "generation", longest, ranks)
+        outputs, n_new = ranks.sharded(partial(greedy_generate, model, tokenizer, prompts, max_new, stops, batch_size,
+                                               progress, skip_leading_space=args.prompt_style == "alpaca",
+                                               on_oom=args.batch.on_oom()))
         return [dict(id=it["id"], prompt=prompt, prediction=out, gold=it["gold"], n_new_tokens=n)
                 for it, prompt, out, n in zip(items, prompts, outputs, n_new)]
 
-    def score_items(self, model, tokenizer, lang, items, args, progress=None):
-        rows = self.generate(model, tokenizer, lang, items, args, progress)
+    def score_items(self, model, tokenizer, lang, items, args, progress=None, ranks=SINGLE):
+        rows = self.generate(model, tokenizer, lang, items, args, progress, ranks)
         for row in rows:
             row["scores"], extracted = self.score(row["prediction"], row["gold"], lang)
             if extracted is not None:
@@ -1079,8 +1340,8 @@ class TranslationTask(GenerationTask):
             raise UserError(f"{self.name} {lang}: no sentences in {src}")
         return items, src, self.splits[0]
 
-    def score_items(self, model, tokenizer, lang, items, args, progress=None):
-        rows = self.generate(model, tokenizer, lang, items, args, progress)
+    def score_items(self, model, tokenizer, lang, items, args, progress=None, ranks=SINGLE):
+        rows = self.generate(model, tokenizer, lang, items, args, progress, ranks)
         for row, it in zip(rows, items):
             row["prediction"] = row["prediction"].strip()
             row["tgt_lang"] = it["tgt_lang"]
@@ -1117,10 +1378,12 @@ class NllTask(Task):
     def n_requests(self, items):
         return len(items)
 
-    def score_items(self, model, tokenizer, lang, items, args, progress=None):
+    def score_items(self, model, tokenizer, lang, items, args, progress=None, ranks=SINGLE):
         groups = [[(common.encode_prompt(tokenizer, it["x"])[0], common.encode_response(tokenizer, it["y"]))]
                   for it in items]
-        lls = loglikelihoods(model, groups, args.batch_size, False, progress)
+        batch_size = args.batch.for_cell(model, "loglikelihood", lambda: longest_request(model, groups), ranks)
+        lls = ranks.sharded(partial(loglikelihoods, model, groups, batch_size, False, progress,
+                                    on_oom=args.batch.on_oom()))
         return [dict(id=it["id"], prompt=common.build_prompt(it["x"]), target=it["y"], nll_sum=-ll[0][0],
                      n_tokens=ll[0][1], scores={"nll": -ll[0][0] / ll[0][1]}) for it, ll in zip(items, lls)]
 
@@ -1232,12 +1495,18 @@ def load_task(task, lang, args, direction=None):
     return TASKS[task].load(lang, direction, args)
 
 
-def evaluate(model, tokenizer, task, lang, items, args, direction=None):
-    """Score items; returns (result entry without file fields, per-item rows)."""
+def evaluate(model, tokenizer, task, lang, items, args, direction=None, ranks=SINGLE):
+    """Score items; returns (result entry without file fields, per-item rows); the entry is None on ranks
+    other than 0 (the model's work is shared, the summary is rank 0's)."""
     spec = TASKS[task]
     t0 = time.time()
-    with tqdm(total=spec.n_requests(items), desc=f"{task} {direction or lang}", leave=False) as bar:
-        rows = spec.score_items(model, tokenizer, lang, items, args, bar)
+    with tqdm(total=spec.n_requests(items), desc=f"{task} {direction or lang}", leave=False,
+              disable=not ranks.main) as bar:
+        rows = spec.score_items(model, tokenizer, lang, items, args, bar, ranks)
+    halved = [h for h in ranks.gathered(lambda: args.batch.used["batch_halved_to"]) if h is not None]
+    args.batch.used["batch_halved_to"] = min(halved, default=None)  # on any rank
+    if not ranks.main:
+        return None, rows
     entry = spec.summarise(rows, lang, args)
     seconds = time.time() - t0
     entry.update(n=len(items), higher_is_better=entry.get("higher_is_better", True), seconds=round(seconds, 2),
@@ -1666,7 +1935,9 @@ def parse_args(argv=None):
     g.add_argument("--max-new-tokens", type=int, default=None, help="generation budget (default: per task, 256 as "
                    "the harness)")
     g = p.add_argument_group("compute")
-    g.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
+    g.add_argument("--batch-size", type=batch_size_arg, default=16, help="sequences per forward pass, or auto: on "
+                   "CUDA the largest batch that fits (probed per task kind and length; a batch that runs out of "
+                   f"memory is halved and retried), on a CPU {AUTO_BATCH_CPU} (default: 16)")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights and activations; auto = bfloat16 where the device computes it natively (CUDA with "
@@ -1682,14 +1953,25 @@ def parse_args(argv=None):
     g.add_argument("--analysis", choices=["layers"], default=None, help="layers: per-layer lens entropy, English vs "
                    "target token mass and en/tgt cosine (JSON + PNG)")
     g.add_argument("--analysis-samples", type=int, default=64, help="parallel sentences for --analysis layers")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.batch = BatchSize(args.batch_size)
+    return args
+
+
+def batch_size_arg(value):
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of sequences or auto, got {value!r}") from None
 
 
 def check_args(args):
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit must be a positive number of items, got {args.limit}")
     for name in ("batch_size", "bootstrap", "analysis_samples"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) != "auto" and getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be positive")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be positive")
@@ -1767,10 +2049,17 @@ def data_label(src, data_dir):
     return src if rel.startswith("..") else rel
 
 
-def device_of(args):
-    if args.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return args.device
+def device_of(args, ranks=SINGLE):
+    """The device of this rank: --device, or cuda when available; with several ranks, rank r's cuda:LOCAL_RANK."""
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if ranks.world > 1 and device.startswith("cuda"):
+        if device != "cuda":
+            raise UserError(f"--device {device} with {ranks.world} processes: each rank takes cuda:LOCAL_RANK; "
+                            "pass --device cuda (or auto), or launch one process")
+        device = f"cuda:{ranks.local}"
+    return device
 
 
 def resolve_dtype(dtype, device):
@@ -1792,56 +2081,80 @@ def resolve_dtype(dtype, device):
     return dtype
 
 
-def run_eval(args):
-    combos, skipped = plan(args)
-    data = load_all(combos, args)  # every data file is read (and its errors raised) before any model loads
-    sources = [common.resolve_model(m) for m in args.model]  # a folder without weights fails here
+def run_eval(args, ranks=SINGLE):
+    def prepare():  # every data file is read (and its errors raised) before any model loads
+        combos, skipped = plan(args)
+        return skipped, load_all(combos, args), [common.resolve_model(m) for m in args.model]
+
+    skipped, data, sources = ranks.checked(prepare)  # a folder without weights fails here
     hashes = {}
-    dtype = resolve_dtype(args.dtype, device_of(args))
-    os.makedirs(args.out, exist_ok=True)
+    device = device_of(args, ranks)
+    dtype = resolve_dtype(args.dtype, device)
+    if ranks.world > 1:
+        print(f"[ranks] {ranks.world} processes, each on its own device ({device} on rank 0), share every "
+              "task x language by whole batches; rank 0 writes", flush=True)
     for model_path, run, (_, _, source) in zip(args.model, args.run_names, sources):
         common.seed_everything(args.seed)
-        model, tokenizer = common.load_model_and_tokenizer(model_path, dtype, device_of(args), padding_side="left")
+        model, tokenizer = ranks.checked(
+            lambda: common.load_model_and_tokenizer(model_path, dtype, device, padding_side="left"))
         model.eval()
+        args.batch.new_model()
         json_path = os.path.join(args.out, f"{run}.json")
-        record = common.read_json(json_path) if os.path.exists(json_path) else None
-        if record is not None and (not is_run_json(record) or record.get("model") != model_path):
-            raise UserError(f"{json_path} holds results of another model ({record.get('model')}); "
-                            "pass --run-name or another --out")
-        record = record or dict(format="dft-eval-run/1", run=run, model=model_path, results={})
-        record.update(model_source=source, versions=common.versions(), updated=time.strftime("%Y-%m-%d %H:%M:%S"))
-        record.setdefault("skipped", [])
-        record["skipped"] = sorted(set(record["skipped"]) | set(skipped))
+
+        def open_record():
+            record = common.read_json(json_path) if os.path.exists(json_path) else None
+            if record is not None and (not is_run_json(record) or record.get("model") != model_path):
+                raise UserError(f"{json_path} holds results of another model ({record.get('model')}); "
+                                "pass --run-name or another --out")
+            record = record or dict(format="dft-eval-run/1", run=run, model=model_path, results={})
+            record.update(model_source=source, versions=common.versions(),
+                          updated=time.strftime("%Y-%m-%d %H:%M:%S"))
+            record.setdefault("skipped", [])
+            record["skipped"] = sorted(set(record["skipped"]) | set(skipped))
+            os.makedirs(args.out, exist_ok=True)
+            return record
+
+        record = ranks.on_main(open_record)
         t_model = time.time()
         for (task, lang, direction), (items, src, split) in data.items():
             spec = TASKS[task]
             key = spec.result_key(args)
             cell = direction.replace("xx", lang) if direction else lang
-            if src not in hashes:
-                hashes[src] = common.sha256_file(src) if not src.startswith("hub:") else None
-            entry, rows = evaluate(model, tokenizer, task, lang, items, args, direction)
-            items_file = f"{run}.{key}.{cell}.jsonl"
-            common.write_jsonl(os.path.join(args.out, items_file), rows)
-            own = spec.settings(args)  # the settings of this task's kind (None where they do not apply)
-            entry.update(
-                task=key, lang=cell, items_file=items_file, data_file=data_label(src, args.data_dir),
-                data_sha256=hashes[src], split=split,
-                harness_task=spec.harness.format(l=lang) if spec.harness else None,
-                settings=dict(limit=args.limit, num_fewshot=shots_for(task, args), batch_size=args.batch_size,
-                              math_shots=own["math_shots"], dtype=dtype, dtype_requested=args.dtype,
-                              device=device_of(args), seed=args.seed, data_source=args.data_source,
-                              share_prefix=not args.no_share_prefix, mt_data=own["mt_data"],
-                              prompt_style=own["prompt_style"], prefix_token_id=prefix_token_id(tokenizer),
-                              data_dir=args.data_dir),
-                evaluated=time.strftime("%Y-%m-%d %H:%M:%S"))
-            record["results"].setdefault(key, {})[cell] = entry
-            common.write_json(json_path, record)  # after every cell: an interrupted run keeps what it has
-            print(f"[{run}] {key} {cell}: {entry['metric']} {fmt_score(entry)} (n={entry['n']}, "
-                  f"{entry['seconds']:.1f}s, {entry['items_per_second']:.2f} items/s)", flush=True)
+
+            def write_cell(entry, rows):
+                if src not in hashes:
+                    hashes[src] = common.sha256_file(src) if not src.startswith("hub:") else None
+                items_file = f"{run}.{key}.{cell}.jsonl"
+                common.write_jsonl(os.path.join(args.out, items_file), rows)
+                own = spec.settings(args)  # the settings of this task's kind (None where they do not apply)
+                entry.update(
+                    task=key, lang=cell, items_file=items_file, data_file=data_label(src, args.data_dir),
+                    data_sha256=hashes[src], split=split,
+                    harness_task=spec.harness.format(l=lang) if spec.harness else None,
+                    settings=dict(limit=args.limit, num_fewshot=shots_for(task, args),
+                                  batch_size=args.batch.used["batch_size"], batch_size_requested=args.batch_size,
+                                  batch_halved_to=args.batch.used["batch_halved_to"], math_shots=own["math_shots"],
+                                  dtype=dtype, dtype_requested=args.dtype,
+                                  device=device, seed=args.seed, data_source=args.data_source,
+                                  share_prefix=not args.no_share_prefix, mt_data=own["mt_data"],
+                                  prompt_style=own["prompt_style"], prefix_token_id=prefix_token_id(tokenizer),
+                                  data_dir=args.data_dir),
+                    evaluated=time.strftime("%Y-%m-%d %H:%M:%S"))
+                record["results"].setdefault(key, {})[cell] = entry
+                common.write_json(json_path, record)  # after every cell: an interrupted run keeps what it has
+                print(f"[{run}] {key} {cell}: {entry['metric']} {fmt_score(entry)} (n={entry['n']}, "
+                      f"{entry['seconds']:.1f}s, {entry['items_per_second']:.2f} items/s)", flush=True)
+
+            def score_cell():  # the model's work on every rank; the summary and the files on rank 0
+                entry, rows = evaluate(model, tokenizer, task, lang, items, args, direction, ranks)
+                if ranks.main:
+                    write_cell(entry, rows)
+
+            ranks.checked(score_cell)
         print(f"[{run}] done in {time.time() - t_model:.0f}s -> {json_path}", flush=True)
         del model
-    table = write_results_md(args.out)
-    print("\n" + table)
+    table = ranks.on_main(lambda: write_results_md(args.out))
+    print("\n" + (table or ""))
 
 
 def run_analysis(args):
@@ -1856,7 +2169,8 @@ def run_analysis(args):
         for lang in langs:
             pairs, src = texts[lang]
             t0 = time.time()
-            res = layer_analysis(model, tokenizer, lang, pairs, batch_size=min(args.batch_size, 8))
+            batch_size = 8 if args.batch_size == "auto" else min(args.batch_size, 8)
+            res = layer_analysis(model, tokenizer, lang, pairs, batch_size=batch_size)
             res.update(run=run, model=model_path, model_source=source, lang=lang, data_file=src,
                        data_sha256=common.sha256_file(src), versions=common.versions(),
                        seconds=round(time.time() - t0, 1),
@@ -1874,14 +2188,38 @@ def run_analysis(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    check_args(args)
+    ranks = Ranks.from_env()
+    if not ranks.main:  # one copy of every line and progress bar: rank 0's (errors too, see RankFailed)
+        sys.stdout = open(os.devnull, "w")
+        import transformers
+        transformers.utils.logging.disable_progress_bar()
+    try:
+        # join first, so that even a bad argument is said once by rank 0 before any rank exits
+        cuda = torch.cuda.is_available() and (args.device == "auto" or args.device.startswith("cuda"))
+        ranks.start("cuda" if cuda else "cpu")
+        ranks.checked(lambda: (check_args(args), device_of(args, ranks)))
+        if args.compare or args.analysis:
+            if ranks.world > 1:
+                print(f"[ranks] {'--compare' if args.compare else '--analysis layers'} runs on rank 0 alone; the "
+                      f"other {ranks.world - 1} wait", flush=True)
+            ranks.on_main(lambda: run_compare_or_analysis(args))
+        else:
+            run_eval(args, ranks)
+    except RankFailed as e:
+        if ranks.main:
+            print(e.message, file=sys.stderr, flush=True)
+        ranks.barrier()  # no rank exits (and gets the others killed by the launcher) before rank 0 has said it
+        sys.exit(e.code)
+    finally:
+        ranks.stop()
+
+
+def run_compare_or_analysis(args):
     if args.compare:
         out = args.out or os.path.dirname(os.path.abspath(args.compare[1]))
         compare_runs(args.compare[0], args.compare[1], out, args.bootstrap, args.seed, args.allow_mismatch)
-    elif args.analysis == "layers":
-        run_analysis(args)
     else:
-        run_eval(args)
+        run_analysis(args)
 
 
 if __name__ == "__main__":
