@@ -129,8 +129,11 @@ for lang in $LANGS; do
   for method in $METHODS; do [ "$method" = sft ] || train "$method-$lang" "$method" "${!pairs}"; done
 done
 
-how=$([ "$PLAN_NPROC" -gt 1 ] && echo "one model per GPU, side by side" || echo "one process per language group")
-echo "== 3/4 evaluation (${LIMIT:+first $LIMIT items per cell, }$how)"
+# With several GPUs every 03 call is data-parallel (torchrun: the items of each cell sharded over the GPUs by whole
+# batches, the same files as one process; docs/EVALUATION.md, "Several processes and the batch size").
+if [ "$PLAN_NPROC" -gt 1 ]; then EVAL_PY=("$PY" -m torch.distributed.run --nproc_per_node "$PLAN_NPROC")
+else EVAL_PY=("$PY"); fi
+echo "== 3/4 evaluation (${LIMIT:+first $LIMIT items per cell, }$PLAN_NPROC process(es) per call)"
 suite() {  # the paper's suite restricted to tasks with data in these languages (03 refuses a task with none)
   local tasks=xquad,mlqa,truthfulqa,xnli,mmlu
   case " $* " in *" zh "*|*" ar "*) tasks+=,mkqa ;; esac
@@ -145,45 +148,26 @@ evaluate() {  # group, "run names", "models", "languages": the suite + translati
   local common=(--model "${models[@]}" --run-name "${runs[@]}" --out "$OUT/eval" "${flags[@]}")
   tatoeba=$(echo "$langs" | tr ' ' '\n' | grep -v '^zh$' | tr '\n' ' ' || true)
   if [[ " $langs " != *" zh "* ]]; then  # no zh: the suite and Tatoeba in one process
-    part "eval_$name" "$PY" 03_evaluate.py "${common[@]}" --tasks "$(suite $langs),translation" --mt-data tatoeba \
-        --langs "$(csv $langs)"
+    part "eval_$name" "${EVAL_PY[@]}" 03_evaluate.py "${common[@]}" --tasks "$(suite $langs),translation" \
+        --mt-data tatoeba --langs "$(csv $langs)"
   else  # NTREX's references are zh only among our languages: vi and ar then get Tatoeba in a second process
-    part "eval_$name" "$PY" 03_evaluate.py "${common[@]}" --tasks "$(suite $langs),translation" --mt-data ntrex \
-        --langs "$(csv $langs)"
-    [ -z "${tatoeba// }" ] || part "eval_${name}_tatoeba" "$PY" 03_evaluate.py "${common[@]}" --tasks translation \
-        --mt-data tatoeba --langs "$(csv $tatoeba)"
+    part "eval_$name" "${EVAL_PY[@]}" 03_evaluate.py "${common[@]}" --tasks "$(suite $langs),translation" \
+        --mt-data ntrex --langs "$(csv $langs)"
+    [ -z "${tatoeba// }" ] || part "eval_${name}_tatoeba" "${EVAL_PY[@]}" 03_evaluate.py "${common[@]}" \
+        --tasks translation --mt-data tatoeba --langs "$(csv $tatoeba)"
   fi
 }
-JOBS=()  # "run|model|languages": base and sft on every language, the others on their own
+# base and sft on every language (one call: the data is read and checked once for both), the others on their own
 shared_runs=base shared_models=$MODEL
 case " $METHODS " in *" sft "*) shared_runs+=" sft" shared_models+=" $OUT/train/sft" ;; esac
-if [ "$PLAN_NPROC" -gt 1 ]; then     # data-parallel evaluation is its own issue: here one model per GPU at a time
-  JOBS+=("base|$MODEL|$LANGS")
-  case " $METHODS " in *" sft "*) JOBS+=("sft|$OUT/train/sft|$LANGS") ;; esac
-  for lang in $LANGS; do
-    for method in $METHODS; do
-      [ "$method" = sft ] || JOBS+=("$method-$lang|$OUT/train/$method-$lang|$lang")
-    done
+evaluate all "$shared_runs" "$shared_models" "$LANGS"
+for lang in $LANGS; do
+  runs="" models=""
+  for method in $METHODS; do
+    [ "$method" = sft ] || { runs+=" $method-$lang"; models+=" $OUT/train/$method-$lang"; }
   done
-  pids=() status=0 k=0
-  for job in "${JOBS[@]}"; do
-    IFS="|" read -r runs models langs <<< "$job"
-    CUDA_VISIBLE_DEVICES=$((k % PLAN_NPROC)) evaluate model "$runs" "$models" "$langs" & pids+=($!)
-    k=$((k + 1))
-    if [ $((k % PLAN_NPROC)) -eq 0 ]; then for pid in "${pids[@]}"; do wait "$pid" || status=1; done; pids=(); fi
-  done
-  for pid in "${pids[@]}"; do wait "$pid" || status=1; done
-  [ "$status" = 0 ] || { echo "error: an evaluation failed (see above)" >&2; exit 1; }
-else  # one process per language group: the data is read and checked once for all its models
-  evaluate all "$shared_runs" "$shared_models" "$LANGS"
-  for lang in $LANGS; do
-    runs="" models=""
-    for method in $METHODS; do
-      [ "$method" = sft ] || { runs+=" $method-$lang"; models+=" $OUT/train/$method-$lang"; }
-    done
-    [ -z "$runs" ] || evaluate "$lang" "$runs" "$models" "$lang"
-  done
-fi
+  [ -z "$runs" ] || evaluate "$lang" "$runs" "$models" "$lang"
+done
 
 echo "== 4/4 the tables"
 "$PY" scripts/paper_tables.py --out "$OUT" --bootstrap "$BOOTSTRAP" > "$OUT/logs/tables.log"
