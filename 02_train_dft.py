@@ -498,7 +498,7 @@ def continue_prompt(parts, layer, prompt_kv, tft_hidden, tft, seq):
     coordinates: every continuation starts after the batch's longest prompt). A fresh cache per call: an update
     concatenates into its layer entry, so a shared one would let one continuation see the other's tokens.
     The last prompt position, which predicts the first continuation token, is read from the L_TFT pass's block
-    `layer` output (tft_hidden).
+    `layer` output (tft_hidden). Some row has a continuation token (can_share_prefix checks it).
     Returns (hidden, labels) laid out as [last prompt position; continuation], for shifted()."""
     from transformers import DynamicCache
     prompt_len = prompt_lengths(tft)
@@ -510,8 +510,6 @@ def continue_prompt(parts, layer, prompt_kv, tft_hidden, tft, seq):
     labels = torch.where(present, seq["labels"].gather(1, where), -100)
     last_prompt = tft_hidden[torch.arange(rows, device=device), prompt_len - 1][:, None]
     head_labels = torch.full((rows, 1), -100, device=device, dtype=labels.dtype)
-    if not len(steps):  # max-length left no continuation token in any row
-        return last_prompt, torch.cat([head_labels, labels], 1)
     longest = int(prompt_len.max())
     cache = DynamicCache(config=parts.backbone.config)
     for k in range(layer):
@@ -618,16 +616,26 @@ class DFTObjective(nn.Module):
         return terms
 
     def can_share_prefix(self, parts, batch):
-        """--lens-prefix shared where it is exact: GPT-2, LLaMA, Gemma-2/3 while no sliding window is reached, and
-        no gradient checkpointing (transformers' checkpointed blocks drop past_key_values)."""
+        """--lens-prefix shared where it is exact: GPT-2, LLaMA, Gemma-2/3 while no sliding window is reached, no
+        activation checkpointing, and a continuation token in some row of every lens term.
+
+        Checkpointing: transformers' checkpointed blocks drop past_key_values; a torch checkpoint_wrapper around
+        the blocks (accelerate's fsdp_activation_checkpointing) keeps them, but its backward recompute updates
+        the continuation's cache a second time, which then holds the continuation twice. No continuation token
+        (max-length cut them all): the batch recomputes rather than skip the lens passes, because under FSDP
+        and ZeRO-3 every rank must call the blocks as often as the others (each call gathers their weights)."""
         config = parts.backbone.config
         checkpointed = getattr(parts.backbone, "gradient_checkpointing", False) and parts.backbone.training
-        if self.cfg["lens_prefix"] != "shared" or config.model_type not in SHARED_PREFIX_MODELS or checkpointed:
+        wrapped = any(hasattr(module, "_checkpoint_wrapped_module") for module in parts.blocks[0].modules())
+        if self.cfg["lens_prefix"] != "shared" or config.model_type not in SHARED_PREFIX_MODELS or checkpointed \
+                or wrapped:
             return False
         prompt_len = prompt_lengths(batch["tft"])
         for name, signal, layer in (("lc", self.lc, self.lc_layer), ("et", self.et, self.et_layer)):
-            continuation = int((batch[name]["attention_mask"].sum(1) - prompt_len).max()) if signal == "logits" else 0
-            if signal == "logits" and window_reached(config, layer, int(prompt_len.max()), continuation):
+            if signal != "logits":
+                continue
+            continuation = int((batch[name]["attention_mask"].sum(1) - prompt_len).max())
+            if continuation == 0 or window_reached(config, layer, int(prompt_len.max()), continuation):
                 return False
         return True
 
