@@ -135,7 +135,7 @@ def build_parser():
                         "natively (CUDA Ampere+, a CPU with AMX / AVX512-BF16), else no. An accelerate config or "
                         "ACCELERATE_MIXED_PRECISION decides under auto and must agree with an explicit value")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute blocks in backward")
-    g.add_argument("--lens-prefix", choices=["shared", "recompute"], default="recompute",
+    g.add_argument("--lens-prefix", choices=["shared", "recompute"], default="shared",
                    help="the dft-logits lens sequences [P(x_tgt); x_en] and [P(x_tgt); y_en]: run only their x_en / "
                         "y_en tokens, attending to the prompt's keys and values from the L_TFT pass (shared), or run "
                         "the prompt again (recompute). Same losses and gradients; shared falls back to recompute "
@@ -911,7 +911,9 @@ RESUME_DEFAULTS = {"lens_prefix": "recompute"}
 def check_resume(saved, now, start_step):
     """Refuse a resume whose configuration differs from the first segment's in anything that changes the trajectory."""
     saved = dict(RESUME_DEFAULTS, **saved)
-    differ = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in TRAJECTORY_KEYS if saved.get(k) != now.get(k)]
+    # without a lens term --lens-prefix changes nothing (a tft run from before the flag resumes at its default)
+    keys = [k for k in TRAJECTORY_KEYS if k != "lens_prefix" or "logits" in (now["lc"], now["et"])]
+    differ = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)]
     if now["total_steps"] <= start_step:
         differ.append(f"total_steps: {now['total_steps']} leaves nothing to train after the checkpoint's step "
                       f"{start_step}")
@@ -1109,6 +1111,11 @@ def make_optimizer(objective, cfg):
                               {"params": no_decay, "weight_decay": 0.0}], lr=cfg["lr"])
 
 
+def shares_lens_prefix(cfg):
+    """--lens-prefix shared with a lens term to share it (dft-logits on LC or ET)."""
+    return cfg["lens_prefix"] == "shared" and "logits" in (cfg["lc"], cfg["et"])
+
+
 def start_run(accelerator, cfg, run_info, start_step):
     """Trackers first (one that fails to start leaves no files), then train_config.json, the log kept up to the
     checkpoint (a resumed run rewrites the steps after it), and the configuration printed."""
@@ -1129,9 +1136,11 @@ def start_run(accelerator, cfg, run_info, start_step):
           f"{accelerator.mixed_precision})", flush=True)
     if run_info["length_stats"]:
         print(f"max-length {cfg['max_length']}: {run_info['length_stats']}", flush=True)
-    if cfg["lens_prefix"] == "shared" and "logits" in (cfg["lc"], cfg["et"]) and cfg["grad_checkpointing"]:
-        print("note: --lens-prefix shared falls back to recompute under --grad-checkpointing (transformers' "
-              "checkpointed blocks drop past_key_values); lens_recomputed in train_log.jsonl counts it", flush=True)
+    fsdp = getattr(accelerator.state, "fsdp_plugin", None)
+    if shares_lens_prefix(cfg) and (cfg["grad_checkpointing"] or getattr(fsdp, "activation_checkpointing", False)):
+        print("note: --lens-prefix shared falls back to recompute under --grad-checkpointing and FSDP activation "
+              "checkpointing (transformers' checkpointed blocks drop past_key_values; torch's checkpoint wrapper "
+              "would update the lens caches twice); lens_recomputed in train_log.jsonl counts it", flush=True)
 
 
 def micro_batches(examples, cfg, accelerator, pad_id, start_step):
@@ -1196,7 +1205,7 @@ def train_step(objective, optimizer, accelerator, batches, cfg, step, lr):
     reduced = accelerator.reduce(torch.tensor([sums[k] for k in LOGGED], device=accelerator.device), reduction="sum")
     loss, loss_tft, loss_lc, loss_et = (reduced[:4] / world).tolist()  # the step's global means
     # --lens-prefix shared: micro-batches of the step (all devices) whose lens terms ran the recompute path
-    fallbacks = {"lens_recomputed": int(reduced[4])} if cfg["lens_prefix"] == "shared" else {}
+    fallbacks = {"lens_recomputed": int(reduced[4])} if shares_lens_prefix(cfg) else {}
     task, align = phase != "align", phase != "task"
     return dict(step=step + 1, loss=loss, loss_tft=loss_tft if task else None,
                 loss_lc=loss_lc if cfg["lc"] != "none" and align else None,
