@@ -135,7 +135,7 @@ def build_parser():
                         "natively (CUDA Ampere+, a CPU with AMX / AVX512-BF16), else no. An accelerate config or "
                         "ACCELERATE_MIXED_PRECISION decides under auto and must agree with an explicit value")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute blocks in backward")
-    g.add_argument("--lens-prefix", choices=["shared", "recompute"], default="recompute",
+    g.add_argument("--lens-prefix", choices=["shared", "recompute"], default="shared",
                    help="the dft-logits lens sequences [P(x_tgt); x_en] and [P(x_tgt); y_en]: run only their x_en / "
                         "y_en tokens, attending to the prompt's keys and values from the L_TFT pass (shared), or run "
                         "the prompt again (recompute). Same losses and gradients; shared falls back to recompute "
@@ -498,7 +498,7 @@ def continue_prompt(parts, layer, prompt_kv, tft_hidden, tft, seq):
     coordinates: every continuation starts after the batch's longest prompt). A fresh cache per call: an update
     concatenates into its layer entry, so a shared one would let one continuation see the other's tokens.
     The last prompt position, which predicts the first continuation token, is read from the L_TFT pass's block
-    `layer` output (tft_hidden).
+    `layer` output (tft_hidden). Some row has a continuation token (can_share_prefix checks it).
     Returns (hidden, labels) laid out as [last prompt position; continuation], for shifted()."""
     from transformers import DynamicCache
     prompt_len = prompt_lengths(tft)
@@ -510,8 +510,6 @@ def continue_prompt(parts, layer, prompt_kv, tft_hidden, tft, seq):
     labels = torch.where(present, seq["labels"].gather(1, where), -100)
     last_prompt = tft_hidden[torch.arange(rows, device=device), prompt_len - 1][:, None]
     head_labels = torch.full((rows, 1), -100, device=device, dtype=labels.dtype)
-    if not len(steps):  # max-length left no continuation token in any row
-        return last_prompt, torch.cat([head_labels, labels], 1)
     longest = int(prompt_len.max())
     cache = DynamicCache(config=parts.backbone.config)
     for k in range(layer):
@@ -618,16 +616,26 @@ class DFTObjective(nn.Module):
         return terms
 
     def can_share_prefix(self, parts, batch):
-        """--lens-prefix shared where it is exact: GPT-2, LLaMA, Gemma-2/3 while no sliding window is reached, and
-        no gradient checkpointing (transformers' checkpointed blocks drop past_key_values)."""
+        """--lens-prefix shared where it is exact: GPT-2, LLaMA, Gemma-2/3 while no sliding window is reached, no
+        activation checkpointing, and a continuation token in some row of every lens term.
+
+        Checkpointing: transformers' checkpointed blocks drop past_key_values; a torch checkpoint_wrapper around
+        the blocks (accelerate's fsdp_activation_checkpointing) keeps them, but its backward recompute updates
+        the continuation's cache a second time, which then holds the continuation twice. No continuation token
+        (max-length cut them all): the batch recomputes rather than skip the lens passes, because under FSDP
+        and ZeRO-3 every rank must call the blocks as often as the others (each call gathers their weights)."""
         config = parts.backbone.config
         checkpointed = getattr(parts.backbone, "gradient_checkpointing", False) and parts.backbone.training
-        if self.cfg["lens_prefix"] != "shared" or config.model_type not in SHARED_PREFIX_MODELS or checkpointed:
+        wrapped = any(hasattr(module, "_checkpoint_wrapped_module") for module in parts.blocks[0].modules())
+        if self.cfg["lens_prefix"] != "shared" or config.model_type not in SHARED_PREFIX_MODELS or checkpointed \
+                or wrapped:
             return False
         prompt_len = prompt_lengths(batch["tft"])
         for name, signal, layer in (("lc", self.lc, self.lc_layer), ("et", self.et, self.et_layer)):
-            continuation = int((batch[name]["attention_mask"].sum(1) - prompt_len).max()) if signal == "logits" else 0
-            if signal == "logits" and window_reached(config, layer, int(prompt_len.max()), continuation):
+            if signal != "logits":
+                continue
+            continuation = int((batch[name]["attention_mask"].sum(1) - prompt_len).max())
+            if continuation == 0 or window_reached(config, layer, int(prompt_len.max()), continuation):
                 return False
         return True
 
@@ -903,7 +911,9 @@ RESUME_DEFAULTS = {"lens_prefix": "recompute"}
 def check_resume(saved, now, start_step):
     """Refuse a resume whose configuration differs from the first segment's in anything that changes the trajectory."""
     saved = dict(RESUME_DEFAULTS, **saved)
-    differ = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in TRAJECTORY_KEYS if saved.get(k) != now.get(k)]
+    # without a lens term --lens-prefix changes nothing (a tft run from before the flag resumes at its default)
+    keys = [k for k in TRAJECTORY_KEYS if k != "lens_prefix" or "logits" in (now["lc"], now["et"])]
+    differ = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)]
     if now["total_steps"] <= start_step:
         differ.append(f"total_steps: {now['total_steps']} leaves nothing to train after the checkpoint's step "
                       f"{start_step}")
@@ -1101,6 +1111,11 @@ def make_optimizer(objective, cfg):
                               {"params": no_decay, "weight_decay": 0.0}], lr=cfg["lr"])
 
 
+def shares_lens_prefix(cfg):
+    """--lens-prefix shared with a lens term to share it (dft-logits on LC or ET)."""
+    return cfg["lens_prefix"] == "shared" and "logits" in (cfg["lc"], cfg["et"])
+
+
 def start_run(accelerator, cfg, run_info, start_step):
     """Trackers first (one that fails to start leaves no files), then train_config.json, the log kept up to the
     checkpoint (a resumed run rewrites the steps after it), and the configuration printed."""
@@ -1121,9 +1136,11 @@ def start_run(accelerator, cfg, run_info, start_step):
           f"{accelerator.mixed_precision})", flush=True)
     if run_info["length_stats"]:
         print(f"max-length {cfg['max_length']}: {run_info['length_stats']}", flush=True)
-    if cfg["lens_prefix"] == "shared" and "logits" in (cfg["lc"], cfg["et"]) and cfg["grad_checkpointing"]:
-        print("note: --lens-prefix shared falls back to recompute under --grad-checkpointing (transformers' "
-              "checkpointed blocks drop past_key_values); lens_recomputed in train_log.jsonl counts it", flush=True)
+    fsdp = getattr(accelerator.state, "fsdp_plugin", None)
+    if shares_lens_prefix(cfg) and (cfg["grad_checkpointing"] or getattr(fsdp, "activation_checkpointing", False)):
+        print("note: --lens-prefix shared falls back to recompute under --grad-checkpointing and FSDP activation "
+              "checkpointing (transformers' checkpointed blocks drop past_key_values; torch's checkpoint wrapper "
+              "would update the lens caches twice); lens_recomputed in train_log.jsonl counts it", flush=True)
 
 
 def micro_batches(examples, cfg, accelerator, pad_id, start_step):
@@ -1188,7 +1205,7 @@ def train_step(objective, optimizer, accelerator, batches, cfg, step, lr):
     reduced = accelerator.reduce(torch.tensor([sums[k] for k in LOGGED], device=accelerator.device), reduction="sum")
     loss, loss_tft, loss_lc, loss_et = (reduced[:4] / world).tolist()  # the step's global means
     # --lens-prefix shared: micro-batches of the step (all devices) whose lens terms ran the recompute path
-    fallbacks = {"lens_recomputed": int(reduced[4])} if cfg["lens_prefix"] == "shared" else {}
+    fallbacks = {"lens_recomputed": int(reduced[4])} if shares_lens_prefix(cfg) else {}
     task, align = phase != "align", phase != "task"
     return dict(step=step + 1, loss=loss, loss_tft=loss_tft if task else None,
                 loss_lc=loss_lc if cfg["lc"] != "none" and align else None,

@@ -14,8 +14,8 @@ parameter FLOPs (2 x params x tokens per forward; attention's quadratic term is 
   no-grad English pass (feature): 1 x forward of the English prompt; with gradient (mid-align trains both
   branches): 3 x forward
 tft = 3 P_block L N_tft + 4 P_head n_tft; dft-logits adds 3 P_block (i N_lc + j N_et) + 3 P_head (n_lc + n_et);
-dft-logits-shared (02's --lens-prefix shared) counts in N_lc, N_et only the padded x_en / y_en tokens after the
-prompt (the prompt's keys and values come from the tft pass);
+dft-logits is 02's --lens-prefix recompute; dft-logits-shared (02's default, --lens-prefix shared) counts in N_lc,
+N_et only the padded x_en / y_en tokens after the prompt (the prompt's keys and values come from the tft pass);
 dft-feature adds P_block L N_en (N: padded tokens through the blocks, n: labelled tokens through the head);
 mid-align (InfoNCE at block k = L // 2, English branch trained) adds 3 P_block k N_en and a B x B similarity
 matrix (B^2 d: nothing next to the blocks).

@@ -35,7 +35,9 @@ BASE_FLAGS = ["--pairs", PAIRS, "--lc-layer", "1", "--et-layer", "3", "--max-ste
               "--warmup-ratio", "0.25", "--mixed-precision", "no"]
 MIXED = ["--method", "dft-logits", "--lc", "feature", "--et", "logits"]
 FLAGS = [*BASE_FLAGS, *MIXED, "--batch-size", "2"]
-SPLIT_METHODS = {"sft": ["--method", "sft"], "tft": ["--method", "tft"], "dft-logits": ["--method", "dft-logits"],
+SPLIT_METHODS = {"sft": ["--method", "sft"], "tft": ["--method", "tft"],
+                 "dft-logits": ["--method", "dft-logits", "--lens-prefix", "recompute"],
+                 "dft-logits-shared": ["--method", "dft-logits", "--lens-prefix", "shared"],
                  "dft-feature": ["--method", "dft-feature"], "mixed": MIXED}
 LOGGED = ("loss", "loss_tft", "loss_lc", "loss_et", "grad_norm", "lr")
 
@@ -143,6 +145,17 @@ def test_loss_independent_of_batch_split(method, ddp_runs, tiny_model_dirs, tmp_
         same_weights(runs[name], runs["b4"])
 
 
+def test_shared_lens_prefix_under_ddp_equals_recompute(ddp_runs):
+    """--lens-prefix shared on 2 processes: the lens passes attend to the prompt's keys and values from the L_TFT
+    pass on every step (none recomputed), and train like the recomputing run of the same launch."""
+    shared, recompute = ddp_runs["split-dft-logits-shared"], ddp_runs["split-dft-logits"]
+    log = read_log(shared)
+    assert json.load(open(os.path.join(shared, "train_config.json")))["lens_prefix"] == "shared"
+    assert [r["lens_recomputed"] for r in log] == [0] * 4
+    same_logs(log, read_log(recompute))
+    same_weights(shared, recompute)
+
+
 def test_two_process_resume(two_process_run, tiny_model_dirs, tmp_path):
     out_full, _ = two_process_run
     out = str(tmp_path / "cut")
@@ -187,31 +200,37 @@ def test_alternate_under_ddp(ddp_runs, tiny_model_dirs, tmp_path):
 # FSDP around DFTObjective, as accelerate wraps it: decoder blocks auto-wrapped, the objective is the root unit
 # (it holds embeddings, final norm and lm_head, so they are unsharded for the whole loss forward)
 
-FSDP_VARIANTS = ("fsdp2", "fsdp2-grad-ckpt", "fsdp2-ac-wrapper", "fsdp1")
+# NAME-shared: NAME with --lens-prefix shared on both lens terms (SHARED), compared with the recomputing reference of
+# the same terms; under the checkpoint wrapper it falls back (its recompute would update the lens caches twice)
+FSDP_VARIANTS = ("fsdp2", "fsdp2-grad-ckpt", "fsdp2-ac-wrapper", "fsdp1",
+                 "fsdp2-shared", "fsdp2-ac-wrapper-shared", "fsdp1-shared")
 # ce_chunk 4 and uneven ranks (1 pair vs 3 pairs; rank 0 has no labelled LC token): the ranks run different
 # numbers of CE chunks unless chunk_count evens them out, which ZeRO-3's per-call gathers need
-FSDP_CFG = dict(method="dft-logits", lc="logits", et="feature", lc_layer_used=1, et_layer_used=3, ce_chunk=4)
+FSDP_CFG = dict(method="dft-logits", lc="logits", et="feature", lc_layer_used=1, et_layer_used=3, ce_chunk=4,
+                lens_prefix="recompute")
+SHARED = dict(et="logits", lens_prefix="shared")
 
 
-def fsdp_config():
+def fsdp_config(shared=False):
     cfg = dict(train.DEFAULTS)
     cfg.update(train.METHODS["dft-logits"])
     cfg.update(FSDP_CFG)
+    cfg.update(SHARED if shared else {})
     return cfg
 
 
-def fsdp_batch(tokenizer, rank):
+def fsdp_batch(tokenizer, rank, shared=False):
     rows = train.load_pairs(PAIRS)[:1] if rank == 0 else train.load_pairs(PAIRS)[1:4]
-    examples, _ = train.encode_pairs(tokenizer, rows, fsdp_config())
+    examples, _ = train.encode_pairs(tokenizer, rows, fsdp_config(shared))
     batch = train.collate(examples, tokenizer.pad_token_id)
     if rank == 0:  # as if max-length had cut every x_en token of its LC sequence
         batch["lc"]["labels"].fill_(-100)
     return batch
 
 
-def global_denominators(tokenizer, world=1):
+def global_denominators(tokenizer, world=1, shared=False):
     """The step's counts over both ranks' batches, divided by the number of devices that average the gradients."""
-    counts = [train.term_counts(fsdp_batch(tokenizer, rank)) for rank in (0, 1)]
+    counts = [train.term_counts(fsdp_batch(tokenizer, rank, shared)) for rank in (0, 1)]
     return {k: (counts[0][k] + counts[1][k]) / world for k in counts[0]}
 
 
@@ -226,25 +245,28 @@ def _fsdp_worker(out_path):
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     tokenizer = make_tokenizer()
-    results = {}
+    results, recomputed = {}, {}
     for variant in FSDP_VARIANTS:
+        wrapping = variant.removesuffix("-shared")
         model = make_tiny_model("llama", tokenizer).train()
-        if variant == "fsdp2-grad-ckpt":
+        if wrapping == "fsdp2-grad-ckpt":
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        objective = train.DFTObjective(model, fsdp_config())
-        if variant == "fsdp1":
+        shared = variant.endswith("-shared")
+        objective = train.DFTObjective(model, fsdp_config(shared))
+        if wrapping == "fsdp1":
             policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={LlamaDecoderLayer})
             objective = FSDP(objective, auto_wrap_policy=policy, use_orig_params=True, device_id=torch.device("cpu"))
         else:
             mesh = init_device_mesh("cpu", (dist.get_world_size(),))
             for i, layer in enumerate(model.model.layers):
-                if variant == "fsdp2-ac-wrapper":  # accelerate's fsdp_activation_checkpointing: wrapper, then shard
+                if wrapping == "fsdp2-ac-wrapper":  # accelerate's fsdp_activation_checkpointing: wrapper, then shard
                     layer = model.model.layers[i] = checkpoint_wrapper(layer, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
                 fully_shard(layer, mesh=mesh)
             fully_shard(objective, mesh=mesh)
-        terms = objective(fsdp_batch(tokenizer, rank), global_denominators(tokenizer, world=2))
+        terms = objective(fsdp_batch(tokenizer, rank, shared), global_denominators(tokenizer, world=2, shared=shared))
         terms["loss"].backward()
-        if variant == "fsdp1":
+        recomputed[variant] = float(terms["lens_recomputed"])
+        if wrapping == "fsdp1":
             with FSDP.summon_full_params(objective, with_grads=True):
                 grads = {n: p.grad.clone() for n, p in objective.named_parameters() if p.grad is not None}
         else:
@@ -252,7 +274,7 @@ def _fsdp_worker(out_path):
         clean = lambda n: n.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
         results[variant] = {clean(n): g for n, g in grads.items()}
     if rank == 0:
-        torch.save(results, out_path)
+        torch.save(dict(results, recomputed=recomputed), out_path)
     dist.destroy_process_group()
 
 
@@ -265,21 +287,28 @@ def fsdp_grads(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference_grads():
-    """One process, no wrapper, no chunking: both ranks' pairs normalised by the step's global counts."""
+    """One process, no wrapper, no chunking, recomputed lens prefix: both ranks' pairs normalised by the step's
+    global counts; {False: the FSDP_CFG terms, True: those of the shared variants (SHARED)}."""
     tokenizer = make_tokenizer()
-    model = make_tiny_model("llama", tokenizer).train()
-    objective = train.DFTObjective(model, dict(fsdp_config(), ce_chunk=0))
     assert train.term_counts(fsdp_batch(tokenizer, 0))["lc"] == 0 < train.term_counts(fsdp_batch(tokenizer, 1))["lc"]
-    for rank in (0, 1):  # the gradients of the two batches add up
-        objective(fsdp_batch(tokenizer, rank), global_denominators(tokenizer))["loss"].backward()
-    return {n: p.grad for n, p in objective.named_parameters() if p.grad is not None}
+    grads = {}
+    for shared in (False, True):
+        model = make_tiny_model("llama", tokenizer).train()
+        objective = train.DFTObjective(model, dict(fsdp_config(shared), ce_chunk=0, lens_prefix="recompute"))
+        for rank in (0, 1):  # the gradients of the two batches add up
+            batch = fsdp_batch(tokenizer, rank, shared)
+            objective(batch, global_denominators(tokenizer, shared=shared))["loss"].backward()
+        grads[shared] = {n: p.grad for n, p in objective.named_parameters() if p.grad is not None}
+    return grads
 
 
 @pytest.mark.parametrize("variant", FSDP_VARIANTS)
 def test_fsdp_objective_gradients_equal_one_process(variant, fsdp_grads, reference_grads):
-    grads = fsdp_grads[variant]
-    assert set(grads) == set(reference_grads)
-    for name, ref in reference_grads.items():
+    grads, reference = fsdp_grads[variant], reference_grads[variant.endswith("-shared")]
+    # the shared prefix ran wherever it is exact (not through the checkpoint wrapper)
+    assert fsdp_grads["recomputed"][variant] == float(variant == "fsdp2-ac-wrapper-shared")
+    assert set(grads) == set(reference)
+    for name, ref in reference.items():
         torch.testing.assert_close(grads[name], ref, atol=1e-6, rtol=1e-4, msg=name)
 
 
@@ -296,8 +325,8 @@ def _zero_worker(out_path):
     deepspeed.init_distributed(dist_backend="gloo")
     tokenizer = make_tokenizer()
     results = {}
-    for stage in (2, 3):
-        objective = train.DFTObjective(make_tiny_model("llama", tokenizer).train(), fsdp_config())
+    for stage, shared in ((2, False), (3, False), (2, True), (3, True)):
+        objective = train.DFTObjective(make_tiny_model("llama", tokenizer).train(), fsdp_config(shared))
         config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
                   "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
                   "zero_allow_untested_optimizer": True}
@@ -305,8 +334,10 @@ def _zero_worker(out_path):
                                           optimizer=torch.optim.AdamW(objective.parameters(), lr=0.0))
         # ZeRO-3 partitions every weight, lm_head and the final norm included: the case the readout must handle
         assert all(hasattr(p, "ds_id") for p in engine.module.parameters()) == (stage == 3)
-        engine.backward(engine(fsdp_batch(tokenizer, dist.get_rank()), global_denominators(tokenizer, world=2))["loss"])
-        results[stage] = {n: safe_get_full_grad(p).clone() for n, p in engine.module.named_parameters()}
+        terms = engine(fsdp_batch(tokenizer, dist.get_rank(), shared), global_denominators(tokenizer, 2, shared))
+        engine.backward(terms["loss"])
+        results[stage, shared] = {n: safe_get_full_grad(p).clone() for n, p in engine.module.named_parameters()}
+        results[stage, shared, "recomputed"] = float(terms["lens_recomputed"])
     if dist.get_rank() == 0:
         torch.save(results, out_path)
 
@@ -319,11 +350,13 @@ def zero_grads(tmp_path_factory):
     return torch.load(out)
 
 
+@pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("stage", [2, 3])
-def test_deepspeed_objective_gradients_equal_one_process(stage, zero_grads, reference_grads):
-    grads = zero_grads[stage]
-    assert set(grads) == set(reference_grads)
-    for name, ref in reference_grads.items():
+def test_deepspeed_objective_gradients_equal_one_process(stage, shared, zero_grads, reference_grads):
+    grads, reference = zero_grads[stage, shared], reference_grads[shared]
+    assert zero_grads[stage, shared, "recomputed"] == 0  # shared: the prefix was shared, not recomputed
+    assert set(grads) == set(reference)
+    for name, ref in reference.items():
         torch.testing.assert_close(grads[name].reshape(ref.shape), ref, atol=1e-6, rtol=1e-4, msg=name)
 
 
@@ -425,7 +458,8 @@ STEPS2 = ["--pairs", PAIRS, "--method", "dft-logits", "--lc-layer", "1", "--et-l
 def test_grad_checkpointing_changes_nothing(method, tiny_model_dirs, tmp_path):
     """The truncated passes stop in a hook after block k: with checkpointed blocks the losses and the updates
     (2 steps) are those of the plain run."""
-    flags = [*STEPS2, "--method", method, "--model", tiny_model_dirs["llama"]]
+    # recompute on both sides: under checkpointing --lens-prefix shared recomputes (its equality is tested above)
+    flags = [*STEPS2, "--method", method, "--model", tiny_model_dirs["llama"], "--lens-prefix", "recompute"]
     plain, ckpt = str(tmp_path / "plain"), str(tmp_path / "ckpt")
     train.main([*flags, "--out", plain])
     train.main([*flags, "--out", ckpt, "--grad-checkpointing"])

@@ -138,7 +138,7 @@ def test_shared_lens_prefix_equals_recompute(arch, layers, tokenizer, rows):
     prompts = (batch["tft"]["labels"] != -100).int().argmax(1)
     continuations = batch["lc"]["attention_mask"].sum(1) - prompts
     assert int(prompts.max() - prompts.min()) > int(continuations.min())
-    ref, ref_grads = terms_and_grads(model, cfg, batch)
+    ref, ref_grads = terms_and_grads(model, dict(cfg, lens_prefix="recompute"), batch)
     got, grads = terms_and_grads(model, dict(cfg, lens_prefix="shared"), batch)
     assert torch.equal(got["loss_tft"], ref["loss_tft"])  # the L_TFT pass computes what it computes without a cache
     for term in ("loss", "loss_lc", "loss_et"):
@@ -170,7 +170,7 @@ def test_shared_lens_prefix_on_gemma_windows(arch, tokenizer, rows):
     fits = max(int(prompts.max() + (batch[name]["attention_mask"].sum(1) - prompts).max()) for name in ("lc", "et"))
     for window, fallback in ((512, 0.0), (fits, 0.0), (fits - 1, 1.0)):
         model = tiny_gemma(arch, tokenizer, window)
-        ref, ref_grads = terms_and_grads(model, cfg, batch)
+        ref, ref_grads = terms_and_grads(model, dict(cfg, lens_prefix="recompute"), batch)
         got, grads = terms_and_grads(model, dict(cfg, lens_prefix="shared"), batch)
         assert float(got["lens_recomputed"]) == fallback and float(ref["lens_recomputed"]) == 0, window
         assert torch.equal(got["loss_tft"], ref["loss_tft"])
@@ -178,6 +178,20 @@ def test_shared_lens_prefix_on_gemma_windows(arch, tokenizer, rows):
             torch.testing.assert_close(got[term], ref[term], rtol=1e-5, atol=1e-6)
         for name in ref_grads:
             torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_shared_lens_prefix_without_continuation_recomputes(tokenizer, rows):
+    """max-length cut every x_en token: the batch recomputes (the lens passes still run, as on every other rank)."""
+    model = make_tiny_model("llama", tokenizer)
+    cfg = config("dft-logits", lc_layer_used=1, et_layer_used=3)
+    batch = batch_for(tokenizer, cfg, rows[:1])
+    prompt = int((batch["tft"]["labels"] != -100).int().argmax(1))
+    batch["lc"] = {k: v[:, :prompt] for k, v in batch["lc"].items()}
+    ref, ref_grads = terms_and_grads(model, dict(cfg, lens_prefix="recompute"), batch)
+    got, grads = terms_and_grads(model, dict(cfg, lens_prefix="shared"), batch)
+    assert float(got["lens_recomputed"]) == 1 and float(got["loss_lc"]) == 0
+    assert torch.equal(got["loss"], ref["loss"])
+    assert all(torch.equal(grads[name], ref_grads[name]) for name in ref_grads)
 
 
 def test_shared_lens_prefix_fallbacks_are_counted_in_the_log(tmp_path, tiny_model_dirs):
@@ -196,25 +210,30 @@ def test_shared_lens_prefix_falls_back_under_checkpointing_and_alternation(tmp_p
     assert capsys.readouterr().out.count("falls back to recompute under --grad-checkpointing") == 1
     # --alternate: the task steps have no lens term, the alignment steps no L_TFT pass to share
     _, log = run(tmp_path, "alt", *flags, "--alternate", "--max-steps", "4", model_dir=tiny_model_dirs["llama"])
-    _, log_ref = run(tmp_path, "alt-ref", *flags[:-2], "--alternate", "--max-steps", "4",
+    _, log_ref = run(tmp_path, "alt-ref", *flags[:-1], "recompute", "--alternate", "--max-steps", "4",
                      model_dir=tiny_model_dirs["llama"])
     assert [(r["phase"], r["lens_recomputed"]) for r in log] == [("task", 0), ("align", 1)] * 2
     assert [r["loss"] for r in log] == [r["loss"] for r in log_ref]
 
 
 def test_resume_reads_a_checkpoint_without_lens_prefix_as_recompute(tmp_path, tiny_model_dirs):
-    out = str(tmp_path / "old")
-    base = ["--pairs", PAIRS, "--out", out, "--model", tiny_model_dirs["llama"], "--method", "dft-logits",
-            "--lc-layer", "1", "--et-layer", "3", "--max-steps", "3", "--save-every", "1"]
-    train.main(base + ["--stop-after-steps", "1"])
-    path = os.path.join(out, "train_config.json")
-    saved = json.load(open(path))
-    del saved["lens_prefix"]  # as written before the flag existed
-    common.write_json(path, saved)
-    with pytest.raises(common.UserError, match="lens_prefix: 'recompute' -> 'shared'"):
-        train.main(base + ["--resume", "--lens-prefix", "shared", "--stop-after-steps", "2"])
-    train.main(base + ["--resume", "--stop-after-steps", "2"])
-    assert len(read_log_of(out)) == 2
+    """A run from before the flag recomputed; at today's default (shared) its resume is refused, naming the setting,
+    unless the method has no lens term (then the flag changes nothing)."""
+    for method, refused in (("dft-logits", True), ("dft-feature", False)):
+        out = str(tmp_path / method)
+        base = ["--pairs", PAIRS, "--out", out, "--model", tiny_model_dirs["llama"], "--method", method,
+                "--lc-layer", "1", "--et-layer", "3", "--max-steps", "3", "--save-every", "1"]
+        train.main(base + ["--lens-prefix", "recompute", "--stop-after-steps", "1"])
+        path = os.path.join(out, "train_config.json")
+        saved = json.load(open(path))
+        del saved["lens_prefix"]  # as written before the flag existed
+        common.write_json(path, saved)
+        if refused:
+            with pytest.raises(common.UserError, match="lens_prefix: 'recompute' -> 'shared'"):
+                train.main(base + ["--resume", "--stop-after-steps", "2"])
+            base += ["--lens-prefix", "recompute"]
+        train.main(base + ["--resume", "--stop-after-steps", "2"])
+        assert len(read_log_of(out)) == 2, method
 
 
 def test_shared_lens_prefix_equals_recompute_with_lora(tokenizer, rows):
@@ -223,7 +242,7 @@ def test_shared_lens_prefix_equals_recompute_with_lora(tokenizer, rows):
         r=4, target_modules=["q_proj", "k_proj", "v_proj"], lora_dropout=0.0, init_lora_weights=False))
     cfg = config("dft-logits", lc_layer_used=2, et_layer_used=3, tft_weight=0.0)
     batch = batch_for(tokenizer, cfg, uneven_rows(rows))
-    ref, ref_grads = terms_and_grads(model, cfg, batch)
+    ref, ref_grads = terms_and_grads(model, dict(cfg, lens_prefix="recompute"), batch)
     got, grads = terms_and_grads(model, dict(cfg, lens_prefix="shared"), batch)
     torch.testing.assert_close(got["loss"], ref["loss"], rtol=1e-5, atol=1e-6)
     assert grads.keys() == ref_grads.keys() and all("lora_" in name for name in grads)
@@ -235,8 +254,8 @@ def test_shared_lens_prefix_trains_like_recompute(tmp_path, tiny_model_dirs):
     flags = ["--method", "dft-logits", "--max-steps", "3", "--lc-layer", "1", "--et-layer", "3", "--mixed-precision",
              "no", "--batch-size", "2", "--grad-accum", "2"]
     # LLaMA: no dropout (GPT-2's would draw other masks: the prompt runs once instead of three times)
-    ref, log_ref = run(tmp_path, "recompute", *flags, model_dir=tiny_model_dirs["llama"])
-    got, log = run(tmp_path, "shared", *flags, "--lens-prefix", "shared", model_dir=tiny_model_dirs["llama"])
+    ref, log_ref = run(tmp_path, "recompute", *flags, "--lens-prefix", "recompute", model_dir=tiny_model_dirs["llama"])
+    got, log = run(tmp_path, "shared", *flags, model_dir=tiny_model_dirs["llama"])  # the default
     assert json.load(open(os.path.join(got, "train_config.json")))["lens_prefix"] == "shared"
     assert all(r["lens_recomputed"] == 0 for r in log) and all("lens_recomputed" not in r for r in log_ref)
     for a, b in zip(log_ref, log):
@@ -308,7 +327,8 @@ def weights(folder):
 def test_zero_weights_equal_tft_bit_for_bit(tmp_path, tiny_model_dirs):
     common_flags = ["--max-steps", "3", "--lc-layer", "1", "--et-layer", "3"]
     tft, _ = run(tmp_path, "tft", "--method", "tft", *common_flags, model_dir=tiny_model_dirs["llama"])
-    for method, more in (("dft-logits", []), ("dft-feature", []), ("dft-logits", ["--lens-prefix", "shared"])):
+    for method, more in (("dft-logits", ["--lens-prefix", "recompute"]), ("dft-feature", []),
+                         ("dft-logits", ["--lens-prefix", "shared"])):
         dft, log = run(tmp_path, method + "".join(more), "--method", method, "--lc-weight", "0", "--et-weight", "0",
                        *common_flags, *more, model_dir=tiny_model_dirs["llama"])
         a, b = weights(tft), weights(dft)
@@ -434,7 +454,7 @@ def test_presets_and_methods_resolve_as_recorded():
     their defaults)."""
     recorded = json.load(open(os.path.join(REPO, "tests", "fixtures", "train_configs.json")))
     assert len(recorded) == (len(train.PRESETS) + 1) * (len(train.METHODS) + 1) + 7
-    added = dict(lens_prefix="recompute")
+    added = dict(lens_prefix="shared")
     for case in recorded:
         assert resolved(*case["flags"]) == dict(case["config"], **added), case["flags"]
 
