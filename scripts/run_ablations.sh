@@ -38,6 +38,10 @@ RUNS=(
     "dft-feature-j4-s1   100 old --method dft-feature --lc-layer 2 --et-layer 4"
     "dft-feature-j14-s1  100 old --method dft-feature --lc-layer 2 --et-layer 14"
 )
+# The replication's runs recomputed the lens prompt; keep that path where 02 offers the choice (the shared one
+# gives the same losses and gradients up to float rounding, and train_config.json records which ran).
+LENS=()
+$PY "$CODE/02_train_dft.py" --help | grep -q -- "--lens-prefix" && LENS=(--lens-prefix recompute)
 ONLY=${ONLY:-}   # e.g. ONLY="tft-300-s1 dft-feature-300-s1": train just these (the queue still evaluates them)
 
 stamp "== ablations: code from $CODE ($(git -C "$CODE" rev-parse --short HEAD)), results to $RES"
@@ -140,7 +144,7 @@ train() {  # train NAME STEPS big|old FLAGS...: resumes from the last checkpoint
         $PY "$CODE/02_train_dft.py" --pairs "$pairs" --out "$OUT/$name" --model "$BASE" "$@" \
             --max-steps "$steps" --batch-size 8 --max-length 256 --lr 2e-5 --seed "$seed" \
             --eval-pairs "$DEV" --eval-every 20 --eval-limit 64 --ce-chunk 256 --save-every 20 --log-every 10 \
-            $resume >> "$OUT/$name.train.log" 2>&1
+            "${LENS[@]}" $resume >> "$OUT/$name.train.log" 2>&1
     }
     if retry 3 one_try "$@"; then
         rm -rf "${OUT:?}/$name/checkpoint"
