@@ -41,7 +41,7 @@ RUNS=(
 # The replication's runs recomputed the lens prompt; keep that path where 02 offers the choice (the shared one
 # gives the same losses and gradients up to float rounding, and train_config.json records which ran).
 LENS=()
-$PY "$CODE/02_train_dft.py" --help | grep -q -- "--lens-prefix" && LENS=(--lens-prefix recompute)
+[[ $($PY "$CODE/02_train_dft.py" --help) == *--lens-prefix* ]] && LENS=(--lens-prefix recompute)
 ONLY=${ONLY:-}   # e.g. ONLY="tft-300-s1 dft-feature-300-s1": train just these (the queue still evaluates them)
 
 stamp "== ablations: code from $CODE ($(git -C "$CODE" rev-parse --short HEAD)), results to $RES"
