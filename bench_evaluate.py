@@ -13,6 +13,9 @@ of 0 skips a task.
 Timing: process CPU seconds (not wall) with --threads torch threads (use 1 on a shared machine: CPU time then
 measures the work, while wall time swings with the neighbours' load). Ours: data loading, tokenization,
 model calls and scoring, not model loading; the harness: its `simple_evaluate` with the model loaded beforehand.
+--repeats N runs ours and then the harness N times in turn (interleaved, so both sides see the same spells of
+load); each speed is the median over the repeats and each ours/harness ratio the median of the per-repeat
+ratios (every repeat's figures are in the JSON). Agreement is read from the first repeat.
 
 Agreement reported: bf16 vs float32 (ours): items whose predicted choice differs, max |delta log-likelihood|,
 identical generated texts, and the NLL difference in nats/token; ours vs the harness at the same dtype: the
@@ -174,6 +177,9 @@ def timing(run):
     n = len(run["rows"])
     out = dict(items=n, seconds=round(run["seconds"], 1), items_per_second=round(n / run["seconds"], 3),
                cpu_seconds=round(run["cpu_seconds"], 1), items_per_cpu_second=round(n / run["cpu_seconds"], 3))
+    if "cpu_seconds_repeats" in run:
+        out.update(cpu_seconds_repeats=[round(c, 1) for c in run["cpu_seconds_repeats"]],
+                   rows_identical_across_repeats=run["rows_identical_across_repeats"])
     if n and "n_new_tokens" in run["rows"][0]:  # generation: the dtypes may stop after different numbers of tokens
         tokens = sum(r["n_new_tokens"] for r in run["rows"])
         out.update(new_tokens=tokens, new_tokens_per_cpu_second=round(tokens / run["cpu_seconds"], 2))
@@ -278,6 +284,8 @@ def main():
     g.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated; the first is the reference")
     g.add_argument("--batch-size", type=int, default=16)
     g.add_argument("--threads", type=int, default=1, help="torch threads on both sides (1: CPU time = work)")
+    g.add_argument("--repeats", type=int, default=1, help="run ours then the harness this many times in turn; "
+                   "speeds and ratios are medians over the repeats")
     g.add_argument("--share-prefix-check", action="store_true", help="also run our multiple-choice tasks with "
                    "--no-share-prefix (the harness's one-row-per-choice layout) in the reference dtype")
     g = p.add_argument_group("the harness")
@@ -289,6 +297,8 @@ def main():
     for flag in ("xnli_limit", "mmlu_limit", "truthfulqa_limit", "mgsm_limit", "nll_limit"):
         if getattr(args, flag) < 0:
             raise SystemExit(f"--{flag.replace('_', '-')} must be >= 0")
+    if args.repeats < 1:
+        raise SystemExit("--repeats must be >= 1")
     dtypes = common.parse_list(args.dtypes)
     if not dtypes or any(d not in ("float32", "bfloat16", "float16") for d in dtypes):
         raise SystemExit(f"--dtypes {args.dtypes}: use float32, bfloat16 or float16")
@@ -307,7 +317,7 @@ def main():
                   native_bf16=common.native_bf16("cpu"), cpu=_cpu_name(),
                   limits=dict(xnli=args.xnli_limit, mmlu=args.mmlu_limit, truthfulqa=args.truthfulqa_limit,
                               mgsm=args.mgsm_limit, nll=args.nll_limit if args.nll_pairs else 0),
-                  harness_limits={t: n for t, _, n in run}, versions=common.versions(),
+                  harness_limits={t: n for t, _, n in run}, repeats=args.repeats, versions=common.versions(),
                   nll_pairs=(dict(path=args.nll_pairs, sha256=common.sha256_file(args.nll_pairs))
                              if args.nll_pairs else None),
                   started=time.strftime("%Y-%m-%d %H:%M:%S"))
@@ -316,7 +326,17 @@ def main():
     for dtype in dtypes:
         models[dtype] = common.load_model_and_tokenizer(model_dir, dtype, padding_side="left")
         models[dtype][0].eval()
-    ours = run_ours(models, args)
+    harness_setup = None
+    if not args.skip_harness and run:
+        harness_setup = prepare_harness(args, dtypes, run, model_dir)
+    ours_repeats, harness_repeats = [], []
+    for r in range(args.repeats):  # interleaved: ours, the harness, ours, ...
+        if args.repeats > 1:
+            print(f"[repeat {r + 1}/{args.repeats}]", flush=True)
+        ours_repeats.append(run_ours(models, args))
+        if harness_setup:
+            harness_repeats.append(run_harness(args, harness_setup[0]))
+    ours = median_runs(ours_repeats)
     ref = dtypes[0]
     report["ours"] = {t: {d: dict(timing(r), score=r["entry"]["score"], metrics=r["entry"]["metrics"])
                           for d, r in by_dtype.items()} for t, by_dtype in ours.items()}
@@ -337,50 +357,91 @@ def main():
     del models
     print(json.dumps({k: report[k] for k in report if k.startswith(("speedup", "agreement"))}, indent=1), flush=True)
 
-    if not args.skip_harness and run:
-        tasks_dir = subprocess.run([args.lmeval_python, "-c", "import lm_eval.tasks, os; "
-                                    "print(os.path.dirname(lm_eval.tasks.__file__))"],
-                                   capture_output=True, text=True, check=True).stdout.strip()
-        folder = tempfile.mkdtemp(prefix="bench_eval_tasks_")
-        xnli_rows = ev._tsv(os.path.join(common.DATA_DIR, "xnli", "dev-zh.tsv"))
-        mgsm_rows = ev._tsv(os.path.join(common.DATA_DIR, "mgsm", "mgsm_zh.tsv"))
-        harness_task_files(folder, tasks_dir, xnli_rows, mgsm_rows)
-        tqa_perm = okapi_task_files(folder, tasks_dir)
-        # the harness's limit 0 would mean "all": skipped tasks are not sent at all
-        cfg = dict(model=model_dir, batch_size=args.batch_size, threads=args.threads, task_dir=folder, dtypes=dtypes,
-                   tasks=[[h, limit] for _, h, limit in run], out=os.path.join(args.out, "harness_raw.json"))
-        with open(os.path.join(folder, "cfg.json"), "w") as f:
-            json.dump(cfg, f)
-        with open(os.path.join(folder, "driver.py"), "w") as f:
-            f.write(HARNESS_DRIVER)
-        env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-                   OMP_NUM_THREADS=str(args.threads))
-        r = subprocess.run([args.lmeval_python, os.path.join(folder, "driver.py"), os.path.join(folder, "cfg.json")],
-                           env=env, capture_output=True, text=True)
-        if r.returncode != 0:
-            print(r.stderr[-4000:])
-            raise SystemExit("the harness run failed (its stderr is above)")
-        h = json.load(open(cfg["out"]))
+    if harness_repeats:
+        h = harness_repeats[0]
+        tqa_perm = harness_setup[1]
         report["harness"], report["harness_agreement"], report["speedup_cpu_ours_vs_harness"] = {}, {}, {}
+        report["speedup_cpu_ours_vs_harness_repeats"] = {}
         for t, name, limit in run:
             report["harness"][t], report["harness_agreement"][t], report["speedup_cpu_ours_vs_harness"][t] = {}, {}, {}
+            report["speedup_cpu_ours_vs_harness_repeats"][t] = {}
             for dtype in dtypes:
                 ht = h[dtype][name]
                 n = len({s["doc_id"] for s in ht["samples"]})
-                report["harness"][t][dtype] = dict(items=n, seconds=round(ht["seconds"], 1),
-                                                   items_per_second=round(n / ht["seconds"], 3),
-                                                   cpu_seconds=round(ht["cpu_seconds"], 1),
-                                                   items_per_cpu_second=round(n / ht["cpu_seconds"], 3),
+                cpu = [hr[dtype][name]["cpu_seconds"] for hr in harness_repeats]
+                wall = [hr[dtype][name]["seconds"] for hr in harness_repeats]
+                report["harness"][t][dtype] = dict(items=n, seconds=round(median(wall), 1),
+                                                   items_per_second=round(n / median(wall), 3),
+                                                   cpu_seconds=round(median(cpu), 1),
+                                                   items_per_cpu_second=round(n / median(cpu), 3),
+                                                   cpu_seconds_repeats=[round(c, 1) for c in cpu],
                                                    results=ht["results"])
                 mine = ours[t][dtype]
                 report["harness_agreement"][t][dtype] = (compare_mgsm(mine, ht) if t == "mgsm" else
                                                          compare_mc(mine, ht, tqa_perm if t == "truthfulqa" else None))
-                ours_rate = len(mine["rows"]) / mine["cpu_seconds"]
-                report["speedup_cpu_ours_vs_harness"][t][dtype] = round(ours_rate / (n / ht["cpu_seconds"]), 2)
+                # per repeat: ours and the harness ran one after the other, so their ratio is the fair one
+                ratios = [(len(o[t][dtype]["rows"]) / o[t][dtype]["cpu_seconds"]) / (n / hr[dtype][name]["cpu_seconds"])
+                          for o, hr in zip(ours_repeats, harness_repeats)]
+                report["speedup_cpu_ours_vs_harness"][t][dtype] = round(median(ratios), 2)
+                report["speedup_cpu_ours_vs_harness_repeats"][t][dtype] = [round(x, 3) for x in ratios]
     report["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     common.write_json(os.path.join(args.out, "bench_evaluate.json"), report)
     print(json.dumps({k: v for k, v in report.items() if k not in ("versions", "ours", "harness")}, indent=1,
                      ensure_ascii=False))
+
+
+def median(values):
+    v = sorted(values)
+    return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
+
+
+def median_runs(repeats):
+    """One run per task and dtype: the first repeat's rows and scores, the median of the repeats' seconds."""
+    out = {}
+    for t, by_dtype in repeats[0].items():
+        out[t] = {}
+        for d, first in by_dtype.items():
+            cpu, wall = [r[t][d]["cpu_seconds"] for r in repeats], [r[t][d]["seconds"] for r in repeats]
+            same = all(r[t][d]["rows"] == first["rows"] for r in repeats[1:])
+            out[t][d] = dict(first, cpu_seconds=median(cpu), seconds=median(wall), cpu_seconds_repeats=cpu,
+                             rows_identical_across_repeats=same)
+    return out
+
+
+def prepare_harness(args, dtypes, run, model_dir):
+    """The harness's task files and driver in a temp folder: (its command and environment, TruthfulQA's perm)."""
+    tasks_dir = subprocess.run([args.lmeval_python, "-c", "import lm_eval.tasks, os; "
+                                "print(os.path.dirname(lm_eval.tasks.__file__))"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    folder = tempfile.mkdtemp(prefix="bench_eval_tasks_")
+    xnli_rows = ev._tsv(os.path.join(common.DATA_DIR, "xnli", "dev-zh.tsv"))
+    mgsm_rows = ev._tsv(os.path.join(common.DATA_DIR, "mgsm", "mgsm_zh.tsv"))
+    harness_task_files(folder, tasks_dir, xnli_rows, mgsm_rows)
+    tqa_perm = okapi_task_files(folder, tasks_dir)
+    # the harness's limit 0 would mean "all": skipped tasks are not sent at all
+    cfg = dict(model=model_dir, batch_size=args.batch_size, threads=args.threads, task_dir=folder, dtypes=dtypes,
+               tasks=[[h, limit] for _, h, limit in run], out=os.path.join(args.out, "harness_raw.json"))
+    with open(os.path.join(folder, "cfg.json"), "w") as f:
+        json.dump(cfg, f)
+    with open(os.path.join(folder, "driver.py"), "w") as f:
+        f.write(HARNESS_DRIVER)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               OMP_NUM_THREADS=str(args.threads))
+    command = [args.lmeval_python, os.path.join(folder, "driver.py"), os.path.join(folder, "cfg.json")]
+    return (command, env, cfg["out"]), tqa_perm
+
+
+def run_harness(args, harness):
+    """One harness run of every task in every dtype: {dtype: {harness task: run}}."""
+    command, env, out = harness
+    r = subprocess.run(command, env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        print(r.stderr[-4000:])
+        raise SystemExit("the harness run failed (its stderr is above)")
+    h = json.load(open(out))
+    print("[harness] " + ", ".join(f"{d} {t}: {x['cpu_seconds']:.1f} CPU s"
+                                   for d, by in h.items() for t, x in by.items()), flush=True)
+    return h
 
 
 def _cpu_name():
