@@ -262,7 +262,9 @@ def test_shared_lens_prefix_trains_like_recompute(tmp_path, tiny_model_dirs):
         for term in ("loss", "loss_tft", "loss_lc", "loss_et", "grad_norm"):
             assert b[term] == pytest.approx(a[term], rel=1e-5), (a["step"], term)
     wa, wb = weights(ref), weights(got)
-    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+    # Adam divides by sqrt(v): where a gradient is near zero, float rounding (thread count, summation order)
+    # becomes a visible share of one step's update (lr 2e-5); a quarter of it bounds the drift of 3 steps
+    assert all(torch.allclose(wa[k], wb[k], atol=5e-6) for k in wa)
 
 
 def test_shared_lens_prefix_runs_only_the_continuation(tokenizer, rows, monkeypatch):
@@ -415,6 +417,14 @@ def cli(*args):
                           text=True)
 
 
+def cli_all(*arg_lists):
+    """Several CLI runs at once (each is mostly interpreter start-up and imports): their completed results."""
+    procs = [subprocess.Popen([sys.executable, os.path.join(REPO, "02_train_dft.py"), *args], text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for args in arg_lists]
+    outputs = [p.communicate() for p in procs]
+    return [subprocess.CompletedProcess(p.args, p.returncode, *out) for p, out in zip(procs, outputs)]
+
+
 def test_bad_input_errors(tmp_path, tiny_model_dirs):
     model = tiny_model_dirs["llama"]
     out = str(tmp_path / "o")
@@ -426,17 +436,17 @@ def test_bad_input_errors(tmp_path, tiny_model_dirs):
         (["--global-batch-size", "6"], "not a multiple"),
         (["--max-steps", "-3"], "--max-steps must be >= 1, got -3"),
     ]
-    for flags, message in cases:
-        r = cli("--pairs", PAIRS, "--out", out, "--model", model, "--max-steps", "1", *flags)
-        errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-        assert r.returncode == 2 and len(errors) == 1 and message in errors[0], (flags, r.stderr)
-        assert not os.path.exists(os.path.join(out, "model.safetensors"))
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"id": "1", "x_en": "a", "y_en": "b", "x_tgt": "c"}) + "\n")
-    r = cli("--pairs", str(bad), "--out", out, "--model", model)
-    assert r.returncode == 2 and "line 1: missing or non-string field(s) ['y_tgt']" in r.stderr
-    r = cli("--pairs", str(tmp_path / "none.jsonl"), "--out", out, "--model", model)
-    assert r.returncode == 2 and "file not found" in r.stderr
+    cases += [(["--pairs", str(bad)], "line 1: missing or non-string field(s) ['y_tgt']"),
+              (["--pairs", str(tmp_path / "none.jsonl")], "file not found")]
+    # every case refuses before anything is written, so they can share --out and run side by side
+    results = cli_all(*[["--pairs", PAIRS, "--out", out, "--model", model, "--max-steps", "1", *flags]
+                        for flags, _ in cases])
+    for (flags, message), r in zip(cases, results):
+        errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+        assert r.returncode == 2 and len(errors) == 1 and message in errors[0], (flags, r.stderr)
+    assert not os.path.exists(os.path.join(out, "model.safetensors"))
 
 
 # -----------------------------------------------------------------------------
