@@ -23,6 +23,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import compare_seeds as cs  # noqa: E402  (per-item cells and the multinomial draws of the replication's tables)
+import common  # noqa: E402  (compare_seeds put the repository root on sys.path)
 
 REPO = cs.REPO
 REPL = os.path.join(REPO, "results", "gemma3")
@@ -33,6 +34,16 @@ BASE_CELLS = [("nll", "zh"), ("nll", "en"), ("xnli", "zh"), ("xcopa", "zh"), ("x
 # Base's committed NLL cells were scored before the NLL scoring change every trained run's NLL was scored after
 # (float32 logsumexp in blocks, commit a86928b), and base enters no contrast: reported, not gated (Amendment 1).
 NOT_GATED = {("nll", "zh"), ("nll", "en")}
+NOT_GATED_WHY = """\
+Why the NLL cells differ (checked 2026-12-01 21:27 UTC, before any ablation run was evaluated): base's NLL
+cells were scored in the replication's second launch (2026-11-30, 01:57–02:17 UTC), before commit a86928b
+(02:26: log p(target) as logit − logsumexp in float32 over blocks of 8 rows, instead of a bf16 log-softmax).
+Re-running base's NLL zh with the code of commit 6be1013 (the last before a86928b; same settings: bf16,
+batch 16, one thread, the same 194 dev pairs) reproduces the committed `base.nll.zh.jsonl.gz` exactly
+(194/194 rows identical, max |Δ nll_sum| 0.0). Today's code differs from it by at most 0.0019 nats per item
+sum (zh) and 0.0038 (en). Every trained run of the replication (tft, dft-*, mid-align) was evaluated after
+a86928b (tft-s1's training ended at 03:10), so the 100-step comparison cells were scored by the same NLL code as
+today's; the four log-likelihood cells are bit-identical."""
 OLD, NEW = "old", "new"  # where a run's files are: the replication (100 steps) or this study
 
 QUESTION2 = [  # (label, run in this study or the replication, folder)
@@ -109,7 +120,7 @@ def question1(out):
                          pen300=contrast(penalty(300, [1, 2]), m), delta=contrast(delta_terms, m),
                          placebo=contrast(placebo_terms, m)))
     tests = [r for r in rows if r["measure"] in CONFIRMATORY and r["delta"] is not None]
-    for r, (p_holm, _) in zip(tests, cs.common.holm([r["delta"]["p"] for r in tests])):
+    for r, (p_holm, _) in zip(tests, common.holm([r["delta"]["p"] for r in tests])):
         r["p_holm"] = p_holm
     out.append("### Question 1: budget (dft-feature − tft at 300 vs at 100 steps, seeds 1 and 2 pooled)\n")
     out.append("Δ = penalty at 300 − penalty at 100 (penalty = dft-feature − tft, seeds averaged); one item draw "
@@ -254,6 +265,8 @@ def check_base(new_dir, report):
     lines.append(f"\n**{'Equal' if ok else 'NOT equal'}** on the gated cells (the four log-likelihood tasks). "
                  "Base's committed NLL cells come from the code before commit a86928b (float32 logsumexp); "
                  "every trained run's NLL cell was scored after it (results/README.md, ablations, Amendment 1).")
+    lines.append("\n" + NOT_GATED_WHY)
+    os.makedirs(os.path.dirname(report) or ".", exist_ok=True)
     with open(report + ".tmp", "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     os.replace(report + ".tmp", report)
