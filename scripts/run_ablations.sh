@@ -4,11 +4,12 @@
 #
 #   nohup bash scripts/run_ablations.sh >> runs/ablations/driver.log 2>&1 &     # start or resume
 #
-# Two lanes on the 2-core CPU, one torch thread each: trainings in priority order (foreground) and an
-# evaluation queue (background) that first re-evaluates base and checks it against the replication's
-# per-item files, then scores each run's primary measures once it is trained. Every finished part leaves a
-# marker in $OUT and is skipped when rerun; a stopped training resumes from its last checkpoint; each
-# part's small outputs are copied to $RES and committed (scripts/unattended.sh). Models stay in $OUT.
+# One torch thread per process: $LANES training lanes, each taking the next unclaimed run in priority order,
+# and an evaluation queue that first re-evaluates base and checks it against the replication's per-item
+# files, then scores the primary measures of whichever run finished training first (priority order among
+# them). Every finished part leaves a marker in $OUT and is skipped when rerun; a stopped training resumes
+# from its last checkpoint; each part's small outputs are copied to $RES and committed (scripts/unattended.sh).
+# Models stay in $OUT. One driver at a time (a lock in $OUT).
 # CODE: where 01/02/03 are run from (e.g. a git worktree pinned to one commit, so that a long study keeps
 # one version of the code while the checkout moves on); each run's JSON records that commit.
 set -euo pipefail
@@ -43,6 +44,10 @@ RUNS=(
 LENS=()
 [[ $($PY "$CODE/02_train_dft.py" --help) == *--lens-prefix* ]] && LENS=(--lens-prefix recompute)
 ONLY=${ONLY:-}   # e.g. ONLY="tft-300-s1 dft-feature-300-s1": train just these (the queue still evaluates them)
+LANES=${LANES:-2}   # training lanes; with the evaluation queue a third process shares the two cores at times
+exec 8> "$OUT/.driver.lock"
+flock -n 8 || { echo "another scripts/run_ablations.sh is running on $OUT" >&2; exit 1; }
+rm -rf "$OUT"/*.claimed   # claims of a driver that was killed
 
 stamp "== ablations: code from $CODE ($(git -C "$CODE" rev-parse --short HEAD)), results to $RES"
 
@@ -115,18 +120,22 @@ eval_queue() {
             stamp "base differs from the replication's files ($RES/base_check.md): no run is evaluated"; return 1
         fi
     fi
-    local line name
-    for line in "${RUNS[@]}"; do
-        name=${line%% *}
-        [ -f "$OUT/eval/$name.published" ] && continue
-        while [ ! -f "$OUT/$name.trained" ]; do
-            { [ -f "$OUT/$name.failed" ] || [ -f "$OUT/training.finished" ]; } && continue 2
-            sleep 30
+    local line name next
+    while :; do   # the first trained, unpublished run in priority order; stop when nothing more can come
+        next=""
+        for line in "${RUNS[@]}"; do
+            name=${line%% *}
+            [ -f "$OUT/eval/$name.published" ] || [ -f "$OUT/eval/$name.evalfailed" ] && continue
+            [ -f "$OUT/$name.trained" ] && { next=$name; break; }
         done
-        if evaluate "$name" "$OUT/$name"; then
-            publish_eval "$name" && touch "$OUT/eval/$name.published"
+        if [ -z "$next" ]; then
+            [ -f "$OUT/training.finished" ] && break
+            sleep 30; continue
+        fi
+        if evaluate "$next" "$OUT/$next"; then
+            publish_eval "$next" && touch "$OUT/eval/$next.published"
         else
-            stamp "eval $name FAILED (see $OUT/eval/$name.log)"
+            touch "$OUT/eval/$next.evalfailed"; stamp "eval $next FAILED (see $OUT/eval/$next.log)"
         fi
     done
     stamp "evaluation queue: done"
@@ -159,15 +168,24 @@ train() {  # train NAME STEPS big|old FLAGS...: resumes from the last checkpoint
     fi
 }
 
-stamp "== trainings (foreground) and the evaluation queue (background)"
-rm -f "$OUT"/*.failed "$OUT/training.finished"   # a rerun tries failed parts again
+lane() {  # claim runs in priority order (mkdir is atomic) until none is left
+    local line name steps which flags
+    for line in "${RUNS[@]}"; do
+        read -r name steps which flags <<< "$line"
+        [ -z "$ONLY" ] || [[ " $ONLY " == *" $name "* ]] || continue
+        [ -f "$OUT/$name.trained" ] && continue
+        mkdir "$OUT/$name.claimed" 2> /dev/null || continue
+        # shellcheck disable=SC2086
+        train "$name" "$steps" "$which" $flags
+    done
+}
+
+stamp "== $LANES training lanes and the evaluation queue"
+rm -f "$OUT"/*.failed "$OUT"/eval/*.evalfailed "$OUT/training.finished"   # a rerun tries failed parts again
 eval_queue & QUEUE=$!
-for line in "${RUNS[@]}"; do
-    read -r name steps which flags <<< "$line"
-    [ -z "$ONLY" ] || [[ " $ONLY " == *" $name "* ]] || continue
-    # shellcheck disable=SC2086
-    train "$name" "$steps" "$which" $flags
-done
+LANE_PIDS=()
+for (( k = 0; k < LANES; k++ )); do lane & LANE_PIDS+=($!); sleep 5; done
+wait "${LANE_PIDS[@]}" || true
 touch "$OUT/training.finished"
 stamp "trainings: done; waiting for the evaluation queue"
 wait "$QUEUE" || true
