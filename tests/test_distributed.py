@@ -316,12 +316,12 @@ def _zero_worker(out_path):
     """Each rank: two pairs through DeepSpeed ZeRO-2 and ZeRO-3 (CPU accelerator, gloo); rank 0 saves the full
     gradients of each stage."""
     import deepspeed
-    import deepspeed.comm.torch
     import torch.distributed as dist
     from deepspeed.utils import safe_get_full_grad
-    # plain gloo: DeepSpeed's CPU accelerator would JIT-compile a shared-memory all-reduce (a C++ build that
-    # aborted one rank at exit once here), which ZeRO's gradients do not need
-    deepspeed.comm.torch.build_shm_op = lambda: None
+    # plain gloo: DeepSpeed's CPU accelerator would JIT-compile a shared-memory all-reduce (a C++ build of
+    # ~35 s on a clean machine, which once aborted one rank at exit), which ZeRO's gradients do not need.
+    # Through sys.modules: the attribute deepspeed.comm.torch is PyTorch itself (deepspeed.comm re-exports it)
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend="gloo")
     tokenizer = make_tokenizer()
     results = {}
