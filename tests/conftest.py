@@ -5,6 +5,7 @@ Nothing here downloads anything. The numbered stage scripts are not importable b
 """
 import importlib.util
 import os
+import subprocess
 import sys
 
 import pytest
@@ -23,6 +24,15 @@ def load_stage(name):
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def run_stage_at_once(script, arg_lists):
+    """Several command-line runs of one stage script side by side (each is mostly interpreter start-up and
+    imports on one core, so the second core halves the wait): their completed processes, in order."""
+    procs = [subprocess.Popen([sys.executable, os.path.join(REPO, script), *args], text=True, cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for args in arg_lists]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    return [subprocess.CompletedProcess(p.args, p.returncode, *out) for p, out in zip(procs, outputs)]
 
 
 def make_tokenizer():

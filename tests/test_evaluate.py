@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import common
-from conftest import REPO, load_stage, make_tiny_model
+from conftest import REPO, load_stage, make_tiny_model, run_stage_at_once
 
 ev = load_stage("03_evaluate")
 
@@ -372,7 +372,7 @@ def run_cli(*args):
                           text=True, cwd=REPO, timeout=300)
 
 
-@pytest.mark.parametrize("args,message", [
+CLI_ERRORS = [
     (["--tasks", "xnli,nope", "--langs", "zh"], "unknown task"),
     (["--tasks", "xnli", "--langs", "klingon"], "unknown language"),
     (["--tasks", "xcopa", "--langs", "ar"], "xcopa has no data for ar; its languages"),
@@ -381,16 +381,19 @@ def run_cli(*args):
     (["--tasks", "xnli", "--langs", "zh", "--model", "{noweights}"], "not a model folder"),
     (["--tasks", "nll", "--langs", "zh"], "--pairs"),
     (["--tasks", "xnli", "--langs", "zh", "--num-fewshot", "2"], "--num-fewshot"),
-])
-def test_cli_errors(args, message, tmp_path):
+]
+
+
+def test_cli_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "noweights").mkdir()
     (tmp_path / "noweights" / "config.json").write_text("{}")
-    out = tmp_path / "out"
-    args = [a.format(empty=tmp_path / "empty", noweights=tmp_path / "noweights") for a in args]
-    r = run_cli(*args, "--out", str(out))
-    assert r.returncode == 2, r.stderr
-    assert message in r.stderr and "Traceback" not in r.stderr
+    out = tmp_path / "out"  # every case refuses before writing anything, so they share it and run side by side
+    runs = [[a.format(empty=tmp_path / "empty", noweights=tmp_path / "noweights") for a in args] + ["--out", str(out)]
+            for args, _ in CLI_ERRORS]
+    for (args, message), r in zip(CLI_ERRORS, run_stage_at_once("03_evaluate.py", runs)):
+        assert r.returncode == 2, (args, r.stderr)
+        assert message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
     assert not out.exists() or not os.listdir(out)
 
 
@@ -478,29 +481,31 @@ def test_cli_end_to_end_and_compare(tiny_model_dirs, tmp_path):
     assert len(row["loglikelihoods"]) == 3 and row["pred"] in (0, 1, 2)
     md = open(out / "results.md").read()
     assert "| tiny |" in md and "xnli zh" in md and "±" in md
-    # a second model adds a row; comparing a run with itself gives p = 1
-    r = run_cli("--model", model, "--run-name", "tiny2", "--tasks", "xnli", "--langs", "zh", "--limit", "4",
-                "--out", str(out))
-    assert r.returncode == 0, r.stderr
+    # a second model adds a row; the same items of XNLI's test split (own folder: results.md has one writer)
+    test_out = tmp_path / "eval_test"
+    r, r_test = run_stage_at_once("03_evaluate.py", [
+        ["--model", model, "--run-name", "tiny2", "--tasks", "xnli", "--langs", "zh", "--limit", "4", "--out", str(out)],
+        ["--model", model, "--run-name", "tiny_test", "--tasks", "xnli", "--langs", "zh", "--limit", "4",
+         "--split", "test", "--out", str(test_out)]])
+    assert r.returncode == 0 and r_test.returncode == 0, r.stderr + r_test.stderr
     assert "| tiny2 |" in open(out / "results.md").read() and "| tiny |" in open(out / "results.md").read()
-    r = run_cli("--compare", str(out / "tiny.json"), str(out / "tiny2.json"), "--bootstrap", "200")
+    # comparing a run with itself gives p = 1; --compare refuses the validation-vs-test pair
+    r, r_test = run_stage_at_once("03_evaluate.py", [
+        ["--compare", str(out / "tiny.json"), str(out / "tiny2.json"), "--bootstrap", "200"],
+        ["--compare", str(out / "tiny2.json"), str(test_out / "tiny_test.json"), "--bootstrap", "200"]])
     assert r.returncode == 0, r.stderr
     comp = json.load(open(out / "compare_tiny_vs_tiny2.json"))
     assert comp["rows"][0]["delta"] == 0.0 and comp["rows"][0]["p"] == pytest.approx(1.0)
     assert comp["rows"][0]["p_holm"] == pytest.approx(1.0) and comp["mismatches"] == []
-    # the same items of XNLI's test split: --compare refuses the validation-vs-test pair, --allow-mismatch runs it
-    r = run_cli("--model", model, "--run-name", "tiny_test", "--tasks", "xnli", "--langs", "zh", "--limit", "4",
-                "--split", "test", "--out", str(out))
-    assert r.returncode == 0, r.stderr
-    r = run_cli("--compare", str(out / "tiny2.json"), str(out / "tiny_test.json"), "--bootstrap", "200")
+    r = r_test
     assert r.returncode == 2 and "not comparable in 1 cell(s)" in r.stderr and "Traceback" not in r.stderr
     assert "xnli zh: data file (xnli/dev-zh.tsv" in r.stderr and "split (validation vs test)" in r.stderr
-    assert not (out / "compare_tiny2_vs_tiny_test.json").exists()
-    r = run_cli("--compare", str(out / "tiny2.json"), str(out / "tiny_test.json"), "--bootstrap", "200",
+    assert not (test_out / "compare_tiny2_vs_tiny_test.json").exists()
+    r = run_cli("--compare", str(out / "tiny2.json"), str(test_out / "tiny_test.json"), "--bootstrap", "200",
                 "--allow-mismatch")
     assert r.returncode == 0, r.stderr
     assert "--allow-mismatch" in r.stdout and "| xnli | zh (mismatch) |" in r.stdout
-    comp = json.load(open(out / "compare_tiny2_vs_tiny_test.json"))
+    comp = json.load(open(test_out / "compare_tiny2_vs_tiny_test.json"))
     assert comp["allow_mismatch"] and "split (validation vs test)" in comp["mismatches"][0]
 
 

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import common
-from conftest import REPO, load_stage, make_tiny_model
+from conftest import REPO, load_stage, make_tiny_model, run_stage_at_once
 
 train = load_stage("02_train_dft")
 PAIRS = os.path.join(REPO, "tests", "fixtures", "pairs_zh.jsonl")
@@ -417,14 +417,6 @@ def cli(*args):
                           text=True)
 
 
-def cli_all(*arg_lists):
-    """Several CLI runs at once (each is mostly interpreter start-up and imports): their completed results."""
-    procs = [subprocess.Popen([sys.executable, os.path.join(REPO, "02_train_dft.py"), *args], text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for args in arg_lists]
-    outputs = [p.communicate() for p in procs]
-    return [subprocess.CompletedProcess(p.args, p.returncode, *out) for p, out in zip(procs, outputs)]
-
-
 def test_bad_input_errors(tmp_path, tiny_model_dirs):
     model = tiny_model_dirs["llama"]
     out = str(tmp_path / "o")
@@ -441,7 +433,7 @@ def test_bad_input_errors(tmp_path, tiny_model_dirs):
     cases += [(["--pairs", str(bad)], "line 1: missing or non-string field(s) ['y_tgt']"),
               (["--pairs", str(tmp_path / "none.jsonl")], "file not found")]
     # every case refuses before anything is written, so they can share --out and run side by side
-    results = cli_all(*[["--pairs", PAIRS, "--out", out, "--model", model, "--max-steps", "1", *flags]
+    results = run_stage_at_once("02_train_dft.py", [["--pairs", PAIRS, "--out", out, "--model", model, "--max-steps", "1", *flags]
                         for flags, _ in cases])
     for (flags, message), r in zip(cases, results):
         errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
@@ -630,10 +622,11 @@ def test_heldout_and_tracker_errors_before_training(tmp_path, tiny_model_dirs):
     import importlib.util
     if importlib.util.find_spec("wandb") is None:
         cases.append((["--report-to", "wandb"], "pip install wandb"))
-    for flags, message in cases:
-        r = cli("--pairs", PAIRS, "--out", out, "--model", model, "--max-steps", "1", *flags)
+    results = run_stage_at_once("02_train_dft.py", [["--pairs", PAIRS, "--out", out, "--model", model,
+                                                     "--max-steps", "1", *flags] for flags, _ in cases])
+    for (flags, message), r in zip(cases, results):
         assert r.returncode == 2 and message in r.stderr, (flags, r.stderr[-2000:])
-        assert not os.path.exists(out)  # nothing written
+    assert not os.path.exists(out)  # nothing written
 
 
 # -----------------------------------------------------------------------------
@@ -779,12 +772,13 @@ def test_eval_batches_cover_every_example_once():
 
 def test_contrastive_errors_before_training(tmp_path, tiny_model_dirs):
     base = ("--pairs", PAIRS, "--model", tiny_model_dirs["llama"], "--method", "mid-align", "--max-steps", "1")
-    for flags, message in ((["--eval-pairs", PAIRS, "--eval-limit", "1"], "leave a device fewer than 2"),
-                           (["--alternate", "--et-weight", "0"], "none with a nonzero weight")):
-        out = str(tmp_path / "x")
-        r = cli(*base, "--out", out, *flags)
+    cases = ((["--eval-pairs", PAIRS, "--eval-limit", "1"], "leave a device fewer than 2"),
+             (["--alternate", "--et-weight", "0"], "none with a nonzero weight"))
+    out = str(tmp_path / "x")
+    results = run_stage_at_once("02_train_dft.py", [[*base, "--out", out, *flags] for flags, _ in cases])
+    for (flags, message), r in zip(cases, results):
         assert r.returncode == 2 and message in r.stderr, r.stderr[-1500:]
-        assert not os.path.exists(os.path.join(out, "train_log.jsonl"))
+    assert not os.path.exists(os.path.join(out, "train_log.jsonl"))
 
 
 def test_mid_align_heldout_loss_with_a_lone_last_pair(tmp_path, tiny_model_dirs):
