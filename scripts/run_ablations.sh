@@ -47,8 +47,9 @@ RUNS=(
 LENS=()
 [[ $($PY "$CODE/02_train_dft.py" --help) == *--lens-prefix* ]] && LENS=(--lens-prefix recompute)
 ONLY=${ONLY:-}   # e.g. ONLY="tft-300-s1 dft-feature-300-s1": train just these (the queue still evaluates them)
-# Training lanes. One on this 24 GB machine: a Gemma-3-270M training holds 8-12 GB, and two of them beside an
-# evaluation were OOM-killed; LANES=2 where memory allows (two trainings and an evaluation share the cores).
+# Training lanes: one on a 2-core, 24 GB machine. Two trainings beside an evaluation were OOM-killed there
+# (a Gemma-3-270M training holds 8-12 GB), and with the mmap threshold below they fit (21 GB) but each took
+# ~40 s per step instead of 12-20 s alone: no gain. LANES=2 needs about 4 cores and 32 GB.
 LANES=${LANES:-1}
 exec 8> "$OUT/.driver.lock"
 flock -n 8 || { echo "another scripts/run_ablations.sh is running on $OUT" >&2; exit 1; }
