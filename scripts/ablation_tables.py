@@ -152,17 +152,19 @@ def question1(out):
 
 
 def per_seed(out):
-    """Each seed's Δ alone: descriptive (it shows whether the seeds agree, and an answer while seed 2 runs);
-    the pre-registered test is the pooled row above."""
+    """Each seed's Δ alone, and what the longer budget does to tft itself: descriptive (whether the seeds agree,
+    a reading while seed 2 runs); the pre-registered test is the pooled row above."""
     out.append("Per seed (descriptive; not the pre-registered test, which pools the seeds):\n")
-    out.append("| measure | seed | penalty at 100 | penalty at 300 | Δ | 95% interval | p |")
-    out.append("|---|---|---|---|---|---|---|")
+    out.append("| measure | seed | tft: 300 − 100 steps [95%] | penalty at 100 | penalty at 300 | Δ | 95% interval | p |")
+    out.append("|---|---|---|---|---|---|---|---|")
     for m in PRIMARY:
         _, label, _, kind = m
         for seed in (1, 2):
             pen100, pen300 = contrast(penalty(100, [seed]), m), contrast(penalty(300, [seed]), m)
             d = contrast(penalty(300, [seed]) + scale(penalty(100, [seed]), -1), m)
-            cells = [label, str(seed), fmt(pen100 and pen100["delta"], kind), fmt(pen300 and pen300["delta"], kind),
+            tft = contrast([(NEW, f"tft-300-s{seed}", 1.0), (OLD, f"tft-s{seed}", -1.0)], m)
+            cells = [label, str(seed), f"{fmt(tft['delta'], kind)} {interval(tft, kind)}" if tft else "–",
+                     fmt(pen100 and pen100["delta"], kind), fmt(pen300 and pen300["delta"], kind),
                      fmt(d["delta"], kind) if d else "not yet run", interval(d, kind) if d else "",
                      f"{d['p']:.4f}" if d else ""]
             out.append("| " + " | ".join(cells) + " |")
