@@ -209,12 +209,13 @@ def plot_curves(path):
         rows = [json.loads(line) for line in open(log) if line.strip()]
         pts = [(r["step"], r["eval_loss_tft"]) for r in rows if r.get("eval_loss_tft") is not None]
         if pts:
-            ax.plot(*zip(*pts), style, marker="o", ms=3, label=run)
+            ax.plot(*zip(*pts), style, marker="o", ms=3, lw=2 if where == NEW else 1.2,
+                    label=run if where == NEW else f"{run} (100 steps)")
             drawn += 1
     ax.set_xlabel("optimizer step (batch 8)")
     ax.set_ylabel("held-out L_TFT (first 64 dev pairs, nats/token)")
     ax.set_title("Gemma-3-270M: 100-step vs 300-step runs")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=8, ncol=2, handlelength=3.5)  # long enough to tell the dash patterns apart
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
