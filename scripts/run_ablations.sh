@@ -52,7 +52,8 @@ ONLY=${ONLY:-}   # e.g. ONLY="tft-300-s1 dft-feature-300-s1": train just these (
 # ~40 s per step instead of 12-20 s alone: no gain. LANES=2 needs about 4 cores and 32 GB.
 LANES=${LANES:-1}
 exec 8> "$OUT/.driver.lock"
-flock -n 8 || { echo "another scripts/run_ablations.sh is running on $OUT" >&2; exit 1; }
+flock -n 8 || { echo "another scripts/run_ablations.sh, or a process it started (a training, a 30 s sleep)," \
+    "holds $OUT/.driver.lock: fuser -v $OUT/.driver.lock lists them" >&2; exit 1; }
 rm -rf "$OUT"/*.claimed   # claims of a driver that was killed
 
 stamp "== ablations: code from $CODE ($(git -C "$CODE" rev-parse --short HEAD)), results to $RES"
