@@ -47,9 +47,9 @@ RUNS=(
 LENS=()
 [[ $($PY "$CODE/02_train_dft.py" --help) == *--lens-prefix* ]] && LENS=(--lens-prefix recompute)
 ONLY=${ONLY:-}   # e.g. ONLY="tft-300-s1 dft-feature-300-s1": train just these (the queue still evaluates them)
-# Training lanes: one on a 2-core, 24 GB machine. Two trainings beside an evaluation were OOM-killed there
-# (a Gemma-3-270M training holds 8-12 GB), and with the mmap threshold below they fit (21 GB) but each took
-# ~40 s per step instead of 12-20 s alone: no gain. LANES=2 needs about 4 cores and 32 GB.
+# Training lanes. On 2 cores and 24 GB, with the mmap threshold above (without it two trainings beside an
+# evaluation were OOM-killed; a Gemma-3-270M training holds 8-10 GB): one training 12-20 s per step; two
+# 18-22 s each; two beside an evaluation ~40 s each. So LANES=2 pays while no evaluation is queued.
 LANES=${LANES:-1}
 exec 8> "$OUT/.driver.lock"
 flock -n 8 || { echo "another scripts/run_ablations.sh, or a process it started (a training, a 30 s sleep)," \
