@@ -11,6 +11,7 @@ This file is also the worker of the 2-process runs: `torchrun ... tests/test_dis
 (every DDP training compared below, in one launch), `--fsdp-worker OUT` and `--zero-worker OUT`.
 """
 import functools
+import importlib
 import json
 import os
 import subprocess
@@ -320,8 +321,8 @@ def _zero_worker(out_path):
     from deepspeed.utils import safe_get_full_grad
     # plain gloo: DeepSpeed's CPU accelerator would JIT-compile a shared-memory all-reduce (a C++ build of
     # ~35 s on a clean machine, which once aborted one rank at exit), which ZeRO's gradients do not need.
-    # Through sys.modules: the attribute deepspeed.comm.torch is PyTorch itself (deepspeed.comm re-exports it)
-    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    # The module by name: the attribute deepspeed.comm.torch is PyTorch itself (deepspeed.comm re-exports it)
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend="gloo")
     tokenizer = make_tokenizer()
     results = {}
