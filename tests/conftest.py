@@ -35,6 +35,11 @@ def run_stage_at_once(script, arg_lists):
     return [subprocess.CompletedProcess(p.args, p.returncode, *out) for p, out in zip(procs, outputs)]
 
 
+def run_stage(script, *args):
+    """One command-line run of a stage script: its completed process."""
+    return run_stage_at_once(script, [list(args)])[0]
+
+
 def make_tokenizer():
     """A byte-level BPE tokenizer trained on a few sentences in four scripts: any text round-trips."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

@@ -3,14 +3,12 @@ import gzip
 import json
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 
 import common
 from common import UserError
-from conftest import REPO, load_stage, make_tokenizer
+from conftest import load_stage, make_tokenizer, run_stage
 
 bp = load_stage("01_build_pairs")
 KEYS = ["id", "lang", "source", "x_en", "y_en", "x_tgt", "y_tgt"]
@@ -388,8 +386,7 @@ def test_same_seed_same_files(data, tmp_path):
 
 def test_cli_error_is_one_line_and_exit_2(tmp_path):
     out = tmp_path / "p.jsonl"
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "01_build_pairs.py"), "--source", "alpaca", "--lang", "ar",
-                           "--out", str(out)], capture_output=True, text=True, timeout=60)
+    proc = run_stage("01_build_pairs.py", "--source", "alpaca", "--lang", "ar", "--out", str(out))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("error: no aligned Arabic Alpaca ships with the repo") and "--translate-model" in proc.stderr
     assert not os.listdir(tmp_path)

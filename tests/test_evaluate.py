@@ -4,15 +4,13 @@ All on the tiny random models of conftest.py (seconds on 2 cores); one @slow tes
 """
 import json
 import os
-import subprocess
-import sys
 import types
 
 import pytest
 import torch
 
 import common
-from conftest import REPO, load_stage, make_tiny_model, run_stage_at_once
+from conftest import load_stage, make_tiny_model, run_stage, run_stage_at_once
 
 ev = load_stage("03_evaluate")
 
@@ -367,11 +365,6 @@ def test_results_table_nlu_average_and_degenerate_mark(tmp_path):
 # ----------------------------------------------------------------------------- CLI
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, os.path.join(REPO, "03_evaluate.py"), *args], capture_output=True,
-                          text=True, cwd=REPO, timeout=300)
-
-
 CLI_ERRORS = [
     (["--tasks", "xnli,nope", "--langs", "zh"], "unknown task"),
     (["--tasks", "xnli", "--langs", "klingon"], "unknown language"),
@@ -458,8 +451,8 @@ def test_every_task_runs_every_language_of_its_data(task, tiny_llama, tokenizer,
 def test_cli_end_to_end_and_compare(tiny_model_dirs, tmp_path):
     out = tmp_path / "eval"
     model = tiny_model_dirs["llama"]
-    r = run_cli("--model", model, "--run-name", "tiny", "--tasks", "xnli,mgsm,xquad", "--langs", "zh,vi",
-                "--limit", "4", "--max-new-tokens", "6", "--batch-size", "4", "--out", str(out))
+    r = run_stage("03_evaluate.py", "--model", model, "--run-name", "tiny", "--tasks", "xnli,mgsm,xquad",
+                  "--langs", "zh,vi", "--limit", "4", "--max-new-tokens", "6", "--batch-size", "4", "--out", str(out))
     assert r.returncode == 0, r.stderr
     assert "skipped: mgsm vi" in r.stdout
     run = json.load(open(out / "tiny.json"))
@@ -501,8 +494,8 @@ def test_cli_end_to_end_and_compare(tiny_model_dirs, tmp_path):
     assert r.returncode == 2 and "not comparable in 1 cell(s)" in r.stderr and "Traceback" not in r.stderr
     assert "xnli zh: data file (xnli/dev-zh.tsv" in r.stderr and "split (validation vs test)" in r.stderr
     assert not (test_out / "compare_tiny2_vs_tiny_test.json").exists()
-    r = run_cli("--compare", str(out / "tiny2.json"), str(test_out / "tiny_test.json"), "--bootstrap", "200",
-                "--allow-mismatch")
+    r = run_stage("03_evaluate.py", "--compare", str(out / "tiny2.json"), str(test_out / "tiny_test.json"),
+                  "--bootstrap", "200", "--allow-mismatch")
     assert r.returncode == 0, r.stderr
     assert "--allow-mismatch" in r.stdout and "| xnli | zh (mismatch) |" in r.stdout
     comp = json.load(open(test_out / "compare_tiny2_vs_tiny_test.json"))
@@ -515,8 +508,8 @@ def test_nll_and_translation_tasks(tiny_model_dirs, tokenizer, tmp_path):
             for i in range(3)]
     pairs.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     out = tmp_path / "eval"
-    r = run_cli("--model", tiny_model_dirs["gpt2"], "--tasks", "nll,translation", "--langs", "zh,en",
-                "--pairs", str(pairs), "--limit", "3", "--max-new-tokens", "4", "--dtype", "float32", "--out", str(out))
+    r = run_stage("03_evaluate.py", "--model", tiny_model_dirs["gpt2"], "--tasks", "nll,translation", "--langs", "zh,en",
+                  "--pairs", str(pairs), "--limit", "3", "--max-new-tokens", "4", "--dtype", "float32", "--out", str(out))
     assert r.returncode == 0, r.stderr
     name = os.path.basename(tiny_model_dirs["gpt2"])
     run = json.load(open(out / f"{name}.json"))
@@ -535,7 +528,8 @@ def test_nll_and_translation_tasks(tiny_model_dirs, tokenizer, tmp_path):
     assert set(run["results"]["translation"]) == {"en-zh", "zh-en"}
     assert "zh" in run["results"]["translation"]["en-zh"]["metrics"]["bleu"]["signature"]
     # the paired bootstrap also handles the ratio (NLL) and corpus (BLEU) statistics
-    r = run_cli("--compare", str(out / f"{name}.json"), str(out / f"{name}.json"), "--bootstrap", "100")
+    r = run_stage("03_evaluate.py", "--compare", str(out / f"{name}.json"), str(out / f"{name}.json"),
+                  "--bootstrap", "100")
     assert r.returncode == 0, r.stderr
     comp = json.load(open(out / f"compare_{name}_vs_{name}.json"))
     assert {(row["task"], row["lang"]) for row in comp["rows"]} == {("nll", "zh"), ("nll", "en"),
@@ -552,8 +546,8 @@ def test_alpaca_prompt_style():
 
 @pytest.mark.slow
 def test_real_default_model_few_items(tmp_path):
-    r = run_cli("--tasks", "xnli,mgsm", "--langs", "zh", "--limit", "3", "--max-new-tokens", "16",
-                "--out", str(tmp_path))
+    r = run_stage("03_evaluate.py", "--tasks", "xnli,mgsm", "--langs", "zh", "--limit", "3", "--max-new-tokens", "16",
+                  "--out", str(tmp_path))
     assert r.returncode == 0, r.stderr
     run = json.load(open(tmp_path / "SmolLM2-135M-Instruct.json"))
     assert run["results"]["xnli"]["zh"]["n"] == 3
@@ -613,8 +607,8 @@ def test_layer_analysis_matches_references_and_is_per_sentence(monkeypatch):
 
 def test_analysis_layers_json_and_png(tiny_model_dirs, tmp_path):
     out = tmp_path / "an"
-    r = run_cli("--analysis", "layers", "--model", tiny_model_dirs["llama"], tiny_model_dirs["gpt2"],
-                "--run-name", "before", "after", "--langs", "zh", "--analysis-samples", "4", "--out", str(out))
+    r = run_stage("03_evaluate.py", "--analysis", "layers", "--model", tiny_model_dirs["llama"], tiny_model_dirs["gpt2"],
+                  "--run-name", "before", "after", "--langs", "zh", "--analysis-samples", "4", "--out", str(out))
     assert r.returncode == 0, r.stderr
     res = json.load(open(out / "before.layers.zh.json"))
     L = 4

@@ -1,15 +1,13 @@
 """02_train_dft.py: each loss term against a reference, gradient routing, the loop, resume, layer rule, errors."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import common
-from conftest import REPO, load_stage, make_tiny_model, run_stage_at_once
+from conftest import REPO, load_stage, make_tiny_model, run_stage, run_stage_at_once
 
 train = load_stage("02_train_dft")
 PAIRS = os.path.join(REPO, "tests", "fixtures", "pairs_zh.jsonl")
@@ -412,11 +410,6 @@ def test_auto_layers_write_curve(tmp_path, tokenizer):
     assert cfg["layers_why"]["lc"].startswith("auto") and os.path.getsize(os.path.join(out, "layer_entropy.png")) > 1000
 
 
-def cli(*args):
-    return subprocess.run([sys.executable, os.path.join(REPO, "02_train_dft.py"), *args], capture_output=True,
-                          text=True)
-
-
 def test_bad_input_errors(tmp_path, tiny_model_dirs):
     model = tiny_model_dirs["llama"]
     out = str(tmp_path / "o")
@@ -671,8 +664,8 @@ def test_empty_fields_are_refused_with_line_and_id(tmp_path, tiny_model_dirs):
     rows[2] = dict(rows[2], x_en="  \n")
     path = str(tmp_path / "empty.jsonl")
     common.write_jsonl(path, rows)
-    r = cli("--pairs", path, "--out", str(tmp_path / "o"), "--model", tiny_model_dirs["llama"], "--method",
-            "dft-feature", "--lc-layer", "1", "--et-layer", "3")
+    r = run_stage("02_train_dft.py", "--pairs", path, "--out", str(tmp_path / "o"), "--model", tiny_model_dirs["llama"],
+                  "--method", "dft-feature", "--lc-layer", "1", "--et-layer", "3")
     message = f"line 3 (id {rows[2]['id']!r}): empty or whitespace-only field(s) ['x_en']"
     assert r.returncode == 2 and message in r.stderr
 
@@ -754,8 +747,8 @@ def test_mid_align_preset_and_alternation(tmp_path, tiny_model_dirs):
 
 
 def test_one_pair_per_step_is_refused_for_contrastive(tmp_path, tiny_model_dirs):
-    r = cli("--pairs", PAIRS, "--out", str(tmp_path / "one"), "--model", tiny_model_dirs["llama"], "--method",
-            "mid-align", "--batch-size", "1", "--max-steps", "1")
+    r = run_stage("02_train_dft.py", "--pairs", PAIRS, "--out", str(tmp_path / "one"), "--model", tiny_model_dirs["llama"],
+                  "--method", "mid-align", "--batch-size", "1", "--max-steps", "1")
     assert r.returncode == 2 and "raise --batch-size to at least 2" in r.stderr
     assert not os.path.exists(str(tmp_path / "one" / "train_log.jsonl"))
 
