@@ -245,6 +245,49 @@ def plot_layer_sweep(rows, path):
     plt.close(fig)
 
 
+SCORED = [(OLD, "base"), (OLD, "tft-s1"), (OLD, "tft-s2"), (OLD, "dft-feature-w1-s1"), (OLD, "dft-feature-w1-s2"),
+          (OLD, "dft-logits-wsmall-s1"), (NEW, "tft-300-s1"), (NEW, "tft-300-s2"), (NEW, "dft-feature-300-s1"),
+          (NEW, "dft-feature-300-s2")] + [(NEW, run) for _, run, where in QUESTION2 + QUESTION3 if where == NEW]
+SEED_GROUPS = [("tft, 100 steps", OLD, "tft"), ("dft-feature, 100 steps", OLD, "dft-feature-w1"),
+               ("tft, 300 steps", NEW, "tft-300"), ("dft-feature, 300 steps", NEW, "dft-feature-300")]
+
+
+def run_score(where, run, measure):
+    """(score, item standard error) of one run on a primary measure, or None while it is not evaluated. NLU avg: the
+    four task means averaged, its SE from the four tasks' item SEs (disjoint items: sqrt(sum se^2) / 4)."""
+    _, _, cells, kind = measure
+    path = os.path.join(folder_of(where), run + ".json")
+    rows = [cs.read_items(folder_of(where), run, task, lang) for task, lang in cells]
+    if not os.path.exists(path) or any(r is None for r in rows):
+        return None
+    results = json.load(open(path, encoding="utf-8"))["results"]
+    ses = [results[task][lang]["stderr"] * (100.0 if kind == "mean" else 1.0) for task, lang in cells]
+    value = np.mean([cs.Cell(r, kind).stat(np.ones((1, len(r))))[0] for r in rows])
+    return float(value), float(np.sqrt(np.sum(np.square(ses))) / len(cells))
+
+
+def scores(out):
+    out.append("### Scores (primary measures; ± item standard error, seed groups ± standard error over seeds)\n")
+    out.append("100-step runs: the replication's files (`results/gemma3/eval`); the rest: this study. A seed group's "
+               "± is sd / sqrt(k) over its k = 2 seeds (with k = 2 that is half their difference).\n")
+    out.append("| run | " + " | ".join(m[1] for m in PRIMARY) + " |")
+    out.append("|---|" + "---|" * len(PRIMARY))
+    show = [(lambda x: f"{x:.4f}") if m[3] == "ratio" else (lambda x: f"{x:.2f}") for m in PRIMARY]
+    for where, run in SCORED:
+        got = [run_score(where, run, m) for m in PRIMARY]
+        cells = ["–" if g is None else f"{s(g[0])} ± {s(g[1])}" for g, s in zip(got, show)]
+        note = "" if where == NEW else " (no training)" if run == "base" else " (100 steps)"
+        out.append(f"| {run}{note} | " + " | ".join(cells) + " |")
+    for label, where, group in SEED_GROUPS:
+        cells = []
+        for m, s in zip(PRIMARY, show):
+            got = [run_score(where, f"{group}-s{seed}", m) for seed in (1, 2)]
+            vals = [g[0] for g in got if g is not None]
+            cells.append("–" if len(vals) < 2 else f"{s(np.mean(vals))} ± {s(np.std(vals, ddof=1) / np.sqrt(2))}")
+        out.append(f"| **{label}**, seeds 1 and 2 | " + " | ".join(cells) + " |")
+    out.append("")
+
+
 def wall_times(out):
     out.append("### Wall time per run (this study)\n")
     out.append("| run | steps | training s (sum of step times) | held-out eval s | evaluation s (primary cells) |")
@@ -317,6 +360,7 @@ def main():
     out = ["# Ablations: budget, which term, where (Gemma-3-270M; pre-registration in results/README.md)\n",
            "Written by `scripts/ablation_tables.py`. NLL in nats/token (lower is better, so a positive "
            "difference is worse); accuracies in points. 10,000 resamples, seed 1234.\n"]
+    scores(out)
     q1 = question1(out)
     q2 = versus_tft("### Question 2: which term (100 steps, seed 1; descriptive)", QUESTION2, out)
     q3 = versus_tft("### Question 3: where (dft-feature, i = 2, ET block j; 100 steps, seed 1; descriptive)",
