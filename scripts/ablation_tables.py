@@ -189,8 +189,21 @@ def versus_tft(title, entries, out):
             s = (lambda x: f"{x:.3f}") if kind == "ratio" else (lambda x: f"{x:.2f}")
             out.append(f"| {label} | {mlabel} | {s(a['delta'])} | {s(b['delta'])} | {fmt(r['delta'], kind)} | "
                        f"{interval(r, kind)} | {r['p']:.4f} | {'+'.join(map(str, r['n']))} |")
-    out.append("")
+    out.append("Read against (100 steps, the replication's runs): " + "; ".join(
+        f"{label}: {text}" for label, text in seed_spread()) + ".\n")
     return rows
+
+
+def seed_spread():
+    """What seeds alone move, per primary measure: the placebo (the dft-feature penalty at seed 2 minus at seed 1)
+    and tft-s2 - tft-s1."""
+    placebo_terms = penalty(100, [2]) + scale(penalty(100, [1]), -1)
+    tft_terms = [(OLD, "tft-s2", 1.0), (OLD, "tft-s1", -1.0)]
+    for m in PRIMARY:
+        _, label, _, kind = m
+        pl, tf = contrast(placebo_terms, m), contrast(tft_terms, m)
+        yield label, (f"placebo {fmt(pl['delta'], kind)} {interval(pl, kind)}, "
+                      f"tft-s2 − tft-s1 {fmt(tf['delta'], kind)} {interval(tf, kind)}")
 
 
 def plot_curves(path):
