@@ -98,6 +98,11 @@ def penalty(steps, seeds):
     return [t for s in seeds for t in ((where, name(feature, s), w), (where, name("tft", s), -w))]
 
 
+def placebo():
+    """The seed placebo: the dft-feature penalty at seed 2 minus at seed 1, both 100 steps (true change zero)."""
+    return penalty(100, [2]) + scale(penalty(100, [1]), -1)
+
+
 def scale(terms, c):
     return [(w, r, c * coef) for w, r, coef in terms]
 
@@ -111,14 +116,13 @@ def interval(r, kind):
 
 
 def question1(out):
-    placebo_terms = penalty(100, [2]) + scale(penalty(100, [1]), -1)
     delta_terms = penalty(300, [1, 2]) + scale(penalty(100, [1, 2]), -1)
     rows = []
     for m in PRIMARY:
         key, label, _, kind = m
         rows.append(dict(measure=key, label=label, kind=kind, pen100=contrast(penalty(100, [1, 2]), m),
                          pen300=contrast(penalty(300, [1, 2]), m), delta=contrast(delta_terms, m),
-                         placebo=contrast(placebo_terms, m)))
+                         placebo=contrast(placebo(), m)))
     tests = [r for r in rows if r["measure"] in CONFIRMATORY and r["delta"] is not None]
     for r, (p_holm, _) in zip(tests, common.holm([r["delta"]["p"] for r in tests])):
         r["p_holm"] = p_holm
@@ -171,7 +175,7 @@ def per_seed(out):
     out.append("")
 
 
-def versus_tft(title, entries, out):
+def versus_tft(title, entries, spread, out):
     out.append(title + "\n")
     out.append("| run | measure | tft-s1 | run | run − tft-s1 | 95% interval | p | items |")
     out.append("|---|---|---|---|---|---|---|---|")
@@ -189,21 +193,20 @@ def versus_tft(title, entries, out):
             s = (lambda x: f"{x:.3f}") if kind == "ratio" else (lambda x: f"{x:.2f}")
             out.append(f"| {label} | {mlabel} | {s(a['delta'])} | {s(b['delta'])} | {fmt(r['delta'], kind)} | "
                        f"{interval(r, kind)} | {r['p']:.4f} | {'+'.join(map(str, r['n']))} |")
-    out.append("Read against (100 steps, the replication's runs): " + "; ".join(
-        f"{label}: {text}" for label, text in seed_spread()) + ".\n")
+    out.append(f"Read against (100 steps, the replication's runs): {spread}.\n")
     return rows
 
 
 def seed_spread():
-    """What seeds alone move, per primary measure: the placebo (the dft-feature penalty at seed 2 minus at seed 1)
-    and tft-s2 - tft-s1."""
-    placebo_terms = penalty(100, [2]) + scale(penalty(100, [1]), -1)
+    """What seeds alone move, per primary measure: the placebo and tft-s2 - tft-s1, as one line of text."""
     tft_terms = [(OLD, "tft-s2", 1.0), (OLD, "tft-s1", -1.0)]
+    parts = []
     for m in PRIMARY:
         _, label, _, kind = m
-        pl, tf = contrast(placebo_terms, m), contrast(tft_terms, m)
-        yield label, (f"placebo {fmt(pl['delta'], kind)} {interval(pl, kind)}, "
-                      f"tft-s2 − tft-s1 {fmt(tf['delta'], kind)} {interval(tf, kind)}")
+        pl, tf = contrast(placebo(), m), contrast(tft_terms, m)
+        parts.append(f"{label}: placebo {fmt(pl['delta'], kind)} {interval(pl, kind)}, "
+                     f"tft-s2 − tft-s1 {fmt(tf['delta'], kind)} {interval(tf, kind)}")
+    return "; ".join(parts)
 
 
 def plot_curves(path):
@@ -375,9 +378,10 @@ def main():
            "difference is worse); accuracies in points. 10,000 resamples, seed 1234.\n"]
     scores(out)
     q1 = question1(out)
-    q2 = versus_tft("### Question 2: which term (100 steps, seed 1; descriptive)", QUESTION2, out)
+    spread = seed_spread()  # computed once: both descriptive tables are read against it
+    q2 = versus_tft("### Question 2: which term (100 steps, seed 1; descriptive)", QUESTION2, spread, out)
     q3 = versus_tft("### Question 3: where (dft-feature, i = 2, ET block j; 100 steps, seed 1; descriptive)",
-                    [(f"j = {j}", run, where) for j, run, where in QUESTION3], out)
+                    [(f"j = {j}", run, where) for j, run, where in QUESTION3], spread, out)
     wall_times(out)
     os.makedirs(args.out, exist_ok=True)
     if plot_curves(os.path.join(args.out, "loss_curves.png")):
