@@ -49,7 +49,8 @@ LENS=()
 ONLY=${ONLY:-}   # e.g. ONLY="tft-300-s1 dft-feature-300-s1": train just these (the queue still evaluates them)
 # Training lanes. On 2 cores and 24 GB, with the mmap threshold above (without it two trainings beside an
 # evaluation were OOM-killed; a Gemma-3-270M training holds 8-10 GB): one training 12-20 s per step; two
-# 18-22 s each; two beside an evaluation ~40 s each. So LANES=2 pays while no evaluation is queued.
+# 18-22 s each; two beside an evaluation ~40 s each. So lanes after the first take a new run only while no
+# evaluation is pending: two processes at a time, whatever the mix.
 LANES=${LANES:-1}
 exec 8> "$OUT/.driver.lock"
 flock -n 8 || { echo "another scripts/run_ablations.sh, or a process it started (a training, a 30 s sleep)," \
@@ -175,12 +176,23 @@ train() {  # train NAME STEPS big|old FLAGS...: resumes from the last checkpoint
     fi
 }
 
-lane() {  # claim runs in priority order (mkdir is atomic) until none is left
-    local line name steps which flags
+eval_pending() {  # a trained run whose evaluation has not finished (or failed)
+    local line name
+    for line in "${RUNS[@]}"; do
+        name=${line%% *}
+        [ -f "$OUT/$name.trained" ] && [ ! -f "$OUT/eval/$name.published" ] && [ ! -f "$OUT/eval/$name.evalfailed" ] &&
+            return 0
+    done
+    return 1
+}
+
+lane() {  # lane K: claim runs in priority order (mkdir is atomic) until none is left
+    local k=$1 line name steps which flags
     for line in "${RUNS[@]}"; do
         read -r name steps which flags <<< "$line"
         [ -z "$ONLY" ] || [[ " $ONLY " == *" $name "* ]] || continue
-        [ -f "$OUT/$name.trained" ] && continue
+        [ -f "$OUT/$name.trained" ] || [ -d "$OUT/$name.claimed" ] && continue
+        if (( k > 0 )); then while eval_pending; do sleep 30; done; fi
         mkdir "$OUT/$name.claimed" 2> /dev/null || continue
         # shellcheck disable=SC2086
         train "$name" "$steps" "$which" $flags
@@ -191,7 +203,7 @@ stamp "== $LANES training lanes and the evaluation queue"
 rm -f "$OUT"/*.failed "$OUT"/eval/*.evalfailed "$OUT/training.finished"   # a rerun tries failed parts again
 eval_queue & QUEUE=$!
 LANE_PIDS=()
-for (( k = 0; k < LANES; k++ )); do lane & LANE_PIDS+=($!); sleep 5; done
+for (( k = 0; k < LANES; k++ )); do lane "$k" & LANE_PIDS+=($!); sleep 5; done
 wait "${LANE_PIDS[@]}" || true
 touch "$OUT/training.finished"
 stamp "trainings: done; waiting for the evaluation queue"
