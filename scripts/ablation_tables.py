@@ -184,14 +184,13 @@ def versus_tft(title, entries, spread, out):
         for m in PRIMARY:
             key, mlabel, _, kind = m
             r = contrast([(where, run, 1.0), (OLD, "tft-s1", -1.0)], m)
-            a = contrast([(OLD, "tft-s1", 1.0)], m)
-            b = contrast([(where, run, 1.0)], m)
-            rows.append(dict(run=run, label=label, measure=key, result=r, tft=a and a["delta"], score=b and b["delta"]))
+            a, b = run_score(OLD, "tft-s1", m), run_score(where, run, m)
+            rows.append(dict(run=run, label=label, measure=key, result=r, tft=a and a[0], score=b and b[0]))
             if r is None:
                 out.append(f"| {label} | {mlabel} | – | – | not yet run | | | |")
                 continue
             s = (lambda x: f"{x:.3f}") if kind == "ratio" else (lambda x: f"{x:.2f}")
-            out.append(f"| {label} | {mlabel} | {s(a['delta'])} | {s(b['delta'])} | {fmt(r['delta'], kind)} | "
+            out.append(f"| {label} | {mlabel} | {s(a[0])} | {s(b[0])} | {fmt(r['delta'], kind)} | "
                        f"{interval(r, kind)} | {r['p']:.4f} | {'+'.join(map(str, r['n']))} |")
     out.append(f"Read against (100 steps, the replication's runs): {spread}.\n")
     return rows
