@@ -49,8 +49,10 @@ LENS=()
 ONLY=${ONLY:-}   # e.g. ONLY="tft-300-s1 dft-feature-300-s1": train just these (the queue still evaluates them)
 # Training lanes. On 2 cores and 24 GB, with the mmap threshold above (without it two trainings beside an
 # evaluation were OOM-killed; a Gemma-3-270M training holds 8-10 GB): one training 12-20 s per step; two
-# 18-22 s each; two beside an evaluation ~40 s each. So lanes after the first take a new run only while no
-# evaluation is pending: two processes at a time, whatever the mix.
+# 18-22 s each; two beside an evaluation ~40 s each. So with LANES=2 at most two processes run: a lane takes a
+# new run only while no evaluation is pending, or (the first lane) while no other lane trains. Two dft-logits
+# trainings (10.6 and 12.5 GB, the lens over Gemma's 262k vocabulary) were OOM-killed together: train those
+# with LANES=1 (or ONLY) on 24 GB.
 LANES=${LANES:-1}
 exec 8> "$OUT/.driver.lock"
 flock -n 8 || { echo "another scripts/run_ablations.sh, or a process it started (a training, a 30 s sleep)," \
@@ -186,13 +188,22 @@ eval_pending() {  # a trained run whose evaluation has not finished (or failed)
     return 1
 }
 
+training_now() {  # a run claimed by a lane of this driver and neither trained nor failed
+    local line name
+    for line in "${RUNS[@]}"; do
+        name=${line%% *}
+        [ -d "$OUT/$name.claimed" ] && [ ! -f "$OUT/$name.trained" ] && [ ! -f "$OUT/$name.failed" ] && return 0
+    done
+    return 1
+}
+
 lane() {  # lane K: claim runs in priority order (mkdir is atomic) until none is left
     local k=$1 line name steps which flags
     for line in "${RUNS[@]}"; do
         read -r name steps which flags <<< "$line"
         [ -z "$ONLY" ] || [[ " $ONLY " == *" $name "* ]] || continue
         [ -f "$OUT/$name.trained" ] || [ -d "$OUT/$name.claimed" ] && continue
-        if (( k > 0 )); then while eval_pending; do sleep 30; done; fi
+        while eval_pending && { (( k > 0 )) || training_now; }; do sleep 30; done
         mkdir "$OUT/$name.claimed" 2> /dev/null || continue
         # shellcheck disable=SC2086
         train "$name" "$steps" "$which" $flags
