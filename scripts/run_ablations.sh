@@ -203,7 +203,8 @@ lane() {  # lane K: claim runs in priority order (mkdir is atomic) until none is
         read -r name steps which flags <<< "$line"
         [ -z "$ONLY" ] || [[ " $ONLY " == *" $name "* ]] || continue
         [ -f "$OUT/$name.trained" ] || [ -d "$OUT/$name.claimed" ] && continue
-        while eval_pending && { (( k > 0 )) || training_now; }; do sleep 30; done
+        # (not once the evaluation queue has stopped, e.g. on a failed base check: nothing would clear the wait)
+        while kill -0 "$QUEUE" 2> /dev/null && eval_pending && { (( k > 0 )) || training_now; }; do sleep 30; done
         mkdir "$OUT/$name.claimed" 2> /dev/null || continue
         # shellcheck disable=SC2086
         train "$name" "$steps" "$which" $flags
