@@ -117,6 +117,16 @@ publish_eval() {  # run JSON + gzipped per-item files into $RES/eval, tables, co
     commit_paths "results/gemma3/ablations: evaluation of $name (primary measures)" "$RES"
 }
 
+next_to_evaluate() {  # the first trained run in priority order whose evaluation has not finished (or failed)
+    local line name
+    for line in "${RUNS[@]}"; do
+        name=${line%% *}
+        [ -f "$OUT/eval/$name.published" ] || [ -f "$OUT/eval/$name.evalfailed" ] && continue
+        [ -f "$OUT/$name.trained" ] && { echo "$name"; return 0; }
+    done
+    return 0  # none: empty output (set -e must not stop the caller)
+}
+
 eval_queue() {
     if [ ! -f "$OUT/eval/base.checked" ]; then
         evaluate base "$BASE" || { stamp "eval base FAILED (see $OUT/eval/base.log)"; return 1; }
@@ -130,14 +140,9 @@ eval_queue() {
             stamp "base differs from the replication's files ($RES/base_check.md): no run is evaluated"; return 1
         fi
     fi
-    local line name next
-    while :; do   # the first trained, unpublished run in priority order; stop when nothing more can come
-        next=""
-        for line in "${RUNS[@]}"; do
-            name=${line%% *}
-            [ -f "$OUT/eval/$name.published" ] || [ -f "$OUT/eval/$name.evalfailed" ] && continue
-            [ -f "$OUT/$name.trained" ] && { next=$name; break; }
-        done
+    local next
+    while :; do   # stop when nothing more can come
+        next=$(next_to_evaluate)
         if [ -z "$next" ]; then
             [ -f "$OUT/training.finished" ] && break
             sleep 30; continue
@@ -178,16 +183,6 @@ train() {  # train NAME STEPS big|old FLAGS...: resumes from the last checkpoint
     fi
 }
 
-eval_pending() {  # a trained run whose evaluation has not finished (or failed)
-    local line name
-    for line in "${RUNS[@]}"; do
-        name=${line%% *}
-        [ -f "$OUT/$name.trained" ] && [ ! -f "$OUT/eval/$name.published" ] && [ ! -f "$OUT/eval/$name.evalfailed" ] &&
-            return 0
-    done
-    return 1
-}
-
 training_now() {  # a run claimed by a lane of this driver and neither trained nor failed
     local line name
     for line in "${RUNS[@]}"; do
@@ -204,7 +199,9 @@ lane() {  # lane K: claim runs in priority order (mkdir is atomic) until none is
         [ -z "$ONLY" ] || [[ " $ONLY " == *" $name "* ]] || continue
         [ -f "$OUT/$name.trained" ] || [ -d "$OUT/$name.claimed" ] && continue
         # (not once the evaluation queue has stopped, e.g. on a failed base check: nothing would clear the wait)
-        while kill -0 "$QUEUE" 2> /dev/null && eval_pending && { (( k > 0 )) || training_now; }; do sleep 30; done
+        while kill -0 "$QUEUE" 2> /dev/null && [ -n "$(next_to_evaluate)" ] && { (( k > 0 )) || training_now; }; do
+            sleep 30
+        done
         mkdir "$OUT/$name.claimed" 2> /dev/null || continue
         # shellcheck disable=SC2086
         train "$name" "$steps" "$which" $flags
