@@ -26,6 +26,18 @@ export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 # glibc hands blocks over 4 MB back to the system when freed (its adaptive threshold kept freed activations):
 # a tft training's resident memory 7.9 GB instead of 11.2 GB; the numbers computed do not change
 export MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_:-4194304}
+# The recipe is bf16 autocast (every run so far: AMX). Under `--mixed-precision auto` 02 trains in float32 on a
+# device without native bf16, off the recipe (seen 2026-12-02 on an AMD EPYC without AVX512: ~45 s per step with two
+# lanes). So the runner asks for bf16 by name and stops on such a device unless ALLOW_EMULATED_BF16=1 (there,
+# emulated: 834 s for the first step instead of 15, its loss 4.02376 instead of the AMX run's 4.02430).
+MIXED=(--mixed-precision bf16)
+if ! $PY -c "import sys, torch; sys.path.insert(0, '$CODE'); import common
+sys.exit(not common.native_bf16('cuda' if torch.cuda.is_available() else 'cpu'))" 2> /dev/null &&
+   [ "${ALLOW_EMULATED_BF16:-0}" != 1 ]; then
+    echo "this machine does not compute bf16 natively (no AMX / AVX512-BF16 CPU, no CUDA Ampere+): the study's" \
+        "bf16 recipe would be emulated; run it where bf16 is native, or set ALLOW_EMULATED_BF16=1" >&2
+    exit 1
+fi
 mkdir -p "$OUT/eval" "$RES/eval" "$RES/train"
 PAIRS_BIG="$OUT/pairs_zh.jsonl" PAIRS_OLD="$OUT/pairs_zh_1006.jsonl" DEV="$OUT/pairs_zh.dev.jsonl"
 
@@ -58,6 +70,15 @@ exec 8> "$OUT/.driver.lock"
 flock -n 8 || { echo "another scripts/run_ablations.sh, or a process it started (a training, a 30 s sleep)," \
     "holds $OUT/.driver.lock: fuser -v $OUT/.driver.lock lists them" >&2; exit 1; }
 rm -rf "$OUT"/*.claimed   # claims of a driver that was killed
+# A fresh checkout (no $OUT) resumes from what is committed: a run whose evaluation is committed counts as trained
+# and evaluated; a run trained but not evaluated is trained again (models are not committed). Base is evaluated
+# and checked again, which also catches a machine whose kernels give other numbers.
+for line in "${RUNS[@]}"; do
+    name=${line%% *}
+    if [ -f "$RES/eval/$name.json" ] && [ ! -f "$OUT/eval/$name.published" ]; then
+        touch "$OUT/$name.trained" "$OUT/eval/$name.published"; stamp "$name: evaluated in $RES/eval"
+    fi
+done
 
 stamp "== ablations: code from $CODE ($(git -C "$CODE" rev-parse --short HEAD)), results to $RES"
 
@@ -168,7 +189,7 @@ train() {  # train NAME STEPS big|old FLAGS...: resumes from the last checkpoint
         $PY "$CODE/02_train_dft.py" --pairs "$pairs" --out "$OUT/$name" --model "$BASE" "$@" \
             --max-steps "$steps" --batch-size 8 --max-length 256 --lr 2e-5 --seed "$seed" \
             --eval-pairs "$DEV" --eval-every 20 --eval-limit 64 --ce-chunk 256 --save-every 20 --log-every 10 \
-            "${LENS[@]}" $resume >> "$OUT/$name.train.log" 2>&1
+            "${MIXED[@]}" "${LENS[@]}" $resume >> "$OUT/$name.train.log" 2>&1
     }
     if retry 3 one_try "$@"; then
         rm -rf "${OUT:?}/$name/checkpoint"
