@@ -31,9 +31,10 @@ export MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_:-4194304}
 # lanes). So the runner asks for bf16 by name and stops on such a device unless ALLOW_EMULATED_BF16=1 (there,
 # emulated: 834 s for the first step instead of 15, its loss 4.02376 instead of the AMX run's 4.02430).
 MIXED=(--mixed-precision bf16)
-if ! $PY -c "import sys, torch; sys.path.insert(0, '$CODE'); import common
-sys.exit(not common.native_bf16('cuda' if torch.cuda.is_available() else 'cpu'))" 2> /dev/null &&
-   [ "${ALLOW_EMULATED_BF16:-0}" != 1 ]; then
+NATIVE=$($PY -c "import sys, torch; sys.path.insert(0, '$CODE'); import common
+print(common.native_bf16('cuda' if torch.cuda.is_available() else 'cpu'))") ||
+    { echo "could not import $CODE/common.py with $PY: run bash setup.sh, or set PY and CODE" >&2; exit 1; }
+if [ "$NATIVE" != True ] && [ "${ALLOW_EMULATED_BF16:-0}" != 1 ]; then
     echo "this machine does not compute bf16 natively (no AMX / AVX512-BF16 CPU, no CUDA Ampere+): the study's" \
         "bf16 recipe would be emulated; run it where bf16 is native, or set ALLOW_EMULATED_BF16=1" >&2
     exit 1
