@@ -26,18 +26,24 @@ def load_stage(name):
     return module
 
 
-def run_stage_at_once(script, arg_lists):
-    """Several command-line runs of one stage script side by side (each is mostly interpreter start-up and
-    imports on one core, so the second core halves the wait): their completed processes, in order."""
-    procs = [subprocess.Popen([sys.executable, os.path.join(REPO, script), *args], text=True, cwd=REPO,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for args in arg_lists]
-    outputs = [p.communicate(timeout=300) for p in procs]
-    return [subprocess.CompletedProcess(p.args, p.returncode, *out) for p, out in zip(procs, outputs)]
-
-
 def run_stage(script, *args):
     """One command-line run of a stage script: its completed process."""
-    return run_stage_at_once(script, [list(args)])[0]
+    return subprocess.run([sys.executable, os.path.join(REPO, script), *args], text=True, cwd=REPO,
+                          capture_output=True, timeout=300)
+
+
+def run_main_in_process(main, argv, capsys):
+    """A stage's main(argv) as its command line runs it (common.run_main: a UserError becomes one `error:` line
+    and exit code 2), in this process, without the interpreter start-up and imports a subprocess pays: its
+    exit code (0 if it returned) and what it wrote to stderr."""
+    import common
+    capsys.readouterr()
+    try:
+        common.run_main(lambda: main(argv))
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
 
 
 def make_tokenizer():

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import common
-from conftest import load_stage, make_tiny_model, run_stage, run_stage_at_once
+from conftest import load_stage, make_tiny_model, run_main_in_process, run_stage
 
 ev = load_stage("03_evaluate")
 
@@ -377,16 +377,18 @@ CLI_ERRORS = [
 ]
 
 
-def test_cli_errors(tmp_path):
+def test_cli_errors(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     (tmp_path / "noweights").mkdir()
     (tmp_path / "noweights" / "config.json").write_text("{}")
-    out = tmp_path / "out"  # every case refuses before writing anything, so they share it and run side by side
+    out = tmp_path / "out"  # every case refuses before writing anything, so they share it
     runs = [[a.format(empty=tmp_path / "empty", noweights=tmp_path / "noweights") for a in args] + ["--out", str(out)]
             for args, _ in CLI_ERRORS]
-    for (args, message), r in zip(CLI_ERRORS, run_stage_at_once("03_evaluate.py", runs)):
-        assert r.returncode == 2, (args, r.stderr)
-        assert message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+    r = run_stage("03_evaluate.py", *runs[0])  # the command line itself; the others through common.run_main here
+    results = [(r.returncode, r.stderr)] + [run_main_in_process(ev.main, argv, capsys) for argv in runs[1:]]
+    for (args, message), (code, stderr) in zip(CLI_ERRORS, results):
+        errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+        assert code == 2 and len(errors) == 1 and message in errors[0] and "Traceback" not in stderr, (args, stderr)
     assert not out.exists() or not os.listdir(out)
 
 
@@ -448,7 +450,7 @@ def test_every_task_runs_every_language_of_its_data(task, tiny_llama, tokenizer,
                         assert r["correct"] == (r["scores"][spec.correct] == 1.0)
 
 
-def test_cli_end_to_end_and_compare(tiny_model_dirs, tmp_path):
+def test_cli_end_to_end_and_compare(tiny_model_dirs, tmp_path, capsys):
     out = tmp_path / "eval"
     model = tiny_model_dirs["llama"]
     r = run_stage("03_evaluate.py", "--model", model, "--run-name", "tiny", "--tasks", "xnli,mgsm,xquad",
@@ -474,25 +476,26 @@ def test_cli_end_to_end_and_compare(tiny_model_dirs, tmp_path):
     assert len(row["loglikelihoods"]) == 3 and row["pred"] in (0, 1, 2)
     md = open(out / "results.md").read()
     assert "| tiny |" in md and "xnli zh" in md and "±" in md
-    # a second model adds a row; the same items of XNLI's test split (own folder: results.md has one writer)
+    # a second model adds a row; the same items of XNLI's test split (own folder: results.md has one writer); these
+    # go through common.run_main in this process, as the command line above does in its own
     test_out = tmp_path / "eval_test"
-    r, r_test = run_stage_at_once("03_evaluate.py", [
-        ["--model", model, "--run-name", "tiny2", "--tasks", "xnli", "--langs", "zh", "--limit", "4", "--out", str(out)],
-        ["--model", model, "--run-name", "tiny_test", "--tasks", "xnli", "--langs", "zh", "--limit", "4",
-         "--split", "test", "--out", str(test_out)]])
-    assert r.returncode == 0 and r_test.returncode == 0, r.stderr + r_test.stderr
+    for argv in (["--model", model, "--run-name", "tiny2", "--tasks", "xnli", "--langs", "zh", "--limit", "4", "--out", str(out)],
+                 ["--model", model, "--run-name", "tiny_test", "--tasks", "xnli", "--langs", "zh", "--limit", "4",
+                  "--split", "test", "--out", str(test_out)]):
+        code, stderr = run_main_in_process(ev.main, argv, capsys)
+        assert code == 0, stderr
     assert "| tiny2 |" in open(out / "results.md").read() and "| tiny |" in open(out / "results.md").read()
     # comparing a run with itself gives p = 1; --compare refuses the validation-vs-test pair
-    r, r_test = run_stage_at_once("03_evaluate.py", [
-        ["--compare", str(out / "tiny.json"), str(out / "tiny2.json"), "--bootstrap", "200"],
-        ["--compare", str(out / "tiny2.json"), str(test_out / "tiny_test.json"), "--bootstrap", "200"]])
-    assert r.returncode == 0, r.stderr
+    code, stderr = run_main_in_process(ev.main, ["--compare", str(out / "tiny.json"), str(out / "tiny2.json"),
+                                                 "--bootstrap", "200"], capsys)
+    assert code == 0, stderr
     comp = json.load(open(out / "compare_tiny_vs_tiny2.json"))
     assert comp["rows"][0]["delta"] == 0.0 and comp["rows"][0]["p"] == pytest.approx(1.0)
     assert comp["rows"][0]["p_holm"] == pytest.approx(1.0) and comp["mismatches"] == []
-    r = r_test
-    assert r.returncode == 2 and "not comparable in 1 cell(s)" in r.stderr and "Traceback" not in r.stderr
-    assert "xnli zh: data file (xnli/dev-zh.tsv" in r.stderr and "split (validation vs test)" in r.stderr
+    code, stderr = run_main_in_process(ev.main, ["--compare", str(out / "tiny2.json"), str(test_out / "tiny_test.json"),
+                                                 "--bootstrap", "200"], capsys)
+    assert code == 2 and "not comparable in 1 cell(s)" in stderr and "Traceback" not in stderr
+    assert "xnli zh: data file (xnli/dev-zh.tsv" in stderr and "split (validation vs test)" in stderr
     assert not (test_out / "compare_tiny2_vs_tiny_test.json").exists()
     r = run_stage("03_evaluate.py", "--compare", str(out / "tiny2.json"), str(test_out / "tiny_test.json"),
                   "--bootstrap", "200", "--allow-mismatch")
@@ -502,7 +505,7 @@ def test_cli_end_to_end_and_compare(tiny_model_dirs, tmp_path):
     assert comp["allow_mismatch"] and "split (validation vs test)" in comp["mismatches"][0]
 
 
-def test_nll_and_translation_tasks(tiny_model_dirs, tokenizer, tmp_path):
+def test_nll_and_translation_tasks(tiny_model_dirs, tokenizer, tmp_path, capsys):
     pairs = tmp_path / "dev.jsonl"
     rows = [dict(id=i, lang="zh", source="t", x_en=f"Say {i}", y_en=f"{i}", x_tgt=f"说 {i}", y_tgt=f"{i}。")
             for i in range(3)]
@@ -528,9 +531,9 @@ def test_nll_and_translation_tasks(tiny_model_dirs, tokenizer, tmp_path):
     assert set(run["results"]["translation"]) == {"en-zh", "zh-en"}
     assert "zh" in run["results"]["translation"]["en-zh"]["metrics"]["bleu"]["signature"]
     # the paired bootstrap also handles the ratio (NLL) and corpus (BLEU) statistics
-    r = run_stage("03_evaluate.py", "--compare", str(out / f"{name}.json"), str(out / f"{name}.json"),
-                  "--bootstrap", "100")
-    assert r.returncode == 0, r.stderr
+    code, stderr = run_main_in_process(ev.main, ["--compare", str(out / f"{name}.json"), str(out / f"{name}.json"),
+                                                 "--bootstrap", "100"], capsys)
+    assert code == 0, stderr
     comp = json.load(open(out / f"compare_{name}_vs_{name}.json"))
     assert {(row["task"], row["lang"]) for row in comp["rows"]} == {("nll", "zh"), ("nll", "en"),
                                                                     ("translation", "en-zh"), ("translation", "zh-en")}

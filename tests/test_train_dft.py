@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 import common
-from conftest import REPO, load_stage, make_tiny_model, run_stage, run_stage_at_once
+from conftest import REPO, load_stage, make_tiny_model, run_main_in_process, run_stage
 
 train = load_stage("02_train_dft")
 PAIRS = os.path.join(REPO, "tests", "fixtures", "pairs_zh.jsonl")
@@ -410,7 +410,7 @@ def test_auto_layers_write_curve(tmp_path, tokenizer):
     assert cfg["layers_why"]["lc"].startswith("auto") and os.path.getsize(os.path.join(out, "layer_entropy.png")) > 1000
 
 
-def test_bad_input_errors(tmp_path, tiny_model_dirs):
+def test_bad_input_errors(tmp_path, tiny_model_dirs, capsys):
     model = tiny_model_dirs["llama"]
     out = str(tmp_path / "o")
     cases = [
@@ -425,12 +425,14 @@ def test_bad_input_errors(tmp_path, tiny_model_dirs):
     bad.write_text(json.dumps({"id": "1", "x_en": "a", "y_en": "b", "x_tgt": "c"}) + "\n")
     cases += [(["--pairs", str(bad)], "line 1: missing or non-string field(s) ['y_tgt']"),
               (["--pairs", str(tmp_path / "none.jsonl")], "file not found")]
-    # every case refuses before anything is written, so they can share --out and run side by side
-    results = run_stage_at_once("02_train_dft.py", [["--pairs", PAIRS, "--out", out, "--model", model, "--max-steps", "1", *flags]
-                        for flags, _ in cases])
-    for (flags, message), r in zip(cases, results):
-        errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-        assert r.returncode == 2 and len(errors) == 1 and message in errors[0], (flags, r.stderr)
+    # every case refuses before anything is written, so they can share --out; the first goes through the command
+    # line itself, the others through the same common.run_main in this process
+    argvs = [["--pairs", PAIRS, "--out", out, "--model", model, "--max-steps", "1", *flags] for flags, _ in cases]
+    r = run_stage("02_train_dft.py", *argvs[0])
+    results = [(r.returncode, r.stderr)] + [run_main_in_process(train.main, argv, capsys) for argv in argvs[1:]]
+    for (flags, message), (code, stderr) in zip(cases, results):
+        errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+        assert code == 2 and len(errors) == 1 and message in errors[0] and "Traceback" not in stderr, (flags, stderr)
     assert not os.path.exists(os.path.join(out, "model.safetensors"))
 
 
@@ -604,7 +606,7 @@ def test_report_to_tensorboard_writes_the_logged_scalars(tmp_path, tiny_model_di
     assert events.Scalars("eval_loss")[0].value == pytest.approx(log[1]["eval_loss"], rel=1e-6)
 
 
-def test_heldout_and_tracker_errors_before_training(tmp_path, tiny_model_dirs):
+def test_heldout_and_tracker_errors_before_training(tmp_path, tiny_model_dirs, capsys):
     model, out = tiny_model_dirs["llama"], str(tmp_path / "o")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": "1", "x_en": "a"\n')
@@ -615,10 +617,10 @@ def test_heldout_and_tracker_errors_before_training(tmp_path, tiny_model_dirs):
     import importlib.util
     if importlib.util.find_spec("wandb") is None:
         cases.append((["--report-to", "wandb"], "pip install wandb"))
-    results = run_stage_at_once("02_train_dft.py", [["--pairs", PAIRS, "--out", out, "--model", model,
-                                                     "--max-steps", "1", *flags] for flags, _ in cases])
-    for (flags, message), r in zip(cases, results):
-        assert r.returncode == 2 and message in r.stderr, (flags, r.stderr[-2000:])
+    for flags, message in cases:  # the command line's own path: test_bad_input_errors
+        code, stderr = run_main_in_process(train.main, ["--pairs", PAIRS, "--out", out, "--model", model,
+                                                        "--max-steps", "1", *flags], capsys)
+        assert code == 2 and message in stderr, (flags, stderr[-2000:])
     assert not os.path.exists(out)  # nothing written
 
 
@@ -746,10 +748,11 @@ def test_mid_align_preset_and_alternation(tmp_path, tiny_model_dirs):
         assert r["pairs"] == 4
 
 
-def test_one_pair_per_step_is_refused_for_contrastive(tmp_path, tiny_model_dirs):
-    r = run_stage("02_train_dft.py", "--pairs", PAIRS, "--out", str(tmp_path / "one"), "--model", tiny_model_dirs["llama"],
-                  "--method", "mid-align", "--batch-size", "1", "--max-steps", "1")
-    assert r.returncode == 2 and "raise --batch-size to at least 2" in r.stderr
+def test_one_pair_per_step_is_refused_for_contrastive(tmp_path, tiny_model_dirs, capsys):
+    code, stderr = run_main_in_process(train.main, ["--pairs", PAIRS, "--out", str(tmp_path / "one"), "--model",
+                                                    tiny_model_dirs["llama"], "--method", "mid-align", "--batch-size",
+                                                    "1", "--max-steps", "1"], capsys)
+    assert code == 2 and "raise --batch-size to at least 2" in stderr
     assert not os.path.exists(str(tmp_path / "one" / "train_log.jsonl"))
 
 
@@ -763,14 +766,14 @@ def test_eval_batches_cover_every_example_once():
     assert train.eval_batches(5, 1, 4, min_size=2) == [[(0, 5)]]  # a lone last pair joins the batch before
 
 
-def test_contrastive_errors_before_training(tmp_path, tiny_model_dirs):
+def test_contrastive_errors_before_training(tmp_path, tiny_model_dirs, capsys):
     base = ("--pairs", PAIRS, "--model", tiny_model_dirs["llama"], "--method", "mid-align", "--max-steps", "1")
     cases = ((["--eval-pairs", PAIRS, "--eval-limit", "1"], "leave a device fewer than 2"),
              (["--alternate", "--et-weight", "0"], "none with a nonzero weight"))
     out = str(tmp_path / "x")
-    results = run_stage_at_once("02_train_dft.py", [[*base, "--out", out, *flags] for flags, _ in cases])
-    for (flags, message), r in zip(cases, results):
-        assert r.returncode == 2 and message in r.stderr, r.stderr[-1500:]
+    for flags, message in cases:
+        code, stderr = run_main_in_process(train.main, [*base, "--out", out, *flags], capsys)
+        assert code == 2 and message in stderr, stderr[-1500:]
     assert not os.path.exists(os.path.join(out, "train_log.jsonl"))
 
 
