@@ -5,7 +5,7 @@
 #   nohup bash scripts/run_ablations.sh >> runs/ablations/driver.log 2>&1 &     # start or resume
 #
 # One torch thread per process: $LANES training lane(s), each taking the next unclaimed run in priority order,
-# and an evaluation queue that first re-evaluates base and checks it against the replication's per-item
+# and $EVAL_QUEUES evaluation queue(s): the first re-evaluates base and checks it against the replication's per-item
 # files, then scores the primary measures of whichever run finished training first (priority order among
 # them). Every finished part leaves a marker in $OUT and is skipped when rerun; a stopped training resumes
 # from its last checkpoint; each part's small outputs are copied to $RES and committed (scripts/unattended.sh).
@@ -73,10 +73,13 @@ ONLY=${ONLY:-}   # e.g. ONLY="tft-300-s1 dft-feature-300-s1": train just these (
 # trainings (10.6 and 12.5 GB, the lens over Gemma's 262k vocabulary) were OOM-killed together: train those
 # with LANES=1 (or ONLY) on 24 GB.
 LANES=${LANES:-1}
+# Evaluation queues: one by default. Where evaluations take longer than the trainings (a CPU slower at bf16 than
+# the AMX one: trained runs waiting on one queue while a core idles), EVAL_QUEUES=2 keeps both cores busy.
+EVAL_QUEUES=${EVAL_QUEUES:-1}
 exec 8> "$OUT/.driver.lock"
 flock -n 8 || { echo "another scripts/run_ablations.sh, or a process it started (a training, a 30 s sleep)," \
     "holds $OUT/.driver.lock: fuser -v $OUT/.driver.lock lists them" >&2; exit 1; }
-rm -rf "$OUT"/*.claimed   # claims of a driver that was killed
+rm -rf "$OUT"/*.claimed "$OUT"/eval/*.claimed   # claims of a driver that was killed
 # A fresh checkout (no $OUT) resumes from what is committed: a run whose evaluation is committed counts as trained
 # and evaluated; a run trained but not evaluated is trained again (models are not committed). Base is evaluated
 # and checked again, which also catches a machine whose kernels give other numbers.
@@ -155,8 +158,24 @@ next_to_evaluate() {  # the first trained run in priority order whose evaluation
     return 0  # none: empty output (set -e must not stop the caller)
 }
 
-eval_queue() {
-    if [ ! -f "$OUT/eval/base.checked" ]; then
+claim_next_evaluation() {  # next_to_evaluate's run not taken by another queue, claimed (mkdir is atomic)
+    local line name
+    for line in "${RUNS[@]}"; do
+        name=${line%% *}
+        [ -f "$OUT/eval/$name.published" ] || [ -f "$OUT/eval/$name.evalfailed" ] && continue
+        [ -f "$OUT/$name.trained" ] && mkdir "$OUT/eval/$name.claimed" 2> /dev/null && { echo "$name"; return 0; }
+    done
+    return 0
+}
+
+eval_queue() {  # eval_queue K: queue 0 evaluates and checks base first; the others wait for its check (stop)
+    local k=$1
+    if (( k > 0 )); then
+        while [ "$BASE_MISMATCH" = stop ] && [ ! -f "$OUT/eval/base.checked" ]; do
+            kill -0 "${QUEUES[0]}" 2> /dev/null || return 0   # base failed or differs (stop): evaluate nothing
+            sleep 30
+        done
+    elif [ ! -f "$OUT/eval/base.checked" ]; then
         evaluate base "$BASE" || { stamp "eval base FAILED (see $OUT/eval/base.log)"; return 1; }
         for f in "$OUT/eval/base".*.jsonl; do gzip -nc "$f" > "$RES/eval/$(basename "$f").gz"; done
         cp "$OUT/eval/base.json" "$RES/eval/"
@@ -164,7 +183,7 @@ eval_queue() {
             touch "$OUT/eval/base.checked"
             commit_paths "results/gemma3/ablations: base re-evaluated, equal to the replication's per-item files" "$RES"
         elif [ "$BASE_MISMATCH" = continue ]; then
-            touch "$OUT/eval/base.checked"
+            touch "$OUT/eval/base.checked"   # under continue, base is read beside the runs, not before them
             commit_paths "results/gemma3/ablations: base re-evaluated on another CPU, NOT equal to the replication's files" "$RES"
             stamp "base differs from the replication's files ($RES/base_check.md); BASE_MISMATCH=continue: runs are evaluated"
         else
@@ -175,9 +194,9 @@ eval_queue() {
     fi
     local next
     while :; do   # stop when nothing more can come
-        next=$(next_to_evaluate)
+        next=$(claim_next_evaluation)
         if [ -z "$next" ]; then
-            [ -f "$OUT/training.finished" ] && break
+            [ -f "$OUT/training.finished" ] && [ -z "$(next_to_evaluate)" ] && break
             sleep 30; continue
         fi
         if evaluate "$next" "$OUT/$next"; then
@@ -186,7 +205,7 @@ eval_queue() {
             touch "$OUT/eval/$next.evalfailed"; stamp "eval $next FAILED (see $OUT/eval/$next.log)"
         fi
     done
-    stamp "evaluation queue: done"
+    stamp "evaluation queue $k: done"
 }
 
 train() {  # train NAME STEPS big|old FLAGS...: resumes from the last checkpoint after a kill (3 attempts)
@@ -225,6 +244,12 @@ training_now() {  # a run claimed by a lane of this driver and neither trained n
     return 1
 }
 
+queues_alive() {
+    local q
+    for q in "${QUEUES[@]}"; do kill -0 "$q" 2> /dev/null && return 0; done
+    return 1
+}
+
 lane() {  # lane K: claim runs in priority order (mkdir is atomic) until none is left
     local k=$1 line name steps which flags
     for line in "${RUNS[@]}"; do
@@ -232,7 +257,7 @@ lane() {  # lane K: claim runs in priority order (mkdir is atomic) until none is
         [ -z "$ONLY" ] || [[ " $ONLY " == *" $name "* ]] || continue
         [ -f "$OUT/$name.trained" ] || [ -d "$OUT/$name.claimed" ] && continue
         # (not once the evaluation queue has stopped, e.g. on a failed base check: nothing would clear the wait)
-        while kill -0 "$QUEUE" 2> /dev/null && [ -n "$(next_to_evaluate)" ] && { (( k > 0 )) || training_now; }; do
+        while queues_alive && [ -n "$(next_to_evaluate)" ] && { (( k > 0 )) || training_now; }; do
             sleep 30
         done
         mkdir "$OUT/$name.claimed" 2> /dev/null || continue
@@ -241,15 +266,16 @@ lane() {  # lane K: claim runs in priority order (mkdir is atomic) until none is
     done
 }
 
-stamp "== $LANES training lanes and the evaluation queue"
+stamp "== $LANES training lane(s) and $EVAL_QUEUES evaluation queue(s)"
 rm -f "$OUT"/*.failed "$OUT"/eval/*.evalfailed "$OUT/training.finished"   # a rerun tries failed parts again
-eval_queue & QUEUE=$!
+QUEUES=()
+for (( k = 0; k < EVAL_QUEUES; k++ )); do eval_queue "$k" & QUEUES+=($!); done
 LANE_PIDS=()
 for (( k = 0; k < LANES; k++ )); do lane "$k" & LANE_PIDS+=($!); sleep 5; done
 wait "${LANE_PIDS[@]}" || true
 touch "$OUT/training.finished"
 stamp "trainings: done; waiting for the evaluation queue"
-wait "$QUEUE" || true
+wait "${QUEUES[@]}" || true
 refresh_tables
 commit_paths "results/gemma3/ablations: tables and figures" "$RES"
 stamp "done: $RES/tables.md"
