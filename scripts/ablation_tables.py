@@ -44,7 +44,11 @@ batch 16, one thread, the same 194 dev pairs) reproduces the committed `base.nll
 sum (zh) and 0.0038 (en). Every trained run of the replication (tft, dft-*, mid-align) was evaluated after
 a86928b (tft-s1's training ended at 03:10), so the 100-step comparison cells were scored by the same NLL code as
 today's; the four log-likelihood cells are bit-identical."""
-OLD, NEW = "old", "new"  # where a run's files are: the replication (100 steps) or this study
+OLD, NEW, AMX = "old", "new", "amx"  # where a run's files are: the replication (100 steps), this study, or the
+# AMX CPU's copies of what launch 10 re-ran on another CPU (Amendment 3)
+# Trained and evaluated in launch 10 on a CPU with AVX512-BF16 but no AMX (the others: the AMX CPU); base
+# re-evaluated there too. Their contrasts with the AMX-made cells carry the machine difference (Amendment 3).
+OTHER_CPU = ("et-only-feature-s1", "dft-feature-j4-s1", "dft-feature-j14-s1")
 
 QUESTION2 = [  # (label, run in this study or the replication, folder)
     ("L_LC only, logits (w 0.1)", "lc-only-logits-s1", NEW),
@@ -58,7 +62,7 @@ QUESTION3 = [(4, "dft-feature-j4-s1", NEW), (8, "dft-feature-w1-s1", OLD), (14, 
 
 
 def folder_of(where):
-    return os.path.join(REPL if where == OLD else ABL, "eval")
+    return os.path.join({OLD: REPL, NEW: ABL, AMX: os.path.join(ABL, "amx")}[where], "eval")
 
 
 def contrast(terms, measure, resamples=cs.B, seed=cs.SEED):
@@ -181,6 +185,7 @@ def versus_tft(title, entries, spread, out):
     out.append("|---|---|---|---|---|---|---|---|")
     rows = []
     for label, run, where in entries:
+        label += " (other CPU)" if run in OTHER_CPU else ""
         for m in PRIMARY:
             key, mlabel, _, kind = m
             r = contrast([(where, run, 1.0), (OLD, "tft-s1", -1.0)], m)
@@ -303,6 +308,42 @@ def scores(out):
     out.append("")
 
 
+def machine_difference(out):
+    """Amendment 3: what the other CPU alone changes. Base evaluated on both (no training), and et-only-feature-s1
+    trained on both with the same command, data and seed (held-out L_TFT every 20 steps)."""
+    if not os.path.isdir(os.path.join(ABL, "amx")):
+        return
+    out.append("### Machine difference (Amendment 3): the other CPU (AVX512-BF16, no AMX) − the AMX CPU\n")
+    here, amx = (json.load(open(os.path.join(folder_of(w), "base.json"))) for w in (NEW, AMX))
+    if here == amx:
+        out.append("Base in `eval/` is still the AMX CPU's (not yet re-evaluated on the other CPU).\n")
+    else:
+        out.append("Base (no training), evaluated on both with the same command; paired bootstrap over items:\n")
+        out.append("| measure | AMX CPU | other CPU | other − AMX | 95% interval | p |")
+        out.append("|---|---|---|---|---|---|")
+        for m in PRIMARY:
+            _, label, _, kind = m
+            r = contrast([(NEW, "base", 1.0), (AMX, "base", -1.0)], m)
+            a, b = run_score(AMX, "base", m), run_score(NEW, "base", m)
+            s = (lambda x: f"{x:.4f}") if kind == "ratio" else (lambda x: f"{x:.2f}")
+            out.append(f"| {label} | {s(a[0])} | {s(b[0])} | {fmt(r['delta'], kind)} | {interval(r, kind)} | "
+                       f"{r['p']:.4f} |")
+        out.append("")
+    curves = []
+    for folder in (os.path.join(ABL, "amx", "train"), os.path.join(ABL, "train")):
+        log = os.path.join(folder, "et-only-feature-s1", "train_log.jsonl")
+        rows = [json.loads(line) for line in open(log) if line.strip()] if os.path.exists(log) else []
+        curves.append({r["step"]: r["eval_loss_tft"] for r in rows if r.get("eval_loss_tft") is not None})
+    if curves[0] != curves[1] and curves[1]:
+        out.append("et-only-feature-s1 trained on both (held-out L_TFT, first 64 dev pairs, nats/token):\n")
+        out.append("| step | AMX CPU | other CPU | other − AMX |")
+        out.append("|---|---|---|---|")
+        for step in sorted(set(curves[0]) & set(curves[1])):
+            a, b = curves[0][step], curves[1][step]
+            out.append(f"| {step} | {a:.5f} | {b:.5f} | {b - a:+.5f} |")
+        out.append("")
+
+
 def wall_times(out):
     out.append("### Wall time per run (this study)\n")
     out.append("| run | steps | training s (sum of step times) | held-out eval s | evaluation s (primary cells) |")
@@ -315,7 +356,8 @@ def wall_times(out):
         if os.path.exists(ev):
             res = json.load(open(ev))["results"]
             ev_s = sum(res[t][lang]["seconds"] for t, lang in BASE_CELLS if lang in res.get(t, {}))
-        out.append(f"| {run} | {log[-1]['step']} | {sum(r['seconds'] for r in log):.0f} | "
+        where = " (other CPU)" if run in OTHER_CPU else ""
+        out.append(f"| {run}{where} | {log[-1]['step']} | {sum(r['seconds'] for r in log):.0f} | "
                    f"{sum(r.get('eval_seconds') or 0 for r in log):.0f} | {'–' if ev_s is None else f'{ev_s:.0f}'} |")
     out.append("")
 
@@ -381,6 +423,7 @@ def main():
     q2 = versus_tft("### Question 2: which term (100 steps, seed 1; descriptive)", QUESTION2, spread, out)
     q3 = versus_tft("### Question 3: where (dft-feature, i = 2, ET block j; 100 steps, seed 1; descriptive)",
                     [(f"j = {j}", run, where) for j, run, where in QUESTION3], spread, out)
+    machine_difference(out)
     wall_times(out)
     os.makedirs(args.out, exist_ok=True)
     if plot_curves(os.path.join(args.out, "loss_curves.png")):
