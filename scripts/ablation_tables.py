@@ -308,6 +308,24 @@ def scores(out):
     out.append("")
 
 
+def additivity(out):
+    """Do the two terms' effects add up? both − LC only − ET only + tft-s1 (0 if they add), paired bootstrap.
+    Descriptive and not pre-registered (a reading of question 2's own runs)."""
+    out.append("Additivity (descriptive, not pre-registered): interaction = both − L_LC only − L_ET only + tft-s1 "
+               "(0 if the single-term effects add up; negative NLL / positive NLU: the pair costs less than the sum)."
+               "\n")
+    out.append("| signal | measure | interaction | 95% interval | p |")
+    out.append("|---|---|---|---|---|")
+    for signal, both in (("logits", "dft-logits-wsmall-s1"), ("feature", "dft-feature-w1-s1")):
+        for m in PRIMARY:
+            _, label, _, kind = m
+            r = contrast([(OLD, both, 1.0), (NEW, f"lc-only-{signal}-s1", -1.0), (NEW, f"et-only-{signal}-s1", -1.0),
+                          (OLD, "tft-s1", 1.0)], m)
+            out.append(f"| {signal} | {label} | " + ("not yet run | | |" if r is None else
+                       f"{fmt(r['delta'], kind)} | {interval(r, kind)} | {r['p']:.4f} |"))
+    out.append("")
+
+
 def machine_difference(out):
     """Amendment 3: what the other CPU alone changes. Base evaluated on both (no training), and et-only-feature-s1
     trained on both with the same command, data and seed (held-out L_TFT every 20 steps)."""
@@ -421,6 +439,7 @@ def main():
     q1 = question1(out)
     spread = seed_spread()  # computed once: both descriptive tables are read against it
     q2 = versus_tft("### Question 2: which term (100 steps, seed 1; descriptive)", QUESTION2, spread, out)
+    additivity(out)
     q3 = versus_tft("### Question 3: where (dft-feature, i = 2, ET block j; 100 steps, seed 1; descriptive)",
                     [(f"j = {j}", run, where) for j, run, where in QUESTION3], spread, out)
     machine_difference(out)
