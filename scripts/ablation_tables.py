@@ -115,6 +115,18 @@ def fmt(x, kind):
     return "–" if x is None else (f"{x:+.4f}" if kind == "ratio" else f"{x:+.2f}")
 
 
+def score_text(x, kind):
+    return f"{x:.4f}" if kind == "ratio" else f"{x:.2f}"
+
+
+def held_out_curve(log):
+    """{step: held-out L_TFT} of a train_log.jsonl ({} if it does not exist)."""
+    if not os.path.exists(log):
+        return {}
+    rows = [json.loads(line) for line in open(log) if line.strip()]
+    return {r["step"]: r["eval_loss_tft"] for r in rows if r.get("eval_loss_tft") is not None}
+
+
 def interval(r, kind):
     return f"[{fmt(r['lo'], kind)}, {fmt(r['hi'], kind)}]"
 
@@ -224,10 +236,7 @@ def plot_curves(path):
                               (NEW, "tft-300-s2", "C0-."),
                               (NEW, "dft-feature-300-s1", "C1-"), (NEW, "dft-feature-300-s2", "C1-.")]:
         log = os.path.join(REPL if where == OLD else ABL, "train", run, "train_log.jsonl")
-        if not os.path.exists(log):
-            continue
-        rows = [json.loads(line) for line in open(log) if line.strip()]
-        pts = [(r["step"], r["eval_loss_tft"]) for r in rows if r.get("eval_loss_tft") is not None]
+        pts = sorted(held_out_curve(log).items())
         if pts:
             ax.plot(*zip(*pts), style, marker="o", ms=3, lw=2 if where == NEW else 1.2,
                     label=run if where == NEW else f"{run} (100 steps)")
@@ -292,15 +301,16 @@ def scores(out):
                "± is sd / sqrt(k) over its k = 2 seeds (with k = 2 that is half their difference).\n")
     out.append("| run | " + " | ".join(m[1] for m in PRIMARY) + " |")
     out.append("|---|" + "---|" * len(PRIMARY))
-    show = [(lambda x: f"{x:.4f}") if m[3] == "ratio" else (lambda x: f"{x:.2f}") for m in PRIMARY]
     for where, run in SCORED:
         got = [run_score(where, run, m) for m in PRIMARY]
-        cells = ["–" if g is None else f"{s(g[0])} ± {s(g[1])}" for g, s in zip(got, show)]
+        cells = ["–" if g is None else f"{score_text(g[0], m[3])} ± {score_text(g[1], m[3])}"
+                 for g, m in zip(got, PRIMARY)]
         note = "" if where == NEW else " (no training)" if run == "base" else " (100 steps)"
         out.append(f"| {run}{note} | " + " | ".join(cells) + " |")
     for label, where, group in SEED_GROUPS:
         cells = []
-        for m, s in zip(PRIMARY, show):
+        for m in PRIMARY:
+            s = lambda x: score_text(x, m[3])  # noqa: E731
             got = [run_score(where, f"{group}-s{seed}", m) for seed in (1, 2)]
             vals = [g[0] for g in got if g is not None]
             cells.append("–" if len(vals) < 2 else f"{s(np.mean(vals))} ± {s(np.std(vals, ddof=1) / np.sqrt(2))}")
@@ -343,15 +353,11 @@ def machine_difference(out):
             _, label, _, kind = m
             r = contrast([(NEW, "base", 1.0), (AMX, "base", -1.0)], m)
             a, b = run_score(AMX, "base", m), run_score(NEW, "base", m)
-            s = (lambda x: f"{x:.4f}") if kind == "ratio" else (lambda x: f"{x:.2f}")
-            out.append(f"| {label} | {s(a[0])} | {s(b[0])} | {fmt(r['delta'], kind)} | {interval(r, kind)} | "
+            out.append(f"| {label} | {score_text(a[0], kind)} | {score_text(b[0], kind)} | {fmt(r['delta'], kind)} | {interval(r, kind)} | "
                        f"{r['p']:.4f} |")
         out.append("")
-    curves = []
-    for folder in (os.path.join(ABL, "amx", "train"), os.path.join(ABL, "train")):
-        log = os.path.join(folder, "et-only-feature-s1", "train_log.jsonl")
-        rows = [json.loads(line) for line in open(log) if line.strip()] if os.path.exists(log) else []
-        curves.append({r["step"]: r["eval_loss_tft"] for r in rows if r.get("eval_loss_tft") is not None})
+    curves = [held_out_curve(os.path.join(folder, "et-only-feature-s1", "train_log.jsonl"))
+              for folder in (os.path.join(ABL, "amx", "train"), os.path.join(ABL, "train"))]
     if curves[0] != curves[1] and curves[1]:
         out.append("et-only-feature-s1 trained on both (held-out L_TFT, first 64 dev pairs, nats/token):\n")
         out.append("| step | AMX CPU | other CPU | other − AMX |")

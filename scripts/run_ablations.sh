@@ -148,24 +148,17 @@ publish_eval() {  # run JSON + gzipped per-item files into $RES/eval, tables, co
     commit_paths "results/gemma3/ablations: evaluation of $name (primary measures)" "$RES"
 }
 
-next_to_evaluate() {  # the first trained run in priority order whose evaluation has not finished (or failed)
-    local line name
+next_to_evaluate() {  # the first trained run in priority order whose evaluation has not finished (or failed);
+    # `next_to_evaluate claim`: the first such run no other queue has claimed, claimed for this one (mkdir is atomic)
+    local claim=${1:-} line name
     for line in "${RUNS[@]}"; do
         name=${line%% *}
         [ -f "$OUT/eval/$name.published" ] || [ -f "$OUT/eval/$name.evalfailed" ] && continue
-        [ -f "$OUT/$name.trained" ] && { echo "$name"; return 0; }
+        [ -f "$OUT/$name.trained" ] || continue
+        [ -z "$claim" ] || mkdir "$OUT/eval/$name.claimed" 2> /dev/null || continue
+        echo "$name"; return 0
     done
     return 0  # none: empty output (set -e must not stop the caller)
-}
-
-claim_next_evaluation() {  # next_to_evaluate's run not taken by another queue, claimed (mkdir is atomic)
-    local line name
-    for line in "${RUNS[@]}"; do
-        name=${line%% *}
-        [ -f "$OUT/eval/$name.published" ] || [ -f "$OUT/eval/$name.evalfailed" ] && continue
-        [ -f "$OUT/$name.trained" ] && mkdir "$OUT/eval/$name.claimed" 2> /dev/null && { echo "$name"; return 0; }
-    done
-    return 0
 }
 
 eval_queue() {  # eval_queue K: queue 0 evaluates and checks base first; the others wait for its check (stop)
@@ -194,7 +187,7 @@ eval_queue() {  # eval_queue K: queue 0 evaluates and checks base first; the oth
     fi
     local next
     while :; do   # stop when nothing more can come
-        next=$(claim_next_evaluation)
+        next=$(next_to_evaluate claim)
         if [ -z "$next" ]; then
             [ -f "$OUT/training.finished" ] && [ -z "$(next_to_evaluate)" ] && break
             sleep 30; continue
@@ -256,7 +249,7 @@ lane() {  # lane K: claim runs in priority order (mkdir is atomic) until none is
         read -r name steps which flags <<< "$line"
         [ -z "$ONLY" ] || [[ " $ONLY " == *" $name "* ]] || continue
         [ -f "$OUT/$name.trained" ] || [ -d "$OUT/$name.claimed" ] && continue
-        # (not once the evaluation queue has stopped, e.g. on a failed base check: nothing would clear the wait)
+        # (not once the evaluation queues have stopped, e.g. on a failed base check: nothing would clear the wait)
         while queues_alive && [ -n "$(next_to_evaluate)" ] && { (( k > 0 )) || training_now; }; do
             sleep 30
         done
