@@ -133,6 +133,29 @@ def versions():
                                            text=True, timeout=5).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         out["git_commit"] = None
+    out["machine"] = machine()
+    return out
+
+
+def machine():
+    """What decides the rounding of a run's numbers: the CPU's model and vector flags, torch's CPU kernel level,
+    the float32 matmul precision and the GPU. bf16 (and, less so, float32) results differ between CPUs with AMX,
+    with AVX512-BF16 only and with AVX2 only, so studies record this with every run."""
+    out = {"cpu": None, "cpu_flags": [], "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+           "float32_matmul_precision": torch.get_float32_matmul_precision(), "native_bf16_cpu": native_bf16("cpu")}
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+        model = re.search(r"^model name\s*:\s*(.+)$", info, re.M)
+        flags = re.search(r"^flags\s*:\s*(.+)$", info, re.M)
+        out["cpu"] = model.group(1).strip() if model else None
+        wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
+        out["cpu_flags"] = sorted(set(flags.group(1).split()) & set(wanted)) if flags else []
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name()
+        out["gpu_capability"] = list(torch.cuda.get_device_capability())
     return out
 
 

@@ -155,3 +155,13 @@ def test_default_model_smoke():
         out = model(**enc)
     torch.testing.assert_close(common.lens_logits(parts, raw[30]), out.logits, rtol=1e-4, atol=1e-4)
     assert "Paris" in tok.decode(model.generate(**enc, max_new_tokens=12, do_sample=False)[0])
+
+
+def test_machine_records_what_decides_rounding():
+    m = common.versions()["machine"]
+    assert m["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert m["float32_matmul_precision"] == torch.get_float32_matmul_precision()
+    with open("/proc/cpuinfo") as f:
+        flags = set(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
+    assert set(m["cpu_flags"]) <= flags and ("avx2" in m["cpu_flags"]) == ("avx2" in flags)
+    assert m["native_bf16_cpu"] == common.native_bf16("cpu")

@@ -173,7 +173,7 @@ def test_readme_is_a_front_page():
 REPO_PATH = re.compile(r"(?<![\w./<{$*-])((?:scripts|results|docs|configs|data|tests)/[\w./*-]*[\w/*]"
                        r"|[\w-]+\.(?:py|sh))(?![\w/<{$-])")
 # Folders a page names before they exist: what a pre-registered, still running study will write.
-NOT_YET_WRITTEN = {"results/gemma3/ablations/"}
+NOT_YET_WRITTEN = {"results/gemma3/ablations/", "results/gemma3_readout/"}
 
 
 def tracked_files():
