@@ -13,10 +13,17 @@ training resumes from its checkpoint; a killed part is tried again (compute.retr
 """
 import argparse
 import contextlib
+import glob
+import gzip
 import importlib.util
+import math
 import os
 import re
+import shutil
+import subprocess
 import sys
+import threading
+import time
 import tomllib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -346,3 +353,338 @@ def load_study(path, check_flags=True):
             argv = ["--model", "M", "--out", "O"] + fill(study["evaluation"]["flags"] + part["flags"], placeholders)
             check_stage_flags(path, text, "evaluation.parts", "03_evaluate", argv, f"part {part['name']}'s flags")
     return study
+
+
+# -----------------------------------------------------------------------------
+# the runner: parts as subprocesses of the stages, markers, lanes and an evaluation queue
+
+
+def has_checkpoint(folder):
+    return any(os.path.isfile(os.path.join(folder, n, "step.json")) for n in ("checkpoint", "checkpoint.old",
+                                                                              "checkpoint.tmp"))
+
+
+class Runner:
+    def __init__(self, study, results, work, only=()):
+        self.study, self.results, self.work = study, results, work
+        self.values = dict(work=work, results=results)
+        self.runs = [r for r in study.runs_expanded.values()
+                     if not r["reuse"] and (not only or r["name"] in only or r["group"] in only)]
+        self.cond, self.log_lock = threading.Condition(), threading.Lock()
+
+    def say(self, text):
+        line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {text}"
+        with self.log_lock:
+            print(line, flush=True)
+            with open(os.path.join(self.work, "logs", "driver.log"), "a", encoding="utf-8") as f:
+                f.write(line + "\n")
+
+    def done(self, name):
+        return os.path.exists(os.path.join(self.work, "done", name))
+
+    def part(self, name, argv, env_extra=None):
+        """One part: up to compute.retries attempts of argv (a killed or failed attempt is tried again), its
+        output appended to WORK/logs/NAME.log; leaves WORK/done/NAME on success. Returns success."""
+        compute = self.study["compute"]
+        env = dict(os.environ, OMP_NUM_THREADS=str(compute["threads"]), MKL_NUM_THREADS=str(compute["threads"]),
+                   PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
+                   **{k: str(v) for k, v in compute["env"].items()}, **(env_extra or {}))
+        log = os.path.join(self.work, "logs", name + ".log")
+        for attempt in range(1, compute["retries"] + 1):
+            argv_now = argv() if callable(argv) else argv
+            self.say(f"{name}: start" + (f" (attempt {attempt})" if attempt > 1 else ""))
+            t0 = time.time()
+            with open(log, "a", encoding="utf-8") as f:
+                f.write(f"\n$ {' '.join(argv_now)}\n")
+                f.flush()
+                code = subprocess.run(argv_now, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+            if code == 0:
+                open(os.path.join(self.work, "done", name), "w").close()
+                self.say(f"{name}: done ({time.time() - t0:.0f} s)")
+                return True
+            self.say(f"{name}: FAILED with exit code {code} (see {log})")
+        return False
+
+    def stage(self, script, processes=1, launcher="torchrun"):
+        if processes > 1 and launcher == "accelerate":
+            return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes), script]
+        if processes > 1:
+            return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), script]
+        return [sys.executable, script]
+
+    # ---- pairs
+
+    def pairs_files(self, name):
+        p = self.study["pairs"][name]
+        train = fill([p["file"]], self.values)[0] if p["file"] else os.path.join(self.work, f"pairs_{name}.jsonl")
+        return train, train[:-len(".jsonl")] + ".dev.jsonl"
+
+    def build_pairs(self, name):
+        p, (train, dev) = self.study["pairs"][name], self.pairs_files(name)
+        if p["flags"] is not None and not self.done(f"pairs_{name}"):
+            if not self.part(f"pairs_{name}", [sys.executable, "01_build_pairs.py", *fill(p["flags"], self.values),
+                                               "--out", train]):
+                raise UserError(f"pairs {name} could not be built (see {self.work}/logs/pairs_{name}.log)")
+        for path, want in ((train, p["sha256"]), (dev, p["dev_sha256"])):
+            if want and common.sha256_file(path) != want:
+                raise UserError(f"{path} has sha256 {common.sha256_file(path)}, not the study's {want}: the pairs "
+                                "differ from the ones the study was registered with; rebuild them or fix the hash")
+        stats = train[:-len(".jsonl")] + ".stats.json"
+        if os.path.exists(stats):
+            shutil.copy(stats, os.path.join(self.results, os.path.basename(stats)))
+
+    # ---- what is finished (also on a fresh checkout: the results folder)
+
+    def model_of(self, run):
+        if not run["train"]:
+            return fill([run["model"]], self.values)[0]
+        return os.path.join(self.work, "train", run["name"])
+
+    def parts_of(self, run):
+        return [p for p in self.study["evaluation"]["parts"]
+                if p["runs"] is None or run["name"] in p["runs"] or run["group"] in p["runs"]]
+
+    def part_published(self, run, part):
+        """The results folder already holds this part's output (its marker may be gone: a fresh checkout)."""
+        if self.done(f"eval_{run['name']}_{part['name']}"):
+            return True
+        if part["analysis"]:
+            return bool(glob.glob(os.path.join(self.results, "layers", f"{run['name']}.layers.*.json")))
+        path = os.path.join(self.results, "eval", run["name"] + ".json")
+        if not os.path.exists(path) and not os.path.exists(path + ".gz"):
+            return False
+        stage3 = load_stage("03_evaluate")
+        with argparse_raises():
+            args = stage3.parse_args(["--model", "M", "--out", "O"] + self.eval_flags(run, part))
+        have = common.read_json(path)["results"]
+        return all(stage3.result_key(t, args) in have for t in common.parse_list(args.tasks))
+
+    def eval_flags(self, run, part):
+        values = dict(self.values, model=self.model_of(run), run=run["name"], seed=run["seed"])
+        if run["pairs"]:
+            values["pairs"], values["dev"] = self.pairs_files(run["pairs"])
+        return fill(self.study["evaluation"]["flags"] + part["flags"], values)
+
+    def pending_evals(self, run):
+        return [p for p in self.parts_of(run) if not self.part_published(run, p)]
+
+    def needs_training(self, run):
+        model = self.model_of(run)
+        ready = self.done(f"train_{run['name']}") and os.path.exists(os.path.join(model, "config.json") if
+                                                                          not os.path.exists(os.path.join(model, "adapter_config.json")) else model)
+        return run["train"] and bool(self.pending_evals(run)) and not ready
+
+    # ---- training
+
+    def train_argv(self, run, dry=False):
+        compute, folder = self.study["compute"], self.model_of(run)
+        if os.path.isdir(folder) and not has_checkpoint(folder) and not dry:
+            shutil.rmtree(folder)  # killed before its first checkpoint: start again
+        train, dev = self.pairs_files(run["pairs"])
+        values = dict(self.values, pairs=train, dev=dev, run=run["name"], seed=run["seed"])
+        flags = fill(self.study["train"]["flags"] + run["flags"], values)
+        argv = self.stage("02_train_dft.py", compute["processes"], "accelerate") + [
+            "--pairs", train, "--out", folder, "--model", fill([run["model"]], self.values)[0]]
+        if run["seed"] is not None:
+            argv += ["--seed", str(run["seed"])]
+        if "--mixed-precision" not in flags:
+            argv += ["--mixed-precision", PRECISIONS[compute["precision"]]]
+        if compute["save_every"] and "--save-every" not in flags:
+            argv += ["--save-every", str(compute["save_every"])]
+        return argv + flags + (["--resume"] if has_checkpoint(folder) else [])
+
+    def train(self, run):
+        name, folder = run["name"], self.model_of(run)
+        os.makedirs(os.path.join(self.work, "train"), exist_ok=True)
+        if has_checkpoint(folder):
+            self.say(f"train_{name}: resuming from its checkpoint")
+        if not self.part(f"train_{name}", lambda: self.train_argv(run)):
+            return False
+        for n in ("checkpoint", "checkpoint.old", "checkpoint.tmp"):  # the final model is saved
+            shutil.rmtree(os.path.join(folder, n), ignore_errors=True)
+        out = os.path.join(self.results, "train", name)
+        os.makedirs(out, exist_ok=True)
+        for f in ("train_log.jsonl", "train_config.json"):
+            if os.path.exists(os.path.join(folder, f)):
+                shutil.copy(os.path.join(folder, f), out)
+        return True
+
+    # ---- evaluation
+
+    def evaluate(self, run):
+        name, ok = run["name"], True
+        work_eval, res_eval = os.path.join(self.work, "eval"), os.path.join(self.results, "eval")
+        os.makedirs(work_eval, exist_ok=True)
+        os.makedirs(res_eval, exist_ok=True)
+        for part in self.pending_evals(run):
+            published = os.path.join(res_eval, name + ".json")
+            if os.path.exists(published) and not os.path.exists(os.path.join(work_eval, name + ".json")):
+                self.seed_work_eval(name, work_eval, res_eval)  # 03 adds cells to the run JSON it finds
+            out = os.path.join(self.work, "layers", name) if part["analysis"] else work_eval
+            argv = self.stage("03_evaluate.py", self.study["compute"]["processes"]) + [
+                "--model", self.model_of(run), "--run-name", name, "--out", out] + self.eval_flags(run, part)
+            if not self.part(f"eval_{name}_{part['name']}", argv):
+                ok = False
+                continue
+            if part["analysis"]:
+                os.makedirs(os.path.join(self.results, "layers"), exist_ok=True)
+                for f in glob.glob(os.path.join(out, f"{name}.layers.*.json")):
+                    shutil.copy(f, os.path.join(self.results, "layers"))
+                continue
+            shutil.copy(os.path.join(work_eval, name + ".json"), res_eval)
+            for f in glob.glob(os.path.join(work_eval, f"{name}.*.jsonl")):
+                with open(f, "rb") as src, gzip.GzipFile(os.path.join(res_eval, os.path.basename(f) + ".gz"), "wb",
+                                                         mtime=0) as dst:
+                    shutil.copyfileobj(src, dst)
+        return ok
+
+    def seed_work_eval(self, name, work_eval, res_eval):
+        shutil.copy(os.path.join(res_eval, name + ".json"), work_eval)
+        for f in glob.glob(os.path.join(res_eval, f"{name}.*.jsonl.gz")):
+            with gzip.open(f, "rb") as src, open(os.path.join(work_eval, os.path.basename(f)[:-3]), "wb") as dst:
+                shutil.copyfileobj(src, dst)
+
+    # ---- the schedule
+
+    def run(self):
+        compute = self.study["compute"]
+        for folder in (os.path.join(self.work, "logs"), os.path.join(self.work, "done"), self.results):
+            os.makedirs(folder, exist_ok=True)
+        to_train = [r for r in self.runs if self.needs_training(r)]
+        to_eval = [r for r in self.runs if self.pending_evals(r)]
+        for setup in self.study["setup"] if to_eval else []:
+            if not self.done(f"setup_{setup['name']}") and not self.part(
+                    f"setup_{setup['name']}", [sys.executable] + fill(setup["command"], self.values)):
+                raise UserError(f"setup {setup['name']} failed (see {self.work}/logs/setup_{setup['name']}.log)")
+        for name in dict.fromkeys(r["pairs"] for r in to_train + to_eval if r["pairs"]):
+            self.build_pairs(name)
+        skipped = [r["name"] for r in self.runs if r not in to_eval]
+        if skipped:
+            self.say(f"finished before, skipped: {', '.join(skipped)}")
+        ready = {r["name"] for r in to_eval if r not in to_train}
+        failed, claimed, results = set(), set(), {}
+
+        def lane():
+            while True:
+                with self.cond:
+                    if not to_train:
+                        return
+                    run = to_train.pop(0)
+                ok = self.train(run)
+                with self.cond:
+                    (ready if ok else failed).add(run["name"])
+                    results[f"train_{run['name']}"] = ok
+                    self.cond.notify_all()
+
+        def queue():
+            while True:
+                with self.cond:
+                    while True:
+                        waiting = [r for r in to_eval if r["name"] not in claimed and r["name"] not in failed]
+                        run = next((r for r in waiting if r["name"] in ready), None)
+                        if run or not waiting:
+                            break
+                        self.cond.wait()
+                    if run is None:
+                        return
+                    claimed.add(run["name"])
+                results[f"eval_{run['name']}"] = self.evaluate(run)
+
+        threads = [threading.Thread(target=lane) for _ in range(compute["lanes"])]
+        threads += [threading.Thread(target=queue) for _ in range(compute["eval_queues"])]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        bad = sorted(k for k, ok in results.items() if not ok)
+        self.say("study: " + (f"{len(bad)} part(s) failed: {', '.join(bad)}; rerun to try them again" if bad
+                              else "every part finished"))
+        return not bad
+
+    # ---- the plan (--dry-run): parts, tokens, a time estimate
+
+    def plan(self):
+        stage2 = load_stage("02_train_dft")
+        lines, tokens, steps_left = [f"== study {self.study['study']['name']}: results {self.results}, work "
+                                     f"{self.work}"], 0, 0
+        for run in self.runs:
+            pending = [p["name"] for p in self.pending_evals(run)]
+            train = self.needs_training(run)
+            if train:
+                with argparse_raises():
+                    argv = self.train_argv(run, dry=True)
+                    cfg = stage2.resolve_config(stage2.parse_args(argv[argv.index("02_train_dft.py") + 1:]))
+                pairs = self.pairs_files(run["pairs"])[0]
+                per_step = cfg["batch_size"] * (cfg["grad_accum"] or 1)
+                steps = cfg["max_steps"] or (math.ceil(cfg["epochs"] * count_lines(pairs) / per_step)
+                                             if os.path.exists(pairs) else None)
+                step_tokens = per_step * cfg["max_length"] * self.study["compute"]["processes"]
+                tokens += (steps or 0) * step_tokens
+                steps_left += steps or 0
+                what = f"train ({steps or '?'} steps, <= {(steps or 0) * step_tokens:,} tokens)"
+            else:
+                what = "no training" if not run["train"] else "trained"
+            evals = f"evaluate {', '.join(pending)}" if pending else "evaluated"
+            lines.append(f"   {run['name']:24s} {what}; {evals}")
+        rate = self.study["compute"]["tokens_per_s"]
+        seconds = tokens / rate if rate else steps_left * seconds_per_step(self.results)
+        lines.append(f"== to train: <= {tokens:,} tokens (padded to --max-length); about "
+                     + (f"{seconds / 3600:.2f} h of training" if seconds == seconds else "? h of training (set "
+                        "compute.tokens_per_s, or finish one run here to time it)"))
+        return "\n".join(lines)
+
+
+def count_lines(path):
+    with open(path, encoding="utf-8") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def seconds_per_step(results):
+    """Mean training seconds per step over the runs already trained in this results folder (nan: none)."""
+    per_run = []
+    for log in glob.glob(os.path.join(results, "train", "*", "train_log.jsonl")):
+        rows = common.read_jsonl(log)
+        if rows:
+            per_run.append(sum(r.get("seconds", 0) for r in rows) / len(rows))
+    return sum(per_run) / len(per_run) if per_run else float("nan")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("study", help="the study file, e.g. studies/tiny.toml")
+    p.add_argument("--out", help="results folder (default: the study's study.results, e.g. results/NAME)")
+    p.add_argument("--work", help="work folder for models, checkpoints, markers, logs (default: study.work)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
+    p.add_argument("--only", nargs="+", metavar="RUN", help="only these runs (a group name means all its seeds)")
+    args = p.parse_args(argv)
+    study = load_study(args.study)
+    at_root = lambda path: path if os.path.isabs(path) else os.path.join(ROOT, path)  # noqa: E731
+    results = os.path.abspath(args.out) if args.out else at_root(study["study"]["results"])
+    work = os.path.abspath(args.work) if args.work else at_root(study["study"]["work"])
+    unknown = [r for r in args.only or [] if r not in study.runs_expanded and r not in study.groups]
+    if unknown:
+        raise UserError(f"--only names {', '.join(unknown)}, not runs of {args.study}; use one of "
+                        f"{', '.join(list(study.groups) + list(study.runs_expanded))}")
+    runner = Runner(study, results, work, set(args.only or []))
+    planner = study["compute"]["planner"]
+    if planner:  # e.g. scripts/paper_plan.py: the paper study's checks, GPU-hours and FSDP config
+        argv = [sys.executable] + fill(planner, runner.values) + (["--dry-run"] if args.dry_run else [])
+        if subprocess.run(argv, cwd=ROOT).returncode != 0:
+            raise UserError(f"the study's planner refused it: {' '.join(argv)}")
+    if args.dry_run:
+        print(runner.plan())
+        return
+    import torch
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if (study["compute"]["precision"] == "bf16" and not study["compute"]["allow_emulated"]
+            and any(runner.needs_training(r) for r in runner.runs) and not common.native_bf16(device)):
+        raise UserError(f"this machine ({device}) does not compute bf16 natively (no CUDA Ampere+, no AMX / "
+                        "AVX512-BF16 CPU): the study's bf16 recipe would be emulated; run it where bf16 is native, "
+                        "or set allow_emulated = true in [compute]")
+    if not runner.run():
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    common.run_main(main)
