@@ -211,6 +211,7 @@ def load_study(path, check_flags=True):
     s = study["study"]
     s["name"] = s["name"] or os.path.splitext(os.path.basename(path))[0]
     s["results"], s["work"] = s["results"] or f"results/{s['name']}", s["work"] or f"runs/{s['name']}"
+    s["path"] = os.path.abspath(path)
     for name, p in study["pairs"].items():
         check.need((p["flags"] is None) != (p["file"] is None), f"pairs.{name}", None, f"pairs.{name} needs "
                    "exactly one of flags and file", "flags = [01 flags] builds them; file = PATH uses a finished file")
