@@ -13,10 +13,18 @@ training resumes from its checkpoint; a killed part is tried again (compute.retr
 """
 import argparse
 import contextlib
+import glob
+import gzip
 import importlib.util
+import io
+import math
 import os
 import re
+import shutil
+import subprocess
 import sys
+import threading
+import time
 import tomllib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,140 +35,125 @@ from common import UserError  # noqa: E402
 # -----------------------------------------------------------------------------
 # the study file: every section and key, its type and default (studies/README.md documents each)
 
-STR, INT, FLOAT, BOOL, STRS, INTS, TABLE = str, int, float, bool, "list of strings", "list of integers", dict
-NUMBER = (int, float)
+STRS, INTS = "list of strings", "list of integers"
 SCHEMA = {
-    "study": {"name": (STR, None), "question": (STR, ""), "results": (STR, None), "work": (STR, None),
-              "model": (STR, common.DEFAULT_MODEL), "preregistration": (STR, None), "notes": (STR, "")},
-    "setup": {"name": (STR, None), "command": (STRS, None)},  # [[setup]]: an array of tables
-    "pairs": {"flags": (STRS, None), "file": (STR, None), "sha256": (STR, None), "dev_sha256": (STR, None)},
+    "study": {"name": (str, None), "question": (str, ""), "results": (str, None), "work": (str, None),
+              "model": (str, common.DEFAULT_MODEL), "preregistration": (str, None), "notes": (str, "")},
+    "setup": {"name": (str, None), "command": (STRS, None)},  # [[setup]]: an array of tables
+    "pairs": {"flags": (STRS, None), "file": (str, None), "sha256": (str, None), "dev_sha256": (str, None)},
     "train": {"flags": (STRS, [])},
-    "runs": {"flags": (STRS, []), "seeds": (INTS, None), "seed": (INT, None), "pairs": (STR, None),
-             "model": (STR, None), "train": (BOOL, True), "reuse": (STR, None), "stored_as": (STR, None),
-             "label": (STR, None)},
+    "runs": {"flags": (STRS, []), "seeds": (INTS, None), "seed": (int, None), "pairs": (str, None),
+             "model": (str, None), "train": (bool, True), "reuse": (str, None), "stored_as": (str, None),
+             "label": (str, None)},
     "evaluation": {"flags": (STRS, []), "parts": (list, [])},
-    "parts": {"name": (STR, None), "flags": (STRS, []), "runs": (STRS, None), "analysis": (BOOL, False)},
-    "measures": {"label": (STR, None), "cells": (STRS, None), "metric": (STR, None)},
-    "contrasts": {"terms": (TABLE, None), "measures": (STRS, None), "seeds": (INTS, None), "comparative": (BOOL, True),
-                  "label": (STR, None)},
-    "families": {"contrasts": (STRS, None), "measures": (STRS, None), "placebo": (STR, None), "alpha": (FLOAT, 0.05)},
-    "resampling": {"B": (INT, 10000), "seed": (INT, 1234), "draws": (STR, "multinomial")},
-    "compute": {"lanes": (INT, 1), "eval_queues": (INT, 1), "precision": (STR, "float32"), "save_every": (INT, 0),
-                "processes": (INT, 1), "threads": (INT, 1), "retries": (INT, 3), "env": (TABLE, {}),
-                "allow_emulated": (BOOL, False), "planner": (STRS, None), "tokens_per_s": (FLOAT, None)},
-    "references": {"source": (STR, ""), "values": (TABLE, {})},
-    "tables": {"title": (STR, None), "notes": (STR, ""), "loss_curves": (BOOL, True)},
+    "evaluation.parts": {"name": (str, None), "flags": (STRS, []), "runs": (STRS, None), "analysis": (bool, False)},
+    "measures": {"label": (str, None), "cells": (STRS, None), "metric": (str, None)},
+    "contrasts": {"terms": (dict, None), "measures": (STRS, None), "seeds": (INTS, None), "comparative": (bool, True),
+                  "label": (str, None)},
+    "families": {"contrasts": (STRS, None), "measures": (STRS, None), "placebo": (str, None), "alpha": (float, 0.05)},
+    "resampling": {"B": (int, 10000), "seed": (int, 1234), "draws": (str, "multinomial")},
+    "compute": {"lanes": (int, 1), "eval_queues": (int, 1), "precision": (str, "float32"), "save_every": (int, 0),
+                "processes": (int, 1), "threads": (int, 1), "retries": (int, 3), "env": (dict, {}),
+                "allow_emulated": (bool, False), "planner": (STRS, None), "tokens_per_s": (float, None)},
+    "references": {"source": (str, ""), "values": (dict, {})},
+    "tables": {"title": (str, None), "notes": (str, ""), "loss_curves": (bool, True)},
 }
 NAMED = ("pairs", "runs", "measures", "contrasts", "families")  # [section.NAME] tables
+LISTED = ("setup", "evaluation.parts")  # [[section]] arrays of tables
 PRECISIONS = {"float32": "no", "bf16": "bf16", "auto": "auto"}  # compute.precision -> 02's --mixed-precision
-DRAWS = ("multinomial", "indices")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*$")
+PLACEHOLDERS = dict(work="W", results="R", pairs="P.jsonl", dev="P.dev.jsonl", model="M", run="r", seed=1)
 
 
 class Study(dict):
-    """The parsed study: plain dicts with defaults filled in, plus `runs_expanded` (one entry per trained or
-    evaluated run, seeds expanded) and `groups` (a run entry's name -> its runs)."""
+    """The parsed study: its sections with defaults filled in, plus `runs_expanded` (run name -> name, group,
+    seed, flags, pairs, train, model, reuse, stored_as, label: seeds expanded) and `groups` (entry -> its runs)."""
     __getattr__ = dict.__getitem__
 
 
-def key_line(text, section, key=None):
-    """The 1-based line of `key` inside table `section` (dotted, e.g. 'runs.tft') of the TOML text; else the
-    section's header line; else 0."""
-    header, found = None, 0
-    parts = section.split(".") if section else []
+def key_line(text, section, key=None, nth=0):
+    """The 1-based line of `key` in table `section` (dotted, e.g. 'runs.tft'; its nth occurrence for [[arrays]])
+    of the TOML text, else the table's header line, else 0."""
+    want, header, found, seen = section.split(".") if section else [], None, 0, -1
     for lineno, line in enumerate(text.splitlines(), 1):
-        s = line.strip()
-        m = re.match(r"\[\[?\s*([^\]]+?)\s*\]\]?\s*(#.*)?$", s)
+        m = re.match(r"\s*\[\[?\s*([^\]]+?)\s*\]\]?\s*(#.*)?$", line)
         if m:
-            names = [n.strip().strip('"\'') for n in re.split(r"\.(?=(?:[^\"]*\"[^\"]*\")*[^\"]*$)", m.group(1))]
-            header = names
-            if names == parts and not found:
-                found = lineno
-                if key is None:
-                    return lineno
+            header = [n.strip().strip('"\'') for n in m.group(1).split(".")]
+            seen += header == want
+            if header == want and seen == nth:
+                found = found or lineno
             continue
-        if key is not None and header == parts and re.match(rf"""\s*["']?{re.escape(key)}["']?\s*=""", line):
+        if key and header == want and seen == nth and re.match(rf"""\s*["']?{re.escape(key)}["']?\s*=""", line):
             return lineno
-    if key is not None and parts and not found:  # a dotted key at the top, or an inline table
-        return key_line(text, ".".join(parts[:-1]), parts[-1]) if len(parts) > 1 else 0
-    return found
-
-
-class StudyError(UserError):
-    pass
-
-
-def study_error(path, text, section, key, problem, fix):
-    line = key_line(text, section, key)
-    where = f"{path}:{line}" if line else path
-    return StudyError(f"{where}: {problem}; {fix}")
+    return found or (key_line(text, ".".join(want[:-1]), want[-1]) if key is None and len(want) > 1 else 0)
 
 
 def type_ok(value, kind):
-    if kind is STRS:
-        return isinstance(value, list) and all(isinstance(v, str) for v in value)
-    if kind is INTS:
-        return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-    if kind is FLOAT:
-        return isinstance(value, NUMBER) and not isinstance(value, bool)
-    if kind is INT:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, kind)
+    if kind in (STRS, INTS):
+        item = str if kind == STRS else int
+        return isinstance(value, list) and all(isinstance(v, item) and not isinstance(v, bool) for v in value)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
 
 
-def check_table(path, text, section, table, schema):
-    """Unknown keys and wrong types: one error naming the line; returns the table with defaults filled in."""
-    if not isinstance(table, dict):
-        raise study_error(path, text, section, None, f"[{section}] must be a table", "write it as [" + section + "]")
-    out = {}
-    for key, value in table.items():
-        if key not in schema:
-            raise study_error(path, text, section, key, f"unknown key {key!r} in [{section}]",
-                              f"use one of {', '.join(schema)} (studies/README.md)")
-        kind = schema[key][0]
-        if not type_ok(value, kind):
-            name = kind if isinstance(kind, str) else kind.__name__
-            raise study_error(path, text, section, key, f"{section}.{key} must be a {name}, not {value!r}",
-                              "fix its value (studies/README.md lists every key's type)")
-    for key, (_, default) in schema.items():
-        value = table.get(key, default)
-        out[key] = dict(value) if isinstance(value, dict) else list(value) if isinstance(value, list) else value
-    return out
+class Checker:
+    """Raises the one error of a bad study file: `file:line: problem; fix`."""
+
+    def __init__(self, path, text):
+        self.path, self.text = path, text
+
+    def need(self, ok, section, key, problem, fix, nth=0):
+        if not ok:
+            line = key_line(self.text, section, key, nth)
+            raise UserError(f"{self.path}{f':{line}' if line else ''}: {problem}; {fix}")
+
+    def table(self, section, table, nth=0):
+        schema = SCHEMA[section.split(".")[0] if section.split(".")[0] in NAMED else section]
+        self.need(isinstance(table, dict), section, None, f"[{section}] must be a table", f"write it as [{section}]")
+        for key, value in table.items():
+            self.need(key in schema, section, key, f"unknown key {key!r} in [{section}]",
+                      f"use one of {', '.join(schema)} (studies/README.md)", nth)
+            kind = schema[key][0]
+            self.need(type_ok(value, kind), section, key, f"{section}.{key} must be a "
+                      f"{kind if isinstance(kind, str) else kind.__name__}, not {value!r}", "fix its value", nth)
+        return {key: table.get(key, default) for key, (_, default) in schema.items()}
+
+    def names(self, names, section, key, known, what, nth=0):
+        for name in names or []:
+            self.need(name in known, section, key, f"{section} names {what} {name!r}, which the study does not "
+                      "define", f"use one of {', '.join(known) or '(none defined)'}", nth)
 
 
 def load_stage(name):
     """A numbered stage as a module (its file name is not an identifier)."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, name + ".py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, name + ".py"))
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
 
 
 @contextlib.contextmanager
 def argparse_raises():
-    """argparse's error() raises instead of printing usage and exiting, so a stage's parser can judge flags."""
-    original = argparse.ArgumentParser.error
-
+    """argparse's error() raises ValueError instead of printing usage and exiting: a stage's parser judges flags."""
     def error(self, message):
         raise ValueError(message)
-    argparse.ArgumentParser.error = error
+    original, argparse.ArgumentParser.error = argparse.ArgumentParser.error, error
     try:
-        with contextlib.redirect_stdout(open(os.devnull, "w")):
+        with contextlib.redirect_stdout(io.StringIO()):
             yield
     finally:
         argparse.ArgumentParser.error = original
 
 
 def fill(flags, values):
-    """Placeholders {work}, {results}, {pairs}, {dev}, {model}, {run}, {seed} in flags."""
+    """The placeholders {work}, {results}, {pairs}, {dev}, {model}, {run}, {seed} in a list of flags."""
     return [f.format(**values) if "{" in f else f for f in flags]
 
 
-def check_stage_flags(path, text, section, stage, argv, why):
-    """Ask the stage's own parser (and 02's configuration check) whether it accepts argv; nothing runs."""
+def stage_refuses(stage, argv):
+    """Why the stage's own parser (and 02's configuration check) refuses argv, or None; nothing runs."""
     module = load_stage(stage)
     try:
         with argparse_raises():
@@ -168,181 +161,458 @@ def check_stage_flags(path, text, section, stage, argv, why):
             if stage == "02_train_dft":
                 module.resolve_config(args)
     except (ValueError, UserError) as e:
-        raise study_error(path, text, section, "flags", f"{stage}.py refuses {why}: {e}",
-                          f"fix the flags (python {stage}.py --help lists them)") from None
+        return str(e)
 
 
-def expand_runs(study, path, text):
-    """runs.NAME with seeds [1, 2] -> NAME-s1, NAME-s2; without -> NAME. Each: flags, seed, pairs, model, reuse."""
-    runs, groups = {}, {}
-    pair_names = list(study["pairs"])
+def expand_runs(study, check):
+    """runs.NAME with seeds [1, 2] -> runs NAME-s1, NAME-s2; without -> one run NAME."""
+    runs, groups, pair_sets = {}, {}, list(study["pairs"])
     for name, r in study["runs"].items():
         section = f"runs.{name}"
-        if not NAME_RE.match(name):
-            raise study_error(path, text, section, None, f"run name {name!r} has characters a file name cannot",
-                              "use letters, digits, '.', '_' and '-'")
-        if r["seeds"] is not None and r["seed"] is not None:
-            raise study_error(path, text, section, "seed", f"runs.{name} has both seed and seeds",
-                              "keep one: seeds = [1, 2] names runs NAME-s1, NAME-s2; seed = 1 keeps the name")
-        pairs = r["pairs"] or (pair_names[0] if len(pair_names) == 1 else None)
-        if r["train"] and not r["reuse"] and pairs not in study["pairs"]:
-            raise study_error(path, text, section, "pairs", f"runs.{name} trains on pairs {r['pairs']!r}, which "
-                              "the study does not define", f"name one of [pairs.*]: {', '.join(pair_names) or 'none'}")
-        seeds = r["seeds"] if r["seeds"] is not None else [r["seed"]]
+        check.need(NAME_RE.match(name), section, None, f"run name {name!r} cannot be a file name",
+                   "use letters, digits, '.', '_' and '-'")
+        check.need(r["seeds"] is None or r["seed"] is None, section, "seed", f"runs.{name} has both seed and seeds",
+                   "keep one: seeds = [1, 2] names runs NAME-s1, NAME-s2; seed = 1 keeps the name NAME")
+        pairs = r["pairs"] or (pair_sets[0] if len(pair_sets) == 1 else None)
+        if r["train"] and not r["reuse"]:
+            check.names([pairs], section, "pairs", pair_sets, "pairs")
         groups[name] = []
-        for seed in seeds:
+        for seed in r["seeds"] if r["seeds"] is not None else [r["seed"]]:
             run = name if r["seeds"] is None else f"{name}-s{seed}"
-            if run in runs:
-                raise study_error(path, text, section, None, f"run {run} is defined twice", "rename one of them")
-            stored = (r["stored_as"] or run).format(seed=seed, run=run, name=name)
+            check.need(run not in runs, section, None, f"run {run} is defined twice", "rename one of them")
             runs[run] = dict(name=run, group=name, seed=seed, flags=r["flags"], pairs=pairs, train=r["train"],
-                             model=r["model"] or study["study"]["model"], reuse=r["reuse"], stored_as=stored,
-                             label=r["label"] or run)
+                             model=r["model"] or study["study"]["model"], reuse=r["reuse"], label=r["label"] or run,
+                             stored_as=(r["stored_as"] or run).format(seed=seed, run=run, name=name))
             groups[name].append(run)
     return runs, groups
 
 
-def check_measures(study, path, text, tasks):
-    keys = {key for spec in tasks.values() for key in spec.result_keys}
-    for name, m in study["measures"].items():
-        section = f"measures.{name}"
-        if not m["cells"]:
-            raise study_error(path, text, section, "cells", f"measures.{name} has no cells",
-                              'give cells = ["TASK LANG", ...], e.g. ["nll zh"]')
-        for cell in m["cells"]:
-            parts = cell.split()
-            if len(parts) != 2:
-                raise study_error(path, text, section, "cells", f"cell {cell!r} is not 'TASK LANG'",
-                                  'write e.g. "xnli zh" or "translation_tatoeba en-zh"')
-            if parts[0] not in keys:
-                raise study_error(path, text, section, "cells", f"measure {name} names task {parts[0]!r}, which "
-                                  "03_evaluate.py does not have", f"use one of {', '.join(sorted(keys))}")
-
-
-def check_contrasts(study, path, text):
-    runs, groups = study.runs_expanded, study.groups
-    for name, c in study["contrasts"].items():
-        section = f"contrasts.{name}"
-        if not c["terms"]:
-            raise study_error(path, text, section, "terms", f"contrasts.{name} has no terms",
-                              'give terms = { dft = 1, tft = -1 } (runs or run groups -> coefficients)')
-        for term, coef in c["terms"].items():
-            if term not in runs and term not in groups:
-                raise study_error(path, text, section, "terms", f"contrast {name} names run {term!r}, which the "
-                                  "study does not define", f"use a run or group: {', '.join(list(groups) + [r for r in runs if r not in groups])}")
-            if not type_ok(coef, FLOAT):
-                raise study_error(path, text, section, "terms", f"contrast {name}: coefficient of {term} is "
-                                  f"{coef!r}, not a number", "write a number, e.g. -1 or 0.5")
-        if c["comparative"] and abs(sum(c["terms"].values())) > 1e-9:
-            raise study_error(path, text, section, "terms", f"contrast {name} is comparative but its coefficients "
-                              f"sum to {sum(c['terms'].values()):g}, not 0",
-                              "make them sum to 0 (e.g. { dft = 1, tft = -1 }), or set comparative = false for a level")
-        for m in c["measures"] or []:
-            if m not in study["measures"]:
-                raise study_error(path, text, section, "measures", f"contrast {name} names measure {m!r}, which "
-                                  "the study does not define", f"use one of {', '.join(study['measures'])}")
-        c["measures"] = c["measures"] or list(study["measures"])
-    for name, f in study["families"].items():
-        section = f"families.{name}"
-        for c in (f["contrasts"] or []) + ([f["placebo"]] if f["placebo"] else []):
-            if c not in study["contrasts"]:
-                raise study_error(path, text, section, "contrasts", f"family {name} names contrast {c!r}, which "
-                                  "the study does not define", f"use one of {', '.join(study['contrasts'])}")
-        for m in f["measures"] or []:
-            if m not in study["measures"]:
-                raise study_error(path, text, section, "measures", f"family {name} names measure {m!r}, which the "
-                                  "study does not define", f"use one of {', '.join(study['measures'])}")
-        if not f["contrasts"]:
-            raise study_error(path, text, section, "contrasts", f"family {name} has no contrasts",
-                              "list the confirmatory contrasts: contrasts = [...]")
-
-
 def load_study(path, check_flags=True):
-    """Parse and validate a study file; raises UserError (one line: file:line, the problem, the fix). Reads only."""
+    """Parse and validate a study file (nothing is written): a Study, or a UserError naming the line and the fix."""
     if not os.path.exists(path):
-        raise UserError(f"study file not found: {path} (studies/ holds the study files; studies/README.md says how "
-                        "to write one)")
+        raise UserError(f"study file not found: {path} (studies/README.md says how to write one)")
     text = open(path, encoding="utf-8").read()
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{path}: not valid TOML: {e}; fix that line") from None
+    check, study = Checker(path, text), Study()
     for section in raw:
-        if section not in SCHEMA or section in ("parts",):
-            raise study_error(path, text, section, None, f"unknown section [{section}]",
-                              f"use {', '.join(s for s in SCHEMA if s != 'parts')} (studies/README.md)")
-    study = Study()
-    for section, schema in SCHEMA.items():
-        if section == "parts":
-            continue
+        check.need(section in SCHEMA and section not in LISTED[1:], section, None, f"unknown section [{section}]",
+                   f"use one of {', '.join(s for s in SCHEMA if s not in LISTED[1:])} (studies/README.md)")
+    for section in SCHEMA:
         if section in NAMED:
-            study[section] = {name: check_table(path, text, f"{section}.{name}", t, schema)
-                              for name, t in raw.get(section, {}).items()}
-        elif section == "setup":
-            study[section] = [check_table(path, text, "setup", t, schema) for t in raw.get(section, [])]
+            study[section] = {n: check.table(f"{section}.{n}", t) for n, t in raw.get(section, {}).items()}
+        elif section in LISTED:
+            tables = raw.get("evaluation", {}).get("parts", []) if section == "evaluation.parts" else raw.get(section, [])
+            study[section] = [check.table(section, t, nth) for nth, t in enumerate(tables)]
         else:
-            study[section] = check_table(path, text, section, raw.get(section, {}), schema)
-    study["evaluation"]["parts"] = [check_table(path, text, "evaluation.parts", t, SCHEMA["parts"])
-                                    for t in study["evaluation"]["parts"]]
+            study[section] = check.table(section, raw.get(section, {}))
     s = study["study"]
     s["name"] = s["name"] or os.path.splitext(os.path.basename(path))[0]
-    s["results"] = s["results"] or os.path.join("results", s["name"])
-    s["work"] = s["work"] or os.path.join("runs", s["name"])
-    s["path"] = path
+    s["results"], s["work"] = s["results"] or f"results/{s['name']}", s["work"] or f"runs/{s['name']}"
+    s["path"] = os.path.abspath(path)
     for name, p in study["pairs"].items():
-        if (p["flags"] is None) == (p["file"] is None):
-            raise study_error(path, text, f"pairs.{name}", None, f"pairs.{name} needs exactly one of flags and file",
-                              "flags = [01_build_pairs.py flags] builds them; file = PATH uses a finished file")
-    for setup in study["setup"]:
-        if not setup["name"] or not setup["command"]:
-            raise study_error(path, text, "setup", None, "a [[setup]] entry needs name and command",
-                              'write name = "..." and command = ["script.py", "arg", ...]')
-    r = study["resampling"]
-    if r["draws"] not in DRAWS:
-        raise study_error(path, text, "resampling", "draws", f"resampling.draws is {r['draws']!r}",
-                          f"use one of {', '.join(DRAWS)}")
-    if r["B"] < 1:
-        raise study_error(path, text, "resampling", "B", "resampling.B must be >= 1", "e.g. B = 10000")
-    c = study["compute"]
-    if c["precision"] not in PRECISIONS:
-        raise study_error(path, text, "compute", "precision", f"compute.precision is {c['precision']!r}",
-                          f"use one of {', '.join(PRECISIONS)}")
+        check.need((p["flags"] is None) != (p["file"] is None), f"pairs.{name}", None, f"pairs.{name} needs "
+                   "exactly one of flags and file", "flags = [01 flags] builds them; file = PATH uses a finished file")
+    for nth, entry in enumerate(study["setup"]):
+        check.need(entry["name"] and entry["command"], "setup", None, "a [[setup]] needs name and command",
+                   'write name = "..." and command = ["script.py", "arg", ...]', nth)
+    r, c = study["resampling"], study["compute"]
+    check.need(r["draws"] in ("multinomial", "indices"), "resampling", "draws", f"resampling.draws is "
+               f"{r['draws']!r}", "use multinomial or indices")
+    check.need(r["B"] >= 1, "resampling", "B", "resampling.B must be >= 1", "e.g. B = 10000")
+    check.need(c["precision"] in PRECISIONS, "compute", "precision", f"compute.precision is {c['precision']!r}",
+               f"use one of {', '.join(PRECISIONS)}")
     for key in ("lanes", "eval_queues", "processes", "threads", "retries"):
-        if c[key] < 1:
-            raise study_error(path, text, "compute", key, f"compute.{key} must be >= 1", f"e.g. {key} = 1")
-    study["runs_expanded"], study["groups"] = expand_runs(study, path, text)
-    part_names = set()
-    for part in study["evaluation"]["parts"]:
-        if not part["name"] or not NAME_RE.match(part["name"]) or part["name"] in part_names:
-            raise study_error(path, text, "evaluation.parts", "name", f"evaluation part name {part['name']!r} is "
-                              "missing, not a file name, or used twice", "give each [[evaluation.parts]] a unique name")
-        part_names.add(part["name"])
-        for run in part["runs"] or []:
-            if run not in study.runs_expanded and run not in study.groups:
-                raise study_error(path, text, "evaluation.parts", "runs", f"evaluation part {part['name']} names "
-                                  f"run {run!r}, which the study does not define", "use a run or group name")
-    stage3 = load_stage("03_evaluate")
-    check_measures(study, path, text, stage3.TASKS)
-    check_contrasts(study, path, text)
+        check.need(c[key] >= 1, "compute", key, f"compute.{key} must be >= 1", f"e.g. {key} = 1")
+    study["runs_expanded"], study["groups"] = runs, groups = expand_runs(study, check)
+    run_names = list(groups) + [r for r in runs if r not in groups]
+    parts = study["evaluation.parts"]
+    for nth, part in enumerate(parts):
+        check.need(part["name"] and NAME_RE.match(part["name"]) and [p["name"] for p in parts].count(part["name"]) == 1,
+                   "evaluation.parts", "name", f"evaluation part name {part['name']!r} is missing, not a file name, or "
+                   "used twice", "give each [[evaluation.parts]] a unique name", nth)
+        check.names(part["runs"], "evaluation.parts", "runs", run_names, "run", nth)
+    keys = sorted({key for spec in load_stage("03_evaluate").TASKS.values() for key in spec.result_keys})
+    for name, m in study["measures"].items():
+        check.need(m["cells"], f"measures.{name}", "cells", f"measures.{name} has no cells",
+                   'give cells = ["TASK LANG", ...], e.g. ["nll zh"]')
+        for cell in m["cells"]:
+            check.need(len(cell.split()) == 2, f"measures.{name}", "cells", f"cell {cell!r} is not 'TASK LANG'",
+                       'write e.g. "xnli zh" or "translation_tatoeba en-zh"')
+            check.need(cell.split()[0] in keys, f"measures.{name}", "cells", f"measure {name} names task "
+                       f"{cell.split()[0]!r}, which 03_evaluate.py does not have", f"use one of {', '.join(keys)}")
+    measures = list(study["measures"])
+    for name, con in study["contrasts"].items():
+        section = f"contrasts.{name}"
+        check.need(con["terms"], section, "terms", f"contrasts.{name} has no terms", "give terms = { dft = 1, tft = -1 }")
+        check.names(con["terms"], section, "terms", run_names, "run")
+        check.need(all(type_ok(v, float) for v in con["terms"].values()), section, "terms", f"contrasts.{name}: a "
+                   "coefficient is not a number", "write numbers, e.g. { dft = 1, tft = -1 }")
+        total = sum(con["terms"].values())
+        check.need(not con["comparative"] or abs(total) < 1e-9, section, "terms", f"contrast {name} is comparative but "
+                   f"its coefficients sum to {total:g}, not 0", "make them sum to 0 (e.g. { dft = 1, tft = -1 }), or "
+                   "set comparative = false for a level")
+        check.names(con["measures"], section, "measures", measures, "measure")
+        con["measures"] = con["measures"] or measures
+    for name, fam in study["families"].items():
+        check.need(fam["contrasts"], f"families.{name}", "contrasts", f"family {name} has no contrasts",
+                   "list its confirmatory contrasts: contrasts = [...]")
+        check.names(fam["contrasts"] + [fam["placebo"]] * bool(fam["placebo"]), f"families.{name}", "contrasts",
+                    list(study["contrasts"]), "contrast")
+        check.names(fam["measures"], f"families.{name}", "measures", measures, "measure")
     for group, values in study["references"]["values"].items():
-        if group not in study.groups and group not in study.runs_expanded:
-            raise study_error(path, text, f"references.values.{group}", None, f"references name run {group!r}, "
-                              "which the study does not define", "use a run or group name")
-        for m in values:
-            if m not in study["measures"]:
-                raise study_error(path, text, f"references.values.{group}", m, f"references name measure {m!r}, "
-                                  "which the study does not define", f"use one of {', '.join(study['measures'])}")
-    if check_flags:
-        placeholders = dict(work="W", results="R", pairs="P.jsonl", dev="P.dev.jsonl", model="M", run="r", seed=1)
-        for run in study.runs_expanded.values():
-            if run["train"] and not run["reuse"]:
-                argv = ["--pairs", "P.jsonl", "--out", "O"] + fill(study["train"]["flags"] + run["flags"], placeholders)
-                check_stage_flags(path, text, f"runs.{run['group']}", "02_train_dft", argv, f"run {run['name']}'s flags")
-        for name, p in study["pairs"].items():
-            if p["flags"] is not None:
-                check_stage_flags(path, text, f"pairs.{name}", "01_build_pairs",
-                                  fill(p["flags"], placeholders) + ["--out", "P.jsonl"], f"pairs {name}'s flags")
-        for part in study["evaluation"]["parts"]:
-            argv = ["--model", "M", "--out", "O"] + fill(study["evaluation"]["flags"] + part["flags"], placeholders)
-            check_stage_flags(path, text, "evaluation.parts", "03_evaluate", argv, f"part {part['name']}'s flags")
+        check.names([group], f"references.values.{group}", None, run_names, "run")
+        check.names(values, f"references.values.{group}", None, measures, "measure")
+    for run in runs.values() if check_flags else []:
+        if run["train"] and not run["reuse"]:
+            why = stage_refuses("02_train_dft", ["--pairs", "P", "--out", "O"] + fill(study["train"]["flags"]
+                                                                                   + run["flags"], PLACEHOLDERS))
+            check.need(why is None, f"runs.{run['group']}", "flags", f"02_train_dft.py refuses run {run['name']}'s "
+                       f"flags: {why}", "fix them (python 02_train_dft.py --help lists every flag)")
+    for name, p in study["pairs"].items() if check_flags else []:
+        why = p["flags"] is not None and stage_refuses("01_build_pairs", fill(p["flags"], PLACEHOLDERS) + ["--out", "P"])
+        check.need(not why, f"pairs.{name}", "flags", f"01_build_pairs.py refuses pairs {name}'s flags: {why}",
+                   "fix them (python 01_build_pairs.py --help lists every flag)")
+    for nth, part in enumerate(parts if check_flags else []):
+        why = stage_refuses("03_evaluate", ["--model", "M", "--out", "O"] + fill(study["evaluation"]["flags"]
+                                                                               + part["flags"], PLACEHOLDERS))
+        check.need(why is None, "evaluation.parts", "flags", f"03_evaluate.py refuses part {part['name']}'s flags: "
+                   f"{why}", "fix them (python 03_evaluate.py --help lists every flag)", nth)
     return study
+
+
+# -----------------------------------------------------------------------------
+# the runner: parts as subprocesses of the stages, markers, lanes and an evaluation queue
+
+
+def has_checkpoint(folder):
+    return any(os.path.isfile(os.path.join(folder, n, "step.json")) for n in ("checkpoint", "checkpoint.old",
+                                                                              "checkpoint.tmp"))
+
+
+class Runner:
+    def __init__(self, study, results, work, only=()):
+        self.study, self.results, self.work = study, results, work
+        self.values = dict(work=work, results=results)
+        self.runs = [r for r in study.runs_expanded.values()
+                     if not r["reuse"] and (not only or r["name"] in only or r["group"] in only)]
+        self.cond, self.log_lock = threading.Condition(), threading.Lock()
+
+    def say(self, text):
+        line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {text}"
+        with self.log_lock:
+            print(line, flush=True)
+            with open(os.path.join(self.work, "logs", "driver.log"), "a", encoding="utf-8") as f:
+                f.write(line + "\n")
+
+    def done(self, name):
+        return os.path.exists(os.path.join(self.work, "done", name))
+
+    def part(self, name, argv, env_extra=None):
+        """One part: up to compute.retries attempts of argv (a killed or failed attempt is tried again), its
+        output appended to WORK/logs/NAME.log; leaves WORK/done/NAME on success. Returns success."""
+        compute = self.study["compute"]
+        env = dict(os.environ, OMP_NUM_THREADS=str(compute["threads"]), MKL_NUM_THREADS=str(compute["threads"]),
+                   PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
+                   **{k: str(v) for k, v in compute["env"].items()}, **(env_extra or {}))
+        log = os.path.join(self.work, "logs", name + ".log")
+        for attempt in range(1, compute["retries"] + 1):
+            argv_now = argv() if callable(argv) else argv
+            self.say(f"{name}: start" + (f" (attempt {attempt})" if attempt > 1 else ""))
+            t0 = time.time()
+            with open(log, "a", encoding="utf-8") as f:
+                f.write(f"\n$ {' '.join(argv_now)}\n")
+                f.flush()
+                code = subprocess.run(argv_now, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+            if code == 0:
+                open(os.path.join(self.work, "done", name), "w").close()
+                self.say(f"{name}: done ({time.time() - t0:.0f} s)")
+                return True
+            self.say(f"{name}: FAILED with exit code {code} (see {log})")
+        return False
+
+    def stage(self, script, processes=1, launcher="torchrun"):
+        if processes > 1 and launcher == "accelerate":
+            return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes), script]
+        if processes > 1:
+            return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), script]
+        return [sys.executable, script]
+
+    # ---- pairs
+
+    def pairs_files(self, name):
+        p = self.study["pairs"][name]
+        train = fill([p["file"]], self.values)[0] if p["file"] else os.path.join(self.work, f"pairs_{name}.jsonl")
+        return train, train[:-len(".jsonl")] + ".dev.jsonl"
+
+    def build_pairs(self, name):
+        p, (train, dev) = self.study["pairs"][name], self.pairs_files(name)
+        if p["flags"] is not None and not self.done(f"pairs_{name}"):
+            if not self.part(f"pairs_{name}", [sys.executable, "01_build_pairs.py", *fill(p["flags"], self.values),
+                                               "--out", train]):
+                raise UserError(f"pairs {name} could not be built (see {self.work}/logs/pairs_{name}.log)")
+        for path, want in ((train, p["sha256"]), (dev, p["dev_sha256"])):
+            if want and common.sha256_file(path) != want:
+                raise UserError(f"{path} has sha256 {common.sha256_file(path)}, not the study's {want}: the pairs "
+                                "differ from the ones the study was registered with; rebuild them or fix the hash")
+        stats = train[:-len(".jsonl")] + ".stats.json"
+        if os.path.exists(stats):
+            shutil.copy(stats, os.path.join(self.results, os.path.basename(stats)))
+
+    # ---- what is finished (also on a fresh checkout: the results folder)
+
+    def model_of(self, run):
+        if not run["train"]:
+            return fill([run["model"]], self.values)[0]
+        return os.path.join(self.work, "train", run["name"])
+
+    def parts_of(self, run):
+        return [p for p in self.study["evaluation.parts"]
+                if p["runs"] is None or run["name"] in p["runs"] or run["group"] in p["runs"]]
+
+    def part_published(self, run, part):
+        """The results folder already holds this part's output (its marker may be gone: a fresh checkout)."""
+        if self.done(f"eval_{run['name']}_{part['name']}"):
+            return True
+        if part["analysis"]:
+            return bool(glob.glob(os.path.join(self.results, "layers", f"{run['name']}.layers.*.json")))
+        path = os.path.join(self.results, "eval", run["name"] + ".json")
+        if not os.path.exists(path) and not os.path.exists(path + ".gz"):
+            return False
+        stage3 = load_stage("03_evaluate")
+        with argparse_raises():
+            args = stage3.parse_args(["--model", "M", "--out", "O"] + self.eval_flags(run, part))
+        have = common.read_json(path)["results"]
+        return all(stage3.result_key(t, args) in have for t in common.parse_list(args.tasks))
+
+    def eval_flags(self, run, part):
+        values = dict(self.values, model=self.model_of(run), run=run["name"], seed=run["seed"])
+        if run["pairs"]:
+            values["pairs"], values["dev"] = self.pairs_files(run["pairs"])
+        return fill(self.study["evaluation"]["flags"] + part["flags"], values)
+
+    def pending_evals(self, run):
+        return [p for p in self.parts_of(run) if not self.part_published(run, p)]
+
+    def needs_training(self, run):
+        model = self.model_of(run)
+        ready = self.done(f"train_{run['name']}") and os.path.exists(os.path.join(model, "config.json") if
+                                                                          not os.path.exists(os.path.join(model, "adapter_config.json")) else model)
+        return run["train"] and bool(self.pending_evals(run)) and not ready
+
+    # ---- training
+
+    def train_argv(self, run, dry=False):
+        compute, folder = self.study["compute"], self.model_of(run)
+        if os.path.isdir(folder) and not has_checkpoint(folder) and not dry:
+            shutil.rmtree(folder)  # killed before its first checkpoint: start again
+        train, dev = self.pairs_files(run["pairs"])
+        values = dict(self.values, pairs=train, dev=dev, run=run["name"], seed=run["seed"])
+        flags = fill(self.study["train"]["flags"] + run["flags"], values)
+        argv = self.stage("02_train_dft.py", compute["processes"], "accelerate") + [
+            "--pairs", train, "--out", folder, "--model", fill([run["model"]], self.values)[0]]
+        if run["seed"] is not None:
+            argv += ["--seed", str(run["seed"])]
+        if "--mixed-precision" not in flags:
+            argv += ["--mixed-precision", PRECISIONS[compute["precision"]]]
+        if compute["save_every"] and "--save-every" not in flags:
+            argv += ["--save-every", str(compute["save_every"])]
+        return argv + flags + (["--resume"] if has_checkpoint(folder) else [])
+
+    def train(self, run):
+        name, folder = run["name"], self.model_of(run)
+        os.makedirs(os.path.join(self.work, "train"), exist_ok=True)
+        if has_checkpoint(folder):
+            self.say(f"train_{name}: resuming from its checkpoint")
+        if not self.part(f"train_{name}", lambda: self.train_argv(run)):
+            return False
+        for n in ("checkpoint", "checkpoint.old", "checkpoint.tmp"):  # the final model is saved
+            shutil.rmtree(os.path.join(folder, n), ignore_errors=True)
+        out = os.path.join(self.results, "train", name)
+        os.makedirs(out, exist_ok=True)
+        for f in ("train_log.jsonl", "train_config.json"):
+            if os.path.exists(os.path.join(folder, f)):
+                shutil.copy(os.path.join(folder, f), out)
+        return True
+
+    # ---- evaluation
+
+    def evaluate(self, run):
+        name, ok = run["name"], True
+        work_eval, res_eval = os.path.join(self.work, "eval"), os.path.join(self.results, "eval")
+        os.makedirs(work_eval, exist_ok=True)
+        os.makedirs(res_eval, exist_ok=True)
+        for part in self.pending_evals(run):
+            published = os.path.join(res_eval, name + ".json")
+            if os.path.exists(published) and not os.path.exists(os.path.join(work_eval, name + ".json")):
+                self.seed_work_eval(name, work_eval, res_eval)  # 03 adds cells to the run JSON it finds
+            out = os.path.join(self.work, "layers", name) if part["analysis"] else work_eval
+            argv = self.stage("03_evaluate.py", self.study["compute"]["processes"]) + [
+                "--model", self.model_of(run), "--run-name", name, "--out", out] + self.eval_flags(run, part)
+            if not self.part(f"eval_{name}_{part['name']}", argv):
+                ok = False
+                continue
+            if part["analysis"]:
+                os.makedirs(os.path.join(self.results, "layers"), exist_ok=True)
+                for f in glob.glob(os.path.join(out, f"{name}.layers.*.json")):
+                    shutil.copy(f, os.path.join(self.results, "layers"))
+                continue
+            shutil.copy(os.path.join(work_eval, name + ".json"), res_eval)
+            for f in glob.glob(os.path.join(work_eval, f"{name}.*.jsonl")):
+                with open(f, "rb") as src, gzip.GzipFile(os.path.join(res_eval, os.path.basename(f) + ".gz"), "wb",
+                                                         mtime=0) as dst:
+                    shutil.copyfileobj(src, dst)
+        return ok
+
+    def seed_work_eval(self, name, work_eval, res_eval):
+        shutil.copy(os.path.join(res_eval, name + ".json"), work_eval)
+        for f in glob.glob(os.path.join(res_eval, f"{name}.*.jsonl.gz")):
+            with gzip.open(f, "rb") as src, open(os.path.join(work_eval, os.path.basename(f)[:-3]), "wb") as dst:
+                shutil.copyfileobj(src, dst)
+
+    # ---- the schedule
+
+    def run(self):
+        compute = self.study["compute"]
+        for folder in (os.path.join(self.work, "logs"), os.path.join(self.work, "done"), self.results):
+            os.makedirs(folder, exist_ok=True)
+        to_train = [r for r in self.runs if self.needs_training(r)]
+        to_eval = [r for r in self.runs if self.pending_evals(r)]
+        for setup in self.study["setup"] if to_eval else []:
+            if not self.done(f"setup_{setup['name']}") and not self.part(
+                    f"setup_{setup['name']}", [sys.executable] + fill(setup["command"], self.values)):
+                raise UserError(f"setup {setup['name']} failed (see {self.work}/logs/setup_{setup['name']}.log)")
+        for name in dict.fromkeys(r["pairs"] for r in to_train + to_eval if r["pairs"]):
+            self.build_pairs(name)
+        skipped = [r["name"] for r in self.runs if r not in to_eval]
+        if skipped:
+            self.say(f"finished before, skipped: {', '.join(skipped)}")
+        ready = {r["name"] for r in to_eval if r not in to_train}
+        failed, claimed, results = set(), set(), {}
+
+        def lane():
+            while True:
+                with self.cond:
+                    if not to_train:
+                        return
+                    run = to_train.pop(0)
+                ok = self.train(run)
+                with self.cond:
+                    (ready if ok else failed).add(run["name"])
+                    results[f"train_{run['name']}"] = ok
+                    self.cond.notify_all()
+
+        def queue():
+            while True:
+                with self.cond:
+                    while True:
+                        waiting = [r for r in to_eval if r["name"] not in claimed and r["name"] not in failed]
+                        run = next((r for r in waiting if r["name"] in ready), None)
+                        if run or not waiting:
+                            break
+                        self.cond.wait()
+                    if run is None:
+                        return
+                    claimed.add(run["name"])
+                results[f"eval_{run['name']}"] = self.evaluate(run)
+
+        threads = [threading.Thread(target=lane) for _ in range(compute["lanes"])]
+        threads += [threading.Thread(target=queue) for _ in range(compute["eval_queues"])]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        bad = sorted(k for k, ok in results.items() if not ok)
+        self.say("study: " + (f"{len(bad)} part(s) failed: {', '.join(bad)}; rerun to try them again" if bad
+                              else "every part finished"))
+        return not bad
+
+    # ---- the plan (--dry-run): parts, tokens, a time estimate
+
+    def plan(self):
+        stage2 = load_stage("02_train_dft")
+        lines, tokens, steps_left = [f"== study {self.study['study']['name']}: results {self.results}, work "
+                                     f"{self.work}"], 0, 0
+        for run in self.runs:
+            pending = [p["name"] for p in self.pending_evals(run)]
+            train = self.needs_training(run)
+            if train:
+                with argparse_raises():
+                    argv = self.train_argv(run, dry=True)
+                    cfg = stage2.resolve_config(stage2.parse_args(argv[argv.index("02_train_dft.py") + 1:]))
+                pairs = self.pairs_files(run["pairs"])[0]
+                per_step = cfg["batch_size"] * (cfg["grad_accum"] or 1)
+                steps = cfg["max_steps"] or (math.ceil(cfg["epochs"] * count_lines(pairs) / per_step)
+                                             if os.path.exists(pairs) else None)
+                step_tokens = per_step * cfg["max_length"] * self.study["compute"]["processes"]
+                tokens += (steps or 0) * step_tokens
+                steps_left += steps or 0
+                what = f"train ({steps or '?'} steps, <= {(steps or 0) * step_tokens:,} tokens)"
+            else:
+                what = "no training" if not run["train"] else "trained"
+            evals = f"evaluate {', '.join(pending)}" if pending else "evaluated"
+            lines.append(f"   {run['name']:24s} {what}; {evals}")
+        rate = self.study["compute"]["tokens_per_s"]
+        seconds = tokens / rate if rate else steps_left * seconds_per_step(self.results)
+        lines.append(f"== to train: <= {tokens:,} tokens (padded to --max-length); about "
+                     + (f"{seconds / 3600:.2f} h of training" if seconds == seconds else "? h of training (set "
+                        "compute.tokens_per_s, or finish one run here to time it)"))
+        return "\n".join(lines)
+
+
+def count_lines(path):
+    with open(path, encoding="utf-8") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def seconds_per_step(results):
+    """Mean training seconds per step over the runs already trained in this results folder (nan: none)."""
+    per_run = []
+    for log in glob.glob(os.path.join(results, "train", "*", "train_log.jsonl")):
+        rows = common.read_jsonl(log)
+        if rows:
+            per_run.append(sum(r.get("seconds", 0) for r in rows) / len(rows))
+    return sum(per_run) / len(per_run) if per_run else float("nan")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("study", help="the study file, e.g. studies/tiny.toml")
+    p.add_argument("--out", help="results folder (default: the study's study.results, e.g. results/NAME)")
+    p.add_argument("--work", help="work folder for models, checkpoints, markers, logs (default: study.work)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
+    p.add_argument("--only", nargs="+", metavar="RUN", help="only these runs (a group name means all its seeds)")
+    args = p.parse_args(argv)
+    study = load_study(args.study)
+    at_root = lambda path: path if os.path.isabs(path) else os.path.join(ROOT, path)  # noqa: E731
+    results = os.path.abspath(args.out) if args.out else at_root(study["study"]["results"])
+    work = os.path.abspath(args.work) if args.work else at_root(study["study"]["work"])
+    unknown = [r for r in args.only or [] if r not in study.runs_expanded and r not in study.groups]
+    if unknown:
+        raise UserError(f"--only names {', '.join(unknown)}, not runs of {args.study}; use one of "
+                        f"{', '.join(list(study.groups) + list(study.runs_expanded))}")
+    runner = Runner(study, results, work, set(args.only or []))
+    planner = study["compute"]["planner"]
+    if planner:  # e.g. scripts/paper_plan.py: the paper study's checks, GPU-hours and FSDP config
+        argv = [sys.executable] + fill(planner, runner.values) + (["--dry-run"] if args.dry_run else [])
+        if subprocess.run(argv, cwd=ROOT).returncode != 0:
+            raise UserError(f"the study's planner refused it: {' '.join(argv)}")
+    if args.dry_run:
+        print(runner.plan())
+        return
+    import torch
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if (study["compute"]["precision"] == "bf16" and not study["compute"]["allow_emulated"]
+            and any(runner.needs_training(r) for r in runner.runs) and not common.native_bf16(device)):
+        raise UserError(f"this machine ({device}) does not compute bf16 natively (no CUDA Ampere+, no AMX / "
+                        "AVX512-BF16 CPU): the study's bf16 recipe would be emulated; run it where bf16 is native, "
+                        "or set allow_emulated = true in [compute]")
+    if not runner.run():
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    common.run_main(main)
