@@ -1,13 +1,20 @@
 #!/usr/bin/env bash
-# The replication matrix, DFT vs TFT on 2 CPU cores (results/README.md): one linear script per preset.
+# The replication studies, DFT vs TFT on 2 CPU cores (results/README.md): one study file per preset, run by
+# scripts/run_study.py (pairs, trainings, evaluations; a rerun skips every finished part), then its tables.
 #
-#   bash run_replication.sh                    # Gemma-3-270M, the main replication: scripts/replication_gemma3.sh
-#   PRESET=smollm2 bash run_replication.sh     # SmolLM2-135M-Instruct, one seed: scripts/replication_smollm2.sh
+#   bash run_replication.sh                    # Gemma-3-270M, the main replication: studies/gemma3.toml
+#   PRESET=smollm2 bash run_replication.sh     # SmolLM2-135M-Instruct, one seed: studies/smollm2.toml
+#   PRESET=gemma3_ablations bash run_replication.sh   # the ablations: studies/gemma3_ablations.toml
+#   bash run_replication.sh --dry-run          # the plan only (run_study.py's flags pass through)
 #
-# Both resume: rerun the same command and every finished part is skipped. Sizes are environment variables
-# (see each script's head).
+# Sizes, flags and seeds are the study file's; its results folder already holds every finished run.
 set -euo pipefail
 cd "$(dirname "$0")"
 PRESET=${PRESET:-gemma3}
-case "$PRESET" in gemma3|smollm2) ;; *) echo "PRESET must be gemma3 or smollm2, not $PRESET" >&2; exit 2;; esac
-exec bash "scripts/replication_$PRESET.sh"
+case "$PRESET" in gemma3|smollm2|gemma3_ablations) ;;
+  *) echo "PRESET must be gemma3, smollm2 or gemma3_ablations, not $PRESET" >&2; exit 2;; esac
+PY=${PY:-.venv/bin/python}
+"$PY" scripts/run_study.py "studies/$PRESET.toml" "$@"
+case " $* " in *" --dry-run "*) exit 0;; esac
+"$PY" scripts/study_tables.py "studies/$PRESET.toml" > /dev/null
+echo "tables: $(sed -n 's/^results = "\(.*\)"/\1/p' "studies/$PRESET.toml")/tables.md"
