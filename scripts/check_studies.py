@@ -20,6 +20,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import tomllib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -85,7 +86,9 @@ def decimals(printed):
 
 
 def prints_as(value, d, units=UNITS):
-    return {norm(f"{value * u:.{d}f}") for u in units}
+    """How value prints at d decimals in each unit; a value within 1e-12 of a rounding boundary prints both ways
+    (sums taken in another order differ in the last bits)."""
+    return {norm(f"{value * u * (1 + e) + e:.{d}f}") for u in units for e in (-1e-12, 0.0, 1e-12)}
 
 
 class Index:
@@ -120,7 +123,7 @@ class Index:
         for u in UNITS:
             i = np.searchsorted(self.values, x * u)
             near = self.values[max(i - 1, 0):i + 1]
-            if near.size and np.min(np.abs(near - x * u)) <= 1e-9 * max(abs(x * u), 1e-12):
+            if near.size and np.min(np.abs(near - x * u)) <= 1e-9 * abs(x * u) + 1e-12:
                 return True
         return False
 
@@ -156,10 +159,17 @@ def check_file(path, index):
 
 
 def regenerate(study, out):
-    """scripts/study_tables.py on the study file, into out; its stderr on failure."""
+    """scripts/study_tables.py on the study file, into out (which links to the results folder's eval/ and train/:
+    the tables read the committed results and write beside them); its stderr on failure."""
     script = os.path.join(ROOT, "scripts", "study_tables.py")
     if not os.path.exists(script):
         return "scripts/study_tables.py does not exist yet"
+    results = os.path.join(ROOT, tomllib.load(open(os.path.join(ROOT, "studies", study + ".toml"), "rb"))["study"]
+                           .get("results", f"results/{study}"))
+    os.makedirs(out, exist_ok=True)
+    for name in ("eval", "train", "layers"):
+        if os.path.isdir(os.path.join(results, name)) and not os.path.exists(os.path.join(out, name)):
+            os.symlink(os.path.join(results, name), os.path.join(out, name))
     proc = subprocess.run([sys.executable, script, os.path.join(ROOT, "studies", study + ".toml"), "--out", out],
                           cwd=ROOT, capture_output=True, text=True)
     return None if proc.returncode == 0 else proc.stderr.strip()[-2000:]
@@ -169,6 +179,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("studies", nargs="*", default=list(STUDIES), help=f"which studies (default: {', '.join(STUDIES)})")
     p.add_argument("--keep", help="write the regenerated tables to KEEP/STUDY (default: a temporary folder)")
+    p.add_argument("--tables", help="check the tables already regenerated in TABLES/STUDY (e.g. an earlier --keep) "
+                   "instead of running study_tables.py")
     p.add_argument("--show", type=int, default=20, help="numbers listed per file that differ")
     args = p.parse_args(argv)
     for s in args.studies:
@@ -177,8 +189,8 @@ def main(argv=None):
     failed = 0
     with tempfile.TemporaryDirectory() as tmp:
         for study in args.studies:
-            out = os.path.join(args.keep or tmp, study)
-            error = regenerate(study, out)
+            out = os.path.join(args.tables or args.keep or tmp, study)
+            error = None if args.tables else regenerate(study, out)
             if error:
                 print(f"{study}: the tables could not be regenerated: {error}")
                 failed += 1
