@@ -107,10 +107,11 @@ def contrast(results, terms, measure, resampling):
     res = common.contrast_bootstrap([(coef, c) for (coef, _, _), c in zip(expanded, cells)], resampling["B"],
                                     resampling["seed"], resampling["draws"])
     values = {}
-    for (_, name, _), run_cells in zip(expanded, cells):
-        values.setdefault(name, []).append(np.mean([c.value() for c in run_cells]))
+    for name, _, runs in terms:  # cell by cell, the runs averaged (as the committed tables summed them)
+        mine = [c for (_, n, _), c in zip(expanded, cells) if n == name]
+        values[name] = float(sum(np.mean([c[k].value() for c in mine]) / len(mine[0]) for k in range(len(mine[0]))))
     res.pop("boot")
-    return dict(res, values={name: float(np.mean(v)) for name, v in values.items()})
+    return dict(res, values=values)
 
 
 def fmt(x, measure_cells, signed=False):
