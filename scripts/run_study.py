@@ -56,7 +56,8 @@ SCHEMA = {
                 "processes": (int, 1), "threads": (int, 1), "retries": (int, 3), "env": (dict, {}),
                 "allow_emulated": (bool, False), "planner": (STRS, None), "tokens_per_s": (float, None)},
     "references": {"source": (str, ""), "values": (dict, {})},
-    "tables": {"title": (str, None), "notes": (str, ""), "loss_curves": (bool, True)},
+    "tables": {"title": (str, None), "notes": (str, ""), "loss_curves": (bool, True), "curves": (STRS, []),
+               "item_checks": (STRS, [])},
 }
 NAMED = ("pairs", "runs", "measures", "contrasts", "families")  # [section.NAME] tables
 LISTED = ("setup", "evaluation.parts")  # [[section]] arrays of tables

@@ -165,14 +165,66 @@ def build(study, results_dir):
                     if r:
                         out["spread"].append(dict(group=group, a=a, b=b, measure=m, **r))
     for run in study.runs_expanded:
-        _, stored, train_dir = results.where[run]
-        log = os.path.join(train_dir, stored, "train_log.jsonl")
-        rows = common.read_jsonl(log) if os.path.exists(log) or os.path.exists(log + ".gz") else []
+        rows = train_log(results, run)
         entries = [e for t in (results.run_json(run) or {}).get("results", {}).values() for e in t.values()]
         out["wall"][run] = dict(train_s=plot_losses.busy_seconds(rows) if rows else None,
                                 steps=rows[-1]["step"] if rows else None,
+                                step_s=sum(r.get("seconds", 0) for r in rows) if rows else None,
+                                heldout_s=sum(r.get("eval_seconds") or 0 for r in rows) if rows else None,
                                 eval_s=sum(e.get("seconds", 0) for e in entries) if entries else None)
+    out["curves"], out["item_checks"] = [], []
+    for a, b in pairs_of(study, "curves", "-"):  # e.g. one run trained on two machines: held-out L_TFT side by side
+        ca, cb = ({r["step"]: r["eval_loss_tft"] for r in train_log(results, x) if r.get("eval_loss_tft") is not None}
+                  for x in (a, b))
+        out["curves"].append(dict(a=a, b=b, rows=[dict(step=s, a=ca[s], b=cb[s], diff=ca[s] - cb[s])
+                                                  for s in sorted(set(ca) & set(cb))]))
+    for a, b in pairs_of(study, "item_checks", "="):  # e.g. base evaluated again: the same per-item files?
+        out["item_checks"].append(dict(a=a, b=b, cells=item_check(results, a, b)))
     return out
+
+
+def train_log(results, run):
+    _, stored, train_dir = results.where[run]
+    log = os.path.join(train_dir, stored, "train_log.jsonl")
+    return common.read_jsonl(log) if os.path.exists(log) or os.path.exists(log + ".gz") else []
+
+
+def pairs_of(study, key, sep):
+    """[tables] curves ("A - B") or item_checks ("A = B") as run pairs."""
+    pairs = [[x.strip() for x in spec.split(f" {sep} ")] for spec in study["tables"][key]]
+    for pair in pairs:
+        if len(pair) != 2 or any(r not in study.runs_expanded for r in pair):
+            raise common.UserError(f"[tables] {key}: '{(' ' + sep + ' ').join(pair)}' is not two runs of the study as "
+                                   f"'RUN {sep} RUN' (runs: {', '.join(study.runs_expanded)})")
+    return pairs
+
+
+def item_check(results, a, b):
+    """Per cell both runs have (b's order): items, identical rows, same predictions and scores, the largest
+    difference of any number in a row."""
+    cells = []
+    for task, langs in (results.run_json(b) or {}).get("results", {}).items():
+        for lang in langs:
+            if results.entry(a, f"{task} {lang}") is None:
+                continue
+            rows_a, rows_b = (common.read_items(results.where[r][0], results.where[r][1], task, lang) for r in (a, b))
+            pred = lambda r: (r.get("pred", r.get("prediction")), r.get("scores"))  # noqa: E731
+            cells.append(dict(cell=f"{task} {lang}", n_a=len(rows_a), n_b=len(rows_b),
+                              identical=sum(x == y for x, y in zip(rows_a, rows_b)),
+                              same_predictions=sum(pred(x) == pred(y) for x, y in zip(rows_a, rows_b)),
+                              max_abs_diff=max((max_abs_diff(x, y) for x, y in zip(rows_a, rows_b)), default=0.0),
+                              equal=rows_a == rows_b))
+    return cells
+
+
+def max_abs_diff(a, b):
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return abs(a - b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return max((max_abs_diff(a[k], b[k]) for k in a if k in b), default=0.0)
+    if isinstance(a, list) and isinstance(b, list):
+        return max((max_abs_diff(x, y) for x, y in zip(a, b)), default=0.0)
+    return 0.0
 
 
 def markdown(study, t):
@@ -253,10 +305,20 @@ def markdown(study, t):
                          f"{r['p']:.4f} |")
     lines += ["\n## Wall time per run\n", "Training: the logged optimizer-step and held-out seconds (model loading, "
               "checkpoint saves and steps lost to a killed attempt excluded); evaluation: the run JSON's per-cell "
-              "seconds.\n", "| run | steps | training s | evaluation s |", "|---|---|---|---|"]
+              "seconds.\n", "| run | steps | training s | of which held-out s | evaluation s |", "|---|---|---|---|---|"]
     for run, w in t["wall"].items():
         secs = lambda s: "–" if s is None else f"{s:.1f}"  # noqa: E731
-        lines.append(f"| {run} | {w['steps'] or '–'} | {secs(w['train_s'])} | {secs(w['eval_s'])} |")
+        lines.append(f"| {run} | {w['steps'] or '–'} | {secs(w['train_s'])} | {secs(w['heldout_s'])} | "
+                     f"{secs(w['eval_s'])} |")
+    for c in t["curves"]:
+        lines += [f"\n## Held-out L_TFT (nats/token): {c['a']} beside {c['b']}\n",
+                  f"| step | {c['b']} | {c['a']} | {c['a']} − {c['b']} |", "|---|---|---|---|"]
+        lines += [f"| {r['step']} | {r['b']:.5f} | {r['a']:.5f} | {r['diff']:+.5f} |" for r in c["rows"]]
+    for c in t["item_checks"]:
+        lines += [f"\n## Per-item files of {c['a']} against {c['b']}\n", "| cell | items | identical rows | same "
+                  "predictions | max abs diff of numbers | equal |", "|---|---|---|---|---|---|"]
+        lines += [f"| {x['cell']} | {x['n_b']} / {x['n_a']} | {x['identical']} | {x['same_predictions']} | "
+                  f"{x['max_abs_diff']:.3g} | {'yes' if x['equal'] else 'no'} |" for x in c["cells"]]
     return "\n".join(line for line in lines if line != "") + "\n"
 
 
