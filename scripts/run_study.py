@@ -57,7 +57,7 @@ SCHEMA = {
                 "allow_emulated": (bool, False), "planner": (STRS, None), "tokens_per_s": (float, None)},
     "references": {"source": (str, ""), "values": (dict, {})},
     "tables": {"title": (str, None), "notes": (str, ""), "loss_curves": (bool, True), "curves": (STRS, []),
-               "item_checks": (STRS, [])},
+               "item_checks": (STRS, []), "layers": (STRS, [])},
 }
 NAMED = ("pairs", "runs", "measures", "contrasts", "families")  # [section.NAME] tables
 LISTED = ("setup", "evaluation.parts")  # [[section]] arrays of tables

@@ -180,7 +180,52 @@ def build(study, results_dir):
                                                   for s in sorted(set(ca) & set(cb))]))
     for a, b in pairs_of(study, "item_checks", "="):  # e.g. base evaluated again: the same per-item files?
         out["item_checks"].append(dict(a=a, b=b, cells=item_check(results, a, b)))
+    out["layers"] = layer_tables(study, results, results_dir) if study["tables"]["layers"] else []
     return out
+
+
+LAYER_MEASURES = [("mass_en", "English lens mass"), ("mass_tgt", "target-language lens mass"),
+                  ("entropy", "lens entropy (nats)"), ("cosine_en_tgt", "cosine(en, target), mean-pooled")]
+
+
+def layer_tables(study, results, results_dir):
+    """The logit lens per block (03 --analysis layers, RESULTS/layers/RUN.layers.LANG.json): each `RUN` column its
+    value ± SE over sentences, each `A - B` column the per-sentence differences on the same sentences ± their SE
+    (common.mean_and_se_over_sentences); blocks a column's runs supervise are marked i / j (m: contrastive)."""
+    import glob
+    import torch
+    spec = study["tables"]["layers"]
+    runs = {r.strip() for c in spec for r in c.split(" - ")}
+    found = {}
+    for run in runs:
+        paths = glob.glob(os.path.join(results_dir, "layers", f"{results.where[run][1]}.layers.*.json"))
+        if not paths:
+            raise common.UserError(f"[tables] layers names {run}, which has no layer analysis in {results_dir}/layers")
+        found[run] = common.read_json(sorted(paths)[0])
+    ref = found[spec[0].split(" - ")[0].strip()]
+    marks = {}
+    for a in (c.split(" - ")[0].strip() for c in spec if " - " in c):
+        cfg_path = os.path.join(results.where[a][2], results.where[a][1], "train_config.json")
+        cfg = common.read_json(cfg_path) if os.path.exists(cfg_path) else {}
+        for signal, layer, mark in (("lc", "lc_layer_used", "i"), ("et", "et_layer_used", "j")):
+            if cfg.get(signal) not in (None, "none") and cfg.get(layer) is not None:
+                marks.setdefault(cfg[layer], set()).add("m" if cfg[signal] == "contrastive" else mark)
+    tables = []
+    for key, label in LAYER_MEASURES:
+        positions = torch.tensor(ref["per_sentence"]["positions"], dtype=torch.float64)
+        weights = torch.ones(len(positions), dtype=torch.float64) if key == "cosine_en_tgt" else positions
+        columns = []
+        for col in spec:
+            if " - " not in col:
+                columns.append(list(zip(found[col][key], found[col]["standard_errors"][key])))
+                continue
+            a, b = (found[x.strip()]["per_sentence"][key] for x in col.split(" - "))
+            diff = (torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)) * weights[:, None]
+            columns.append(list(zip(*common.mean_and_se_over_sentences(diff, weights))))
+        rows = [dict(block=block, mark="/".join(sorted(marks.get(block, ()))), cells=[list(c[k]) for c in columns])
+                for k, block in enumerate(ref["layers"])]
+        tables.append(dict(measure=key, label=label, columns=spec, rows=rows, sentences=len(positions)))
+    return tables
 
 
 def train_log(results, run):
@@ -314,6 +359,17 @@ def markdown(study, t):
         lines += [f"\n## Held-out L_TFT (nats/token): {c['a']} beside {c['b']}\n",
                   f"| step | {c['b']} | {c['a']} | {c['a']} − {c['b']} |", "|---|---|---|---|"]
         lines += [f"| {r['step']} | {r['b']:.5f} | {r['a']:.5f} | {r['diff']:+.5f} |" for r in c["rows"]]
+    for tab in t["layers"]:
+        nd = 5 if tab["measure"] == "cosine_en_tgt" else 3  # the cosines sit at 0.98-1.00, their differences at 1e-4
+        lines += [f"\n## Logit lens per block: {tab['label']} ({tab['sentences']} sentences; ± SE over sentences; "
+                  "A − B paired on the same sentences; blocks marked i / j: LC / ET layers, m: contrastive)\n",
+                  "| block | " + " | ".join(c.replace(" - ", " − ") for c in tab["columns"]) + " |",
+                  "|---|" + "---|" * len(tab["columns"])]
+        for r in tab["rows"]:
+            cells = [(f"{v:+.{nd}f}" if " - " in c else f"{v:.{nd}f}") + f" ± {se:.{nd}f}"
+                     for c, (v, se) in zip(tab["columns"], r["cells"])]
+            block = f"{r['block']} ({r['mark']})" if r["mark"] else str(r["block"])
+            lines.append(f"| {block} | " + " | ".join(cells) + " |")
     for c in t["item_checks"]:
         lines += [f"\n## Per-item files of {c['a']} against {c['b']}\n", "| cell | items | identical rows | same "
                   "predictions | max abs diff of numbers | equal |", "|---|---|---|---|---|---|"]
