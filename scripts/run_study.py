@@ -32,6 +32,13 @@ from common import UserError  # noqa: E402
 # the runner: parts as subprocesses of the stages, markers, lanes and an evaluation queue
 
 
+def copy(path, folder):
+    """shutil.copy into folder, unless the file is already there (results and work may be one folder)."""
+    if not os.path.exists(os.path.join(folder, os.path.basename(path))) or not os.path.samefile(
+            path, os.path.join(folder, os.path.basename(path))):
+        shutil.copy(path, folder)
+
+
 def has_checkpoint(folder):
     return any(os.path.isfile(os.path.join(folder, n, "step.json")) for n in ("checkpoint", "checkpoint.old",
                                                                               "checkpoint.tmp"))
@@ -79,8 +86,11 @@ class Runner:
         return False
 
     def stage(self, script, processes=1, launcher="torchrun"):
+        """How a stage is started: python, or with several processes accelerate launch (02: compute.launch_flags,
+        e.g. an FSDP config) or torchrun (03: its items sharded over the processes)."""
         if processes > 1 and launcher == "accelerate":
-            return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes), script]
+            return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
+                    *fill(self.study["compute"]["launch_flags"], self.values), script]
         if processes > 1:
             return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), script]
         return [sys.executable, script]
@@ -104,7 +114,7 @@ class Runner:
                                 "differ from the ones the study was registered with; rebuild them or fix the hash")
         stats = train[:-len(".jsonl")] + ".stats.json"
         if os.path.exists(stats):
-            shutil.copy(stats, os.path.join(self.results, os.path.basename(stats)))
+            copy(stats, self.results)
 
     # ---- what is finished (also on a fresh checkout: the results folder)
 
@@ -179,7 +189,7 @@ class Runner:
         os.makedirs(out, exist_ok=True)
         for f in ("train_log.jsonl", "train_config.json"):
             if os.path.exists(os.path.join(folder, f)):
-                shutil.copy(os.path.join(folder, f), out)
+                copy(os.path.join(folder, f), out)
         return True
 
     # ---- evaluation
@@ -202,9 +212,11 @@ class Runner:
             if part["analysis"]:
                 os.makedirs(os.path.join(self.results, "layers"), exist_ok=True)
                 for f in glob.glob(os.path.join(out, f"{name}.layers.*.json")):
-                    shutil.copy(f, os.path.join(self.results, "layers"))
+                    copy(f, os.path.join(self.results, "layers"))
                 continue
-            shutil.copy(os.path.join(work_eval, name + ".json"), res_eval)
+            if os.path.samefile(work_eval, res_eval):  # results and work in one folder (run_paper.sh's OUT)
+                continue
+            copy(os.path.join(work_eval, name + ".json"), res_eval)
             for f in glob.glob(os.path.join(work_eval, f"{name}.*.jsonl")):
                 with open(f, "rb") as src, gzip.GzipFile(os.path.join(res_eval, os.path.basename(f) + ".gz"), "wb",
                                                          mtime=0) as dst:
