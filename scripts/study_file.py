@@ -47,7 +47,7 @@ SCHEMA = {
                 "allow_emulated": (bool, False), "planner": (STRS, None), "tokens_per_s": (float, None),
                 "launch_flags": (STRS, [])},
     "references": {"source": (str, ""), "values": (dict, {})},
-    "tables": {"title": (str, None), "notes": (str, ""), "loss_curves": (bool, True)},
+    "tables": {"title": (str, None), "notes": (str, ""), "loss_curves": (bool, True), "layers_reference": (str, None)},
 }
 NAMED = ("pairs", "runs", "measures", "contrasts", "families")  # [section.NAME] tables
 LISTED = ("setup", "evaluation.parts")  # [[section]] arrays of tables
@@ -253,6 +253,8 @@ def load_study(path, check_flags=True):
         check.names(fam["contrasts"] + [fam["placebo"]] * bool(fam["placebo"]), f"families.{name}", "contrasts",
                     list(study["contrasts"]), "contrast")
         check.names(fam["measures"], f"families.{name}", "measures", measures, "measure")
+    check.names([study["tables"]["layers_reference"]] * bool(study["tables"]["layers_reference"]), "tables",
+                "layers_reference", list(groups), "run group")
     for group, values in study["references"]["values"].items():
         check.names([group], f"references.values.{group}", None, run_names, "run")
         check.names(values, f"references.values.{group}", None, measures, "measure")
