@@ -13,6 +13,7 @@ the seed-to-seed spread of every group; wall time per run.
 """
 import argparse
 import copy
+import glob
 import math
 import os
 import sys
@@ -125,7 +126,7 @@ def fmt(x, measure_cells, signed=False):
 def build(study, results_dir):
     results, res = Results(study, results_dir), study["resampling"]
     measures = study["measures"]
-    out = dict(study=study["study"]["name"], resampling=res, runs={}, groups={}, contrasts={}, families={},
+    out = dict(study=study["study"]["name"], results_dir=results_dir, resampling=res, runs={}, groups={}, contrasts={}, families={},
                spread=[], wall={}, references=study["references"])
     for run in study.runs_expanded:
         out["runs"][run] = {m: results.score(run, m) for m in measures}
@@ -180,52 +181,7 @@ def build(study, results_dir):
                                                   for s in sorted(set(ca) & set(cb))]))
     for a, b in pairs_of(study, "item_checks", "="):  # e.g. base evaluated again: the same per-item files?
         out["item_checks"].append(dict(a=a, b=b, cells=item_check(results, a, b)))
-    out["layers"] = layer_tables(study, results, results_dir) if study["tables"]["layers"] else []
     return out
-
-
-LAYER_MEASURES = [("mass_en", "English lens mass"), ("mass_tgt", "target-language lens mass"),
-                  ("entropy", "lens entropy (nats)"), ("cosine_en_tgt", "cosine(en, target), mean-pooled")]
-
-
-def layer_tables(study, results, results_dir):
-    """The logit lens per block (03 --analysis layers, RESULTS/layers/RUN.layers.LANG.json): each `RUN` column its
-    value ± SE over sentences, each `A - B` column the per-sentence differences on the same sentences ± their SE
-    (common.mean_and_se_over_sentences); blocks a column's runs supervise are marked i / j (m: contrastive)."""
-    import glob
-    import torch
-    spec = study["tables"]["layers"]
-    runs = {r.strip() for c in spec for r in c.split(" - ")}
-    found = {}
-    for run in runs:
-        paths = glob.glob(os.path.join(results_dir, "layers", f"{results.where[run][1]}.layers.*.json"))
-        if not paths:
-            raise common.UserError(f"[tables] layers names {run}, which has no layer analysis in {results_dir}/layers")
-        found[run] = common.read_json(sorted(paths)[0])
-    ref = found[spec[0].split(" - ")[0].strip()]
-    marks = {}
-    for a in (c.split(" - ")[0].strip() for c in spec if " - " in c):
-        cfg_path = os.path.join(results.where[a][2], results.where[a][1], "train_config.json")
-        cfg = common.read_json(cfg_path) if os.path.exists(cfg_path) else {}
-        for signal, layer, mark in (("lc", "lc_layer_used", "i"), ("et", "et_layer_used", "j")):
-            if cfg.get(signal) not in (None, "none") and cfg.get(layer) is not None:
-                marks.setdefault(cfg[layer], set()).add("m" if cfg[signal] == "contrastive" else mark)
-    tables = []
-    for key, label in LAYER_MEASURES:
-        positions = torch.tensor(ref["per_sentence"]["positions"], dtype=torch.float64)
-        weights = torch.ones(len(positions), dtype=torch.float64) if key == "cosine_en_tgt" else positions
-        columns = []
-        for col in spec:
-            if " - " not in col:
-                columns.append(list(zip(found[col][key], found[col]["standard_errors"][key])))
-                continue
-            a, b = (found[x.strip()]["per_sentence"][key] for x in col.split(" - "))
-            diff = (torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)) * weights[:, None]
-            columns.append(list(zip(*common.mean_and_se_over_sentences(diff, weights))))
-        rows = [dict(block=block, mark="/".join(sorted(marks.get(block, ()))), cells=[list(c[k]) for c in columns])
-                for k, block in enumerate(ref["layers"])]
-        tables.append(dict(measure=key, label=label, columns=spec, rows=rows, sentences=len(positions)))
-    return tables
 
 
 def train_log(results, run):
@@ -239,8 +195,8 @@ def pairs_of(study, key, sep):
     pairs = [[x.strip() for x in spec.split(f" {sep} ")] for spec in study["tables"][key]]
     for pair in pairs:
         if len(pair) != 2 or any(r not in study.runs_expanded for r in pair):
-            raise common.UserError(f"[tables] {key}: '{(' ' + sep + ' ').join(pair)}' is not two runs of the study as "
-                                   f"'RUN {sep} RUN' (runs: {', '.join(study.runs_expanded)})")
+            raise common.UserError(f"[tables] {key}: '{(' ' + sep + ' ').join(pair)}' is not two runs of the study "
+                                   f"as 'RUN {sep} RUN' (runs: {', '.join(study.runs_expanded)})")
     return pairs
 
 
@@ -355,27 +311,85 @@ def markdown(study, t):
         secs = lambda s: "–" if s is None else f"{s:.1f}"  # noqa: E731
         lines.append(f"| {run} | {w['steps'] or '–'} | {secs(w['train_s'])} | {secs(w['heldout_s'])} | "
                      f"{secs(w['eval_s'])} |")
+    lines += layer_tables(study, t["results_dir"])
     for c in t["curves"]:
         lines += [f"\n## Held-out L_TFT (nats/token): {c['a']} beside {c['b']}\n",
                   f"| step | {c['b']} | {c['a']} | {c['a']} − {c['b']} |", "|---|---|---|---|"]
         lines += [f"| {r['step']} | {r['b']:.5f} | {r['a']:.5f} | {r['diff']:+.5f} |" for r in c["rows"]]
-    for tab in t["layers"]:
-        nd = 5 if tab["measure"] == "cosine_en_tgt" else 3  # the cosines sit at 0.98-1.00, their differences at 1e-4
-        lines += [f"\n## Logit lens per block: {tab['label']} ({tab['sentences']} sentences; ± SE over sentences; "
-                  "A − B paired on the same sentences; blocks marked i / j: LC / ET layers, m: contrastive)\n",
-                  "| block | " + " | ".join(c.replace(" - ", " − ") for c in tab["columns"]) + " |",
-                  "|---|" + "---|" * len(tab["columns"])]
-        for r in tab["rows"]:
-            cells = [(f"{v:+.{nd}f}" if " - " in c else f"{v:.{nd}f}") + f" ± {se:.{nd}f}"
-                     for c, (v, se) in zip(tab["columns"], r["cells"])]
-            block = f"{r['block']} ({r['mark']})" if r["mark"] else str(r["block"])
-            lines.append(f"| {block} | " + " | ".join(cells) + " |")
     for c in t["item_checks"]:
         lines += [f"\n## Per-item files of {c['a']} against {c['b']}\n", "| cell | items | identical rows | same "
                   "predictions | max abs diff of numbers | equal |", "|---|---|---|---|---|---|"]
         lines += [f"| {x['cell']} | {x['n_b']} / {x['n_a']} | {x['identical']} | {x['same_predictions']} | "
                   f"{x['max_abs_diff']:.3g} | {'yes' if x['equal'] else 'no'} |" for x in c["cells"]]
     return "\n".join(line for line in lines if line != "") + "\n"
+
+
+LAYER_MEASURES = [("mass_en", "English lens mass"), ("mass_tgt", "{lang} lens mass"), ("entropy", "lens entropy (nats)"),
+                  ("cosine_en_tgt", "cosine(en, {lang}), mean-pooled")]
+
+
+def same_sentences(a, b):
+    """Two layer analyses ran on the same sentences, tokenized alike (what a paired difference needs)."""
+    return (a.get("data_sha256"), a["n_sentences"], a["per_sentence"]["positions"]) == \
+        (b.get("data_sha256"), b["n_sentences"], b["per_sentence"]["positions"])
+
+
+def layer_tables(study, results_dir):
+    """Markdown of the logit lens per block (03 --analysis layers): the runs without training and the reference
+    group's ± SE over sentences, every other run minus the reference run of its seed (paired, same sentences)."""
+    import torch
+    ref_group = study["tables"]["layers_reference"]
+    if not ref_group:
+        return []
+    res = {}
+    for name, run in study.runs_expanded.items():
+        folder = os.path.join(ROOT, run["reuse"]) if run["reuse"] else results_dir
+        for path in sorted(glob.glob(os.path.join(folder, "layers", f"{run['stored_as']}.layers.*.json"))):
+            obj = common.read_json(path)
+            if obj.get("per_sentence"):  # older files (no per-sentence values, no SEs) are left out
+                res[name], lang = obj, path.split(".")[-2]
+    refs = [r for r in study.groups[ref_group] if r in res]
+    if not refs:
+        return []
+    seed_of = {n: r["seed"] for n, r in study.runs_expanded.items()}
+    ref_of_seed = {seed_of[r]: r for r in refs}
+    shown = [r for r in res if not study.runs_expanded[r]["train"] or r == refs[0]]
+    shown = [r for r in shown if same_sentences(res[r], res[refs[0]])]
+    pairs = [(r, ref_of_seed[seed_of[r]]) for r in res if r not in shown and r not in refs
+             and seed_of[r] in ref_of_seed and same_sentences(res[r], res[ref_of_seed[seed_of[r]]])]
+    marks = {}  # the blocks the paired runs supervised: i (LC), j (ET), m (contrastive)
+    for r, _ in pairs:
+        folder = os.path.join(ROOT, study.runs_expanded[r]["reuse"] or results_dir)
+        path = os.path.join(folder, "train", study.runs_expanded[r]["stored_as"], "train_config.json")
+        cfg = common.read_json(path) if os.path.exists(path) else {}
+        for signal, layer, mark in (("lc", "lc_layer_used", "i"), ("et", "et_layer_used", "j")):
+            if cfg.get(signal) not in (None, "none") and cfg.get(layer) is not None:
+                marks.setdefault(cfg[layer], set()).add("m" if cfg[signal] == "contrastive" else mark)
+    positions = res[refs[0]]["per_sentence"]["positions"]
+    lines = [f"\n## Mechanism: logit lens per block on {len(positions)} held-out {lang} sentences (± SE over "
+             "sentences)\n", f"Means weight every {lang} position equally (cosine: every sentence); ± is the standard "
+             "error over sentences (common.mean_and_se_over_sentences). The `run − reference` columns are paired with "
+             f"the {ref_group} run of the same seed: per-sentence differences on the same sentences and positions, "
+             "with their SE over sentences. Blocks marked i / j are the paired runs' LC / ET layers, m a contrastive "
+             "layer. Within one seed: these are not seed-to-seed intervals.\n"]
+    for key, title in LAYER_MEASURES:
+        cols = [r for r in shown if res[r].get(key) is not None]
+        diffs = [(r, t) for r, t in pairs if res[r].get(key) is not None]
+        if not cols:
+            continue
+        weights = torch.ones(len(positions)) if key == "cosine_en_tgt" else torch.tensor(positions, dtype=torch.float64)
+        nd = 5 if key == "cosine_en_tgt" else 3  # the cosines sit at 0.98-1.00, their differences at 1e-4
+        per = lambda r: torch.tensor(res[r]["per_sentence"][key], dtype=torch.float64)  # noqa: E731
+        paired = [common.mean_and_se_over_sentences((per(r) - per(t)) * weights[:, None], weights) for r, t in diffs]
+        lines += [f"**{title.format(lang=lang)}**\n", "| block | " + " | ".join(cols + [f"{r} − {t}" for r, t in diffs])
+                  + " |", "|---|" + "---|" * (len(cols) + len(diffs))]
+        for k, block in enumerate(res[refs[0]]["layers"]):
+            row = [f"{res[r][key][k]:.{nd}f} ± {res[r]['standard_errors'][key][k]:.{nd}f}" for r in cols]
+            row += [f"{d[k]:+.{nd}f} ± {se[k]:.{nd}f}" for d, se in paired]
+            tag = f" ({'/'.join(sorted(marks[block]))})" if block in marks else ""
+            lines.append(f"| {block}{tag} | " + " | ".join(row) + " |")
+        lines.append("")
+    return lines
 
 
 def loss_curves(study, results_dir, path):

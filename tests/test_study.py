@@ -209,3 +209,13 @@ def test_contrast_bootstrap_equals_a_brute_force_loop(kind, draws):
     assert got["delta"] == pytest.approx(observed, abs=1e-9)
     assert [got["lo"], got["hi"]] == pytest.approx(list(np.percentile(want, [2.5, 97.5])), abs=1e-9)
     assert got["p"] == (np.sum(np.abs(want - observed) >= abs(observed) - 1e-12) + 1) / 61
+
+
+def test_a_bf16_study_is_refused_where_bf16_would_be_emulated(tmp_path, capsys, monkeypatch):
+    study = tmp_path / "bf16.toml"
+    study.write_text(open(TINY, encoding="utf-8").read().replace('precision = "float32"', 'precision = "bf16"'))
+    monkeypatch.setattr(common, "native_bf16", lambda device: False)
+    code, err = run_main_in_process(run_study.main, [str(study), "--out", str(tmp_path / "r"), "--work",
+                                                     str(tmp_path / "w")], capsys)
+    assert code == 2 and "does not compute bf16 natively" in err and "allow_emulated = true" in err
+    assert not (tmp_path / "r").exists() and not (tmp_path / "w").exists()
