@@ -6,9 +6,9 @@
 
 Bad input is one error before anything is written: an unknown language or method, --nproc above the visible GPUs,
 a language without pairs and no reachable MT model, a model without a preset and no layers for a DFT method.
-Without --dry-run it writes OUT/plan.json (what scripts/paper_tables.py reports), OUT/plan.env (the shell
-assignments run_paper.sh sources) and, for --nproc > 1, OUT/fsdp.yaml: configs/fsdp_8gpu.yaml with the model's own
-decoder layer class (its `_no_split_modules`) and --nproc processes. With --dry-run it prints the plan, lists what
+Without --dry-run it writes OUT/plan.json, OUT/paper.toml (the paper study for scripts/run_study.py: pairs, runs,
+evaluation parts, the paper's numbers as references; studies/README.md) and, for --nproc > 1, OUT/fsdp.yaml:
+configs/fsdp_8gpu.yaml with the model's own decoder layer class (its `_no_split_modules`) and --nproc processes. With --dry-run it prints the plan, lists what
 would block a real run (an unreachable model, a language without a source) and writes nothing.
 Throughput, in this order: --tokens-per-s (the user's), --timing (a bench_train.py JSON of 10 steps on the first GPU),
 else the figures in results/gpu_smoke/ (a random 1.1B model on one H200) scaled by parameter count.
@@ -73,6 +73,10 @@ def parse_args(argv=None):
     g.add_argument("--visible-gpus", type=int, help="override the count torch sees (for tests)")
     g.add_argument("--tokens-per-s", type=float, help="TFT tokens per second per GPU, the user's figure")
     g.add_argument("--timing", help="bench_train.py JSON of a 10-step timing on the first GPU")
+    g = p.add_argument_group("the study file (OUT/paper.toml, run by scripts/run_study.py)")
+    g.add_argument("--save-every", type=int, default=200, help="checkpoint every N optimizer steps (SAVE_EVERY)")
+    g.add_argument("--keep-checkpoints", action="store_true", help="keep a run's checkpoint after its final model")
+    g.add_argument("--bootstrap", type=int, default=2000, help="resamples per DFT - TFT interval (BOOTSTRAP)")
     g = p.add_argument_group("output")
     g.add_argument("--out", default="runs/paper", help="run_paper.sh's OUT")
     g.add_argument("--dry-run", action="store_true", help="print the plan and the blockers, write nothing")
@@ -246,7 +250,7 @@ def plan(args):
                                 "or a reachable MT_MODEL (a local folder)")
         if args.pairs_limit:
             d["ids"] = min(d["ids"], args.pairs_limit)
-        d.update(lang=lang, file=files.get(lang, os.path.join(args.out, "pairs", f"pairs_{lang}.jsonl")),
+        d.update(lang=lang, file=files.get(lang, os.path.join(args.out, f"pairs_{lang}.jsonl")),
                  tgt_tokens=mean_tokens(tokenizer, sample(tgt)) if tgt else en_tokens,
                  tokens_note=None if tgt else "target tokens estimated by the English side's (not translated yet)")
         data.append(d)
@@ -297,7 +301,8 @@ def plan(args):
     model_gb = 4 * params / 1e9  # float32 upper bound of a saved model (bf16 saves half)
     # TINY lays its cells beside LLaMA-2-7B's numbers so the whole layout is exercised (and says so)
     paper_model = args.model if known else ("meta-llama/Llama-2-7b-hf" if args.tiny else None)
-    return dict(model=args.model, paper_model=paper_model,
+    return dict(model=args.model, paper_model=paper_model, out=args.out, save_every=args.save_every,
+                keep_checkpoints=args.keep_checkpoints, bootstrap=args.bootstrap, pairs_limit=args.pairs_limit,
                 preset=preset, tiny=args.tiny, langs=langs, methods=methods, nproc=nproc, gpus=gpus,
                 lc_layer=args.lc_layer, et_layer=args.et_layer, steps=args.steps, limit=args.limit,
                 model_type=model_type, params=params, num_layers=num_layers, layer_cls=layer_cls,
@@ -344,14 +349,6 @@ def describe(p):
 
 def write_outputs(p, out):
     common.write_json(os.path.join(out, "plan.json"), p)
-    env = dict(PLAN_PRESET=p["preset"] or "", PLAN_NPROC=p["nproc"], PLAN_SFT_LANG=p["sft_lang"],
-               PLAN_FSDP_CONFIG=os.path.join(out, "fsdp.yaml") if p["fsdp"] else "",
-               PLAN_EVALS=" ".join(p["evals"]))
-    for d in p["data"]:
-        env[f"PLAN_ROUTE_{d['lang']}"] = d["route"]
-        env[f"PLAN_PAIRS_{d['lang']}"] = d["file"]
-    with common.atomic_open(os.path.join(out, "plan.env")) as f:
-        f.write("".join(f"{k}='{v}'\n" for k, v in env.items()))
     if p["fsdp"]:
         template = open(os.path.join(ROOT, "configs", "fsdp_8gpu.yaml")).read()
         body = template[template.index("compute_environment"):]
@@ -361,6 +358,110 @@ def write_outputs(p, out):
         with common.atomic_open(os.path.join(out, "fsdp.yaml")) as f:
             f.write(f"# configs/fsdp_8gpu.yaml for {p['model']}: {p['nproc']} processes, wrapping {p['layer_cls']} "
                     "(its _no_split_modules); written by scripts/paper_plan.py\n" + body)
+    with common.atomic_open(os.path.join(out, "paper.toml")) as f:
+        f.write(study_file(p))
+
+
+# TINY: sizes that only wire every stage on a CPU in minutes
+TINY_FLAGS = dict(train=["--batch-size", "2", "--max-length", "256", "--lr", "1e-2", "--warmup-ratio", "0",
+                         "--log-every", "1"],
+                  eval=["--max-new-tokens", "4", "--batch-size", "4", "--device", "cpu", "--dtype", "float32"],
+                  pairs=["--dev-size", "4"],
+                  mt=["--translate-max-length", "8", "--min-ratio", "0", "--max-ratio", "1e9",
+                      "--align-min-agreement", "0", "--device", "cpu"])
+QA = [("xquad", "XQuAD", "f1_lang", PAPER_LANGS), ("mlqa", "MLQA", "f1_lang", PAPER_LANGS),
+      ("truthfulqa", "TruthfulQA MC1", "acc", PAPER_LANGS), ("mkqa", "MKQA", "f1_lang", ("ar", "zh"))]
+NLU = [("xnli", "XNLI", "acc", PAPER_LANGS), ("xcopa", "XCOPA", "acc", ("vi", "zh")),
+       ("xstorycloze", "XStoryCloze", "acc", ("ar", "zh")), ("mmlu", "M-MMLU", "acc", PAPER_LANGS)]
+
+
+def suite(langs):
+    """The paper's tasks that have data in these languages (03 refuses a task with none); MGSM zh is ours."""
+    return ",".join([t for t, *_ in QA[:3]] + ["xnli", "mmlu"] + [t for t, langs_of in (
+        ("mkqa", "zh ar"), ("xcopa", "zh vi"), ("xstorycloze", "zh ar"), ("mgsm", "zh")) if set(langs) & set(
+        langs_of.split())])
+
+
+def toml(value):
+    return json.dumps(value, ensure_ascii=False)  # a JSON string or list of strings is TOML too
+
+
+def study_file(p):
+    """The paper study of this plan (studies/README.md): what run_paper.sh hands to scripts/run_study.py."""
+    tiny, out, langs = p["tiny"], p["out"], p["langs"]
+    flags = TINY_FLAGS if tiny else dict(train=[], eval=[], pairs=[], mt=[])
+    limit = ["--limit", str(p["pairs_limit"])] if p["pairs_limit"] else []
+    lines = [f"# The paper's matrix as run_paper.sh planned it (scripts/paper_plan.py); run by scripts/run_study.py",
+             "[study]", f"question = {toml('Do the paper DFT gains over TFT reproduce on ' + p['model'] + '?')}",
+             f"results = {toml(out)}", f"work = {toml(out)}", f"model = {toml(p['model'])}"]
+    if tiny:
+        lines += ["[[setup]]", 'name = "tiny_models"', f"command = {toml(['scripts/paper_tiny_models.py', '{work}/tiny_models'])}"]
+    for d in p["data"]:
+        lines.append(f"[pairs.{d['lang']}]")
+        if d["route"] == "file":
+            lines.append(f"file = {toml(d['file'])}")
+        else:
+            mt = ["--translate-model", p["mt_model"]] + flags["mt"] if d["route"] == "mt" else []
+            lines.append(f"flags = {toml(['--source', 'alpaca', '--lang', d['lang']] + limit + flags['pairs'] + mt)}")
+    train = (["--preset", p["preset"]] if p["preset"] else []) + (["--max-steps", str(p["steps"])] if p["steps"]
+                                                                   else []) + flags["train"]
+    lines += ["[train]", f"flags = {toml(train)}", "[runs.base]", "train = false"]
+    layers = ["--lc-layer", str(p["lc_layer"]), "--et-layer", str(p["et_layer"])] if p["lc_layer"] else []
+    for r in p["runs"]:
+        extra = layers if r["method"] in LAYER_METHODS else []
+        lines += [f"[runs.{r['run']}]", f"flags = {toml(['--method', r['method']] + extra)}", f"pairs = {toml(r['lang'])}"]
+    lines += ["[evaluation]", f"flags = {toml((['--limit', str(p['limit'])] if p['limit'] else []) + flags['eval'])}"]
+    groups = [("all", ["base"] + ["sft"] * ("sft" in p["methods"]), langs)]
+    groups += [(lang, [r["run"] for r in p["runs"] if r["lang"] == lang and r["method"] != "sft"], [lang])
+               for lang in langs]
+    for name, runs, group_langs in groups:  # NTREX's references are zh only: the others through Tatoeba
+        tatoeba = [lang for lang in group_langs if lang != "zh"]
+        parts = [(name, suite(group_langs) + ",translation", "ntrex" if "zh" in group_langs else "tatoeba",
+                  group_langs)] + [(name + "_tatoeba", "translation", "tatoeba", tatoeba)] * (
+            "zh" in group_langs and bool(tatoeba))
+        for part, tasks, mt_data, part_langs in parts:
+            lines += ["[[evaluation.parts]]", f"name = {toml(part)}", f"runs = {toml(runs)}", "flags = " + toml(
+                ["--tasks", tasks, "--mt-data", mt_data, "--langs", ",".join(part_langs)])]
+    measures = {}
+    for task, title, metric, task_langs in QA + NLU:
+        measures.update({f"{task}_{lang}": (f"{title} {lang}", [f"{task} {lang}"], metric, lang)
+                         for lang in langs if lang in task_langs})
+    for lang in langs:
+        measures[f"nlu_{lang}"] = (f"NLU avg {lang}", [f"{t} {lang}" for t, _, _, tl in NLU if lang in tl], "acc", lang)
+        key = "translation" if lang == "zh" else "translation_tatoeba"
+        for d in (f"en-{lang}", f"{lang}-en"):
+            measures[f"chrf_{d}"] = (f"chrF {d}", [f"{key} {d}"], "chrf", lang)
+    if "zh" in langs:
+        measures["mgsm_zh"] = ("MGSM zh (ours)", ["mgsm zh"], "flexible_extract", "zh")
+    for name, (label, cells, metric, _) in measures.items():
+        lines += [f"[measures.{name}]", f"label = {toml(label)}", f"cells = {toml(cells)}", f"metric = {toml(metric)}"]
+    for r in (r for r in p["runs"] if r["method"] not in ("sft", "tft") and "tft" in p["methods"]):
+        lines += [f"[contrasts.{r['run']}]", f"terms = {{ {r['run']} = 1, tft-{r['lang']} = -1 }}",
+                  f"measures = {toml([m for m, v in measures.items() if v[3] == r['lang']])}"]
+    lines += ["[resampling]", f"B = {p['bootstrap']}", "seed = 0", 'draws = "indices"', "[compute]",
+              f"processes = {p['nproc']}", f"precision = {toml('bf16' if p['gpus'] and not tiny else 'float32')}",
+              f"save_every = {p['save_every']}", f"keep_checkpoints = {toml(p['keep_checkpoints'])}",
+              f"launch_flags = {toml(['--config_file', os.path.join(out, 'fsdp.yaml')] if p['fsdp'] else [])}"]
+    numbers = common.read_json(os.path.join(ROOT, "scripts", "paper_numbers.json"))["models"].get(p["paper_model"], {})
+    refs = {}
+    for table, spec in (("qa", QA), ("nlu", NLU)):
+        for method, cells in numbers.get(table, {}).items():
+            for task, _, _, task_langs in spec:
+                for lang in (lang for lang in langs if lang in task_langs):
+                    raw = cells.get(task, {}).get(lang)
+                    run = method if method == "sft" else f"{method}-{lang}"
+                    if raw is not None and method in p["methods"]:
+                        refs.setdefault(run, {})[f"{task}_{lang}"] = raw
+    for method, cells in numbers.get("translation", {}).items():  # Table 4: COMET, zh only
+        if isinstance(cells, dict) and method in p["methods"] and "zh" in langs:
+            refs.setdefault(f"{method}-zh", {}).update({f"chrf_{d}": v for d, v in cells.items()})
+    source = f"the paper, {p['paper_model']}: Tables 1, 2, 4 (~N: a reading of a garbled cell; Table 4: COMET, not chrF)"
+    lines += ["[references]", f"source = {toml(source)}"]
+    for run, values in refs.items():
+        lines += [f"[references.values.{run}]"] + [f"{k} = {toml(v)}" for k, v in values.items()]
+    title = f"The paper's tables: {p['model']}" + (" (TINY: tiny random models, the numbers mean nothing)" if tiny else "")
+    lines += ["[tables]", f"title = {toml(title)}"]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None):

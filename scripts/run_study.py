@@ -183,8 +183,8 @@ class Runner:
             self.say(f"train_{name}: resuming from its checkpoint")
         if not self.part(f"train_{name}", lambda: self.train_argv(run)):
             return False
-        for n in ("checkpoint", "checkpoint.old", "checkpoint.tmp"):  # the final model is saved
-            shutil.rmtree(os.path.join(folder, n), ignore_errors=True)
+        for n in ("checkpoint", "checkpoint.old", "checkpoint.tmp") * (not self.study["compute"]["keep_checkpoints"]):
+            shutil.rmtree(os.path.join(folder, n), ignore_errors=True)  # the final model is saved
         out = os.path.join(self.results, "train", name)
         os.makedirs(out, exist_ok=True)
         for f in ("train_log.jsonl", "train_config.json"):

@@ -45,7 +45,7 @@ SCHEMA = {
     "compute": {"lanes": (int, 1), "eval_queues": (int, 1), "precision": (str, "float32"), "save_every": (int, 0),
                 "processes": (int, 1), "threads": (int, 1), "retries": (int, 3), "env": (dict, {}),
                 "allow_emulated": (bool, False), "planner": (STRS, None), "tokens_per_s": (float, None),
-                "launch_flags": (STRS, [])},
+                "launch_flags": (STRS, []), "keep_checkpoints": (bool, False)},
     "references": {"source": (str, ""), "values": (dict, {})},
     "tables": {"title": (str, None), "notes": (str, ""), "loss_curves": (bool, True), "layers_reference": (str, None),
                "curves": (STRS, []), "item_checks": (STRS, [])},

@@ -141,6 +141,10 @@ def build(study, results_dir):
     for name, con in study["contrasts"].items():
         terms = [(t, coef, term_runs(study, t, con["seeds"])) for t, coef in con["terms"].items()]
         out["contrasts"][name] = {m: contrast(results, terms, m, res) for m in con["measures"]}
+        for m, r in out["contrasts"][name].items():  # the reference's own contrast, where it has every term's cell
+            refs = [study["references"]["values"].get(t, {}).get(m) for t in con["terms"]]
+            if r is not None and None not in refs:
+                r["reference"] = sum(c * float(str(v).lstrip("~")) for c, v in zip(con["terms"].values(), refs))
     floor = 1.0 / (res["B"] + 1) + 1e-15
     for name, fam in study["families"].items():
         tests = [(c, m) for c in fam["contrasts"] for m in fam["measures"] or study["contrasts"][c]["measures"]]
@@ -278,7 +282,8 @@ def markdown(study, t):
                              f"{ph} | |")
                 continue
             vals = " | ".join(fmt(r["values"][n], measures[m]["cells"]) for n in con["terms"])
-            lines.append(f"| {label(m)} | {vals} | {r['delta']:+.3f} | [{r['lo']:+.3f}, {r['hi']:+.3f}] | "
+            ref = f" (reference {r['reference']:+.2f})" if "reference" in r else ""
+            lines.append(f"| {label(m)} | {vals} | {r['delta']:+.3f}{ref} | [{r['lo']:+.3f}, {r['hi']:+.3f}] | "
                          f"{common.fmt_p(r['p'], res['B'], 1 if r['p'] <= 1 / (res['B'] + 1) + 1e-15 else None)} | "
                          f"{ph} | {'+'.join(map(str, r['n']))} |")
     for name, rows in t["families"].items():

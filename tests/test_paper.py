@@ -1,7 +1,8 @@
-"""run_paper.sh and its two helpers: the table builder against hand-computed cells and differences, the plan's
-checks of bad input (one error, nothing written), the FSDP2 config it derives, the offline dry run, and (after
-`TINY=1 bash run_paper.sh`, as .ci/run does) that every stage of the TINY run left its outputs and the tables have
-every cell: `PAPER_TINY_OUT=runs/paper_tiny python -m pytest tests/test_paper.py -k tiny_outputs`."""
+"""run_paper.sh and its helpers: the paper study's tables (scripts/paper_plan.py's study file read by
+scripts/study_tables.py) against hand-computed cells and differences, the plan's checks of bad input (one error,
+nothing written), the FSDP2 config it derives, the offline dry run, and (after `TINY=1 bash run_paper.sh`, as
+.ci/run does) that every stage of the TINY run left its outputs and the tables have every cell:
+`PAPER_TINY_OUT=runs/paper_tiny python -m pytest tests/test_paper.py -k tiny_outputs`."""
 import json
 import os
 import subprocess
@@ -13,13 +14,14 @@ from conftest import REPO, make_tiny_model
 
 sys.path.insert(0, os.path.join(REPO, "scripts"))
 import paper_plan  # noqa: E402
-import paper_tables  # noqa: E402
+import study_tables  # noqa: E402
 from common import UserError  # noqa: E402
+from run_study import load_study  # noqa: E402
 
-NUMBERS = json.load(open(paper_tables.NUMBERS))["models"]["meta-llama/Llama-2-7b-hf"]
+NUMBERS = json.load(open(os.path.join(REPO, "scripts", "paper_numbers.json")))["models"]["meta-llama/Llama-2-7b-hf"]
 
 
-# ----------------------------------------------------------------------------- the table builder
+# ----------------------------------------------------------------------------- the tables
 
 
 def write_run(folder, run, cells):
@@ -38,93 +40,86 @@ def write_run(folder, run, cells):
             se = 0.5
         entry = dict(metric="f1" if metric == "f1_lang" else metric, score=score, stderr=se, aggregation=agg,
                      n=len(items), metrics={metric: dict(score=score, stderr=se)}, items_file=items_file, task=key,
-                     lang=lang)
+                     lang=lang, tgt_lang="zh")
         results.setdefault(key, {})[lang] = entry
     with open(os.path.join(folder, f"{run}.json"), "w") as f:
         json.dump(dict(format="dft-eval-run/1", run=run, model=run, results=results), f)
 
 
 def synthetic_out(tmp_path, shift=0.1):
-    """OUT of a zh-only run (base, sft, tft, dft-logits): every cell has 10 items; dft-logits scores every item of
-    every mean cell `shift` above tft, and its translations are tft's with one word more right."""
+    """OUT of a zh-only run (base, sft, tft, dft-logits) and its study file: every cell has 10 items; dft-logits
+    scores every item of every mean cell `shift` above tft, and its translations are tft's with one word more right."""
     out = tmp_path / "out"
     (out / "eval").mkdir(parents=True)
-    (out / "pairs").mkdir()
-    pairs = out / "pairs" / "pairs_zh.jsonl"
-    pairs.write_text('{"id": 1}\n{"id": 2}\n')
-    (out / "pairs" / "pairs_zh.dev.jsonl").write_text('{"id": 3}\n')
-    plan = dict(model="meta-llama/Llama-2-7b-hf", paper_model="meta-llama/Llama-2-7b-hf", tiny=False, langs=["zh"],
-                methods=["sft", "tft", "dft-logits"], limit=10, steps=None, sft_lang="zh",
-                data=[dict(lang="zh", file=str(pairs), source="shipped", deviation=None)])
-    (out / "plan.json").write_text(json.dumps(plan))
+    runs = [dict(run="sft", method="sft", lang="zh")] + [dict(run=f"{m}-zh", method=m, lang="zh")
+                                                       for m in ("tft", "dft-logits")]
+    plan = dict(model="meta-llama/Llama-2-7b-hf", paper_model="meta-llama/Llama-2-7b-hf", tiny=False, out=str(out),
+                langs=["zh"], methods=["sft", "tft", "dft-logits"], limit=10, steps=None, pairs_limit=None,
+                preset="llama2-7b", lc_layer=None, et_layer=None, nproc=1, gpus=0, fsdp=False, save_every=200,
+                keep_checkpoints=False, bootstrap=300, mt_model="m", runs=runs,
+                data=[dict(lang="zh", route="shipped", file=str(out / "pairs_zh.jsonl"))])
+    (out / "paper.toml").write_text(paper_plan.study_file(plan))
     base = [0.0, 0.2, 0.4, 0.5, 0.1, 0.3, 0.2, 0.0, 0.4, 0.3]
     golds = ["the cat sat on the mat", "a dog runs", "rain falls today", "he reads books", "we eat rice"] * 2
     preds_tft = ["the cat", "a cat runs", "rain", "he books", "we rice"] * 2
     preds_dft = ["the cat sat", "a dog runs", "rain falls", "he reads books", "we eat"] * 2
-    for run, bump, preds in (("base", 0, preds_tft), ("sft", 0, preds_tft), ("tft", 0, preds_tft),
-                             ("dft-logits", shift, preds_dft)):
+    for run, bump, preds in (("base", 0, preds_tft), ("sft", 0, preds_tft), ("tft-zh", 0, preds_tft),
+                             ("dft-logits-zh", shift, preds_dft)):
         cells = {}
-        for table in (paper_tables.QA, paper_tables.NLU):
-            for task, _, metric, langs in table:
-                if "zh" in langs:
-                    cells[(task, "zh")] = ("mean", metric, [dict(id=i, scores={metric: v + bump})
-                                                            for i, v in enumerate(base)])
+        for task, _, metric, langs in paper_plan.QA + paper_plan.NLU:
+            if "zh" in langs:
+                cells[(task, "zh")] = ("mean", metric, [dict(id=i, scores={metric: v + bump})
+                                                        for i, v in enumerate(base)])
         cells[("mgsm", "zh")] = ("mean", "flexible_extract",
                                  [dict(id=i, scores={"flexible_extract": v + bump}) for i, v in enumerate(base)])
         for direction in ("en-zh", "zh-en"):
             cells[("translation", direction)] = ("corpus", "chrf", [dict(id=i, prediction=p, gold=g)
                                                                     for i, (p, g) in enumerate(zip(preds, golds))])
-        name = run if run in ("base", "sft") else f"{run}-zh"
-        write_run(out / "eval", name, cells)
+        write_run(out / "eval", run, cells)
     return out
 
 
 def test_tables_cells_paper_numbers_and_differences(tmp_path):
     out = synthetic_out(tmp_path)
-    paper_tables.main(["--out", str(out), "--bootstrap", "300"])
-    result = json.load(open(out / "paper_tables.json"))
-    text = (out / "paper_tables.md").read_text()
-    cells = {(c["table"], c["row"], c["task"], c["lang"]): c for c in result["cells"]}
-    # every cell of every table, for every row: 4 QA + 4 NLU + 2 translation + MGSM, times 4 rows
-    assert len(cells) == 4 * 11 and all(c["ours"] is not None for c in cells.values())
+    study = load_study(str(out / "paper.toml"), check_flags=False)
+    result = study_tables.build(study, str(out))
+    text = study_tables.markdown(study, result)
+    # every measure of every row: 4 QA + 4 NLU + the NLU average + 2 translation + MGSM, times 4 rows
+    assert len(study["measures"]) == 12 and all(v is not None for row in result["runs"].values() for v in row.values())
     mean = sum([0.0, 0.2, 0.4, 0.5, 0.1, 0.3, 0.2, 0.0, 0.4, 0.3]) / 10 * 100
-    c = cells[("qa", "tft", "xquad", "zh")]
-    assert c["ours"] == pytest.approx(mean) and c["stderr"] == pytest.approx(1.0) and c["n"] == 10
-    assert c["paper"] == NUMBERS["qa"]["tft"]["xquad"]["zh"] == 23.41 and not c["paper_reading"]
-    assert cells[("qa", "sft", "xquad", "zh")]["paper"] is None  # a `?` cell stays empty, never guessed
-    reading = cells[("qa", "sft", "truthfulqa", "zh")]
-    assert reading["paper"] == 33.16 and reading["paper_reading"] and "(~33.16)" in text
-    assert cells[("qa", "base", "xquad", "zh")]["paper"] is None  # the paper has no base row
-    assert cells[("translation", "tft", "translation", "en-zh")]["paper"] == 68.37
-    assert cells[("translation", "dft-logits", "translation", "en-zh")]["paper"] is None  # Table 4 has no full DFT
-    assert result["nlu_avg"]["dft-logits"]["ours"] == pytest.approx(mean + 10)
-    assert result["nlu_avg"]["tft"]["paper"] == 46.09 and not result["nlu_avg"]["tft"]["complete"]  # zh only: 4 cells
-    diffs = {(d["table"], d["task"], d["lang"]): d for d in result["differences"]}
-    assert {d["row"] for d in result["differences"]} == {"dft-logits"}
+    assert result["runs"]["tft-zh"]["xquad_zh"] == (pytest.approx(mean), pytest.approx(1.0))
+    refs = study["references"]["values"]
+    assert refs["tft-zh"]["xquad_zh"] == NUMBERS["qa"]["tft"]["xquad"]["zh"] == 23.41 and f"{mean:.2f} ± 1.00 (23.41)" in text
+    assert "xquad_zh" not in refs["sft"]  # a `?` cell stays empty, never guessed
+    assert refs["sft"]["truthfulqa_zh"] == "~33.16" and "(~33.16)" in text  # a reading of a garbled cell
+    assert "base" not in refs  # the paper has no base row
+    assert refs["tft-zh"]["chrf_en-zh"] == 68.37 and "chrf_en-zh" not in refs.get("dft-logits-zh", {})  # Table 4
+    assert result["runs"]["dft-logits-zh"]["nlu_zh"][0] == pytest.approx(mean + 10)
+    diffs = result["contrasts"]["dft-logits-zh"]
+    assert set(result["contrasts"]) == {"dft-logits-zh"}
     # every item +0.1: the difference is +10 points and every resample agrees, so the interval is the point
-    for key in (("qa", "xquad", "zh"), ("nlu", "xnli", "zh"), ("mgsm", "mgsm", "zh"), ("nlu", "avg", "")):
-        d = diffs[key]
-        assert d["delta"] == pytest.approx(10) and d["low"] == pytest.approx(10) and d["high"] == pytest.approx(10)
-    assert diffs[("nlu", "xnli", "zh")]["paper"] == pytest.approx(36.94 - 36.87)
-    assert diffs[("nlu", "avg", "")]["paper"] == pytest.approx(46.55 - 46.09) and diffs[("nlu", "avg", "")]["p"] is None
+    for m in ("xquad_zh", "xnli_zh", "mgsm_zh", "nlu_zh"):
+        assert diffs[m]["delta"] == pytest.approx(10) and diffs[m]["lo"] == pytest.approx(10) == diffs[m]["hi"]
+    assert diffs["xnli_zh"]["reference"] == pytest.approx(36.94 - 36.87)  # the paper's own difference beside ours
     # chrF: against sacrebleu's corpus score of the two runs' outputs; the interval brackets it
     from sacrebleu.metrics import CHRF
     golds = [r["gold"] for r in map(json.loads, open(out / "eval" / "tft-zh.translation.en-zh.jsonl"))]
     preds = {run: [r["prediction"] for r in map(json.loads, open(out / "eval" / f"{run}-zh.translation.en-zh.jsonl"))]
              for run in ("tft", "dft-logits")}
     ref = CHRF().corpus_score(preds["dft-logits"], [golds]).score - CHRF().corpus_score(preds["tft"], [golds]).score
-    d = diffs[("translation", "translation", "en-zh")]
-    assert ref > 0 and d["delta"] == pytest.approx(ref) and d["low"] <= ref <= d["high"] and d["p"] < 0.05
-    assert "no data" not in text and "| TFT | " in text and "Deviations from the paper's set-up" in text
-    assert "`" + result["data"][0]["sha256"] + "`" in text and result["data"][0]["train"] == 2
+    d = diffs["chrf_en-zh"]
+    assert ref > 0 and d["delta"] == pytest.approx(ref) and d["lo"] <= ref <= d["hi"] and d["p"] < 0.05
+    assert "In brackets: the paper, meta-llama/Llama-2-7b-hf: Tables 1, 2, 4" in text
 
 
-def test_tables_name_missing_cells_and_write_nothing(tmp_path):
+def test_tables_of_a_run_not_evaluated_yet_say_so(tmp_path):
     out = synthetic_out(tmp_path)
     os.remove(out / "eval" / "dft-logits-zh.json")
-    with pytest.raises(UserError, match=r"cell\(s\) have no result in .*dft-logits-zh xquad zh"):
-        paper_tables.main(["--out", str(out)])
-    assert not (out / "paper_tables.md").exists() and not (out / "paper_tables.json").exists()
+    study = load_study(str(out / "paper.toml"), check_flags=False)
+    result = study_tables.build(study, str(out))
+    assert all(v is None for v in result["runs"]["dft-logits-zh"].values())
+    assert all(r is None for r in result["contrasts"]["dft-logits-zh"].values())
+    assert "not yet run" in study_tables.markdown(study, result)
 
 
 # ----------------------------------------------------------------------------- the plan: bad input, FSDP config
@@ -171,8 +166,9 @@ def test_plan_writes_fsdp_config_with_the_models_decoder_layer(tmp_path, tiny_ge
     plan = json.load(open(out / "plan.json"))
     assert [r["run"] for r in plan["runs"]] == ["sft", "tft-zh", "dft-logits-zh", "dft-feature-zh"]
     assert plan["evals"] == ["base", "sft", "tft-zh", "dft-logits-zh", "dft-feature-zh"]
-    env = (out / "plan.env").read_text()
-    assert "PLAN_ROUTE_zh='shipped'" in env and f"PLAN_FSDP_CONFIG='{out}/fsdp.yaml'" in env
+    study = load_study(str(out / "paper.toml"), check_flags=False)  # what run_paper.sh hands to run_study.py
+    assert study["pairs"]["zh"]["flags"][:4] == ["--source", "alpaca", "--lang", "zh"]  # the shipped route
+    assert study["compute"]["launch_flags"] == ["--config_file", f"{out}/fsdp.yaml"] and study["compute"]["processes"] == 2
 
 
 def test_plan_throughput_from_a_gpu_timing(tmp_path):
@@ -243,16 +239,17 @@ def test_tiny_outputs():
         assert json.load(open(os.path.join(folder, "train_config.json")))["method"] == r["method"]
     for run in plan["evals"]:
         assert os.path.exists(os.path.join(out, "eval", f"{run}.json")), run
-    result = json.load(open(os.path.join(out, "paper_tables.json")))
-    rows = ["base"] + plan["methods"]
-    per_row = sum(sum(lang in langs for *_, langs in paper_tables.QA + paper_tables.NLU) + 2 + (lang == "zh")
-                  for lang in plan["langs"])  # the paper's QA and NLU cells, two translation directions, MGSM zh
-    assert len(result["cells"]) == len(rows) * per_row
-    empty = [c for c in result["cells"] if c["ours"] is None and not c["note"]]
-    assert not empty and all(c["n"] for c in result["cells"] if not c["note"])
-    with_data = sum(1 for c in result["cells"] if c["row"] == "tft" and not c["note"])
+    study = load_study(os.path.join(out, "paper.toml"), check_flags=False)
+    result = json.load(open(os.path.join(out, "tables.json")))
+    langs_of = lambda run: plan["langs"] if run in ("base", "sft") else [run.rsplit("-", 1)[1]]  # noqa: E731
+    for run in plan["evals"]:  # every run has every measure of its language(s): the paper's cells, translation, MGSM
+        cells = [m for m, v in study["measures"].items() if v["cells"][0].split()[1].split("-")[-1] in langs_of(run)
+                 or v["cells"][0].split()[1].split("-")[0] in langs_of(run)]
+        assert cells and all(result["runs"][run][m] is not None for m in cells), run
     for method in (m for m in plan["methods"] if m.startswith("dft")):  # every cell against tft + the NLU average
-        assert len([d for d in result["differences"] if d["row"] == method]) == with_data + 1
-    text = open(os.path.join(out, "paper_tables.md")).read()
-    for title in ("Table 1: QA", "Table 2: NLU", "Table 4: translation", "MGSM zh (ours", "Data actually used"):
+        for lang in plan["langs"]:
+            diffs = result["contrasts"][f"{method}-{lang}"]
+            assert f"nlu_{lang}" in diffs and all(d is not None for d in diffs.values())
+    text = open(os.path.join(out, "tables.md")).read()
+    for title in ("## Scores", "In brackets: the paper", "## Contrast dft-logits-zh"):
         assert title in text
