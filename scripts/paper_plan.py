@@ -382,6 +382,18 @@ def suite(langs):
         langs_of.split())])
 
 
+def deviations(p):
+    out = ["Deviations from the paper's set-up (docs/SCALING.md): MLQA dev and M-MMLU val splits, MKQA's MIA 2022 "
+           "subset (no vi), chrF on NTREX / Tatoeba instead of COMET on FLORES, Table 4 without full-DFT rows."]
+    out += [f"{d['lang']} pairs: {d['deviation']}." for d in p["data"] if d.get("deviation")]
+    out += [f"Only the first {p['limit']} items of each cell (LIMIT)."] * bool(p["limit"])
+    out += [f"{p['steps']} optimizer steps per run (STEPS) instead of the recipe's 3 epochs."] * bool(p["steps"])
+    if p["paper_model"] != p["model"]:
+        out.append(f"The paper's numbers shown are {p['paper_model']}'s, not the model trained here's."
+                   if p["paper_model"] else "Not one of the paper's models: no paper numbers are shown.")
+    return out
+
+
 def toml(value):
     return json.dumps(value, ensure_ascii=False)  # a JSON string or list of strings is TOML too
 
@@ -393,7 +405,8 @@ def study_file(p):
     limit = ["--limit", str(p["pairs_limit"])] if p["pairs_limit"] else []
     lines = [f"# The paper's matrix as run_paper.sh planned it (scripts/paper_plan.py); run by scripts/run_study.py",
              "[study]", f"question = {toml('Do the paper DFT gains over TFT reproduce on ' + p['model'] + '?')}",
-             f"results = {toml(out)}", f"work = {toml(out)}", f"model = {toml(p['model'])}"]
+             f"results = {toml(out)}", f"work = {toml(out)}", f"model = {toml(p['model'])}",
+             f"notes = {toml(' '.join(deviations(p)))}"]
     if tiny:
         lines += ["[[setup]]", 'name = "tiny_models"', f"command = {toml(['scripts/paper_tiny_models.py', '{work}/tiny_models'])}"]
     for d in p["data"]:
