@@ -670,7 +670,7 @@ def draw_counts(rng, sizes, resamples, draws="multinomial"):
     """Per cell, a (resamples, n) matrix of how often each of its n items is drawn (with replacement).
 
     multinomial: for each cell in turn, all resamples' counts at once (rng.multinomial); indices: for each
-    resample, for each cell, n indices (rng.integers), as common.paired_bootstrap drew them. Both schemes exist in
+    resample, for each cell, n indices (rng.integers), as 03 --compare draws them. Both schemes exist in
     committed tables; the same rng, sizes and scheme give the same draws."""
     import numpy as np
     if draws == "multinomial":
@@ -714,20 +714,6 @@ def bootstrap_se(cell, resamples=1000, seed=0):
     import numpy as np
     counts = next(draw_counts(np.random.default_rng(seed), [len(cell.ids)], resamples, "indices"))
     return float(np.std(cell.stat(counts), ddof=1))
-
-
-def paired_bootstrap(stat_a, stat_b, n, resamples=10000, seed=0):
-    """Old interface of scripts/make_table.py and scripts/paper_tables.py (they go with issue 35): B - A and p."""
-    import numpy as np
-    rng = np.random.default_rng(seed)
-    every = np.arange(n)
-    delta = stat_b(every) - stat_a(every)
-    extreme = 0
-    for _ in range(resamples):
-        idx = rng.integers(0, n, n)
-        d = stat_b(idx) - stat_a(idx)
-        extreme += abs(d - delta) >= abs(delta) - 1e-12
-    return delta, (extreme + 1) / (resamples + 1)
 
 
 def holm(pvalues, floors=None):
