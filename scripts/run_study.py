@@ -12,6 +12,7 @@ folder; a part is also finished when the results folder already holds its output
 training resumes from its checkpoint; a killed part is tried again (compute.retries). Never commits to git.
 """
 import argparse
+import fcntl
 import glob
 import gzip
 import math
@@ -115,6 +116,11 @@ class Runner:
         stats = train[:-len(".jsonl")] + ".stats.json"
         if os.path.exists(stats):
             copy(stats, self.results)
+        with open(os.path.join(self.results, "pairs.sha256"), "a+", encoding="utf-8") as f:  # what the runs saw
+            f.seek(0)
+            known = f.read()
+            f.write("".join(f"{common.sha256_file(x)}  {os.path.basename(x)}\n" for x in (train, dev)
+                            if os.path.exists(x) and f"  {os.path.basename(x)}\n" not in known))
 
     # ---- what is finished (also on a fresh checkout: the results folder)
 
@@ -152,10 +158,11 @@ class Runner:
         return [p for p in self.parts_of(run) if not self.part_published(run, p)]
 
     def needs_training(self, run):
+        """Trained here (its marker and its final model, a full model or a LoRA adapter, in the work folder), or
+        not needed: every evaluation of it is in the results folder (models are not committed)."""
         model = self.model_of(run)
-        ready = self.done(f"train_{run['name']}") and os.path.exists(os.path.join(model, "config.json") if
-                                                                          not os.path.exists(os.path.join(model, "adapter_config.json")) else model)
-        return run["train"] and bool(self.pending_evals(run)) and not ready
+        saved = any(os.path.exists(os.path.join(model, f)) for f in ("config.json", "adapter_config.json"))
+        return run["train"] and bool(self.pending_evals(run)) and not (self.done(f"train_{run['name']}") and saved)
 
     # ---- training
 
@@ -214,14 +221,27 @@ class Runner:
                 for f in glob.glob(os.path.join(out, f"{name}.layers.*.json")):
                     copy(f, os.path.join(self.results, "layers"))
                 continue
-            if os.path.samefile(work_eval, res_eval):  # results and work in one folder (run_paper.sh's OUT)
-                continue
-            copy(os.path.join(work_eval, name + ".json"), res_eval)
-            for f in glob.glob(os.path.join(work_eval, f"{name}.*.jsonl")):
-                with open(f, "rb") as src, gzip.GzipFile(os.path.join(res_eval, os.path.basename(f) + ".gz"), "wb",
-                                                         mtime=0) as dst:
-                    shutil.copyfileobj(src, dst)
+            if not os.path.samefile(work_eval, res_eval):  # results and work may be one folder (run_paper.sh's OUT)
+                self.publish_eval(run, work_eval, res_eval)
         return ok
+
+    def publish_eval(self, run, work_eval, res_eval):
+        """Per-item files gzipped, then the run JSON (what marks the part as done), each written atomically; the
+        parts' logs without progress bars as RUN.log."""
+        name = run["name"]
+        for f in glob.glob(os.path.join(work_eval, f"{name}.*.jsonl")):
+            with open(f, "rb") as src, common.atomic_open(os.path.join(res_eval, os.path.basename(f) + ".gz"),
+                                                          "wb") as raw:
+                with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as dst:  # as gzip -n
+                    shutil.copyfileobj(src, dst)
+        with open(os.path.join(work_eval, name + ".json"), "rb") as src, common.atomic_open(
+                os.path.join(res_eval, name + ".json"), "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        logs = [os.path.join(self.work, "logs", f"eval_{name}_{p['name']}.log") for p in self.parts_of(run)]
+        text = "".join(open(p, encoding="utf-8", errors="replace").read() for p in logs if os.path.exists(p))
+        with common.atomic_open(os.path.join(res_eval, name + ".log")) as f:
+            f.writelines(line + "\n" for line in text.replace("\r", "\n").splitlines()
+                         if line.strip() and "it/s]" not in line and "s/it]" not in line)
 
     def seed_work_eval(self, name, work_eval, res_eval):
         shutil.copy(os.path.join(res_eval, name + ".json"), work_eval)
@@ -235,6 +255,12 @@ class Runner:
         compute = self.study["compute"]
         for folder in (os.path.join(self.work, "logs"), os.path.join(self.work, "done"), self.results):
             os.makedirs(folder, exist_ok=True)
+        self.lock = open(os.path.join(self.work, ".driver.lock"), "w")
+        try:
+            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise UserError(f"another run_study.py drives {self.work} (it holds {self.work}/.driver.lock); wait for "
+                            "it to end, or stop it") from None
         to_train = [r for r in self.runs if self.needs_training(r)]
         to_eval = [r for r in self.runs if self.pending_evals(r)]
         for setup in self.study["setup"] if to_eval else []:
@@ -255,7 +281,11 @@ class Runner:
                     if not to_train:
                         return
                     run = to_train.pop(0)
-                ok = self.train(run)
+                try:
+                    ok = self.train(run)
+                except Exception as e:  # a broken part must not leave the queues waiting for this run
+                    self.say(f"train_{run['name']}: FAILED ({type(e).__name__}: {e})")
+                    ok = False
                 with self.cond:
                     (ready if ok else failed).add(run["name"])
                     results[f"train_{run['name']}"] = ok
@@ -273,7 +303,11 @@ class Runner:
                     if run is None:
                         return
                     claimed.add(run["name"])
-                results[f"eval_{run['name']}"] = self.evaluate(run)
+                try:
+                    results[f"eval_{run['name']}"] = self.evaluate(run)
+                except Exception as e:
+                    self.say(f"eval_{run['name']}: FAILED ({type(e).__name__}: {e})")
+                    results[f"eval_{run['name']}"] = False
 
         threads = [threading.Thread(target=lane) for _ in range(compute["lanes"])]
         threads += [threading.Thread(target=queue) for _ in range(compute["eval_queues"])]

@@ -225,6 +225,10 @@ def load_study(path, check_flags=True):
                    "evaluation.parts", "name", f"evaluation part name {part['name']!r} is missing, not a file name, or "
                    "used twice", "give each [[evaluation.parts]] a unique name", nth)
         check.names(part["runs"], "evaluation.parts", "runs", run_names, "run", nth)
+        covered = [r for r in runs.values() if part["runs"] is None or {r["name"], r["group"]} & set(part["runs"])]
+        for r in covered if any("{dev}" in f or "{pairs}" in f for f in part["flags"]) else []:
+            check.need(r["pairs"], "evaluation.parts", "flags", f"part {part['name']} uses {{dev}} or {{pairs}}, but "
+                       f"run {r['name']} has no pair set", f"set pairs = \"...\" in [runs.{r['group']}]", nth)
     keys = sorted({key for spec in load_stage("03_evaluate").TASKS.values() for key in spec.result_keys})
     for name, m in study["measures"].items():
         check.need(m["cells"], f"measures.{name}", "cells", f"measures.{name} has no cells",
