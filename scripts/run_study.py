@@ -397,7 +397,7 @@ def main(argv=None):
     import torch
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if (study["compute"]["precision"] == "bf16" and not study["compute"]["allow_emulated"]
-            and any(runner.needs_training(r) for r in runner.runs) and not common.native_bf16(device)):
+            and any(runner.pending_evals(r) for r in runner.runs) and not common.native_bf16(device)):
         raise UserError(f"this machine ({device}) does not compute bf16 natively (no CUDA Ampere+, no AMX / "
                         "AVX512-BF16 CPU): the study's bf16 recipe would be emulated; run it where bf16 is native, "
                         "or set allow_emulated = true in [compute]")
