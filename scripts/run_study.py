@@ -49,8 +49,10 @@ class Runner:
     def __init__(self, study, results, work, only=()):
         self.study, self.results, self.work = study, results, work
         self.values = dict(work=work, results=results)
-        self.runs = [r for r in study.runs_expanded.values()
-                     if not r["reuse"] and (not only or r["name"] in only or r["group"] in only)]
+        chosen = {n for n, r in study.runs_expanded.items() if not only or n in only or r["group"] in only}
+        for r in reversed(list(study.runs_expanded.values())):  # and the runs they come after (defined above them)
+            chosen |= set(r["after"]) if r["name"] in chosen else set()
+        self.runs = [r for n, r in study.runs_expanded.items() if n in chosen and not r["reuse"]]
         self.cond, self.log_lock = threading.Condition(), threading.Lock()
 
     def say(self, text):
@@ -125,8 +127,10 @@ class Runner:
     # ---- what is finished (also on a fresh checkout: the results folder)
 
     def model_of(self, run):
+        """The model a run is evaluated with: its own training's folder, else its model ({seed}, {run} allowed:
+        e.g. another run's folder, {work}/train/tft-s{seed})."""
         if not run["train"]:
-            return fill([run["model"]], self.values)[0]
+            return fill([run["model"]], dict(self.values, seed=run["seed"], run=run["name"]))[0]
         return os.path.join(self.work, "train", run["name"])
 
     def parts_of(self, run):
@@ -158,11 +162,14 @@ class Runner:
         return [p for p in self.parts_of(run) if not self.part_published(run, p)]
 
     def needs_training(self, run):
-        """Trained here (its marker and its final model, a full model or a LoRA adapter, in the work folder), or
-        not needed: every evaluation of it is in the results folder (models are not committed)."""
-        model = self.model_of(run)
-        saved = any(os.path.exists(os.path.join(model, f)) for f in ("config.json", "adapter_config.json"))
-        return run["train"] and bool(self.pending_evals(run)) and not (self.done(f"train_{run['name']}") and saved)
+        """Not trained here (its marker and its output folder in the work folder) and needed: an evaluation of it,
+        or of a run that comes after it, is not in the results folder yet (models are not committed)."""
+        trained = self.done(f"train_{run['name']}") and os.path.isdir(self.model_of(run))
+        return run["train"] and not trained and self.needed(run)
+
+    def needed(self, run):
+        after_it = [r for r in self.study.runs_expanded.values() if run["name"] in r["after"] and not r["reuse"]]
+        return bool(self.pending_evals(run)) or any(self.needed(r) for r in after_it)
 
     # ---- training
 
@@ -174,7 +181,7 @@ class Runner:
         values = dict(self.values, pairs=train, dev=dev, run=run["name"], seed=run["seed"])
         flags = fill(self.study["train"]["flags"] + run["flags"], values)
         argv = self.stage("02_train_dft.py", compute["processes"], "accelerate") + [
-            "--pairs", train, "--out", folder, "--model", fill([run["model"]], self.values)[0]]
+            "--pairs", train, "--out", folder, "--model", fill([run["model"]], values)[0]]
         if run["seed"] is not None:
             argv += ["--seed", str(run["seed"])]
         if "--mixed-precision" not in flags:
@@ -272,15 +279,25 @@ class Runner:
         skipped = [r["name"] for r in self.runs if r not in to_eval]
         if skipped:
             self.say(f"finished before, skipped: {', '.join(skipped)}")
-        ready = {r["name"] for r in to_eval if r not in to_train}
+        ready = set(self.study.runs_expanded) - {r["name"] for r in to_train}
         failed, claimed, results = set(), set(), {}
+
+        def usable(run):  # None: wait; False: a run it comes after failed
+            return False if failed & set(run["after"]) else True if ready >= set(run["after"]) else None
 
         def lane():
             while True:
                 with self.cond:
+                    while to_train and all(usable(r) is None for r in to_train):
+                        self.cond.wait()
                     if not to_train:
                         return
-                    run = to_train.pop(0)
+                    run = next(r for r in to_train if usable(r) is not None)
+                    to_train.remove(run)
+                    if not usable(run):
+                        failed.add(run["name"])
+                        self.cond.notify_all()
+                        continue
                 try:
                     ok = self.train(run)
                 except Exception as e:  # a broken part must not leave the queues waiting for this run
@@ -295,8 +312,9 @@ class Runner:
             while True:
                 with self.cond:
                     while True:
+                        failed.update(r["name"] for r in to_eval if usable(r) is False)
                         waiting = [r for r in to_eval if r["name"] not in claimed and r["name"] not in failed]
-                        run = next((r for r in waiting if r["name"] in ready), None)
+                        run = next((r for r in waiting if r["name"] in ready and usable(r)), None)
                         if run or not waiting:
                             break
                         self.cond.wait()

@@ -34,7 +34,7 @@ SCHEMA = {
     "train": {"flags": (STRS, [])},
     "runs": {"flags": (STRS, []), "seeds": (INTS, None), "seed": (int, None), "pairs": (str, None),
              "model": (str, None), "train": (bool, True), "reuse": (str, None), "stored_as": (str, None),
-             "label": (str, None)},
+             "label": (str, None), "after": (STRS, [])},
     "evaluation": {"flags": (STRS, []), "parts": (list, [])},
     "evaluation.parts": {"name": (str, None), "flags": (STRS, []), "runs": (STRS, None), "analysis": (bool, False)},
     "measures": {"label": (str, None), "cells": (STRS, None), "metric": (str, None)},
@@ -167,11 +167,14 @@ def expand_runs(study, check):
         pairs = r["pairs"] or (pair_sets[0] if len(pair_sets) == 1 else None)
         if r["train"] and not r["reuse"]:
             check.names([pairs], section, "pairs", pair_sets, "pairs")
+        check.names(r["after"], section, "after", list(groups) + list(runs), "run defined above it")
         groups[name] = []
         for seed in r["seeds"] if r["seeds"] is not None else [r["seed"]]:
             run = name if r["seeds"] is None else f"{name}-s{seed}"
             check.need(run not in runs, section, None, f"run {run} is defined twice", "rename one of them")
-            runs[run] = dict(name=run, group=name, seed=seed, flags=r["flags"], pairs=pairs, train=r["train"],
+            after = [d for a in r["after"] for d in (groups.get(a, [a])) if runs[d]["seed"] == seed or not any(
+                runs[x]["seed"] == seed for x in groups.get(a, [a]))]  # a group: its run of this seed, else all
+            runs[run] = dict(name=run, group=name, seed=seed, flags=r["flags"], pairs=pairs, train=r["train"], after=after,
                              model=r["model"] or study["study"]["model"], reuse=r["reuse"], label=r["label"] or run,
                              stored_as=(r["stored_as"] or run).format(seed=seed, run=run, name=name))
             groups[name].append(run)
