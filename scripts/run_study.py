@@ -53,7 +53,7 @@ class Runner:
         for r in reversed(list(study.runs_expanded.values())):  # and the runs they come after (defined above them)
             chosen |= set(r["after"]) if r["name"] in chosen else set()
         self.runs = [r for n, r in study.runs_expanded.items() if n in chosen and not r["reuse"]]
-        self.cond, self.log_lock = threading.Condition(), threading.Lock()
+        self.cond, self.log_lock, self.stopping = threading.Condition(), threading.Lock(), threading.Event()
 
     def say(self, text):
         line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {text}"
@@ -74,6 +74,8 @@ class Runner:
                    **{k: str(v) for k, v in compute["env"].items()}, **(env_extra or {}))
         log = os.path.join(self.work, "logs", name + ".log")
         for attempt in range(1, compute["retries"] + 1):
+            if self.stopping.is_set():  # Ctrl-C: no new attempt (the stage got the signal too)
+                return False
             argv_now = argv() if callable(argv) else argv
             self.say(f"{name}: start" + (f" (attempt {attempt})" if attempt > 1 else ""))
             t0 = time.time()
@@ -331,8 +333,20 @@ class Runner:
         threads += [threading.Thread(target=queue) for _ in range(compute["eval_queues"])]
         for t in threads:
             t.start()
-        for t in threads:
-            t.join()
+        try:
+            for t in threads:
+                while t.is_alive():
+                    t.join(0.5)
+        except KeyboardInterrupt:
+            self.stopping.set()
+            self.say("interrupted: no new part starts; a rerun resumes (stopped trainings from their checkpoints)")
+            with self.cond:
+                to_train.clear()
+                failed.update(r["name"] for r in to_eval)
+                self.cond.notify_all()
+            for t in threads:
+                t.join()
+            raise SystemExit(130) from None
         bad = sorted(k for k, ok in results.items() if not ok)
         self.say("study: " + (f"{len(bad)} part(s) failed: {', '.join(bad)}; rerun to try them again" if bad
                               else "every part finished"))
