@@ -12,6 +12,7 @@ folder; a part is also finished when the results folder already holds its output
 training resumes from its checkpoint; a killed part is tried again (compute.retries). Never commits to git.
 """
 import argparse
+import fcntl
 import glob
 import gzip
 import math
@@ -48,9 +49,11 @@ class Runner:
     def __init__(self, study, results, work, only=()):
         self.study, self.results, self.work = study, results, work
         self.values = dict(work=work, results=results)
-        self.runs = [r for r in study.runs_expanded.values()
-                     if not r["reuse"] and (not only or r["name"] in only or r["group"] in only)]
-        self.cond, self.log_lock = threading.Condition(), threading.Lock()
+        chosen = {n for n, r in study.runs_expanded.items() if not only or n in only or r["group"] in only}
+        for r in reversed(list(study.runs_expanded.values())):  # and the runs they come after (defined above them)
+            chosen |= set(r["after"]) if r["name"] in chosen else set()
+        self.runs = [r for n, r in study.runs_expanded.items() if n in chosen and not r["reuse"]]
+        self.cond, self.log_lock, self.stopping = threading.Condition(), threading.Lock(), threading.Event()
 
     def say(self, text):
         line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {text}"
@@ -71,6 +74,8 @@ class Runner:
                    **{k: str(v) for k, v in compute["env"].items()}, **(env_extra or {}))
         log = os.path.join(self.work, "logs", name + ".log")
         for attempt in range(1, compute["retries"] + 1):
+            if self.stopping.is_set():  # Ctrl-C: no new attempt (the stage got the signal too)
+                return False
             argv_now = argv() if callable(argv) else argv
             self.say(f"{name}: start" + (f" (attempt {attempt})" if attempt > 1 else ""))
             t0 = time.time()
@@ -115,12 +120,19 @@ class Runner:
         stats = train[:-len(".jsonl")] + ".stats.json"
         if os.path.exists(stats):
             copy(stats, self.results)
+        with open(os.path.join(self.results, "pairs.sha256"), "a+", encoding="utf-8") as f:  # what the runs saw
+            f.seek(0)
+            known = f.read()
+            f.write("".join(f"{common.sha256_file(x)}  {os.path.basename(x)}\n" for x in (train, dev)
+                            if os.path.exists(x) and f"  {os.path.basename(x)}\n" not in known))
 
     # ---- what is finished (also on a fresh checkout: the results folder)
 
     def model_of(self, run):
+        """The model a run is evaluated with: its own training's folder, else its model ({seed}, {run} allowed:
+        e.g. another run's folder, {work}/train/tft-s{seed})."""
         if not run["train"]:
-            return fill([run["model"]], self.values)[0]
+            return fill([run["model"]], dict(self.values, seed=run["seed"], run=run["name"]))[0]
         return os.path.join(self.work, "train", run["name"])
 
     def parts_of(self, run):
@@ -152,10 +164,14 @@ class Runner:
         return [p for p in self.parts_of(run) if not self.part_published(run, p)]
 
     def needs_training(self, run):
-        model = self.model_of(run)
-        ready = self.done(f"train_{run['name']}") and os.path.exists(os.path.join(model, "config.json") if
-                                                                          not os.path.exists(os.path.join(model, "adapter_config.json")) else model)
-        return run["train"] and bool(self.pending_evals(run)) and not ready
+        """Not trained here (its marker and its output folder in the work folder) and needed: an evaluation of it,
+        or of a run that comes after it, is not in the results folder yet (models are not committed)."""
+        trained = self.done(f"train_{run['name']}") and os.path.isdir(self.model_of(run))
+        return run["train"] and not trained and self.needed(run)
+
+    def needed(self, run):
+        after_it = [r for r in self.study.runs_expanded.values() if run["name"] in r["after"] and not r["reuse"]]
+        return bool(self.pending_evals(run)) or any(self.needed(r) for r in after_it)
 
     # ---- training
 
@@ -167,7 +183,7 @@ class Runner:
         values = dict(self.values, pairs=train, dev=dev, run=run["name"], seed=run["seed"])
         flags = fill(self.study["train"]["flags"] + run["flags"], values)
         argv = self.stage("02_train_dft.py", compute["processes"], "accelerate") + [
-            "--pairs", train, "--out", folder, "--model", fill([run["model"]], self.values)[0]]
+            "--pairs", train, "--out", folder, "--model", fill([run["model"]], values)[0]]
         if run["seed"] is not None:
             argv += ["--seed", str(run["seed"])]
         if "--mixed-precision" not in flags:
@@ -214,14 +230,27 @@ class Runner:
                 for f in glob.glob(os.path.join(out, f"{name}.layers.*.json")):
                     copy(f, os.path.join(self.results, "layers"))
                 continue
-            if os.path.samefile(work_eval, res_eval):  # results and work in one folder (run_paper.sh's OUT)
-                continue
-            copy(os.path.join(work_eval, name + ".json"), res_eval)
-            for f in glob.glob(os.path.join(work_eval, f"{name}.*.jsonl")):
-                with open(f, "rb") as src, gzip.GzipFile(os.path.join(res_eval, os.path.basename(f) + ".gz"), "wb",
-                                                         mtime=0) as dst:
-                    shutil.copyfileobj(src, dst)
+            if not os.path.samefile(work_eval, res_eval):  # results and work may be one folder (run_paper.sh's OUT)
+                self.publish_eval(run, work_eval, res_eval)
         return ok
+
+    def publish_eval(self, run, work_eval, res_eval):
+        """Per-item files gzipped, then the run JSON (what marks the part as done), each written atomically; the
+        parts' logs without progress bars as RUN.log."""
+        name = run["name"]
+        for f in glob.glob(os.path.join(work_eval, f"{name}.*.jsonl")):
+            with open(f, "rb") as src, common.atomic_open(os.path.join(res_eval, os.path.basename(f) + ".gz"),
+                                                          "wb") as raw:
+                with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as dst:  # as gzip -n
+                    shutil.copyfileobj(src, dst)
+        with open(os.path.join(work_eval, name + ".json"), "rb") as src, common.atomic_open(
+                os.path.join(res_eval, name + ".json"), "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        logs = [os.path.join(self.work, "logs", f"eval_{name}_{p['name']}.log") for p in self.parts_of(run)]
+        text = "".join(open(p, encoding="utf-8", errors="replace").read() for p in logs if os.path.exists(p))
+        with common.atomic_open(os.path.join(res_eval, name + ".log")) as f:
+            f.writelines(line + "\n" for line in text.replace("\r", "\n").splitlines()
+                         if line.strip() and "it/s]" not in line and "s/it]" not in line)
 
     def seed_work_eval(self, name, work_eval, res_eval):
         shutil.copy(os.path.join(res_eval, name + ".json"), work_eval)
@@ -235,6 +264,12 @@ class Runner:
         compute = self.study["compute"]
         for folder in (os.path.join(self.work, "logs"), os.path.join(self.work, "done"), self.results):
             os.makedirs(folder, exist_ok=True)
+        self.lock = open(os.path.join(self.work, ".driver.lock"), "w")
+        try:
+            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise UserError(f"another run_study.py drives {self.work} (it holds {self.work}/.driver.lock); wait for "
+                            "it to end, or stop it") from None
         to_train = [r for r in self.runs if self.needs_training(r)]
         to_eval = [r for r in self.runs if self.pending_evals(r)]
         for setup in self.study["setup"] if to_eval else []:
@@ -246,16 +281,30 @@ class Runner:
         skipped = [r["name"] for r in self.runs if r not in to_eval]
         if skipped:
             self.say(f"finished before, skipped: {', '.join(skipped)}")
-        ready = {r["name"] for r in to_eval if r not in to_train}
+        ready = set(self.study.runs_expanded) - {r["name"] for r in to_train}
         failed, claimed, results = set(), set(), {}
+
+        def usable(run):  # None: wait; False: a run it comes after failed
+            return False if failed & set(run["after"]) else True if ready >= set(run["after"]) else None
 
         def lane():
             while True:
                 with self.cond:
+                    while to_train and all(usable(r) is None for r in to_train):
+                        self.cond.wait()
                     if not to_train:
                         return
-                    run = to_train.pop(0)
-                ok = self.train(run)
+                    run = next(r for r in to_train if usable(r) is not None)
+                    to_train.remove(run)
+                    if not usable(run):
+                        failed.add(run["name"])
+                        self.cond.notify_all()
+                        continue
+                try:
+                    ok = self.train(run)
+                except Exception as e:  # a broken part must not leave the queues waiting for this run
+                    self.say(f"train_{run['name']}: FAILED ({type(e).__name__}: {e})")
+                    ok = False
                 with self.cond:
                     (ready if ok else failed).add(run["name"])
                     results[f"train_{run['name']}"] = ok
@@ -265,22 +314,39 @@ class Runner:
             while True:
                 with self.cond:
                     while True:
+                        failed.update(r["name"] for r in to_eval if usable(r) is False)
                         waiting = [r for r in to_eval if r["name"] not in claimed and r["name"] not in failed]
-                        run = next((r for r in waiting if r["name"] in ready), None)
+                        run = next((r for r in waiting if r["name"] in ready and usable(r)), None)
                         if run or not waiting:
                             break
                         self.cond.wait()
                     if run is None:
                         return
                     claimed.add(run["name"])
-                results[f"eval_{run['name']}"] = self.evaluate(run)
+                try:
+                    results[f"eval_{run['name']}"] = self.evaluate(run)
+                except Exception as e:
+                    self.say(f"eval_{run['name']}: FAILED ({type(e).__name__}: {e})")
+                    results[f"eval_{run['name']}"] = False
 
         threads = [threading.Thread(target=lane) for _ in range(compute["lanes"])]
         threads += [threading.Thread(target=queue) for _ in range(compute["eval_queues"])]
         for t in threads:
             t.start()
-        for t in threads:
-            t.join()
+        try:
+            for t in threads:
+                while t.is_alive():
+                    t.join(0.5)
+        except KeyboardInterrupt:
+            self.stopping.set()
+            self.say("interrupted: no new part starts; a rerun resumes (stopped trainings from their checkpoints)")
+            with self.cond:
+                to_train.clear()
+                failed.update(r["name"] for r in to_eval)
+                self.cond.notify_all()
+            for t in threads:
+                t.join()
+            raise SystemExit(130) from None
         bad = sorted(k for k, ok in results.items() if not ok)
         self.say("study: " + (f"{len(bad)} part(s) failed: {', '.join(bad)}; rerun to try them again" if bad
                               else "every part finished"))
@@ -363,7 +429,7 @@ def main(argv=None):
     import torch
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if (study["compute"]["precision"] == "bf16" and not study["compute"]["allow_emulated"]
-            and any(runner.needs_training(r) for r in runner.runs) and not common.native_bf16(device)):
+            and any(runner.pending_evals(r) for r in runner.runs) and not common.native_bf16(device)):
         raise UserError(f"this machine ({device}) does not compute bf16 natively (no CUDA Ampere+, no AMX / "
                         "AVX512-BF16 CPU): the study's bf16 recipe would be emulated; run it where bf16 is native, "
                         "or set allow_emulated = true in [compute]")

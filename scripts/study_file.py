@@ -34,7 +34,7 @@ SCHEMA = {
     "train": {"flags": (STRS, [])},
     "runs": {"flags": (STRS, []), "seeds": (INTS, None), "seed": (int, None), "pairs": (str, None),
              "model": (str, None), "train": (bool, True), "reuse": (str, None), "stored_as": (str, None),
-             "label": (str, None)},
+             "label": (str, None), "after": (STRS, [])},
     "evaluation": {"flags": (STRS, []), "parts": (list, [])},
     "evaluation.parts": {"name": (str, None), "flags": (STRS, []), "runs": (STRS, None), "analysis": (bool, False)},
     "measures": {"label": (str, None), "cells": (STRS, None), "metric": (str, None)},
@@ -168,11 +168,14 @@ def expand_runs(study, check):
         pairs = r["pairs"] or (pair_sets[0] if len(pair_sets) == 1 else None)
         if r["train"] and not r["reuse"]:
             check.names([pairs], section, "pairs", pair_sets, "pairs")
+        check.names(r["after"], section, "after", list(groups) + list(runs), "run defined above it")
         groups[name] = []
         for seed in r["seeds"] if r["seeds"] is not None else [r["seed"]]:
             run = name if r["seeds"] is None else f"{name}-s{seed}"
             check.need(run not in runs, section, None, f"run {run} is defined twice", "rename one of them")
-            runs[run] = dict(name=run, group=name, seed=seed, flags=r["flags"], pairs=pairs, train=r["train"],
+            after = [d for a in r["after"] for d in (groups.get(a, [a])) if runs[d]["seed"] == seed or not any(
+                runs[x]["seed"] == seed for x in groups.get(a, [a]))]  # a group: its run of this seed, else all
+            runs[run] = dict(name=run, group=name, seed=seed, flags=r["flags"], pairs=pairs, train=r["train"], after=after,
                              model=r["model"] or study["study"]["model"], reuse=r["reuse"], label=r["label"] or run,
                              stored_as=(r["stored_as"] or run).format(seed=seed, run=run, name=name))
             groups[name].append(run)
@@ -226,6 +229,10 @@ def load_study(path, check_flags=True):
                    "evaluation.parts", "name", f"evaluation part name {part['name']!r} is missing, not a file name, or "
                    "used twice", "give each [[evaluation.parts]] a unique name", nth)
         check.names(part["runs"], "evaluation.parts", "runs", run_names, "run", nth)
+        covered = [r for r in runs.values() if part["runs"] is None or {r["name"], r["group"]} & set(part["runs"])]
+        for r in covered if any("{dev}" in f or "{pairs}" in f for f in part["flags"]) else []:
+            check.need(r["pairs"], "evaluation.parts", "flags", f"part {part['name']} uses {{dev}} or {{pairs}}, but "
+                       f"run {r['name']} has no pair set", f"set pairs = \"...\" in [runs.{r['group']}]", nth)
     keys = sorted({key for spec in load_stage("03_evaluate").TASKS.values() for key in spec.result_keys})
     for name, m in study["measures"].items():
         check.need(m["cells"], f"measures.{name}", "cells", f"measures.{name} has no cells",

@@ -115,18 +115,17 @@ def contrast(results, terms, measure, resampling):
     return dict(res, values=values)
 
 
-def fmt(x, measure_cells, signed=False):
-    """NLL to 3 decimals, everything else (%, chrF) to 2; differences to 3."""
+def fmt(x, measure_cells):
+    """A score: NLL to 3 decimals, everything else (%, chrF) to 2 (differences are printed to 3)."""
     if x is None:
         return "–"
-    nll = all(c.split()[0] == "nll" for c in measure_cells)
-    return f"{x:+.3f}" if signed else f"{x:.3f}" if nll else f"{x:.2f}"
+    return f"{x:.3f}" if all(c.split()[0] == "nll" for c in measure_cells) else f"{x:.2f}"
 
 
 def build(study, results_dir):
     results, res = Results(study, results_dir), study["resampling"]
     measures = study["measures"]
-    out = dict(study=study["study"]["name"], results_dir=results_dir, resampling=res, runs={}, groups={}, contrasts={}, families={},
+    out = dict(study=study["study"]["name"], resampling=res, runs={}, groups={}, contrasts={}, families={},
                spread=[], wall={}, references=study["references"])
     for run in study.runs_expanded:
         out["runs"][run] = {m: results.score(run, m) for m in measures}
@@ -232,7 +231,7 @@ def max_abs_diff(a, b):
     return 0.0
 
 
-def markdown(study, t):
+def markdown(study, t, results_dir):
     measures, res = study["measures"], study["resampling"]
     label = lambda m: measures[m]["label"] or m  # noqa: E731
     refs = study["references"]["values"]
@@ -316,7 +315,7 @@ def markdown(study, t):
         secs = lambda s: "–" if s is None else f"{s:.1f}"  # noqa: E731
         lines.append(f"| {run} | {w['steps'] or '–'} | {secs(w['train_s'])} | {secs(w['heldout_s'])} | "
                      f"{secs(w['eval_s'])} |")
-    lines += layer_tables(study, t["results_dir"])
+    lines += layer_tables(study, results_dir)
     for c in t["curves"]:
         lines += [f"\n## Held-out L_TFT (nats/token): {c['a']} beside {c['b']}\n",
                   f"| step | {c['b']} | {c['a']} | {c['a']} − {c['b']} |", "|---|---|---|---|"]
@@ -424,7 +423,7 @@ def main(argv=None):
     study = load_study(args.study, check_flags=False)
     out = os.path.abspath(args.out) if args.out else os.path.join(ROOT, study["study"]["results"])
     tables = build(study, out)
-    text = markdown(study, tables)
+    text = markdown(study, tables, out)
     os.makedirs(out, exist_ok=True)
     if study["tables"]["loss_curves"] and loss_curves(study, out, os.path.join(out, "loss_curves.png")):
         text += "\nLoss curves: `loss_curves.png` (held-out and training L_TFT per run; `loss_curves.md`).\n"

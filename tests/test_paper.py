@@ -83,7 +83,7 @@ def test_tables_cells_paper_numbers_and_differences(tmp_path):
     out = synthetic_out(tmp_path)
     study = load_study(str(out / "paper.toml"), check_flags=False)
     result = study_tables.build(study, str(out))
-    text = study_tables.markdown(study, result)
+    text = study_tables.markdown(study, result, str(out))
     # every measure of every row: 4 QA + 4 NLU + the NLU average + 2 translation + MGSM, times 4 rows
     assert len(study["measures"]) == 12 and all(v is not None for row in result["runs"].values() for v in row.values())
     mean = sum([0.0, 0.2, 0.4, 0.5, 0.1, 0.3, 0.2, 0.0, 0.4, 0.3]) / 10 * 100
@@ -119,7 +119,7 @@ def test_tables_of_a_run_not_evaluated_yet_say_so(tmp_path):
     result = study_tables.build(study, str(out))
     assert all(v is None for v in result["runs"]["dft-logits-zh"].values())
     assert all(r is None for r in result["contrasts"]["dft-logits-zh"].values())
-    assert "not yet run" in study_tables.markdown(study, result)
+    assert "not yet run" in study_tables.markdown(study, result, str(out))
 
 
 # ----------------------------------------------------------------------------- the plan: bad input, FSDP config

@@ -100,6 +100,31 @@ def test_resume_after_a_kill_mid_training(tiny):
     assert os.path.exists(os.path.join(results, "eval", "tft-s1.nll.zh.jsonl.gz"))
 
 
+def test_a_run_after_another_waits_for_its_model(tiny, tmp_path):
+    """A run evaluated with another run's model (train = false, model = {work}/train/tft-s{seed}, after = tft): on a
+    checkout where tft-s1 is evaluated but its model is gone, tft-s1 is trained again first, then the run is
+    evaluated with it; its items are tft-s1's."""
+    results, work, _ = tiny
+    study = tmp_path / "after.toml"
+    study.write_text(open(TINY, encoding="utf-8").read().replace("[evaluation]", """[runs.tft-again]
+train = false
+model = "{work}/train/tft-s{seed}"
+seeds = [1]
+after = ["tft"]
+
+[evaluation]"""), encoding="utf-8")
+    shutil.rmtree(os.path.join(work, "train", "tft-s1"))
+    done = runner(str(study), "--out", results, "--work", work, "--only", "tft-again")
+    assert done.returncode == 0, done.stdout + done.stderr
+    log = done.stdout
+    assert log.index("train_tft-s1: done") < log.index("eval_tft-again-s1_primary: start")
+    assert "eval_tft-s1_primary" not in log and "train_tft-s2" not in log  # evaluated before; not asked for
+    again, first = (common.read_items(os.path.join(results, "eval"), run, "nll", "zh") for run in ("tft-again-s1",
+                                                                                                 "tft-s1"))
+    assert [r["id"] for r in again] == [r["id"] for r in first]
+    assert [r["nll_sum"] for r in again] == pytest.approx([r["nll_sum"] for r in first], rel=1e-5)
+
+
 def test_a_failed_part_is_tried_again(tmp_path):
     study = run_study.load_study(TINY, check_flags=False)
     study["compute"]["retries"] = 2
