@@ -2,7 +2,7 @@
 """Do the study files reproduce the committed tables? Every number of each committed table against its regenerated
 version (scripts/study_tables.py on the study file, written to a temporary folder); exit 0 only if all are equal.
 
-    python scripts/check_studies.py                      # all four studies (minutes: 10,000 resamples each)
+    python scripts/check_studies.py                      # the three run studies (minutes: 10,000 resamples each)
     python scripts/check_studies.py gemma3 --keep /tmp/x # one study; keep the regenerated tables there
 
 Layout may differ (other columns, other order, more numbers); the numbers may not. A committed markdown table
@@ -54,10 +54,6 @@ def md_cells(text):
             body = re.sub(r"[A-Za-z][\w-]*\d[\w-]*", " ", s)  # names that carry digits (tft-s1, zh-en) are labels
             out += [(k + 1, NUMBER.findall(part)) for part in re.split(r"[;,](?![^\[]*\])", body)]
     return [(k, nums) for k, nums in out if nums]
-
-
-def md_numbers(text):
-    return [(k, n) for k, nums in md_cells(text) for n in nums]
 
 
 def json_numbers(obj):
@@ -162,8 +158,6 @@ def regenerate(study, out):
     """scripts/study_tables.py on the study file, into out (which links to the results folder's eval/ and train/:
     the tables read the committed results and write beside them); its stderr on failure."""
     script = os.path.join(ROOT, "scripts", "study_tables.py")
-    if not os.path.exists(script):
-        return "scripts/study_tables.py does not exist yet"
     results = os.path.join(ROOT, tomllib.load(open(os.path.join(ROOT, "studies", study + ".toml"), "rb"))["study"]
                            .get("results", f"results/{study}"))
     os.makedirs(out, exist_ok=True)
