@@ -464,17 +464,6 @@ def mean_stderr(values):
     return mean, math.sqrt(var / n)
 
 
-def ratio_stderr(sums, counts):
-    """Token-weighted mean sum(s)/sum(t) and its standard error over items (delta method)."""
-    n, total = len(sums), sum(counts)
-    r = sum(sums) / total
-    if n < 2:
-        return r, None
-    tbar = total / n
-    var = sum((s - r * t) ** 2 for s, t in zip(sums, counts)) / (n - 1)
-    return r, math.sqrt(var / n) / tbar
-
-
 def choose(lls):
     """lm-eval's prediction: np.argmax, the first of equal maxima."""
     return max(range(len(lls)), key=lambda i: (lls[i], -i))
@@ -622,22 +611,6 @@ def score_math(output, gold, lang, cot):
 def bleu_metrics(tgt_lang):
     from sacrebleu.metrics import BLEU, CHRF
     return BLEU(tokenize=BLEU_TOKENIZE.get(tgt_lang, "13a")), CHRF()
-
-
-def corpus_stat_fn(metric):
-    """Per-sentence sufficient statistics -> a function of item indices (bootstraps in milliseconds)."""
-    def make(hyps, refs):
-        import numpy as np
-        stats = np.array(metric._extract_corpus_statistics(hyps, [refs]), dtype=np.float64)
-        return lambda idx: metric._compute_score_from_stats(list(stats[idx].sum(0))).score
-    return make
-
-
-def bootstrap_stderr(stat, n, resamples=1000, seed=0):
-    import numpy as np
-    rng = np.random.default_rng(seed)
-    values = [stat(rng.integers(0, n, n)) for _ in range(resamples)]
-    return float(np.std(values, ddof=1))
 
 
 # -----------------------------------------------------------------------------
@@ -1399,9 +1372,8 @@ class TranslationTask(GenerationTask):
         hyps, refs = [r["prediction"] for r in rows], [r["gold"] for r in rows]
         metrics = {}
         for name, m in (("bleu", bleu), ("chrf", chrf)):
-            stat = corpus_stat_fn(m)(hyps, refs)
             metrics[name] = dict(score=m.corpus_score(hyps, [refs]).score,
-                                 stderr=bootstrap_stderr(stat, len(rows), 1000, args.seed),
+                                 stderr=common.bootstrap_se(common.ItemCell(rows, name, corpus=m), 1000, args.seed),
                                  signature=str(m.get_signature()))
         return dict(stops=stops, max_new_tokens=max_new, prompt_style=args.prompt_style, metric=self.metric,
                     score=metrics[self.metric]["score"], stderr=metrics[self.metric]["stderr"],
@@ -1434,7 +1406,9 @@ class NllTask(Task):
                      n_tokens=ll[0][1], scores={"nll": -ll[0][0] / ll[0][1]}) for it, ll in zip(items, lls)]
 
     def summarise(self, rows, lang, args):
-        nll, se = ratio_stderr([r["nll_sum"] for r in rows], [r["n_tokens"] for r in rows])
+        sums = torch.tensor([[r["nll_sum"]] for r in rows], dtype=torch.float64)
+        (nll,), (se,) = common.mean_and_se_over_sentences(sums, torch.tensor([r["n_tokens"] for r in rows]))
+        se = se if len(rows) > 1 else None
         return dict(metric=self.metric, score=nll, stderr=se, higher_is_better=False, aggregation="ratio",
                     scorer=self.scorer,
                     metrics={"nll": dict(score=nll, stderr=se), "perplexity": dict(score=math.exp(nll), stderr=None)})
@@ -1674,20 +1648,14 @@ def write_results_md(out_dir):
     return table
 
 
-def compare_stat(entry, rows):
-    """A function of item indices giving the run's statistic on those items (for the paired bootstrap)."""
-    import numpy as np
-    agg = entry["aggregation"]
-    if agg == "mean":
-        v = np.array([r["scores"][entry["metric"]] for r in rows], dtype=np.float64)
-        return lambda idx: float(v[idx].mean())
-    if agg == "ratio":
-        s = np.array([r["nll_sum"] for r in rows]), np.array([r["n_tokens"] for r in rows], dtype=np.float64)
-        return lambda idx: float(s[0][idx].sum() / s[1][idx].sum())
-    tgt = rows[0].get("tgt_lang")
-    bleu, chrf = bleu_metrics(tgt)
-    m = bleu if entry["metric"] == "bleu" else chrf
-    return corpus_stat_fn(m)([r["prediction"] for r in rows], [r["gold"] for r in rows])
+def item_cell(entry, rows):
+    """The run's cell as common.ItemCell: its statistic on any draw of its items (fractions, as the run JSON)."""
+    if entry["aggregation"] == "ratio":
+        return common.ItemCell(rows, "nll")
+    if entry["aggregation"] == "mean":
+        return common.ItemCell(rows, entry["metric"], percent=False)
+    bleu, chrf = bleu_metrics(entry.get("tgt_lang"))
+    return common.ItemCell(rows, entry["metric"], corpus=bleu if entry["metric"] == "bleu" else chrf)
 
 
 
@@ -1743,23 +1711,15 @@ def compare_runs(path_a, path_b, out_dir, resamples, seed, allow_mismatch=False)
                         "--allow-mismatch to compare their shared item ids anyway")
     table = []
     for task, lang, ea, eb, ra, rb, bad in cells:
-        by_b = {json.dumps(r["id"]): r for r in rb}
-        shared = [r["id"] for r in ra if json.dumps(r["id"]) in by_b]
-        if not shared:
+        cell_a, cell_b = item_cell(ea, ra), item_cell(eb, rb)
+        n = common.align_cells([[cell_a], [cell_b]])[0]  # the shared item ids, in A's order
+        if not n:
             print(f"[compare] {task} {lang}: no shared item ids, skipped")
             continue
-        by_a = {json.dumps(r["id"]): r for r in ra}
-        ra = [by_a[json.dumps(i)] for i in shared]
-        rb = [by_b[json.dumps(i)] for i in shared]
-        for r, e in ((ra, ea), (rb, eb)):
-            if e["aggregation"] == "corpus":
-                for row in r:
-                    row["tgt_lang"] = e.get("tgt_lang")
-        stat_a, stat_b = compare_stat(ea, ra), compare_stat(eb, rb)
-        delta, p = common.paired_bootstrap(stat_a, stat_b, len(shared), resamples, seed)
-        every = list(range(len(shared)))
-        table.append(dict(task=task, lang=lang, metric=ea["metric"], a=stat_a(every), b=stat_b(every), delta=delta,
-                          p=p, p_at_floor=p <= 1.0 / (resamples + 1) + 1e-15, n=len(shared), mismatch=bad,
+        res = common.contrast_bootstrap([(-1.0, [cell_a]), (1.0, [cell_b])], resamples, seed, draws="indices")
+        p = res["p"]
+        table.append(dict(task=task, lang=lang, metric=ea["metric"], a=cell_a.value(), b=cell_b.value(),
+                          delta=res["delta"], p=p, p_at_floor=p <= 1.0 / (resamples + 1) + 1e-15, n=n, mismatch=bad,
                           scale=100.0 if ea["aggregation"] == "mean" else 1.0))
     if not table:
         raise UserError(f"{path_a} and {path_b} share no item ids in any task x language")

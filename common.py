@@ -594,18 +594,131 @@ def lens_entropy_curve(model, tokenizer, texts, batch_size=8, max_length=256):
     return (totals / max(count, 1)).tolist()
 
 
-# ---- statistics shared by 03_evaluate.py and the analysis scripts ----
+# ---- statistics: the one resampling implementation (03_evaluate.py, the study scripts) ----
+
+
+def read_items(folder, run, task, lang):
+    """Per-item rows of one run's cell (RUN.TASK.LANG.jsonl, or .jsonl.gz), or None when there are none."""
+    path = os.path.join(folder, f"{run}.{task}.{lang}.jsonl")
+    return read_jsonl(path) if os.path.exists(path) or os.path.exists(path + ".gz") else None
+
+
+def load_runs(folder):
+    """{run name: run JSON} of the 03_evaluate.py run JSONs (RUN.json or RUN.json.gz) in folder."""
+    import glob
+    runs = {}
+    for path in sorted(glob.glob(os.path.join(folder, "*.json")) + glob.glob(os.path.join(folder, "*.json.gz"))):
+        try:
+            obj = read_json(path)
+        except UserError:
+            continue
+        if isinstance(obj, dict) and str(obj.get("format", "")).startswith("dft-eval-run") and obj.get("results"):
+            runs.setdefault(obj["run"], obj)
+    return runs
+
+
+class ItemCell:
+    """One run's items of one task x language as per-item sufficient statistics, so that the cell's statistic on
+    any multiset of its items is a function of counts @ stats: NLL = summed NLL / summed tokens; a per-item score
+    (accuracy, F1) = its mean (x 100 with percent); chrF / BLEU (corpus = a sacrebleu metric) = the corpus score of
+    the drawn sentences."""
+
+    def __init__(self, rows, metric, corpus=None, percent=True):
+        import numpy as np
+        self.ids = [json.dumps(r["id"]) for r in rows]
+        if metric == "nll":
+            self.stats = np.array([[r["nll_sum"], r["n_tokens"]] for r in rows], dtype=np.float64).reshape(-1, 2)
+            self.score = lambda sums, n: sums[:, 0] / sums[:, 1]
+        elif corpus is not None:
+            self.stats = np.array(corpus._extract_corpus_statistics([r.get("prediction") or "" for r in rows],
+                                                                    [[r["gold"] for r in rows]]), dtype=np.float64)
+            self.score = lambda sums, n: np.array([corpus._compute_score_from_stats(list(s)).score for s in sums])
+        else:  # runs scored before f1_lang existed stored it as f1
+            values = [r["scores"].get(metric, r["scores"].get("f1") if metric == "f1_lang" else None) for r in rows]
+            self.stats = np.array(values, dtype=np.float64).reshape(-1, 1)
+            scale = 100.0 if percent else 1.0
+            self.score = lambda sums, n: scale * sums[:, 0] / n
+
+    def reorder(self, ids):
+        pos = {i: k for k, i in enumerate(self.ids)}
+        self.stats, self.ids = self.stats[[pos[i] for i in ids]], list(ids)
+        return self
+
+    def stat(self, counts):
+        """counts: (R, n) multiplicities of the items (one row of ones: every item once) -> (R,) statistics."""
+        import numpy as np
+        sums = np.stack([counts @ self.stats[:, j] for j in range(self.stats.shape[1])], axis=1)
+        return self.score(sums, counts.sum(1))
+
+    def value(self):
+        import numpy as np
+        return float(self.stat(np.ones((1, len(self.ids))))[0])
+
+
+def align_cells(runs_cells):
+    """runs_cells: per run, its list of ItemCells (one per cell of a measure). Keeps in each cell the items every
+    run has, in the first run's order, so that one draw indexes the same items in all runs."""
+    for k in range(len(runs_cells[0])):
+        shared = set.intersection(*(set(cells[k].ids) for cells in runs_cells))
+        ids = [i for i in runs_cells[0][k].ids if i in shared]
+        for cells in runs_cells:
+            cells[k].reorder(ids)
+    return [len(c.ids) for c in runs_cells[0]]
+
+
+def draw_counts(rng, sizes, resamples, draws="multinomial"):
+    """Per cell, a (resamples, n) matrix of how often each of its n items is drawn (with replacement).
+
+    multinomial: for each cell in turn, all resamples' counts at once (rng.multinomial); indices: for each
+    resample, for each cell, n indices (rng.integers), as common.paired_bootstrap drew them. Both schemes exist in
+    committed tables; the same rng, sizes and scheme give the same draws."""
+    import numpy as np
+    if draws == "multinomial":
+        for n in sizes:
+            yield rng.multinomial(n, np.full(n, 1.0 / n), size=resamples).astype(np.float64)
+        return
+    out = [np.zeros((resamples, n)) for n in sizes]
+    for r in range(resamples):
+        for k, n in enumerate(sizes):
+            out[k][r] = np.bincount(rng.integers(0, n, n), minlength=n)
+    yield from out
+
+
+def bootstrap_p(boot, observed, resamples):
+    """The project's two-sided p: the share of resampled values at least as far from the observed one as the
+    observed one is from zero (the null-centred bootstrap), with the +1 correction; identical runs give p = 1."""
+    import numpy as np
+    return float((np.sum(np.abs(np.asarray(boot) - observed) >= abs(observed) - 1e-12) + 1) / (resamples + 1))
+
+
+def contrast_bootstrap(terms, resamples=10000, seed=1234, draws="multinomial"):
+    """A linear contrast sum_t c_t * statistic(run_t) of one measure, bootstrapped over items with ONE draw per
+    resample shared by every run. terms: [(c_t, [ItemCell per cell])], cells aligned (align_cells); a measure of
+    several cells is the mean of its cells, items drawn within each. Returns delta, 95% percentile interval (lo,
+    hi), p (bootstrap_p), n (items per cell) and boot (the resampled values)."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    sizes = [len(c.ids) for c in terms[0][1]]
+    boot, full = 0.0, 0.0
+    for k, counts in enumerate(draw_counts(rng, sizes, resamples, draws)):
+        ones = np.ones((1, sizes[k]))
+        boot = boot + sum(coef * cells[k].stat(counts) for coef, cells in terms) / len(sizes)
+        full = full + sum(coef * cells[k].stat(ones)[0] for coef, cells in terms) / len(sizes)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return dict(delta=float(full), lo=float(lo), hi=float(hi), p=bootstrap_p(boot, full, resamples), n=sizes,
+                boot=boot)
+
+
+def bootstrap_se(cell, resamples=1000, seed=0):
+    """Standard error of one cell's statistic: the sd of its bootstrap distribution (indices draws)."""
+    import numpy as np
+    counts = next(draw_counts(np.random.default_rng(seed), [len(cell.ids)], resamples, "indices"))
+    return float(np.std(cell.stat(counts), ddof=1))
 
 
 def paired_bootstrap(stat_a, stat_b, n, resamples=10000, seed=0):
-    """Observed difference B - A and its two-sided paired-bootstrap p-value.
-
-    Resample items with replacement (the same items for both runs); p = share of resampled differences at
-    least as far from the observed one as the observed one is from zero (the null-centred bootstrap),
-    with the usual +1 correction. Identical runs give p = 1.
-    """
-    import numpy as np  # numpy's generator: the resampling every committed p-value was computed with
-
+    """Old interface of scripts/make_table.py and scripts/paper_tables.py (they go with issue 35): B - A and p."""
+    import numpy as np
     rng = np.random.default_rng(seed)
     every = np.arange(n)
     delta = stat_b(every) - stat_a(every)

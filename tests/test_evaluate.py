@@ -92,7 +92,7 @@ def test_mgsm_scorers_strict_flexible_last():
 def test_mean_and_ratio_stderr():
     mean, se = ev.mean_stderr([1.0, 0.0, 1.0, 0.0])
     assert mean == 0.5 and se == pytest.approx((1 / 3) ** 0.5 / 2)
-    r, se = ev.ratio_stderr([2.0, 4.0], [1, 2])
+    (r,), (se,) = common.mean_and_se_over_sentences(torch.tensor([[2.0], [4.0]]), torch.tensor([1, 2]))
     assert r == 2.0 and se == 0.0
 
 
@@ -285,17 +285,20 @@ def test_dtype_auto_resolves_by_native_bf16(monkeypatch, capsys):
 
 
 def test_paired_bootstrap_known_cases():
-    import numpy as np
-    a = np.array([1.0, 0.0] * 50)
-    stat_a = lambda idx: float(a[idx].mean())  # noqa: E731
-    delta, p = common.paired_bootstrap(stat_a, stat_a, len(a), resamples=500, seed=1)
+    def cell(values):
+        return common.ItemCell([dict(id=i, scores=dict(acc=v)) for i, v in enumerate(values)], "acc", percent=False)
+
+    def compare(a, b):
+        res = common.contrast_bootstrap([(-1.0, [cell(a)]), (1.0, [cell(b)])], 500, 1, draws="indices")
+        return res["delta"], res["p"]
+    a = [1.0, 0.0] * 50
+    delta, p = compare(a, a)
     assert delta == 0.0 and p == pytest.approx(1.0)
-    b = np.ones(100)
-    delta, p = common.paired_bootstrap(stat_a, lambda idx: float(b[idx].mean()), 100, resamples=500, seed=1)
+    delta, p = compare(a, [1.0] * 100)
     assert delta == pytest.approx(0.5) and p < 0.01
-    small = a.copy()
+    small = list(a)
     small[1] = 1.0  # one item differs: no evidence
-    delta, p = common.paired_bootstrap(stat_a, lambda idx: float(small[idx].mean()), 100, resamples=500, seed=1)
+    delta, p = compare(a, small)
     assert delta == pytest.approx(0.01) and p > 0.2
 
 
@@ -417,8 +420,8 @@ def test_every_task_runs_every_language_of_its_data(task, tiny_llama, tokenizer,
     """Two items of every language of the row (shipped data; nll: a small pairs file; translation: NTREX and
     Tatoeba, both directions) through the plan, the loader and the row's runner on a tiny model."""
     spec = ev.TASKS[task]
-    bootstrap = ev.bootstrap_stderr  # BLEU's 1000 resamples per cell would be most of this test's time
-    monkeypatch.setattr(ev, "bootstrap_stderr", lambda stat, n, resamples, seed: bootstrap(stat, n, 20, seed))
+    bootstrap = common.bootstrap_se  # BLEU's 1000 resamples per cell would be most of this test's time
+    monkeypatch.setattr(common, "bootstrap_se", lambda cell, resamples, seed: bootstrap(cell, 20, seed))
     every = sorted(common.LANGUAGES)
     pairs = tmp_path / "dev.jsonl"
     pairs.write_text("".join(json.dumps(dict(id=f"{l}{i}", lang=l, source="t", x_en=f"Say {i}", y_en=f"{i}.",

@@ -1,0 +1,441 @@
+#!/usr/bin/env python
+"""Run a study: one TOML file (studies/README.md) -> pairs, trainings, evaluations, in its results folder.
+
+    python scripts/run_study.py studies/tiny.toml --dry-run      # the plan: parts, tokens, a time estimate
+    python scripts/run_study.py studies/tiny.toml                # run it; a rerun skips every finished part
+    python scripts/run_study.py studies/tiny.toml --only tft     # just these runs (a group name means its seeds)
+
+The stages stay what users run by hand: every part is one subprocess of 01_build_pairs.py, 02_train_dft.py or
+03_evaluate.py, logged to WORK/logs/<part>.log; the driver logs to WORK/logs/driver.log. A finished part leaves a
+marker in WORK/done/ and its small outputs (run JSONs, gzipped per-item files, training logs) in the results
+folder; a part is also finished when the results folder already holds its outputs (a fresh checkout). A stopped
+training resumes from its checkpoint; a killed part is tried again (compute.retries). Never commits to git.
+"""
+import argparse
+import fcntl
+import glob
+import gzip
+import math
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from study_file import (PRECISIONS, ROOT, argparse_raises, fill, load_stage,  # noqa: E402,F401  (load_study:
+                        load_study)  # the study scripts import it from here or from study_file)
+import common  # noqa: E402  (study_file put the repository root on sys.path)
+from common import UserError  # noqa: E402
+
+# -----------------------------------------------------------------------------
+# the runner: parts as subprocesses of the stages, markers, lanes and an evaluation queue
+
+
+def copy(path, folder):
+    """shutil.copy into folder, unless the file is already there (results and work may be one folder)."""
+    if not os.path.exists(os.path.join(folder, os.path.basename(path))) or not os.path.samefile(
+            path, os.path.join(folder, os.path.basename(path))):
+        shutil.copy(path, folder)
+
+
+def has_checkpoint(folder):
+    return any(os.path.isfile(os.path.join(folder, n, "step.json")) for n in ("checkpoint", "checkpoint.old",
+                                                                              "checkpoint.tmp"))
+
+
+class Runner:
+    def __init__(self, study, results, work, only=()):
+        self.study, self.results, self.work = study, results, work
+        self.values = dict(work=work, results=results)
+        chosen = {n for n, r in study.runs_expanded.items() if not only or n in only or r["group"] in only}
+        for r in reversed(list(study.runs_expanded.values())):  # and the runs they come after (defined above them)
+            chosen |= set(r["after"]) if r["name"] in chosen else set()
+        self.runs = [r for n, r in study.runs_expanded.items() if n in chosen and not r["reuse"]]
+        self.cond, self.log_lock, self.stopping = threading.Condition(), threading.Lock(), threading.Event()
+
+    def say(self, text):
+        line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {text}"
+        with self.log_lock:
+            print(line, flush=True)
+            with open(os.path.join(self.work, "logs", "driver.log"), "a", encoding="utf-8") as f:
+                f.write(line + "\n")
+
+    def done(self, name):
+        return os.path.exists(os.path.join(self.work, "done", name))
+
+    def part(self, name, argv, env_extra=None):
+        """One part: up to compute.retries attempts of argv (a killed or failed attempt is tried again), its
+        output appended to WORK/logs/NAME.log; leaves WORK/done/NAME on success. Returns success."""
+        compute = self.study["compute"]
+        env = dict(os.environ, OMP_NUM_THREADS=str(compute["threads"]), MKL_NUM_THREADS=str(compute["threads"]),
+                   PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
+                   **{k: str(v) for k, v in compute["env"].items()}, **(env_extra or {}))
+        log = os.path.join(self.work, "logs", name + ".log")
+        for attempt in range(1, compute["retries"] + 1):
+            if self.stopping.is_set():  # Ctrl-C: no new attempt (the stage got the signal too)
+                return False
+            argv_now = argv() if callable(argv) else argv
+            self.say(f"{name}: start" + (f" (attempt {attempt})" if attempt > 1 else ""))
+            t0 = time.time()
+            with open(log, "a", encoding="utf-8") as f:
+                f.write(f"\n$ {' '.join(argv_now)}\n")
+                f.flush()
+                code = subprocess.run(argv_now, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+            if code == 0:
+                open(os.path.join(self.work, "done", name), "w").close()
+                self.say(f"{name}: done ({time.time() - t0:.0f} s)")
+                return True
+            self.say(f"{name}: FAILED with exit code {code} (see {log})")
+        return False
+
+    def stage(self, script, processes=1, launcher="torchrun"):
+        """How a stage is started: python, or with several processes accelerate launch (02: compute.launch_flags,
+        e.g. an FSDP config) or torchrun (03: its items sharded over the processes)."""
+        if processes > 1 and launcher == "accelerate":
+            return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
+                    *fill(self.study["compute"]["launch_flags"], self.values), script]
+        if processes > 1:
+            return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), script]
+        return [sys.executable, script]
+
+    # ---- pairs
+
+    def pairs_files(self, name):
+        p = self.study["pairs"][name]
+        train = fill([p["file"]], self.values)[0] if p["file"] else os.path.join(self.work, f"pairs_{name}.jsonl")
+        return train, train[:-len(".jsonl")] + ".dev.jsonl"
+
+    def build_pairs(self, name):
+        p, (train, dev) = self.study["pairs"][name], self.pairs_files(name)
+        if p["flags"] is not None and not self.done(f"pairs_{name}"):
+            if not self.part(f"pairs_{name}", [sys.executable, "01_build_pairs.py", *fill(p["flags"], self.values),
+                                               "--out", train]):
+                raise UserError(f"pairs {name} could not be built (see {self.work}/logs/pairs_{name}.log)")
+        for path, want in ((train, p["sha256"]), (dev, p["dev_sha256"])):
+            if want and common.sha256_file(path) != want:
+                raise UserError(f"{path} has sha256 {common.sha256_file(path)}, not the study's {want}: the pairs "
+                                "differ from the ones the study was registered with; rebuild them or fix the hash")
+        stats = train[:-len(".jsonl")] + ".stats.json"
+        if os.path.exists(stats):
+            copy(stats, self.results)
+        with open(os.path.join(self.results, "pairs.sha256"), "a+", encoding="utf-8") as f:  # what the runs saw
+            f.seek(0)
+            known = f.read()
+            f.write("".join(f"{common.sha256_file(x)}  {os.path.basename(x)}\n" for x in (train, dev)
+                            if os.path.exists(x) and f"  {os.path.basename(x)}\n" not in known))
+
+    # ---- what is finished (also on a fresh checkout: the results folder)
+
+    def model_of(self, run):
+        """The model a run is evaluated with: its own training's folder, else its model ({seed}, {run} allowed:
+        e.g. another run's folder, {work}/train/tft-s{seed})."""
+        if not run["train"]:
+            return fill([run["model"]], dict(self.values, seed=run["seed"], run=run["name"]))[0]
+        return os.path.join(self.work, "train", run["name"])
+
+    def parts_of(self, run):
+        return [p for p in self.study["evaluation.parts"]
+                if p["runs"] is None or run["name"] in p["runs"] or run["group"] in p["runs"]]
+
+    def part_published(self, run, part):
+        """The results folder already holds this part's output (its marker may be gone: a fresh checkout)."""
+        if self.done(f"eval_{run['name']}_{part['name']}"):
+            return True
+        if part["analysis"]:
+            return bool(glob.glob(os.path.join(self.results, "layers", f"{run['name']}.layers.*.json")))
+        path = os.path.join(self.results, "eval", run["name"] + ".json")
+        if not os.path.exists(path) and not os.path.exists(path + ".gz"):
+            return False
+        stage3 = load_stage("03_evaluate")
+        with argparse_raises():
+            args = stage3.parse_args(["--model", "M", "--out", "O"] + self.eval_flags(run, part))
+        have = common.read_json(path)["results"]
+        return all(stage3.result_key(t, args) in have for t in common.parse_list(args.tasks))
+
+    def eval_flags(self, run, part):
+        values = dict(self.values, model=self.model_of(run), run=run["name"], seed=run["seed"])
+        if run["pairs"]:
+            values["pairs"], values["dev"] = self.pairs_files(run["pairs"])
+        return fill(self.study["evaluation"]["flags"] + part["flags"], values)
+
+    def pending_evals(self, run):
+        return [p for p in self.parts_of(run) if not self.part_published(run, p)]
+
+    def needs_training(self, run):
+        """Not trained here (its marker and its output folder in the work folder) and needed: an evaluation of it,
+        or of a run that comes after it, is not in the results folder yet (models are not committed)."""
+        trained = self.done(f"train_{run['name']}") and os.path.isdir(self.model_of(run))
+        return run["train"] and not trained and self.needed(run)
+
+    def needed(self, run):
+        after_it = [r for r in self.study.runs_expanded.values() if run["name"] in r["after"] and not r["reuse"]]
+        return bool(self.pending_evals(run)) or any(self.needed(r) for r in after_it)
+
+    # ---- training
+
+    def train_argv(self, run, dry=False):
+        compute, folder = self.study["compute"], self.model_of(run)
+        if os.path.isdir(folder) and not has_checkpoint(folder) and not dry:
+            shutil.rmtree(folder)  # killed before its first checkpoint: start again
+        train, dev = self.pairs_files(run["pairs"])
+        values = dict(self.values, pairs=train, dev=dev, run=run["name"], seed=run["seed"])
+        flags = fill(self.study["train"]["flags"] + run["flags"], values)
+        argv = self.stage("02_train_dft.py", compute["processes"], "accelerate") + [
+            "--pairs", train, "--out", folder, "--model", fill([run["model"]], values)[0]]
+        if run["seed"] is not None:
+            argv += ["--seed", str(run["seed"])]
+        if "--mixed-precision" not in flags:
+            argv += ["--mixed-precision", PRECISIONS[compute["precision"]]]
+        if compute["save_every"] and "--save-every" not in flags:
+            argv += ["--save-every", str(compute["save_every"])]
+        return argv + flags + (["--resume"] if has_checkpoint(folder) else [])
+
+    def train(self, run):
+        name, folder = run["name"], self.model_of(run)
+        os.makedirs(os.path.join(self.work, "train"), exist_ok=True)
+        if has_checkpoint(folder):
+            self.say(f"train_{name}: resuming from its checkpoint")
+        if not self.part(f"train_{name}", lambda: self.train_argv(run)):
+            return False
+        for n in ("checkpoint", "checkpoint.old", "checkpoint.tmp"):  # the final model is saved
+            shutil.rmtree(os.path.join(folder, n), ignore_errors=True)
+        out = os.path.join(self.results, "train", name)
+        os.makedirs(out, exist_ok=True)
+        for f in ("train_log.jsonl", "train_config.json"):
+            if os.path.exists(os.path.join(folder, f)):
+                copy(os.path.join(folder, f), out)
+        return True
+
+    # ---- evaluation
+
+    def evaluate(self, run):
+        name, ok = run["name"], True
+        work_eval, res_eval = os.path.join(self.work, "eval"), os.path.join(self.results, "eval")
+        os.makedirs(work_eval, exist_ok=True)
+        os.makedirs(res_eval, exist_ok=True)
+        for part in self.pending_evals(run):
+            published = os.path.join(res_eval, name + ".json")
+            if os.path.exists(published) and not os.path.exists(os.path.join(work_eval, name + ".json")):
+                self.seed_work_eval(name, work_eval, res_eval)  # 03 adds cells to the run JSON it finds
+            out = os.path.join(self.work, "layers", name) if part["analysis"] else work_eval
+            argv = self.stage("03_evaluate.py", self.study["compute"]["processes"]) + [
+                "--model", self.model_of(run), "--run-name", name, "--out", out] + self.eval_flags(run, part)
+            if not self.part(f"eval_{name}_{part['name']}", argv):
+                ok = False
+                continue
+            if part["analysis"]:
+                os.makedirs(os.path.join(self.results, "layers"), exist_ok=True)
+                for f in glob.glob(os.path.join(out, f"{name}.layers.*.json")):
+                    copy(f, os.path.join(self.results, "layers"))
+                continue
+            if not os.path.samefile(work_eval, res_eval):  # results and work may be one folder (run_paper.sh's OUT)
+                self.publish_eval(run, work_eval, res_eval)
+        return ok
+
+    def publish_eval(self, run, work_eval, res_eval):
+        """Per-item files gzipped, then the run JSON (what marks the part as done), each written atomically; the
+        parts' logs without progress bars as RUN.log."""
+        name = run["name"]
+        for f in glob.glob(os.path.join(work_eval, f"{name}.*.jsonl")):
+            with open(f, "rb") as src, common.atomic_open(os.path.join(res_eval, os.path.basename(f) + ".gz"),
+                                                          "wb") as raw:
+                with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as dst:  # as gzip -n
+                    shutil.copyfileobj(src, dst)
+        with open(os.path.join(work_eval, name + ".json"), "rb") as src, common.atomic_open(
+                os.path.join(res_eval, name + ".json"), "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        logs = [os.path.join(self.work, "logs", f"eval_{name}_{p['name']}.log") for p in self.parts_of(run)]
+        text = "".join(open(p, encoding="utf-8", errors="replace").read() for p in logs if os.path.exists(p))
+        with common.atomic_open(os.path.join(res_eval, name + ".log")) as f:
+            f.writelines(line + "\n" for line in text.replace("\r", "\n").splitlines()
+                         if line.strip() and "it/s]" not in line and "s/it]" not in line)
+
+    def seed_work_eval(self, name, work_eval, res_eval):
+        shutil.copy(os.path.join(res_eval, name + ".json"), work_eval)
+        for f in glob.glob(os.path.join(res_eval, f"{name}.*.jsonl.gz")):
+            with gzip.open(f, "rb") as src, open(os.path.join(work_eval, os.path.basename(f)[:-3]), "wb") as dst:
+                shutil.copyfileobj(src, dst)
+
+    # ---- the schedule
+
+    def run(self):
+        compute = self.study["compute"]
+        for folder in (os.path.join(self.work, "logs"), os.path.join(self.work, "done"), self.results):
+            os.makedirs(folder, exist_ok=True)
+        self.lock = open(os.path.join(self.work, ".driver.lock"), "w")
+        try:
+            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise UserError(f"another run_study.py drives {self.work} (it holds {self.work}/.driver.lock); wait for "
+                            "it to end, or stop it") from None
+        to_train = [r for r in self.runs if self.needs_training(r)]
+        to_eval = [r for r in self.runs if self.pending_evals(r)]
+        for setup in self.study["setup"] if to_eval else []:
+            if not self.done(f"setup_{setup['name']}") and not self.part(
+                    f"setup_{setup['name']}", [sys.executable] + fill(setup["command"], self.values)):
+                raise UserError(f"setup {setup['name']} failed (see {self.work}/logs/setup_{setup['name']}.log)")
+        for name in dict.fromkeys(r["pairs"] for r in to_train + to_eval if r["pairs"]):
+            self.build_pairs(name)
+        skipped = [r["name"] for r in self.runs if r not in to_eval]
+        if skipped:
+            self.say(f"finished before, skipped: {', '.join(skipped)}")
+        ready = set(self.study.runs_expanded) - {r["name"] for r in to_train}
+        failed, claimed, results = set(), set(), {}
+
+        def usable(run):  # None: wait; False: a run it comes after failed
+            return False if failed & set(run["after"]) else True if ready >= set(run["after"]) else None
+
+        def lane():
+            while True:
+                with self.cond:
+                    while to_train and all(usable(r) is None for r in to_train):
+                        self.cond.wait()
+                    if not to_train:
+                        return
+                    run = next(r for r in to_train if usable(r) is not None)
+                    to_train.remove(run)
+                    if not usable(run):
+                        failed.add(run["name"])
+                        self.cond.notify_all()
+                        continue
+                try:
+                    ok = self.train(run)
+                except Exception as e:  # a broken part must not leave the queues waiting for this run
+                    self.say(f"train_{run['name']}: FAILED ({type(e).__name__}: {e})")
+                    ok = False
+                with self.cond:
+                    (ready if ok else failed).add(run["name"])
+                    results[f"train_{run['name']}"] = ok
+                    self.cond.notify_all()
+
+        def queue():
+            while True:
+                with self.cond:
+                    while True:
+                        failed.update(r["name"] for r in to_eval if usable(r) is False)
+                        waiting = [r for r in to_eval if r["name"] not in claimed and r["name"] not in failed]
+                        run = next((r for r in waiting if r["name"] in ready and usable(r)), None)
+                        if run or not waiting:
+                            break
+                        self.cond.wait()
+                    if run is None:
+                        return
+                    claimed.add(run["name"])
+                try:
+                    results[f"eval_{run['name']}"] = self.evaluate(run)
+                except Exception as e:
+                    self.say(f"eval_{run['name']}: FAILED ({type(e).__name__}: {e})")
+                    results[f"eval_{run['name']}"] = False
+
+        threads = [threading.Thread(target=lane) for _ in range(compute["lanes"])]
+        threads += [threading.Thread(target=queue) for _ in range(compute["eval_queues"])]
+        for t in threads:
+            t.start()
+        try:
+            for t in threads:
+                while t.is_alive():
+                    t.join(0.5)
+        except KeyboardInterrupt:
+            self.stopping.set()
+            self.say("interrupted: no new part starts; a rerun resumes (stopped trainings from their checkpoints)")
+            with self.cond:
+                to_train.clear()
+                failed.update(r["name"] for r in to_eval)
+                self.cond.notify_all()
+            for t in threads:
+                t.join()
+            raise SystemExit(130) from None
+        bad = sorted(k for k, ok in results.items() if not ok)
+        self.say("study: " + (f"{len(bad)} part(s) failed: {', '.join(bad)}; rerun to try them again" if bad
+                              else "every part finished"))
+        return not bad
+
+    # ---- the plan (--dry-run): parts, tokens, a time estimate
+
+    def plan(self):
+        stage2 = load_stage("02_train_dft")
+        lines, tokens, steps_left = [f"== study {self.study['study']['name']}: results {self.results}, work "
+                                     f"{self.work}"], 0, 0
+        for run in self.runs:
+            pending = [p["name"] for p in self.pending_evals(run)]
+            train = self.needs_training(run)
+            if train:
+                with argparse_raises():
+                    argv = self.train_argv(run, dry=True)
+                    cfg = stage2.resolve_config(stage2.parse_args(argv[argv.index("02_train_dft.py") + 1:]))
+                pairs = self.pairs_files(run["pairs"])[0]
+                per_step = cfg["batch_size"] * (cfg["grad_accum"] or 1)
+                steps = cfg["max_steps"] or (math.ceil(cfg["epochs"] * count_lines(pairs) / per_step)
+                                             if os.path.exists(pairs) else None)
+                step_tokens = per_step * cfg["max_length"] * self.study["compute"]["processes"]
+                tokens += (steps or 0) * step_tokens
+                steps_left += steps or 0
+                what = f"train ({steps or '?'} steps, <= {(steps or 0) * step_tokens:,} tokens)"
+            else:
+                what = "no training" if not run["train"] else "trained"
+            evals = f"evaluate {', '.join(pending)}" if pending else "evaluated"
+            lines.append(f"   {run['name']:24s} {what}; {evals}")
+        rate = self.study["compute"]["tokens_per_s"]
+        seconds = tokens / rate if rate else steps_left * seconds_per_step(self.results)
+        lines.append(f"== to train: <= {tokens:,} tokens (padded to --max-length); about "
+                     + (f"{seconds / 3600:.2f} h of training" if seconds == seconds else "? h of training (set "
+                        "compute.tokens_per_s, or finish one run here to time it)"))
+        return "\n".join(lines)
+
+
+def count_lines(path):
+    with open(path, encoding="utf-8") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def seconds_per_step(results):
+    """Mean training seconds per step over the runs already trained in this results folder (nan: none)."""
+    per_run = []
+    for log in glob.glob(os.path.join(results, "train", "*", "train_log.jsonl")):
+        rows = common.read_jsonl(log)
+        if rows:
+            per_run.append(sum(r.get("seconds", 0) for r in rows) / len(rows))
+    return sum(per_run) / len(per_run) if per_run else float("nan")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("study", help="the study file, e.g. studies/tiny.toml")
+    p.add_argument("--out", help="results folder (default: the study's study.results, e.g. results/NAME)")
+    p.add_argument("--work", help="work folder for models, checkpoints, markers, logs (default: study.work)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
+    p.add_argument("--only", nargs="+", metavar="RUN", help="only these runs (a group name means all its seeds)")
+    args = p.parse_args(argv)
+    study = load_study(args.study)
+    at_root = lambda path: path if os.path.isabs(path) else os.path.join(ROOT, path)  # noqa: E731
+    results = os.path.abspath(args.out) if args.out else at_root(study["study"]["results"])
+    work = os.path.abspath(args.work) if args.work else at_root(study["study"]["work"])
+    unknown = [r for r in args.only or [] if r not in study.runs_expanded and r not in study.groups]
+    if unknown:
+        raise UserError(f"--only names {', '.join(unknown)}, not runs of {args.study}; use one of "
+                        f"{', '.join(list(study.groups) + list(study.runs_expanded))}")
+    runner = Runner(study, results, work, set(args.only or []))
+    planner = study["compute"]["planner"]
+    if planner:  # e.g. scripts/paper_plan.py: the paper study's checks, GPU-hours and FSDP config
+        argv = [sys.executable] + fill(planner, runner.values) + (["--dry-run"] if args.dry_run else [])
+        if subprocess.run(argv, cwd=ROOT).returncode != 0:
+            raise UserError(f"the study's planner refused it: {' '.join(argv)}")
+    if args.dry_run:
+        print(runner.plan())
+        return
+    import torch
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if (study["compute"]["precision"] == "bf16" and not study["compute"]["allow_emulated"]
+            and any(runner.pending_evals(r) for r in runner.runs) and not common.native_bf16(device)):
+        raise UserError(f"this machine ({device}) does not compute bf16 natively (no CUDA Ampere+, no AMX / "
+                        "AVX512-BF16 CPU): the study's bf16 recipe would be emulated; run it where bf16 is native, "
+                        "or set allow_emulated = true in [compute]")
+    if not runner.run():
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    common.run_main(main)

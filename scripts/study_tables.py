@@ -1,0 +1,370 @@
+#!/usr/bin/env python
+"""The tables of a study (studies/README.md): RESULTS/tables.md, tables.json and loss_curves.png.
+
+    python scripts/study_tables.py studies/tiny.toml                 # into the study's results folder
+    python scripts/study_tables.py studies/tiny.toml --out /tmp/t    # read the results there, write there
+
+Reads only the results folder (and the folders of reused runs): 03's run JSONs and per-item files, 02's training
+logs. Sections: scores ± item standard error per run and mean ± standard error over seeds per group (reference
+numbers beside ours where the study carries them); every contrast per measure, bootstrapped over items with one
+draw per resample shared by all its runs (common.contrast_bootstrap), 95% percentile interval, two-sided p;
+each confirmatory family with Holm-adjusted p (a test not yet run counts as p = 1), its placebo and the claim rule;
+the seed-to-seed spread of every group; wall time per run.
+"""
+import argparse
+import copy
+import glob
+import math
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from run_study import ROOT, load_stage, load_study  # noqa: E402  (it puts the repository root on sys.path)
+import common  # noqa: E402
+import plot_losses  # noqa: E402  (the held-out and training loss curves)
+
+
+class Results:
+    """Where each run's files are (the results folder, or the folder a reused run lives in) and what they hold."""
+
+    def __init__(self, study, results):
+        self.study, self.cache, self.jsons = study, {}, {}
+        self.where = {}
+        for name, run in study.runs_expanded.items():
+            folder = os.path.join(ROOT, run["reuse"]) if run["reuse"] else results
+            self.where[name] = (os.path.join(folder, "eval"), run["stored_as"], os.path.join(folder, "train"))
+
+    def run_json(self, run):
+        folder, stored, _ = self.where[run]
+        if folder not in self.jsons:
+            self.jsons[folder] = common.load_runs(folder) if os.path.isdir(folder) else {}
+        return self.jsons[folder].get(stored)
+
+    def entry(self, run, cell):
+        task, lang = cell.split()
+        return ((self.run_json(run) or {}).get("results", {}).get(task) or {}).get(lang)
+
+    def item_cell(self, run, cell, metric):
+        """common.ItemCell of one run's cell (a fresh copy: aligning reorders it), or None while not evaluated."""
+        key = (run, cell, metric)
+        if key not in self.cache:
+            entry, (folder, stored, _) = self.entry(run, cell), self.where[run]
+            rows = common.read_items(folder, stored, *cell.split()) if entry else None
+            self.cache[key] = None if rows is None else make_cell(rows, entry, metric)
+        return copy.copy(self.cache[key])
+
+    def cells(self, run, measure):
+        m = self.study["measures"][measure]
+        cells = [self.item_cell(run, c, m["metric"]) for c in m["cells"]]
+        return None if any(c is None for c in cells) else cells
+
+    def score(self, run, measure):
+        """(value, item standard error or None) of a run on a measure, or None while it is not evaluated. A measure
+        of several cells: the mean of the cells, its SE from the cells' (disjoint items): sqrt(sum se^2) / K."""
+        m = self.study["measures"][measure]
+        cells = self.cells(run, measure)
+        if cells is None:
+            return None
+        ses = [cell_se(self.entry(run, c), m["metric"]) for c in m["cells"]]
+        se = None if None in ses else math.sqrt(sum(s * s for s in ses)) / len(ses)
+        return float(np.mean([c.value() for c in cells])), se
+
+
+def metric_of(entry, metric):
+    return metric or ("nll" if entry["aggregation"] == "ratio" else entry["metric"])
+
+
+def make_cell(rows, entry, metric):
+    metric = metric_of(entry, metric)
+    if entry["aggregation"] != "corpus" or metric == "nll":
+        return common.ItemCell(rows, metric)
+    bleu, chrf = load_stage("03_evaluate").bleu_metrics(entry.get("tgt_lang"))
+    return common.ItemCell(rows, metric, corpus=bleu if metric == "bleu" else chrf)
+
+
+def cell_se(entry, metric):
+    """The run JSON's standard error of a cell, on the table's scale (per-item scores in %)."""
+    metric = metric_of(entry, metric)
+    m = entry.get("metrics", {}).get(metric) or (entry.get("metrics", {}).get("f1") if metric == "f1_lang" else None)
+    se = m.get("stderr") if m else entry.get("stderr") if metric in (entry["metric"], "nll") else None
+    return None if se is None else se * (100.0 if entry["aggregation"] == "mean" else 1.0)
+
+
+def term_runs(study, name, seeds=None):
+    runs = study.groups.get(name, [name])
+    return [r for r in runs if seeds is None or name not in study.groups or study.runs_expanded[r]["seed"] in seeds]
+
+
+def contrast(results, terms, measure, resampling):
+    """terms {run or group: coefficient} -> the bootstrap of one measure (one shared draw per resample), with each
+    term's value (its runs averaged) on the shared items; None while a run is not evaluated."""
+    expanded = [(coef / len(runs), name, run) for name, coef, runs in terms for run in runs]
+    cells = [results.cells(run, measure) for _, _, run in expanded]
+    if not expanded or any(c is None for c in cells):
+        return None
+    common.align_cells(cells)
+    res = common.contrast_bootstrap([(coef, c) for (coef, _, _), c in zip(expanded, cells)], resampling["B"],
+                                    resampling["seed"], resampling["draws"])
+    values = {}
+    for name, _, runs in terms:  # cell by cell, the runs averaged (as the committed tables summed them)
+        mine = [c for (_, n, _), c in zip(expanded, cells) if n == name]
+        values[name] = float(sum(np.mean([c[k].value() for c in mine]) / len(mine[0]) for k in range(len(mine[0]))))
+    res.pop("boot")
+    return dict(res, values=values)
+
+
+def fmt(x, measure_cells):
+    """A score: NLL to 3 decimals, everything else (%, chrF) to 2 (differences are printed to 3)."""
+    if x is None:
+        return "–"
+    return f"{x:.3f}" if all(c.split()[0] == "nll" for c in measure_cells) else f"{x:.2f}"
+
+
+def build(study, results_dir):
+    results, res = Results(study, results_dir), study["resampling"]
+    measures = study["measures"]
+    out = dict(study=study["study"]["name"], resampling=res, runs={}, groups={}, contrasts={}, families={},
+               spread=[], wall={}, references=study["references"])
+    for run in study.runs_expanded:
+        out["runs"][run] = {m: results.score(run, m) for m in measures}
+    for group, runs in study.groups.items():
+        if len(runs) > 1:
+            row = {}
+            for m in measures:
+                vals = [out["runs"][r][m][0] for r in runs if out["runs"][r][m] is not None]
+                row[m] = dict(mean=float(np.mean(vals)) if vals else None, k=len(vals),
+                              se=float(np.std(vals, ddof=1) / math.sqrt(len(vals))) if len(vals) > 1 else None)
+            out["groups"][group] = row
+    for name, con in study["contrasts"].items():
+        terms = [(t, coef, term_runs(study, t, con["seeds"])) for t, coef in con["terms"].items()]
+        out["contrasts"][name] = {m: contrast(results, terms, m, res) for m in con["measures"]}
+    floor = 1.0 / (res["B"] + 1) + 1e-15
+    for name, fam in study["families"].items():
+        tests = [(c, m) for c in fam["contrasts"] for m in fam["measures"] or study["contrasts"][c]["measures"]]
+        got = [out["contrasts"][c].get(m) or contrast(results, [(t, coef, term_runs(study, t)) for t, coef in
+                                                                 study["contrasts"][c]["terms"].items()], m, res)
+               for c, m in tests]
+        ps = [g["p"] if g else 1.0 for g in got]  # a test not yet run counts as p = 1
+        rows = []
+        for (c, m), g, (p_holm, k) in zip(tests, got, common.holm(ps, [p <= floor for p in ps])):
+            placebo = (out["contrasts"][fam["placebo"]].get(m) or contrast(
+                results, [(t, coef, term_runs(study, t)) for t, coef in study["contrasts"][fam["placebo"]]["terms"]
+                          .items()], m, res)) if fam["placebo"] else None
+            claim = None if g is None else bool(p_holm < fam["alpha"] and (g["lo"] > 0 or g["hi"] < 0) and (
+                placebo is None or abs(g["delta"]) > abs(placebo["delta"])))
+            rows.append(dict(contrast=c, measure=m, result=g, p_holm=p_holm, p_holm_bound=k is not None,
+                             placebo=placebo, claim=claim))
+        out["families"][name] = rows
+    for group, runs in study.groups.items():
+        for i, a in enumerate(runs):
+            for b in runs[i + 1:]:
+                for m in measures:
+                    r = contrast(results, [(b, 1.0, [b]), (a, -1.0, [a])], m, res)
+                    if r:
+                        out["spread"].append(dict(group=group, a=a, b=b, measure=m, **r))
+    for run in study.runs_expanded:
+        _, stored, train_dir = results.where[run]
+        log = os.path.join(train_dir, stored, "train_log.jsonl")
+        rows = common.read_jsonl(log) if os.path.exists(log) or os.path.exists(log + ".gz") else []
+        entries = [e for t in (results.run_json(run) or {}).get("results", {}).values() for e in t.values()]
+        out["wall"][run] = dict(train_s=plot_losses.busy_seconds(rows) if rows else None,
+                                steps=rows[-1]["step"] if rows else None,
+                                eval_s=sum(e.get("seconds", 0) for e in entries) if entries else None)
+    return out
+
+
+def markdown(study, t, results_dir):
+    measures, res = study["measures"], study["resampling"]
+    label = lambda m: measures[m]["label"] or m  # noqa: E731
+    refs = study["references"]["values"]
+    s = study["study"]
+    lines = [f"# {study['tables']['title'] or s['name']}\n", f"Question: {s['question']}\n" if s["question"] else "",
+             f"Pre-registration: {s['preregistration']}\n" if s["preregistration"] else "",
+             (study["tables"]["notes"] or s["notes"]) + "\n" if study["tables"]["notes"] or s["notes"] else "",
+             f"Written by `scripts/study_tables.py {os.path.relpath(s.get('path', ''), ROOT)}`. NLL in nats/token "
+             "(lower is better); accuracies and F1 in %; chrF / BLEU 0-100. Bootstrap: "
+             f"{res['B']:,} resamples, seed {res['seed']}, {res['draws']} draws; one item draw per resample shared "
+             "by every run of a contrast; 95% percentile intervals; two-sided p (common.bootstrap_p).\n"]
+    ms = list(measures)
+    lines += ["## Scores (± item standard error)\n" + (f"\nIn brackets: {study['references']['source']}.\n"
+                                                      if refs else ""),
+              "| run | " + " | ".join(label(m) for m in ms) + " |", "|---|" + "---|" * len(ms)]
+    for run, row in t["runs"].items():
+        group = study.runs_expanded[run]["group"]
+        cells = []
+        for m in ms:
+            v = row[m]
+            text = "–" if v is None else fmt(v[0], measures[m]["cells"]) + (
+                f" ± {fmt(v[1], measures[m]['cells'])}" if v[1] is not None else "")
+            ref = refs.get(run, refs.get(group, {})).get(m)
+            cells.append(text + (f" ({ref})" if ref is not None else ""))
+        lines.append(f"| {study.runs_expanded[run]['label']} | " + " | ".join(cells) + " |")
+    if t["groups"]:
+        lines += ["\n## Seed groups (mean over seeds ± standard error over seeds, sd / sqrt(k))\n",
+                  "| group | " + " | ".join(label(m) for m in ms) + " |", "|---|" + "---|" * len(ms)]
+        for group, row in t["groups"].items():
+            cells = ["–" if row[m]["mean"] is None else fmt(row[m]["mean"], measures[m]["cells"]) + (
+                f" ± {fmt(row[m]['se'], measures[m]['cells'])}" if row[m]["se"] is not None else "") + (
+                f" (k = {row[m]['k']})" if row[m]["k"] < len(study.groups[group]) else "") for m in ms]
+            lines.append(f"| {group} | " + " | ".join(cells) + " |")
+    holm = {(r["contrast"], r["measure"]): r for rows in t["families"].values() for r in rows}
+    for name, rows in t["contrasts"].items():
+        con = study["contrasts"][name]
+        terms = " ".join(f"{'+' if c >= 0 else '−'} {abs(c):g} × {n}" for n, c in con["terms"].items()).lstrip("+ ")
+        lines += [f"\n## Contrast {con['label'] or name}: {terms}"
+                  + (f" (seeds {', '.join(map(str, con['seeds']))})" if con["seeds"] else "") + "\n",
+                  "| measure | " + " | ".join(con["terms"]) + " | Δ | 95% interval | p | p (Holm) | items |",
+                  "|---|" + "---|" * (len(con["terms"]) + 5)]
+        for m, r in rows.items():
+            h = holm.get((name, m))
+            ph = "–" if h is None else ("≤ " if h["p_holm_bound"] else "") + f"{h['p_holm']:.4f}"
+            if r is None:
+                lines.append(f"| {label(m)} | " + " | ".join("–" for _ in con["terms"]) + " | not yet run | | | "
+                             f"{ph} | |")
+                continue
+            vals = " | ".join(fmt(r["values"][n], measures[m]["cells"]) for n in con["terms"])
+            lines.append(f"| {label(m)} | {vals} | {r['delta']:+.3f} | [{r['lo']:+.3f}, {r['hi']:+.3f}] | "
+                         f"{common.fmt_p(r['p'], res['B'], 1 if r['p'] <= 1 / (res['B'] + 1) + 1e-15 else None)} | "
+                         f"{ph} | {'+'.join(map(str, r['n']))} |")
+    for name, rows in t["families"].items():
+        fam = study["families"][name]
+        lines += [f"\n## Confirmatory family {name}: Holm over {len(rows)} tests (a test not yet run counts as p = 1)"
+                  "\n", f"Claimed only if p (Holm) < {fam['alpha']}, the interval excludes 0"
+                  + (f" and |Δ| > |placebo Δ| (placebo: {fam['placebo']})" if fam["placebo"] else "") + ".\n",
+                  "| contrast | measure | Δ | 95% interval | p | p (Holm) | placebo Δ [95%] | claim |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            g, pl = r["result"], r["placebo"]
+            place = "–" if pl is None else f"{pl['delta']:+.3f} [{pl['lo']:+.3f}, {pl['hi']:+.3f}]"
+            body = "not yet run | | " if g is None else f"{g['delta']:+.3f} | [{g['lo']:+.3f}, {g['hi']:+.3f}] | " \
+                f"{g['p']:.4f}"
+            lines.append(f"| {r['contrast']} | {label(r['measure'])} | {body} | "
+                         f"{'≤ ' if r['p_holm_bound'] else ''}{r['p_holm']:.4f} | {place} | "
+                         f"{'–' if r['claim'] is None else 'yes' if r['claim'] else 'no'} |")
+    if t["spread"]:
+        lines += ["\n## Seed-to-seed spread (the same bootstrap, one run each side: what seeds alone change)\n",
+                  "| A → B | measure | A | B | B − A | 95% interval | p |", "|---|---|---|---|---|---|---|"]
+        for r in t["spread"]:
+            c = measures[r["measure"]]["cells"]
+            lines.append(f"| {r['a']} → {r['b']} | {label(r['measure'])} | {fmt(r['values'][r['a']], c)} | "
+                         f"{fmt(r['values'][r['b']], c)} | {r['delta']:+.3f} | [{r['lo']:+.3f}, {r['hi']:+.3f}] | "
+                         f"{r['p']:.4f} |")
+    lines += ["\n## Wall time per run\n", "Training: the logged optimizer-step and held-out seconds (model loading, "
+              "checkpoint saves and steps lost to a killed attempt excluded); evaluation: the run JSON's per-cell "
+              "seconds.\n", "| run | steps | training s | evaluation s |", "|---|---|---|---|"]
+    for run, w in t["wall"].items():
+        secs = lambda s: "–" if s is None else f"{s:.1f}"  # noqa: E731
+        lines.append(f"| {run} | {w['steps'] or '–'} | {secs(w['train_s'])} | {secs(w['eval_s'])} |")
+    lines += layer_tables(study, results_dir)
+    return "\n".join(line for line in lines if line != "") + "\n"
+
+
+LAYER_MEASURES = [("mass_en", "English lens mass"), ("mass_tgt", "{lang} lens mass"), ("entropy", "lens entropy (nats)"),
+                  ("cosine_en_tgt", "cosine(en, {lang}), mean-pooled")]
+
+
+def same_sentences(a, b):
+    """Two layer analyses ran on the same sentences, tokenized alike (what a paired difference needs)."""
+    return (a.get("data_sha256"), a["n_sentences"], a["per_sentence"]["positions"]) == \
+        (b.get("data_sha256"), b["n_sentences"], b["per_sentence"]["positions"])
+
+
+def layer_tables(study, results_dir):
+    """Markdown of the logit lens per block (03 --analysis layers): the runs without training and the reference
+    group's ± SE over sentences, every other run minus the reference run of its seed (paired, same sentences)."""
+    import torch
+    ref_group = study["tables"]["layers_reference"]
+    if not ref_group:
+        return []
+    res = {}
+    for name, run in study.runs_expanded.items():
+        folder = os.path.join(ROOT, run["reuse"]) if run["reuse"] else results_dir
+        for path in sorted(glob.glob(os.path.join(folder, "layers", f"{run['stored_as']}.layers.*.json"))):
+            obj = common.read_json(path)
+            if obj.get("per_sentence"):  # older files (no per-sentence values, no SEs) are left out
+                res[name], lang = obj, path.split(".")[-2]
+    refs = [r for r in study.groups[ref_group] if r in res]
+    if not refs:
+        return []
+    seed_of = {n: r["seed"] for n, r in study.runs_expanded.items()}
+    ref_of_seed = {seed_of[r]: r for r in refs}
+    shown = [r for r in res if not study.runs_expanded[r]["train"] or r == refs[0]]
+    shown = [r for r in shown if same_sentences(res[r], res[refs[0]])]
+    pairs = [(r, ref_of_seed[seed_of[r]]) for r in res if r not in shown and r not in refs
+             and seed_of[r] in ref_of_seed and same_sentences(res[r], res[ref_of_seed[seed_of[r]]])]
+    marks = {}  # the blocks the paired runs supervised: i (LC), j (ET), m (contrastive)
+    for r, _ in pairs:
+        folder = os.path.join(ROOT, study.runs_expanded[r]["reuse"] or results_dir)
+        path = os.path.join(folder, "train", study.runs_expanded[r]["stored_as"], "train_config.json")
+        cfg = common.read_json(path) if os.path.exists(path) else {}
+        for signal, layer, mark in (("lc", "lc_layer_used", "i"), ("et", "et_layer_used", "j")):
+            if cfg.get(signal) not in (None, "none") and cfg.get(layer) is not None:
+                marks.setdefault(cfg[layer], set()).add("m" if cfg[signal] == "contrastive" else mark)
+    positions = res[refs[0]]["per_sentence"]["positions"]
+    lines = [f"\n## Mechanism: logit lens per block on {len(positions)} held-out {lang} sentences (± SE over "
+             "sentences)\n", f"Means weight every {lang} position equally (cosine: every sentence); ± is the standard "
+             "error over sentences (common.mean_and_se_over_sentences). The `run − reference` columns are paired with "
+             f"the {ref_group} run of the same seed: per-sentence differences on the same sentences and positions, "
+             "with their SE over sentences. Blocks marked i / j are the paired runs' LC / ET layers, m a contrastive "
+             "layer. Within one seed: these are not seed-to-seed intervals.\n"]
+    for key, title in LAYER_MEASURES:
+        cols = [r for r in shown if res[r].get(key) is not None]
+        diffs = [(r, t) for r, t in pairs if res[r].get(key) is not None]
+        if not cols:
+            continue
+        weights = torch.ones(len(positions)) if key == "cosine_en_tgt" else torch.tensor(positions, dtype=torch.float64)
+        nd = 5 if key == "cosine_en_tgt" else 3  # the cosines sit at 0.98-1.00, their differences at 1e-4
+        per = lambda r: torch.tensor(res[r]["per_sentence"][key], dtype=torch.float64)  # noqa: E731
+        paired = [common.mean_and_se_over_sentences((per(r) - per(t)) * weights[:, None], weights) for r, t in diffs]
+        lines += [f"**{title.format(lang=lang)}**\n", "| block | " + " | ".join(cols + [f"{r} − {t}" for r, t in diffs])
+                  + " |", "|---|" + "---|" * (len(cols) + len(diffs))]
+        for k, block in enumerate(res[refs[0]]["layers"]):
+            row = [f"{res[r][key][k]:.{nd}f} ± {res[r]['standard_errors'][key][k]:.{nd}f}" for r in cols]
+            row += [f"{d[k]:+.{nd}f} ± {se[k]:.{nd}f}" for d, se in paired]
+            tag = f" ({'/'.join(sorted(marks[block]))})" if block in marks else ""
+            lines.append(f"| {block}{tag} | " + " | ".join(row) + " |")
+        lines.append("")
+    return lines
+
+
+def loss_curves(study, results_dir, path):
+    """plot_losses' held-out / training curves of every trained run with a training log; False when none has one."""
+    logs = {}
+    for name, run in study.runs_expanded.items():
+        folder = os.path.join(ROOT, run["reuse"]) if run["reuse"] else results_dir
+        log = os.path.join(folder, "train", run["stored_as"], "train_log.jsonl")
+        if run["train"] and (os.path.exists(log) or os.path.exists(log + ".gz")):
+            logs[name] = common.read_jsonl(log)
+    if logs:
+        import contextlib
+        import io
+        import warnings
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a legend without held-out curves (no --eval-pairs) is empty
+            plot_losses.heldout(logs, path)
+    return bool(logs)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("study", help="the study file, e.g. studies/tiny.toml")
+    p.add_argument("--out", help="results folder to read and write (default: the study's study.results)")
+    args = p.parse_args(argv)
+    study = load_study(args.study, check_flags=False)
+    out = os.path.abspath(args.out) if args.out else os.path.join(ROOT, study["study"]["results"])
+    tables = build(study, out)
+    text = markdown(study, tables, out)
+    os.makedirs(out, exist_ok=True)
+    if study["tables"]["loss_curves"] and loss_curves(study, out, os.path.join(out, "loss_curves.png")):
+        text += "\nLoss curves: `loss_curves.png` (held-out and training L_TFT per run; `loss_curves.md`).\n"
+    with common.atomic_open(os.path.join(out, "tables.md")) as f:
+        f.write(text)
+    common.write_json(os.path.join(out, "tables.json"), tables)
+    print(text)
+
+
+if __name__ == "__main__":
+    common.run_main(main)

@@ -1,0 +1,246 @@
+"""Studies (studies/README.md): the tiny study end to end, rerun, resume, dry run, bad input, and the contrast
+bootstrap of common.py against a brute-force loop over explicitly drawn items."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import common
+from conftest import REPO, run_main_in_process
+
+sys.path.insert(0, os.path.join(REPO, "scripts"))
+import run_study  # noqa: E402
+import study_tables  # noqa: E402
+
+TINY = os.path.join(REPO, "studies", "tiny.toml")
+RUNS = ["base", "tft-s1", "tft-s2", "dft-logits-s1", "dft-logits-s2"]
+
+
+def runner(*args, timeout=600):
+    return subprocess.run([sys.executable, os.path.join(REPO, "scripts", "run_study.py"), *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The tiny study run once: (results folder, work folder, the runner's completed process)."""
+    root = tmp_path_factory.mktemp("tiny_study")
+    results, work = str(root / "results"), str(root / "work")
+    done = runner(TINY, "--out", results, "--work", work)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return results, work, done
+
+
+def test_tiny_study_end_to_end(tiny):
+    results, work, done = tiny
+    assert "every part finished" in done.stdout
+    for run in RUNS:
+        obj = common.read_json(os.path.join(results, "eval", run + ".json"))
+        assert set(obj["results"]) == {"nll", "xcopa"}
+        for cell in ("nll.zh", "xcopa.zh"):  # per-item files are published gzipped
+            assert os.path.exists(os.path.join(results, "eval", f"{run}.{cell}.jsonl.gz"))
+        assert os.path.exists(os.path.join(work, "logs", f"eval_{run}_primary.log"))
+    for run in RUNS[1:]:
+        assert common.read_jsonl(os.path.join(results, "train", run, "train_log.jsonl"))[-1]["step"] == 2
+        assert not os.path.exists(os.path.join(work, "train", run, "checkpoint"))  # removed once the model is saved
+    assert "train_tft-s1: done" in open(os.path.join(work, "logs", "driver.log")).read()
+    assert study_tables.main([TINY, "--out", results]) is None
+    tables = json.load(open(os.path.join(results, "tables.json")))
+    family = tables["families"]["primary"]
+    assert [(r["contrast"], r["measure"]) for r in family] == [("dft_vs_tft", "nll_zh"), ("dft_vs_tft", "xcopa")]
+    assert all(r["result"] is not None and r["placebo"] is not None for r in family)
+    # Holm over the family's two tests, and the seeds pooled: each group's value is the mean of its seeds
+    ps = [r["result"]["p"] for r in family]
+    assert [r["p_holm"] for r in family] == [h for h, _ in common.holm(ps, [p <= 1 / 201 + 1e-15 for p in ps])]
+    nll = tables["contrasts"]["dft_vs_tft"]["nll_zh"]
+    runs = tables["runs"]
+    assert nll["values"]["tft"] == pytest.approx((runs["tft-s1"]["nll_zh"][0] + runs["tft-s2"]["nll_zh"][0]) / 2)
+    assert nll["delta"] == pytest.approx(nll["values"]["dft-logits"] - nll["values"]["tft"])
+    assert os.path.exists(os.path.join(results, "loss_curves.png"))
+    assert "## Confirmatory family primary" in open(os.path.join(results, "tables.md")).read()
+
+
+def test_rerun_skips_everything_also_on_a_fresh_work_folder(tiny, tmp_path):
+    results, work, _ = tiny
+    again = runner(TINY, "--out", results, "--work", work)
+    assert again.returncode == 0 and ": start" not in again.stdout
+    assert "finished before, skipped: " + ", ".join(RUNS) in again.stdout
+    fresh = runner(TINY, "--out", results, "--work", str(tmp_path / "fresh"))  # a fresh checkout: no markers
+    assert fresh.returncode == 0 and ": start" not in fresh.stdout, fresh.stdout
+
+
+def test_resume_after_a_kill_mid_training(tiny):
+    """tft-s1 killed after its first step (02 --stop-after-steps leaves what a kill leaves: a checkpoint and no
+    model): the rerun resumes it from the checkpoint and ends where the uninterrupted run ended."""
+    results, work, _ = tiny
+    before = common.read_jsonl(os.path.join(results, "train", "tft-s1", "train_log.jsonl"))
+    for path in [os.path.join(work, "train", "tft-s1"), os.path.join(results, "train", "tft-s1")]:
+        shutil.rmtree(path)
+    for name in os.listdir(os.path.join(results, "eval")):
+        if name.startswith("tft-s1."):
+            os.remove(os.path.join(results, "eval", name))
+    for name in ("train_tft-s1", "eval_tft-s1_primary"):
+        os.remove(os.path.join(work, "done", name))
+    shutil.rmtree(os.path.join(work, "eval"))  # its run JSON there would say the cells are done
+    argv = run_study.Runner(run_study.load_study(TINY), results, work).train_argv(
+        run_study.load_study(TINY).runs_expanded["tft-s1"])
+    killed = subprocess.run(argv + ["--stop-after-steps", "1"], cwd=REPO, capture_output=True, text=True)
+    assert killed.returncode == 0 and run_study.has_checkpoint(os.path.join(work, "train", "tft-s1"))
+    resumed = runner(TINY, "--out", results, "--work", work, "--only", "tft-s1")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "train_tft-s1: resuming from its checkpoint" in resumed.stdout
+    assert "--resume" in open(os.path.join(work, "logs", "train_tft-s1.log")).read()
+    after = common.read_jsonl(os.path.join(results, "train", "tft-s1", "train_log.jsonl"))
+    assert [r["step"] for r in after] == [r["step"] for r in before]
+    assert after[-1]["loss"] == pytest.approx(before[-1]["loss"], rel=1e-5)
+    assert os.path.exists(os.path.join(results, "eval", "tft-s1.nll.zh.jsonl.gz"))
+
+
+def test_a_run_after_another_waits_for_its_model(tiny, tmp_path):
+    """A run evaluated with another run's model (train = false, model = {work}/train/tft-s{seed}, after = tft): on a
+    checkout where tft-s1 is evaluated but its model is gone, tft-s1 is trained again first, then the run is
+    evaluated with it; its items are tft-s1's."""
+    results, work, _ = tiny
+    study = tmp_path / "after.toml"
+    study.write_text(open(TINY, encoding="utf-8").read().replace("[evaluation]", """[runs.tft-again]
+train = false
+model = "{work}/train/tft-s{seed}"
+seeds = [1]
+after = ["tft"]
+
+[evaluation]"""), encoding="utf-8")
+    shutil.rmtree(os.path.join(work, "train", "tft-s1"))
+    done = runner(str(study), "--out", results, "--work", work, "--only", "tft-again")
+    assert done.returncode == 0, done.stdout + done.stderr
+    log = done.stdout
+    assert log.index("train_tft-s1: done") < log.index("eval_tft-again-s1_primary: start")
+    assert "eval_tft-s1_primary" not in log and "train_tft-s2" not in log  # evaluated before; not asked for
+    again, first = (common.read_items(os.path.join(results, "eval"), run, "nll", "zh") for run in ("tft-again-s1",
+                                                                                                 "tft-s1"))
+    assert [r["id"] for r in again] == [r["id"] for r in first]
+    assert [r["nll_sum"] for r in again] == pytest.approx([r["nll_sum"] for r in first], rel=1e-5)
+
+
+def test_a_failed_part_is_tried_again(tmp_path):
+    study = run_study.load_study(TINY, check_flags=False)
+    study["compute"]["retries"] = 2
+    r = run_study.Runner(study, str(tmp_path / "results"), str(tmp_path / "work"))
+    os.makedirs(tmp_path / "work" / "logs")
+    os.makedirs(tmp_path / "work" / "done")
+    flag = tmp_path / "first-attempt-ran"  # the first attempt dies as a killed process would
+    script = f"import os, sys; p = {str(flag)!r}; ok = os.path.exists(p); open(p, 'w'); sys.exit(0 if ok else 137)"
+    assert r.part("flaky", [sys.executable, "-c", script])
+    log = open(tmp_path / "work" / "logs" / "driver.log").read()
+    assert "flaky: FAILED with exit code 137" in log and "flaky: start (attempt 2)" in log
+    assert os.path.exists(tmp_path / "work" / "done" / "flaky")
+
+
+def test_dry_run_writes_nothing(tmp_path, capsys):
+    results, work = tmp_path / "results", tmp_path / "work"
+    code, err = run_main_in_process(run_study.main, [TINY, "--dry-run", "--out", str(results), "--work", str(work)],
+                                    capsys)
+    assert code == 0, err
+    assert not results.exists() and not work.exists()
+
+
+def test_dry_run_plan_lists_runs_and_tokens(tmp_path):
+    out = runner(TINY, "--dry-run", "--out", str(tmp_path / "r"), "--work", str(tmp_path / "w"))
+    assert out.returncode == 0, out.stderr
+    for run in RUNS[1:]:
+        assert f"{run}" in out.stdout and "train (2 steps, <= 512 tokens)" in out.stdout  # 2 x batch 2 x 128
+    assert "to train: <= 2,048 tokens" in out.stdout and not (tmp_path / "r").exists()
+
+
+BAD = {  # (old text, new text, what the error says)
+    "unknown key": ('seeds = [1, 2]                           # runs', 'sedes = [1, 2]  # runs',
+                    ":25: unknown key 'sedes' in [runs.tft]"),
+    "02 refuses": ('"--method", "tft"]', '"--method", "tft", "--lr", "fast"]',
+                   ":24: 02_train_dft.py refuses run tft-s1's flags: argument --lr: invalid float value"),
+    "unknown run": ("terms = { dft-logits = 1, tft = -1 }", "terms = { dft-logit = 1, tft = -1 }",
+                    ":48: contrasts.dft_vs_tft names run 'dft-logit', which the study does not define"),
+    "unknown measure": ('measures = ["nll_zh", "xcopa"]\nplacebo', 'measures = ["nll_zh", "copa"]\nplacebo',
+                        ":56: families.primary names measure 'copa'"),
+    "unknown task": ('cells = ["xcopa zh"]', 'cells = ["copa zh"]',
+                     ":44: measure xcopa names task 'copa', which 03_evaluate.py does not have"),
+    "not comparative": ("terms = { dft-logits = 1, tft = -1 }", "terms = { dft-logits = 1, tft = -0.5 }",
+                        ":48: contrast dft_vs_tft is comparative but its coefficients sum to 0.5, not 0"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_study_files_are_refused_naming_the_line(case, tmp_path, capsys):
+    old, new, message = BAD[case]
+    text = open(TINY, encoding="utf-8").read()
+    assert old in text
+    bad = tmp_path / "bad.toml"
+    bad.write_text(text.replace(old, new), encoding="utf-8")
+    out = tmp_path / "results"
+    code, err = run_main_in_process(run_study.main, [str(bad), "--out", str(out), "--work", str(tmp_path / "w")],
+                                    capsys)
+    assert code == 2 and f"error: {bad}{message}" in err and "; " in err.split(message, 1)[1]  # and the fix
+    assert not out.exists() and not (tmp_path / "w").exists()
+
+
+# ----------------------------------------------------------------------------- the contrast bootstrap
+
+
+def brute_force(runs, coefs, resamples, seed, draws, statistic):
+    """The contrast, resample by resample, on explicitly drawn item lists (no sufficient statistics)."""
+    rng = np.random.default_rng(seed)
+    n = [len(cells) for cells in runs[0]]
+    if draws == "multinomial":
+        counts = [rng.multinomial(k, np.full(k, 1.0 / k), size=resamples) for k in n]
+        picks = [[[i for i in range(n[c]) for _ in range(counts[c][r][i])] for c in range(len(n))]
+                 for r in range(resamples)]
+    else:
+        picks = [[list(rng.integers(0, k, k)) for k in n] for _ in range(resamples)]
+    return np.array([sum(sum(coef * statistic([run[c][i] for i in pick[c]]) for run, coef in zip(runs, coefs))
+                         / len(n) for c in range(len(n))) for pick in picks])
+
+
+@pytest.mark.parametrize("draws", ["multinomial", "indices"])
+@pytest.mark.parametrize("kind", ["nll", "acc", "chrf"])
+def test_contrast_bootstrap_equals_a_brute_force_loop(kind, draws):
+    from sacrebleu.metrics import CHRF
+    gen = np.random.default_rng(7)
+    words = ["the cat", "a dog", "sat on", "the mat", "ran far", "we go", "it is", "red sun"]
+
+    def rows(n, run):
+        out = []
+        for i in range(n):
+            r = dict(id=i, nll_sum=float(gen.uniform(1, 30)), n_tokens=int(gen.integers(1, 12)),
+                     scores=dict(acc=float(gen.integers(0, 2))), gold=words[i % 8] + " " + words[(i * 3) % 8])
+            r["prediction"] = " ".join(words[j] for j in gen.integers(0, 8, 2)) if run else r["gold"]
+            out.append(r)
+        return out
+    sizes = [7, 5]  # a two-cell measure: items drawn within each cell
+    runs = [[rows(k, run) for k in sizes] for run in range(3)]
+    coefs = [0.5, 0.5, -1.0]
+    chrf = CHRF()
+    statistic = {"nll": lambda rs: sum(r["nll_sum"] for r in rs) / sum(r["n_tokens"] for r in rs),
+                 "acc": lambda rs: 100.0 * sum(r["scores"]["acc"] for r in rs) / len(rs),
+                 "chrf": lambda rs: chrf.corpus_score([r["prediction"] for r in rs], [[r["gold"] for r in rs]]).score
+                 }[kind]
+    terms = [(c, [common.ItemCell(cell, kind, corpus=CHRF() if kind == "chrf" else None) for cell in run])
+             for c, run in zip(coefs, runs)]
+    got = common.contrast_bootstrap(terms, resamples=60, seed=3, draws=draws)
+    want = brute_force(runs, coefs, 60, 3, draws, statistic)
+    assert got["boot"] == pytest.approx(want, abs=1e-9)
+    observed = sum(c * sum(statistic(cell) for cell in run) / 2 for c, run in zip(coefs, runs))
+    assert got["delta"] == pytest.approx(observed, abs=1e-9)
+    assert [got["lo"], got["hi"]] == pytest.approx(list(np.percentile(want, [2.5, 97.5])), abs=1e-9)
+    assert got["p"] == (np.sum(np.abs(want - observed) >= abs(observed) - 1e-12) + 1) / 61
+
+
+def test_a_bf16_study_is_refused_where_bf16_would_be_emulated(tmp_path, capsys, monkeypatch):
+    study = tmp_path / "bf16.toml"
+    study.write_text(open(TINY, encoding="utf-8").read().replace('precision = "float32"', 'precision = "bf16"'))
+    monkeypatch.setattr(common, "native_bf16", lambda device: False)
+    code, err = run_main_in_process(run_study.main, [str(study), "--out", str(tmp_path / "r"), "--work",
+                                                     str(tmp_path / "w")], capsys)
+    assert code == 2 and "does not compute bf16 natively" in err and "allow_emulated = true" in err
+    assert not (tmp_path / "r").exists() and not (tmp_path / "w").exists()
