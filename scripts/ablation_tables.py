@@ -121,9 +121,9 @@ def score_text(x, kind):
 
 def held_out_curve(log):
     """{step: held-out L_TFT} of a train_log.jsonl ({} if it does not exist)."""
-    if not os.path.exists(log):
+    if not common.existing_path(log):
         return {}
-    rows = [json.loads(line) for line in open(log) if line.strip()]
+    rows = common.read_jsonl(log)
     return {r["step"]: r["eval_loss_tft"] for r in rows if r.get("eval_loss_tft") is not None}
 
 
@@ -374,7 +374,7 @@ def wall_times(out):
     out.append("|---|---|---|---|---|")
     train_dir = os.path.join(ABL, "train")
     for run in sorted(os.listdir(train_dir)) if os.path.isdir(train_dir) else []:
-        log = [json.loads(line) for line in open(os.path.join(train_dir, run, "train_log.jsonl")) if line.strip()]
+        log = common.read_jsonl(os.path.join(train_dir, run, "train_log.jsonl"))
         ev = os.path.join(ABL, "eval", run + ".json")
         ev_s = None
         if os.path.exists(ev):

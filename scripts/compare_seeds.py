@@ -226,8 +226,9 @@ def layer_tables(layers_dir, train_dir):
     import torch
     mean_and_se = common.mean_and_se_over_sentences
     res = {}
-    for path in sorted(glob.glob(os.path.join(layers_dir, "*.layers.zh.json"))):
-        obj = json.load(open(path, encoding="utf-8"))
+    pattern = os.path.join(layers_dir, "*.layers.zh.json")
+    for path in sorted(glob.glob(pattern) + glob.glob(pattern + ".gz")):
+        obj = common.read_json(path)
         if obj.get("per_sentence"):  # older files (no per-sentence values, no SEs) are left out
             res[obj["run"]] = obj
     tfts = sorted((r for r in res if group_of(r)[0] == "tft"), key=lambda r: str(group_of(r)[1]))
@@ -380,9 +381,9 @@ def main():
         ev = sum(e.get("seconds", 0) for t in runs[run]["results"].values() for e in t.values()) if run in runs else 0.0
         tr = "–"
         if args.train:
-            p = os.path.join(args.train, run, "train_log.jsonl")
-            if os.path.exists(p):
-                log = [json.loads(line) for line in open(p) if line.strip()]
+            p = common.existing_path(os.path.join(args.train, run, "train_log.jsonl"))
+            if p:
+                log = common.read_jsonl(p)
                 # the per-step seconds survive --resume (elapsed restarts with each segment)
                 busy = sum(r.get("seconds", 0) + r.get("eval_seconds", 0) for r in log)
                 tr = f"{busy / 60:.1f} ({log[-1]['step']} steps)"

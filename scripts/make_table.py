@@ -42,8 +42,7 @@ def chrf_p(folder, a, b, direction, resamples=10000, seed=1234):
     chrf = CHRF()
     rows = {}
     for run in (a, b):
-        with open(os.path.join(folder, f"{run}.translation_tatoeba.{direction}.jsonl")) as f:
-            rows[run] = [json.loads(line) for line in f]
+        rows[run] = common.read_jsonl(os.path.join(folder, f"{run}.translation_tatoeba.{direction}.jsonl"))
     refs = [r["gold"] for r in rows[a]]
     assert refs == [r["gold"] for r in rows[b]], "not the same items"
     stats = {run: np.array(chrf._extract_corpus_statistics([r["prediction"] or "" for r in rows[run]], [refs]),

@@ -14,7 +14,6 @@ Throughput, in this order: --tokens-per-s (the user's), --timing (a bench_train.
 else the figures in results/gpu_smoke/ (a random 1.1B model on one H200) scaled by parameter count.
 """
 import argparse
-import gzip
 import json
 import os
 import socket
@@ -38,11 +37,11 @@ PAPER_MODELS = {
 MAX_LENGTH = 512  # the recipe's; 02 cuts longer sequences
 SHIPPED = {  # Alpaca translations that ship in data/alpaca (docs/PAIRS.md)
     "zh": ("shipped Alpaca zh (carbonz0 machine translation, ids 0-20,437 only)",
-           ["alpaca_data_zh_carbonz0_0-20437.json.gz"]),
+           ["alpaca_data_zh_carbonz0_0-20437.json"]),
     "vi": ("shipped Alpaca vi (telexyz/GPT4VN, 40,464 rows aligned to Alpaca ids)",
-           ["alpaca_vi_telexyz_aligned_0-20437.json.gz", "alpaca_vi_telexyz_aligned_20438-52001.json.gz"]),
+           ["alpaca_vi_telexyz_aligned_0-20437.json", "alpaca_vi_telexyz_aligned_20438-52001.json"]),
 }
-ALPACA_EN = "alpaca_data_en.json.gz"
+ALPACA_EN = "alpaca_data_en.json"  # names without .xz: common.resolve_path finds either
 SMOKE = os.path.join(ROOT, "results", "gpu_smoke", "bench_train_1b_run2.json")
 MID_ALIGN_COST = 2.0  # assumed, not measured: both branches trained, a full English forward and backward
 GRAD_CKPT_COST = 4 / 3  # one more forward per step: forward 1 + backward 2 -> 1 + 1 + 2
@@ -124,8 +123,7 @@ def visible_gpus():
 
 
 def read_alpaca(name):
-    with gzip.open(os.path.join(common.DATA_DIR, "alpaca", name), "rt", encoding="utf-8") as f:
-        rows = json.load(f)
+    rows = common.read_json(os.path.join(common.DATA_DIR, "alpaca", name))
     out = []
     for r in rows:
         if "prompt" in r:

@@ -102,7 +102,8 @@ train() {  # train NAME: up to 4 attempts (the host's OOM killer can take a trai
     rm -rf "${OUT:?}/$name/checkpoint"
     touch "$OUT/$name.trained"
     mkdir -p "$RES/train/$name"
-    cp "$OUT/$name/train_log.jsonl" "$OUT/$name/train_config.json" "$RES/train/$name/"
+    cp "$OUT/$name/train_config.json" "$RES/train/$name/"
+    gzip -nc "$OUT/$name/train_log.jsonl" > "$RES/train/$name/train_log.jsonl.gz"  # results/ keeps .jsonl gzipped
     grep -v "it/s\]\|s/it\]" "$OUT/$name.train.log" | tail -40 > "$RES/train/$name/train_stdout_tail.txt" || true
     stamp "train $name: done ($(tail -1 "$OUT/$name/train_log.jsonl" | cut -c1-200))"
     refresh_tables
@@ -165,7 +166,7 @@ layers() {  # logit-lens analysis (English / zh mass, entropy, en-zh cosine per 
         stamp "layers $1 FAILED (see $OUT/layers/$1.log)"; return 0
     fi
     echo "$ANALYSIS_SAMPLES" > "$OUT/layers/$1.done"
-    cp "$OUT/layers/$1/$1.layers.zh.json" "$RES/layers/"
+    gzip -nc "$OUT/layers/$1/$1.layers.zh.json" > "$RES/layers/$1.layers.zh.json.gz"
     $PY scripts/plot_layers.py "$RES/layers" --lang zh || true
     commit_paths "results/gemma3: layer analysis of $1" "$RES/layers"
 }

@@ -113,8 +113,11 @@ $PY scripts/plot_losses.py "$OUT" sft tft dft-logits dft-feature --out "$RES/los
 stamp "copy small outputs to $RES (no weights)"
 cp "$OUT/pairs_zh.stats.json" "$OUT/dft-logits/layer_entropy."* "$RES/" 2>/dev/null || true
 for m in sft tft dft-logits dft-feature; do
-    mkdir -p "$RES/train/$m"; cp "$OUT/$m/train_log.jsonl" "$OUT/$m/train_config.json" "$RES/train/$m/"
+    mkdir -p "$RES/train/$m"; cp "$OUT/$m/train_config.json" "$RES/train/$m/"
+    gzip -nc "$OUT/$m/train_log.jsonl" > "$RES/train/$m/train_log.jsonl.gz"
 done
-mkdir -p "$RES/eval"; cp "$E"/*.json "$E"/*.jsonl "$E"/*.md "$RES/eval/"
-for d in layers_smollm2 layers_gemma3; do [ -d "$OUT/$d" ] && mkdir -p "$RES/$d" && cp "$OUT/$d"/* "$RES/$d/"; done
+mkdir -p "$RES/eval"; cp "$E"/*.json "$E"/*.md "$RES/eval/"
+for f in "$E"/*.jsonl; do gzip -nc "$f" > "$RES/eval/$(basename "$f").gz"; done  # results/ keeps .jsonl gzipped
+for d in layers_smollm2 layers_gemma3; do [ -d "$OUT/$d" ] && mkdir -p "$RES/$d" && cp "$OUT/$d"/* "$RES/$d/" \
+    && gzip -nf "$RES/$d"/*.layers.*.json; done
 stamp "done: $RES/eval/results.md"

@@ -218,7 +218,8 @@ train() {  # train NAME STEPS big|old FLAGS...: resumes from the last checkpoint
     if retry 3 one_try "$@"; then
         rm -rf "${OUT:?}/$name/checkpoint"
         mkdir -p "$RES/train/$name"
-        cp "$OUT/$name/train_log.jsonl" "$OUT/$name/train_config.json" "$RES/train/$name/"
+        cp "$OUT/$name/train_config.json" "$RES/train/$name/"
+        gzip -nc "$OUT/$name/train_log.jsonl" > "$RES/train/$name/train_log.jsonl.gz"  # results/ keeps .jsonl gzipped
         touch "$OUT/$name.trained"
         stamp "train $name: done ($(tail -1 "$OUT/$name/train_log.jsonl" | cut -c1-160))"
         refresh_tables
