@@ -11,6 +11,7 @@
 #   MODEL=google/gemma-2-2b LANGS="zh vi" NPROC=8 OUT=runs/paper_gemma bash run_paper.sh
 #   DRY_RUN=1 bash run_paper.sh                         # the plan and what would block a real run; writes nothing
 #   TINY=1 bash run_paper.sh                            # the whole matrix on CPU with tiny random models (minutes)
+#   TINY=1 TINY_DEVICE=cpu bash run_paper.sh            # TINY_DEVICE: where TINY runs (default cuda if a GPU is seen)
 # Re-running skips every finished part (OUT/done/<part>) and resumes an interrupted training from its checkpoint;
 # each part logs to OUT/logs/<part>.log. Settings are environment variables (below).
 set -euo pipefail
@@ -33,14 +34,14 @@ TRAIN_FLAGS=()                         # extra 02_train_dft.py flags
 EVAL_FLAGS=()                          # extra 03_evaluate.py flags
 PAIR_FLAGS=()                          # extra 01_build_pairs.py flags
 MT_FLAGS=()                            # extra 01 flags of the machine-translation route
-if [ "$TINY" = 1 ]; then               # every stage of the GPU path, on CPU in minutes: sizes that only wire it
+if [ "$TINY" = 1 ]; then               # every stage of the GPU path in minutes (CPU, or TINY_DEVICE): sizes that only wire it
   MODEL=$OUT/tiny_models/lm MT_MODEL=$OUT/tiny_models/mt
   LANGS=${TINY_LANGS:-zh ar} METHODS=${TINY_METHODS:-sft tft dft-logits dft-feature mid-align}
   LC_LAYER=1 ET_LAYER=3 STEPS=2 LIMIT=2 PAIRS_LIMIT=24 NPROC=1 BOOTSTRAP=200 SAVE_EVERY=1
   TRAIN_FLAGS=(--batch-size 2 --max-length 256 --lr 1e-2 --warmup-ratio 0 --log-every 1)
-  EVAL_FLAGS=(--max-new-tokens 4 --batch-size 4 --device cpu --dtype float32)
+  EVAL_FLAGS=(--max-new-tokens 4 --batch-size 4 --dtype float32)  # --device TINY_DEVICE: below, once GPUS is known
   PAIR_FLAGS=(--dev-size 4)
-  MT_FLAGS=(--translate-max-length 8 --min-ratio 0 --max-ratio 1e9 --align-min-agreement 0 --device cpu)
+  MT_FLAGS=(--translate-max-length 8 --min-ratio 0 --max-ratio 1e9 --align-min-agreement 0)
 fi
 export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 csv() { echo "$*" | tr ' ' ','; }
@@ -66,6 +67,12 @@ fi
 source "$OUT/plan.env"  # PLAN_PRESET, PLAN_NPROC, PLAN_FSDP_CONFIG, PLAN_SFT_LANG, PLAN_ROUTE_*, PLAN_PAIRS_*
 mkdir -p "$OUT/logs" "$OUT/done"
 GPUS=$("$PY" -c "import torch; print(torch.cuda.device_count())")
+if [ "$TINY" = 1 ]; then               # TINY_DEVICE (cpu or cuda) runs every stage: pairs' MT, training, evaluation
+  TINY_DEVICE=${TINY_DEVICE:-$([ "$GPUS" -gt 0 ] && echo cuda || echo cpu)}
+  EVAL_FLAGS+=(--device "$TINY_DEVICE") MT_FLAGS+=(--device "$TINY_DEVICE")
+  [ "$TINY_DEVICE" = cpu ] && GPUS=0   # training launches on the CPU too
+  echo "   TINY on $TINY_DEVICE"
+fi
 
 part() {  # name, then the command: skipped when OUT/done/<name> exists; its output goes to OUT/logs/<name>.log
   local name=$1; shift
