@@ -13,8 +13,9 @@
 #      inference-time peers (--fit incline|diffmean, one xnli evaluation each); skipped when absent
 # $OUT then holds gpu_check.log, summary.md, env.txt and step<N>_*.tar.gz.
 #
-# On a lent GPU machine (no network; torch 2.11 and transformers 5.17 seen there, 03 needs transformers 5.23's
-# DynamicLayer cache), prepare once here, in the repository root (nothing of it is committed):
+# On a lent GPU machine (no network; torch 2.11 and transformers 5.17 seen there, while 03 is tested with the
+# pinned transformers 5.23 and its DynamicLayer cache; env.txt says whether it is found), prepare once here, in the
+# repository root:
 #   echo /.devrun/ >> .git/info/exclude; mkdir -p .devrun
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
