@@ -2051,6 +2051,7 @@ def data_label(src, data_dir):
     if src.startswith("hub:"):
         return src
     src = os.path.abspath(common.resolve_path(src))  # the file actually read (x.tsv may be shipped as x.tsv.gz)
+    src = src.removesuffix(".xz")  # x.xz is the repository's storage of x, whose hash common.sha256_file records
     rel = os.path.relpath(src, os.path.abspath(data_dir))
     return src if rel.startswith("..") else rel
 

@@ -11,6 +11,7 @@ import gzip
 import hashlib
 import importlib.util
 import json
+import lzma
 import os
 import random
 import re
@@ -48,23 +49,37 @@ def run_main(main):
 
 
 # -----------------------------------------------------------------------------
-# I/O: gz-transparent reading, atomic writing
+# I/O: reading that sees through .gz and .xz, atomic writing
+
+
+COMPRESSED = (".gz", ".xz")  # the repository ships large files compressed (data/README.md, results/README.md)
 
 
 def resolve_path(path):
-    """`path` itself, or `path + '.gz'` (the repository ships large data files compressed)."""
+    """`path` itself, or `path + '.gz'` / `path + '.xz'`."""
     if os.path.exists(path):
         return path
-    if not path.endswith(".gz") and os.path.exists(path + ".gz"):
-        return path + ".gz"
+    for ext in COMPRESSED:
+        if not path.endswith(COMPRESSED) and os.path.exists(path + ext):
+            return path + ext
     raise UserError(f"file not found: {path} (check the path, or pass --data-dir pointing at a folder laid out "
                     "like data/)")
+
+
+def existing_path(path):
+    """resolve_path's answer, or None when neither `path` nor a compressed copy of it exists."""
+    try:
+        return resolve_path(path)
+    except UserError:
+        return None
 
 
 def open_text(path):
     path = resolve_path(path)
     if path.endswith(".gz"):
         return gzip.open(path, "rt", encoding="utf-8")
+    if path.endswith(".xz"):
+        return lzma.open(path, "rt", encoding="utf-8")
     return open(path, encoding="utf-8")
 
 
@@ -118,8 +133,11 @@ def write_jsonl(path, rows):
 
 
 def sha256_file(path):
+    """sha256 of the file read; of the decompressed bytes for x.xz, which is how the repository stores a file x
+    (data/README.md): the hash stays the original's, as runs recorded it before x was compressed."""
     h = hashlib.sha256()
-    with open(resolve_path(path), "rb") as f:
+    path = resolve_path(path)
+    with (lzma.open if path.endswith(".xz") else open)(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()

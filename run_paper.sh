@@ -10,7 +10,8 @@
 #   bash run_paper.sh                                   # LLaMA-2-7B, zh vi ar, sft tft dft-logits dft-feature
 #   MODEL=google/gemma-2-2b LANGS="zh vi" NPROC=8 OUT=runs/paper_gemma bash run_paper.sh
 #   DRY_RUN=1 bash run_paper.sh                         # the plan and what would block a real run; writes nothing
-#   TINY=1 bash run_paper.sh                            # the whole matrix on CPU with tiny random models (minutes)
+#   TINY=1 bash run_paper.sh                            # the whole matrix with tiny random models (minutes)
+#   TINY=1 TINY_DEVICE=cpu bash run_paper.sh            # TINY_DEVICE: where TINY runs (default cuda if a GPU is seen)
 # Re-running skips every finished part (OUT/done/<part>) and resumes an interrupted training from its checkpoint;
 # each part logs to OUT/logs/<part>.log. Settings are environment variables (below); under TINY=1 a typed LANGS or
 # METHODS is honoured (TINY_LANGS / TINY_METHODS set TINY's defaults).
@@ -31,7 +32,7 @@ MT_MODEL=${MT_MODEL:-facebook/nllb-200-distilled-600M}  # for languages without 
 SAVE_EVERY=${SAVE_EVERY:-200}          # checkpoint every N optimizer steps, so an interrupted training resumes
 KEEP_CHECKPOINTS=${KEEP_CHECKPOINTS:-0}  # 0: delete a run's checkpoint once its final model is saved (16 B/parameter)
 BOOTSTRAP=${BOOTSTRAP:-2000}           # resamples per DFT - TFT interval
-if [ "$TINY" = 1 ]; then               # every stage of the GPU path, on CPU in minutes: sizes that only wire it
+if [ "$TINY" = 1 ]; then               # every stage of the GPU path, in minutes (on TINY_DEVICE): sizes that only wire it
   MODEL=$OUT/tiny_models/lm MT_MODEL=$OUT/tiny_models/mt
   LC_LAYER=1 ET_LAYER=3 STEPS=2 LIMIT=2 PAIRS_LIMIT=24 NPROC=1 BOOTSTRAP=200 SAVE_EVERY=1
 fi
@@ -50,7 +51,11 @@ PLAN_ARGS=(--model "$MODEL" --langs "$(csv $LANGS)" --methods "$(csv $METHODS)" 
 [ -n "${SFT_LANG:-}" ] && PLAN_ARGS+=(--sft-lang "$SFT_LANG")
 [ -n "${TOKENS_PER_S:-}" ] && PLAN_ARGS+=(--tokens-per-s "$TOKENS_PER_S")
 [ "$KEEP_CHECKPOINTS" = 1 ] && PLAN_ARGS+=(--keep-checkpoints)
-[ "$TINY" = 1 ] && PLAN_ARGS+=(--tiny)
+if [ "$TINY" = 1 ]; then             # TINY_DEVICE: where every TINY stage runs (default cuda when torch sees a GPU)
+  TINY_DEVICE=${TINY_DEVICE:-$("$PY" -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")}
+  PLAN_ARGS+=(--tiny --tiny-device "$TINY_DEVICE")
+  echo "   TINY on $TINY_DEVICE"
+fi
 for lang in zh vi ar; do            # PAIRS_<lang>=FILE: pairs built elsewhere (e.g. 01 --source hub) for that language
   var=PAIRS_$lang; [ -n "${!var:-}" ] && PLAN_ARGS+=(--pairs-file "$lang=${!var}")
 done

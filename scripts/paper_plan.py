@@ -14,7 +14,6 @@ Throughput, in this order: --tokens-per-s (the user's), --timing (a bench_train.
 else the figures in results/gpu_smoke/ (a random 1.1B model on one H200) scaled by parameter count.
 """
 import argparse
-import gzip
 import json
 import os
 import socket
@@ -38,11 +37,11 @@ PAPER_MODELS = {
 MAX_LENGTH = 512  # the recipe's; 02 cuts longer sequences
 SHIPPED = {  # Alpaca translations that ship in data/alpaca (docs/PAIRS.md)
     "zh": ("shipped Alpaca zh (carbonz0 machine translation, ids 0-20,437 only)",
-           ["alpaca_data_zh_carbonz0_0-20437.json.gz"]),
+           ["alpaca_data_zh_carbonz0_0-20437.json"]),
     "vi": ("shipped Alpaca vi (telexyz/GPT4VN, 40,464 rows aligned to Alpaca ids)",
-           ["alpaca_vi_telexyz_aligned_0-20437.json.gz", "alpaca_vi_telexyz_aligned_20438-52001.json.gz"]),
+           ["alpaca_vi_telexyz_aligned_0-20437.json", "alpaca_vi_telexyz_aligned_20438-52001.json"]),
 }
-ALPACA_EN = "alpaca_data_en.json.gz"
+ALPACA_EN = "alpaca_data_en.json"  # names without .xz: common.resolve_path finds either
 SMOKE = os.path.join(ROOT, "results", "gpu_smoke", "bench_train_1b_run2.json")
 MID_ALIGN_COST = 2.0  # assumed, not measured: both branches trained, a full English forward and backward
 GRAD_CKPT_COST = 4 / 3  # one more forward per step: forward 1 + backward 2 -> 1 + 1 + 2
@@ -61,6 +60,8 @@ def parse_args(argv=None):
     g.add_argument("--steps", type=int, help="optimizer steps per run instead of the recipe's epochs")
     g.add_argument("--limit", type=int, help="items per evaluation cell (default every item)")
     g.add_argument("--tiny", action="store_true", help="TINY=1: a tiny random model and MT model made after this check")
+    g.add_argument("--tiny-device", choices=["cpu", "cuda"], default="cpu",
+                   help="TINY_DEVICE: where every TINY stage runs (MT, training, evaluation; default cpu)")
     g = p.add_argument_group("data")
     g.add_argument("--mt-model", default="facebook/nllb-200-distilled-600M",
                    help="seq2seq model for languages without shipped pairs (01_build_pairs.py --translate-model)")
@@ -128,8 +129,7 @@ def visible_gpus():
 
 
 def read_alpaca(name):
-    with gzip.open(os.path.join(common.DATA_DIR, "alpaca", name), "rt", encoding="utf-8") as f:
-        rows = json.load(f)
+    rows = common.read_json(os.path.join(common.DATA_DIR, "alpaca", name))
     out = []
     for r in rows:
         if "prompt" in r:
@@ -303,7 +303,7 @@ def plan(args):
     paper_model = args.model if known else ("meta-llama/Llama-2-7b-hf" if args.tiny else None)
     return dict(model=args.model, paper_model=paper_model, out=args.out, save_every=args.save_every,
                 keep_checkpoints=args.keep_checkpoints, bootstrap=args.bootstrap, pairs_limit=args.pairs_limit,
-                preset=preset, tiny=args.tiny, langs=langs, methods=methods, nproc=nproc, gpus=gpus,
+                preset=preset, tiny=args.tiny, tiny_device=args.tiny_device, langs=langs, methods=methods, nproc=nproc, gpus=gpus,
                 lc_layer=args.lc_layer, et_layer=args.et_layer, steps=args.steps, limit=args.limit,
                 model_type=model_type, params=params, num_layers=num_layers, layer_cls=layer_cls,
                 fsdp=nproc > 1, data=data, sft_lang=sft_lang, mt_model=args.mt_model, tokenizer=tok_source,
@@ -365,10 +365,10 @@ def write_outputs(p, out):
 # TINY: sizes that only wire every stage on a CPU in minutes
 TINY_FLAGS = dict(train=["--batch-size", "2", "--max-length", "256", "--lr", "1e-2", "--warmup-ratio", "0",
                          "--log-every", "1"],
-                  eval=["--max-new-tokens", "4", "--batch-size", "4", "--device", "cpu", "--dtype", "float32"],
+                  eval=["--max-new-tokens", "4", "--batch-size", "4", "--dtype", "float32"],
                   pairs=["--dev-size", "4"],
                   mt=["--translate-max-length", "8", "--min-ratio", "0", "--max-ratio", "1e9",
-                      "--align-min-agreement", "0", "--device", "cpu"])
+                      "--align-min-agreement", "0"])
 QA = [("xquad", "XQuAD", "f1_lang", PAPER_LANGS), ("mlqa", "MLQA", "f1_lang", PAPER_LANGS),
       ("truthfulqa", "TruthfulQA MC1", "acc", PAPER_LANGS), ("mkqa", "MKQA", "f1_lang", ("ar", "zh"))]
 NLU = [("xnli", "XNLI", "acc", PAPER_LANGS), ("xcopa", "XCOPA", "acc", ("vi", "zh")),
@@ -402,6 +402,9 @@ def study_file(p):
     """The paper study of this plan (studies/README.md): what run_paper.sh hands to scripts/run_study.py."""
     tiny, out, langs = p["tiny"], p["out"], p["langs"]
     flags = TINY_FLAGS if tiny else dict(train=[], eval=[], pairs=[], mt=[])
+    if tiny:  # TINY_DEVICE: 01's MT route and 03 by flag; training by hiding the GPUs from accelerate on cpu
+        device = ["--device", p["tiny_device"]]
+        flags = dict(flags, eval=flags["eval"] + device, mt=flags["mt"] + device)
     limit = ["--limit", str(p["pairs_limit"])] if p["pairs_limit"] else []
     lines = [f"# The paper's matrix as run_paper.sh planned it (scripts/paper_plan.py); run by scripts/run_study.py",
              "[study]", f"question = {toml('Do the paper DFT gains over TFT reproduce on ' + p['model'] + '?')}",
@@ -455,6 +458,8 @@ def study_file(p):
               f"processes = {p['nproc']}", f"precision = {toml('bf16' if p['gpus'] and not tiny else 'float32')}",
               f"save_every = {p['save_every']}", f"keep_checkpoints = {toml(p['keep_checkpoints'])}",
               f"launch_flags = {toml(['--config_file', os.path.join(out, 'fsdp.yaml')] if p['fsdp'] else [])}"]
+    if tiny and p["tiny_device"] == "cpu":
+        lines.append('env = { CUDA_VISIBLE_DEVICES = "" }')
     numbers = common.read_json(os.path.join(ROOT, "scripts", "paper_numbers.json"))["models"].get(p["paper_model"], {})
     refs = {}
     for table, spec in (("qa", QA), ("nlu", NLU)):

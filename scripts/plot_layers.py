@@ -9,7 +9,6 @@ one figure with every run, base first.
 import argparse
 import glob
 import importlib.util
-import json
 import os
 import sys
 
@@ -19,19 +18,19 @@ sys.path.insert(0, ROOT)  # 03_evaluate.py imports common
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("folder", help="folder holding <run>.layers.<lang>.json files; the figure is written there")
+    ap.add_argument("folder", help="folder holding <run>.layers.<lang>.json(.gz) files; the figure is written there")
     ap.add_argument("--lang", default="zh", help="target language of the analysis (default %(default)s)")
     args = ap.parse_args()
     # The figure must be the one 03_evaluate.py --analysis layers draws, so its own plot_layers is loaded by path.
     spec = importlib.util.spec_from_file_location("evaluate", os.path.join(ROOT, "03_evaluate.py"))
     evaluate = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(evaluate)
-    files = sorted(glob.glob(os.path.join(args.folder, f"*.layers.{args.lang}.json")),
+    pattern = os.path.join(args.folder, f"*.layers.{args.lang}.json")  # results/ keeps them gzipped
+    files = sorted(glob.glob(pattern) + glob.glob(pattern + ".gz"),
                    key=lambda p: (not os.path.basename(p).startswith("base."), p))
     curves = {}
     for path in files:
-        with open(path) as f:
-            curve = json.load(f)
+        curve = evaluate.common.read_json(path)
         curves[curve["run"]] = curve
     evaluate.plot_layers(curves, args.lang, os.path.join(args.folder, f"layers.{args.lang}.png"))
 

@@ -39,7 +39,7 @@ def main():
     logs = {}
     for m in args.methods:
         p = os.path.join(args.run_dir, m, "train_log.jsonl")
-        if os.path.exists(p):
+        if common.existing_path(p):  # results/ keeps it gzipped
             logs[m] = common.read_jsonl(p)
         else:
             print(f"missing {p}, skipped")

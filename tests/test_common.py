@@ -127,11 +127,20 @@ def test_read_jsonl_reports_line_number(tmp_path):
         common.read_jsonl(str(tmp_path / "missing.jsonl"))
 
 
-def test_gz_transparent_reading(tmp_path):
+def test_gz_and_xz_transparent_reading(tmp_path):
     import gzip
+    import hashlib
+    import lzma
     with gzip.open(tmp_path / "x.json.gz", "wt", encoding="utf-8") as f:
         json.dump([1, 2], f)
     assert common.read_json(str(tmp_path / "x.json")) == [1, 2]
+    raw = b'{"a": 1}\n{"a": 2}\n'
+    (tmp_path / "y.jsonl.xz").write_bytes(lzma.compress(raw))
+    assert common.read_jsonl(str(tmp_path / "y.jsonl")) == [{"a": 1}, {"a": 2}]
+    # an .xz file hashes as the file it stores (the hash runs recorded before the file was compressed)
+    assert common.sha256_file(str(tmp_path / "y.jsonl")) == hashlib.sha256(raw).hexdigest()
+    assert common.existing_path(str(tmp_path / "y.jsonl")) == str(tmp_path / "y.jsonl.xz")
+    assert common.existing_path(str(tmp_path / "z.jsonl")) is None
 
 
 def test_language_table_and_prompt():
