@@ -33,6 +33,13 @@ from common import UserError  # noqa: E402
 # the runner: parts as subprocesses of the stages, markers, lanes and an evaluation queue
 
 
+def gzip_copy(path, dest):
+    """path gzipped to dest as `gzip -n` writes it (no name, no time: the same bytes on every machine), atomically."""
+    with open(path, "rb") as src, common.atomic_open(dest, "wb") as raw:
+        with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as dst:
+            shutil.copyfileobj(src, dst)
+
+
 def copy(path, folder):
     """shutil.copy into folder, unless the file is already there (results and work may be one folder)."""
     if not os.path.exists(os.path.join(folder, os.path.basename(path))) or not os.path.samefile(
@@ -203,9 +210,11 @@ class Runner:
             shutil.rmtree(os.path.join(folder, n), ignore_errors=True)  # the final model is saved
         out = os.path.join(self.results, "train", name)
         os.makedirs(out, exist_ok=True)
-        for f in ("train_log.jsonl", "train_config.json"):
-            if os.path.exists(os.path.join(folder, f)):
-                copy(os.path.join(folder, f), out)
+        if os.path.exists(os.path.join(folder, "train_config.json")):
+            copy(os.path.join(folder, "train_config.json"), out)
+        if os.path.exists(os.path.join(folder, "train_log.jsonl")) and not os.path.samefile(folder, out):
+            # gzipped, as every log under results/
+            gzip_copy(os.path.join(folder, "train_log.jsonl"), os.path.join(out, "train_log.jsonl.gz"))
         return True
 
     # ---- evaluation
@@ -239,10 +248,7 @@ class Runner:
         parts' logs without progress bars as RUN.log."""
         name = run["name"]
         for f in glob.glob(os.path.join(work_eval, f"{name}.*.jsonl")):
-            with open(f, "rb") as src, common.atomic_open(os.path.join(res_eval, os.path.basename(f) + ".gz"),
-                                                          "wb") as raw:
-                with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as dst:  # as gzip -n
-                    shutil.copyfileobj(src, dst)
+            gzip_copy(f, os.path.join(res_eval, os.path.basename(f) + ".gz"))
         with open(os.path.join(work_eval, name + ".json"), "rb") as src, common.atomic_open(
                 os.path.join(res_eval, name + ".json"), "wb") as dst:
             shutil.copyfileobj(src, dst)
@@ -393,7 +399,7 @@ def count_lines(path):
 def seconds_per_step(results):
     """Mean training seconds per step over the runs already trained in this results folder (nan: none)."""
     per_run = []
-    for log in glob.glob(os.path.join(results, "train", "*", "train_log.jsonl")):
+    for log in glob.glob(os.path.join(results, "train", "*", "train_log.jsonl*")):
         rows = common.read_jsonl(log)
         if rows:
             per_run.append(sum(r.get("seconds", 0) for r in rows) / len(rows))

@@ -39,7 +39,7 @@ SCHEMA = {
     "evaluation.parts": {"name": (str, None), "flags": (STRS, []), "runs": (STRS, None), "analysis": (bool, False)},
     "measures": {"label": (str, None), "cells": (STRS, None), "metric": (str, None)},
     "contrasts": {"terms": (dict, None), "measures": (STRS, None), "seeds": (INTS, None), "comparative": (bool, True),
-                  "label": (str, None)},
+                  "label": (str, None), "placebo": (str, None)},
     "families": {"contrasts": (STRS, None), "measures": (STRS, None), "placebo": (str, None), "alpha": (float, 0.05)},
     "resampling": {"B": (int, 10000), "seed": (int, 1234), "draws": (str, "multinomial")},
     "compute": {"lanes": (int, 1), "eval_queues": (int, 1), "precision": (str, "float32"), "save_every": (int, 0),
@@ -254,6 +254,7 @@ def load_study(path, check_flags=True):
                    f"its coefficients sum to {total:g}, not 0", "make them sum to 0 (e.g. { dft = 1, tft = -1 }), or "
                    "set comparative = false for a level")
         check.names(con["measures"], section, "measures", measures, "measure")
+        check.names([con["placebo"]] * bool(con["placebo"]), section, "placebo", list(study["contrasts"]), "contrast")
         con["measures"] = con["measures"] or measures
     for name, fam in study["families"].items():
         check.need(fam["contrasts"], f"families.{name}", "contrasts", f"family {name} has no contrasts",

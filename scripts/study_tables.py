@@ -153,9 +153,10 @@ def build(study, results_dir):
         ps = [g["p"] if g else 1.0 for g in got]  # a test not yet run counts as p = 1
         rows = []
         for (c, m), g, (p_holm, k) in zip(tests, got, common.holm(ps, [p <= floor for p in ps])):
-            placebo = (out["contrasts"][fam["placebo"]].get(m) or contrast(
-                results, [(t, coef, term_runs(study, t)) for t, coef in study["contrasts"][fam["placebo"]]["terms"]
-                          .items()], m, res)) if fam["placebo"] else None
+            name_p = study["contrasts"][c]["placebo"] or fam["placebo"]  # a contrast's own placebo, else the family's
+            placebo = (out["contrasts"][name_p].get(m) or contrast(
+                results, [(t, coef, term_runs(study, t)) for t, coef in study["contrasts"][name_p]["terms"]
+                          .items()], m, res)) if name_p else None
             claim = None if g is None else bool(p_holm < fam["alpha"] and (g["lo"] > 0 or g["hi"] < 0) and (
                 placebo is None or abs(g["delta"]) > abs(placebo["delta"])))
             rows.append(dict(contrast=c, measure=m, result=g, p_holm=p_holm, p_holm_bound=k is not None,
@@ -185,6 +186,13 @@ def build(study, results_dir):
     for a, b in pairs_of(study, "item_checks", "="):  # e.g. base evaluated again: the same per-item files?
         out["item_checks"].append(dict(a=a, b=b, cells=item_check(results, a, b)))
     return out
+
+
+def placebo_rule(study, fam):
+    own = [c for c in fam["contrasts"] if study["contrasts"][c]["placebo"]]
+    if fam["placebo"]:
+        return f" and |Δ| > |placebo Δ| (placebo: {fam['placebo']}" + (", or the contrast's own" if own else "") + ")"
+    return " and |Δ| > |placebo Δ| (each contrast's own placebo)" if own else ""
 
 
 def train_log(results, run):
@@ -289,7 +297,7 @@ def markdown(study, t, results_dir):
         fam = study["families"][name]
         lines += [f"\n## Confirmatory family {name}: Holm over {len(rows)} tests (a test not yet run counts as p = 1)"
                   "\n", f"Claimed only if p (Holm) < {fam['alpha']}, the interval excludes 0"
-                  + (f" and |Δ| > |placebo Δ| (placebo: {fam['placebo']})" if fam["placebo"] else "") + ".\n",
+                  + placebo_rule(study, fam) + ".\n",
                   "| contrast | measure | Δ | 95% interval | p | p (Holm) | placebo Δ [95%] | claim |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in rows:

@@ -166,6 +166,8 @@ BAD = {  # (old text, new text, what the error says)
                         ":56: families.primary names measure 'copa'"),
     "unknown task": ('cells = ["xcopa zh"]', 'cells = ["copa zh"]',
                      ":44: measure xcopa names task 'copa', which 03_evaluate.py does not have"),
+    "unknown placebo": ('label = "dft-logits − tft"', 'label = "dft-logits − tft"\nplacebo = "seed_placbo"',
+                        ":48: contrasts.dft_vs_tft names contrast 'seed_placbo', which the study does not define"),
     "not comparative": ("terms = { dft-logits = 1, tft = -1 }", "terms = { dft-logits = 1, tft = -0.5 }",
                         ":48: contrast dft_vs_tft is comparative but its coefficients sum to 0.5, not 0"),
 }
