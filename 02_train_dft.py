@@ -191,7 +191,7 @@ def build_parser():
                         "residual (cheap; the KL steps refine it) or at zero (the logit lens)")
     g.add_argument("--fit-lr", type=float, default=1e-4, help="tuned lens: Adam learning rate (cosine decay to 0)")
     g.add_argument("--fit-eval-tokens", type=int, default=4096,
-                   help="tuned lens: held-out positions from --eval-pairs (default: the .dev.jsonl beside --pairs)")
+                   help="tuned lens: held-out positions, from --eval-pairs or else the .dev.jsonl beside --pairs")
     return p
 
 
