@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
 
 import common
 
@@ -48,8 +49,10 @@ METHODS = {  # which sequences the loss sees; DESIGN §2 "named presets"
     "dft-feature": dict(tft_side="tgt", lc="feature", et="feature"),
     # the peer: InfoNCE of mean-pooled parallel prompts at block L // 2, both branches trained (as its code does)
     "mid-align": dict(tft_side="tgt", lc="none", et="contrastive", et_layer="mid", feature_grad="both"),
+    # ours (DESIGN §6): dft-logits read through a tuned lens (--tuned-lens DIR) instead of the logit lens
+    "dft-logits-tuned": dict(tft_side="tgt", lc="logits", et="logits", readout="tuned"),
 }
-SIGNALS = ["none", "logits", "feature", "contrastive"]
+SIGNAL_NAMES = ("none", "logits", "feature", "contrastive")  # their classes: SIGNALS, beside the objective
 
 # The paper's recipe (stanford_alpaca defaults: batch 128, lr 2e-5, 3 epochs, max length 512, cosine,
 # warmup 3%, no weight decay) and the layers: LLaMA-2-7B i=2, j=15 from the paper; the paper gives no
@@ -90,8 +93,13 @@ def build_parser():
     g = p.add_argument_group("objective (DESIGN §2)")
     g.add_argument("--method", choices=sorted(METHODS), default="tft",
                    help="sft | tft | dft-logits | dft-feature | mid-align")
-    g.add_argument("--lc", choices=SIGNALS, help="language-conversion signal (default: the --method's)")
-    g.add_argument("--et", choices=SIGNALS, help="English-thinking signal (default: the --method's)")
+    g.add_argument("--lc", choices=SIGNAL_NAMES, help="language-conversion signal (default: the --method's)")
+    g.add_argument("--et", choices=SIGNAL_NAMES, help="English-thinking signal (default: the --method's)")
+    g.add_argument("--readout", choices=["logit", "tuned"], default="logit",
+                   help="what the logits signal reads block k through: the frozen final norm and lm_head (logit, "
+                        "the paper's) or a tuned lens before them (tuned: --tuned-lens; DESIGN §6)")
+    g.add_argument("--tuned-lens", help="tuned-lens folder (config.json, params.pt: 02_train_dft.py --fit-tuned-lens "
+                                        "or the tuned-lens package) for --readout tuned / --layer-rule-readout tuned")
     g.add_argument("--lc-layer", default="auto",
                    help="block i for L_LC, 1-based (HF hidden_states index), 'auto' (entropy rule) or 'mid' (L // 2)")
     g.add_argument("--et-layer", default="auto", help="block j for L_ET, 1-based, 'auto' or 'mid'")
@@ -113,6 +121,8 @@ def build_parser():
                         "terms only")
     g.add_argument("--allow-layer-order", action="store_true", help="allow an LC layer >= the ET layer")
     g.add_argument("--layer-sample", type=int, default=64, help="target prompts used by the auto layer rule")
+    g.add_argument("--layer-rule-readout", choices=["logit", "tuned"], default="logit",
+                   help="the lens the entropy rule of 'auto' layers reads through (tuned: --tuned-lens)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=float, default=3, help="passes over the pairs")
     g.add_argument("--max-steps", type=int, help="optimizer steps; overrides --epochs")
@@ -164,7 +174,38 @@ def build_parser():
                    help="experiment tracker(s) through accelerate: every logged scalar at its step, the "
                         "configuration as hyper-parameters (tensorboard writes into --out)")
     g.add_argument("--run-name", help="the tracker's run name (default: the name of --out)")
+    g = p.add_argument_group("fitting (no training: --fit-tuned-lens, --fit)")
+    g.add_argument("--fit-tuned-lens", action="store_true",
+                   help="fit a tuned lens (DESIGN §6) on the frozen --model and write it to --out in the tuned-lens "
+                        "package's layout (config.json, params.pt) with provenance.json (held-out KL per block)")
+    g.add_argument("--fit-layers", type=fit_layers_arg,
+                   help="blocks to fit: 'all', 'auto' or K,... (hidden-state index k = output of block k; default: the "
+                        "fit's own: the tuned lens fits every block 1..L-1)")
+    g.add_argument("--fit-tokens", type=int, default=16384,
+                   help="tuned lens: positions of the pairs' sequences to fit on (pad and BOS left out)")
+    g.add_argument("--fit-steps", type=int, default=250,
+                   help="tuned lens: KL optimizer steps (the package's default; 0: the --fit-init map alone)")
+    g.add_argument("--fit-batch", type=int, default=256, help="tuned lens: positions per optimizer step")
+    g.add_argument("--fit-init", choices=["lstsq", "zero"], default="lstsq",
+                   help="tuned lens: start each translator at the least-squares map of block k to the last block's "
+                        "residual (cheap; the KL steps refine it) or at zero (the logit lens)")
+    g.add_argument("--fit-lr", type=float, default=1e-4, help="tuned lens: Adam learning rate (cosine decay to 0)")
+    g.add_argument("--fit-eval-tokens", type=int, default=4096,
+                   help="tuned lens: held-out positions, from --eval-pairs or else the .dev.jsonl beside --pairs")
     return p
+
+
+def fit_layers_arg(value):
+    """--fit-layers: 'all', 'auto' or comma-separated block numbers (checked against the model later)."""
+    if value in ("all", "auto"):
+        return value
+    try:
+        blocks = sorted({int(v) for v in common.parse_list(value)})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'all', 'auto' or block numbers like 2,8, got {value!r}") from None
+    if not blocks:
+        raise argparse.ArgumentTypeError("expected 'all', 'auto' or block numbers like 2,8, got nothing")
+    return blocks
 
 
 def parse_args(argv=None):
@@ -197,7 +238,7 @@ TRACKERS = {"none": [], "tensorboard": ["tensorboard"], "wandb": ["wandb"], "all
 
 # every setting at its default, before --preset and --method (tests and bench_train.py build configurations on it)
 DEFAULTS = {name: value for name, value in vars(build_parser().parse_args(["--pairs", "", "--out", ""])).items()
-            if name not in ("pairs", "out", "preset")}
+            if name not in ("pairs", "out", "preset") and not name.startswith("fit")}
 
 # bad numbers are refused before any work; the zeros that mean something stay allowed
 AT_LEAST_ONE = ("max_steps", "batch_size", "grad_accum", "global_batch_size", "max_length", "eval_every", "eval_limit",
@@ -235,12 +276,20 @@ def resolve_config(args):
 
     The method's own settings (its sequences; mid-align's layer and gradient) beat a preset's, which sets the recipe
     of a model; a flag typed on the command line beats both, even when typed at its default value."""
-    cfg = {name: value for name, value in vars(args).items() if name != "given"}
+    cfg = {name: value for name, value in vars(args).items() if name != "given" and not name.startswith("fit")}
     if cfg["preset"] is None:
         del cfg["preset"]
     layered = dict(PRESETS.get(args.preset, {}), **METHODS[args.method])
     cfg.update({name: value for name, value in layered.items() if name not in args.given})
     check_numbers(cfg)
+    tuned = [flag for flag, key in (("--readout", "readout"), ("--layer-rule-readout", "layer_rule_readout"))
+             if cfg[key] == "tuned"]
+    if tuned and not cfg["tuned_lens"]:
+        raise common.UserError(f"{' and '.join(tuned)} tuned (--method {cfg['method']}) needs --tuned-lens DIR: a "
+                               "lens fitted for --model (02_train_dft.py --fit-tuned-lens --pairs P --out DIR)")
+    if cfg["readout"] == "tuned" and not any(SIGNALS[cfg[name]].lens for name in ("lc", "et")):
+        raise common.UserError("--readout tuned reads the logits signal; this objective has none (use --method "
+                               "dft-logits-tuned or --lc/--et logits)")
     if cfg["method"] == "sft" and (cfg["lc"] != "none" or cfg["et"] != "none"):
         raise common.UserError("--method sft trains on English only; --lc/--et need target-language inputs "
                                "(use tft or dft-*)")
@@ -293,11 +342,11 @@ def encode_pair(tokenizer, row, cfg):
     """All sequences one pair needs for the configured objective."""
     side = cfg["tft_side"]
     seqs = {"tft": encode_sequence(tokenizer, row[f"x_{side}"], row[f"y_{side}"], add_eos=True)}
-    if cfg["lc"] == "logits":  # x_en tokens after the target prompt (ours: this layout, DESIGN §2)
-        seqs["lc"] = encode_sequence(tokenizer, row["x_tgt"], row["x_en"], add_eos=False)
-    if cfg["et"] == "logits":  # y_en is a response, so it ends with EOS like every response
-        seqs["et"] = encode_sequence(tokenizer, row["x_tgt"], row["y_en"], add_eos=True)
-    if {"feature", "contrastive"} & {cfg["lc"], cfg["et"]}:
+    signals = [SIGNALS[cfg[name]] for name in ("lc", "et")]
+    for name, signal in zip(("lc", "et"), signals):
+        if signal.lens:
+            seqs[name] = LensCE.sequence(tokenizer, row, name)
+    if any(signal.english for signal in signals):
         ids, x_mask = common.encode_prompt(tokenizer, row["x_en"])
         seqs["en"] = dict(input_ids=ids, labels=[-100] * len(ids), pool_mask=x_mask)
     return seqs
@@ -526,15 +575,146 @@ def continue_prompt(parts, layer, prompt_kv, tft_hidden, tft, seq):
     return torch.cat([last_prompt, captured[layer]], 1), torch.cat([head_labels, labels], 1)
 
 
-class DFTObjective(nn.Module):
-    """L = w_tft L_TFT + w_lc L_LC + w_et L_ET for one micro-batch (DESIGN §2)."""
+class LogitReadout(nn.Module):
+    """The paper's readout of block k: the frozen final norm and lm_head (and softcap)."""
 
-    def __init__(self, model, cfg):
+    def logits(self, parts, hidden, layer):
+        return common.lens_logits(parts, hidden)
+
+
+class TunedReadout(nn.Module):
+    """A tuned lens before the frozen head (DESIGN §6): its translators for `layers` as non-persistent buffers, so
+    they follow the module to its device, stay out of every state dict (model.safetensors, checkpoints) and are
+    neither trained nor sharded by FSDP1/2 or ZeRO-3; frozen and detached like the head."""
+
+    def __init__(self, lens, layers):
+        super().__init__()
+        for k in sorted(set(layers)):
+            weight, bias = lens.translator(k) or (torch.zeros(0), torch.zeros(0))  # the last block: none
+            self.register_buffer(f"weight_{k}", weight.clone(), persistent=False)
+            self.register_buffer(f"bias_{k}", bias.clone(), persistent=False)
+
+    def logits(self, parts, hidden, layer):
+        weight, bias = getattr(self, f"weight_{layer}"), getattr(self, f"bias_{layer}")
+        return common.lens_logits(parts, hidden, translator=(weight, bias) if weight.numel() else None)
+
+
+class Signal:
+    """One intermediate term (L_LC or L_ET) at block k: what it reads and its summed loss (the caller divides by
+    `count`'s denominator). A new signal is one subclass and one SIGNALS entry.
+
+    lens: runs its own sequence [P(x_tgt); English] up to block k (batch[name]); reads_prompt: reads block k of the
+    target prompt from the L_TFT pass; english: needs the English prompt P(x_en)'s hidden states; min_pairs: pairs
+    a micro-batch needs."""
+    lens = reads_prompt = english = False
+    min_pairs = 1
+
+    def __init__(self, name, layer, cfg, readout=None):
+        self.name, self.layer, self.cfg, self.readout = name, layer, cfg, readout
+
+    @classmethod
+    def count(cls, name):
+        """The term_counts() key this term is averaged over: pairs, unless it counts tokens."""
+        return "seq"
+
+    def english_layers(self):
+        """Blocks of P(x_en) this term reads (ET feature reads the model's last, normed, layer: english_last)."""
+        return []
+
+    english_last = False
+
+
+class LensCE(Signal):
+    """Lens cross-entropy of block k against the English tokens after the target prompt, read through the
+    objective's readout (DESIGN §2; tuned: §6)."""
+    lens = True
+
+    @staticmethod
+    def sequence(tokenizer, row, name):
+        """lc: x_en after the target prompt (ours: this layout, DESIGN §2); et: y_en, a response, so it ends with EOS
+        like every response."""
+        english, eos = (row["x_en"], False) if name == "lc" else (row["y_en"], True)
+        return encode_sequence(tokenizer, row["x_tgt"], english, add_eos=eos)
+
+    @classmethod
+    def count(cls, name):
+        return name
+
+    def loss(self, parts, batch, states):
+        seq = batch[self.name]
+        if states["shared"]:
+            hidden, labels = continue_prompt(parts, self.layer, states["prompt_kv"], states["tgt"][self.layer],
+                                             batch["tft"], seq)
+        else:
+            hidden = common.run_truncated(parts, self.layer, seq["input_ids"], seq["attention_mask"])
+            labels = seq["labels"]
+        h, y = shifted(hidden, labels)
+        lens = lambda z: self.readout.logits(parts, z, self.layer)
+        return chunked_cross_entropy(h, y, lens, self.cfg["ce_chunk"])
+
+
+class FeatureCosine(Signal):
+    """Cosine distance of the pooled target prompt at block k to the parallel English prompt: raw h_k for LC, the
+    normed last layer h_L for ET (DESIGN §2)."""
+    reads_prompt = english = True
+
+    def english_layers(self):
+        return [self.layer] if self.name == "lc" else []
+
+    @property
+    def english_last(self):
+        return self.name == "et"
+
+    def loss(self, parts, batch, states):
+        cfg, tgt = self.cfg, states["tgt"][self.layer]
+        if self.name == "et":  # h_L of HF is after the final norm: compare in that space (DESIGN §2)
+            tgt = common.frozen_call(parts.final_norm, tgt)
+        en = states["en"][self.layer] if self.name == "lc" else states["en_last"]
+        return cosine_distance(pool(tgt, batch["tft"]["pool_mask"], cfg["pool"]),
+                               pool(en, batch["en"]["pool_mask"], cfg["pool"]))
+
+
+class Contrastive(Signal):
+    """InfoNCE of block k on both sides, pooled as the feature signal pools (the peer, Liu & Niehues 2025)."""
+    reads_prompt = english = True
+    min_pairs = 2
+
+    def english_layers(self):
+        return [self.layer]
+
+    def loss(self, parts, batch, states):
+        cfg = self.cfg
+        return contrastive_loss(pool(states["tgt"][self.layer], batch["tft"]["pool_mask"], cfg["pool"]),
+                                pool(states["en"][self.layer], batch["en"]["pool_mask"], cfg["pool"]),
+                                cfg["contrastive_temperature"], cfg["contrastive_negatives"])
+
+
+class NoSignal(Signal):
+    """--lc/--et none: no term (every attribute false, so callers read SIGNALS[name] without a check)."""
+
+
+SIGNALS = dict(zip(SIGNAL_NAMES, (NoSignal, LensCE, FeatureCosine, Contrastive)))
+
+
+def signals_of(cfg):
+    """[(term name, Signal class)] of the configured intermediate terms, LC first."""
+    return [(name, SIGNALS[cfg[name]]) for name in ("lc", "et") if cfg[name] != "none"]
+
+
+class DFTObjective(nn.Module):
+    """L = w_tft L_TFT + w_lc L_LC + w_et L_ET for one micro-batch (DESIGN §2).
+
+    lens: the TunedLens of --readout tuned (its translators become the readout's buffers)."""
+
+    def __init__(self, model, cfg, lens=None):
         super().__init__()
         self.model = model
         self.cfg = cfg
         self.lc, self.et = cfg["lc"], cfg["et"]
         self.lc_layer, self.et_layer = cfg.get("lc_layer_used"), cfg.get("et_layer_used")
+        lens_layers = [cfg[f"{name}_layer_used"] for name, signal in signals_of(cfg) if signal.lens]
+        self.readout = TunedReadout(lens, lens_layers) if cfg.get("readout") == "tuned" else LogitReadout()
+        self.terms = [signal(name, cfg[f"{name}_layer_used"], cfg, self.readout) for name, signal in signals_of(cfg)]
 
     def forward(self, batch, denominators=None, phase="both"):
         """Each term is this micro-batch's sum divided by its denominator (DESIGN §2, normalisation).
@@ -554,11 +734,10 @@ class DFTObjective(nn.Module):
 
         # L_TFT: the last layer, lm_head trained; h_i / h_j of the target prompt are read from this pass
         # (causal attention: the prompt positions of [P(x_tgt); y_tgt] equal those of P(x_tgt) alone)
-        pooled_layers = [k for sig, k in ((self.lc, self.lc_layer), (self.et, self.et_layer))
-                         if sig in ("feature", "contrastive")]
+        pooled_layers = [term.layer for term in self.terms if term.reads_prompt]
         tft = batch["tft"]
         # --lens-prefix shared: the L_TFT pass also keeps the prompt's keys and values and h_i / h_j for the lens terms
-        lens_layers = [k for sig, k in ((self.lc, self.lc_layer), (self.et, self.et_layer)) if sig == "logits"]
+        lens_layers = [term.layer for term in self.terms if term.lens]
         shared = bool(lens_layers) and phase == "both" and self.can_share_prefix(parts, batch)
         recomputed = bool(lens_layers) and cfg["lens_prefix"] == "shared" and phase != "task" and not shared
         terms["lens_recomputed"] = torch.tensor(float(recomputed))  # --lens-prefix shared fell back for this batch
@@ -578,39 +757,17 @@ class DFTObjective(nn.Module):
             terms["loss"], terms["tokens"] = loss, torch.tensor(labelled(tft["labels"]))
             return terms
 
-        if pooled_layers:
-            en_states, en_last = self.english_states(parts, batch["en"])
-        for name, signal, layer, weight in (("lc", self.lc, self.lc_layer, cfg["lc_weight"]),
-                                            ("et", self.et, self.et_layer, cfg["et_weight"])):
-            if signal == "none":
-                continue
+        states = dict(shared=shared, prompt_kv=prompt_kv, tgt=tgt_states if pooled_layers or shared else {})
+        if any(term.english for term in self.terms):
+            states["en"], states["en_last"] = self.english_states(parts, batch["en"])
+        for term in self.terms:
+            weight = cfg[f"{term.name}_weight"]
             # weight 0: the term is only watched, so it must not touch the graph (bit-equal to a run without it)
             with torch.set_grad_enabled(torch.is_grad_enabled() and weight != 0):
-                if signal == "logits":
-                    seq = batch[name]
-                    if shared:
-                        hidden, labels = continue_prompt(parts, layer, prompt_kv, tgt_states[layer], tft, seq)
-                    else:
-                        hidden = common.run_truncated(parts, layer, seq["input_ids"], seq["attention_mask"])
-                        labels = seq["labels"]
-                    h, y = shifted(hidden, labels)
-                    lens = lambda z: common.lens_logits(parts, z)
-                    term = chunked_cross_entropy(h, y, lens, cfg["ce_chunk"]) / per(name)
-                elif signal == "contrastive":  # block k on both sides, pooled as the feature signal pools
-                    term = contrastive_loss(pool(tgt_states[layer], tft["pool_mask"], cfg["pool"]),
-                                            pool(en_states[layer], batch["en"]["pool_mask"], cfg["pool"]),
-                                            cfg["contrastive_temperature"], cfg["contrastive_negatives"]) / per("seq")
-                else:
-                    tgt = tgt_states[layer]
-                    if name == "et":  # h_L of HF is after the final norm: compare in that space (DESIGN §2)
-                        tgt = common.frozen_call(parts.final_norm, tgt)
-                    en = en_states[layer] if name == "lc" else en_last
-                    mask_tgt = tft["pool_mask"]
-                    term = cosine_distance(pool(tgt, mask_tgt, cfg["pool"]),
-                                           pool(en, batch["en"]["pool_mask"], cfg["pool"])) / per("seq")
-            terms[f"loss_{name}"] = term
+                value = term.loss(parts, batch, states) / per(term.count(term.name))
+            terms[f"loss_{term.name}"] = value
             if weight != 0:
-                loss = loss + weight * term
+                loss = loss + weight * value
         terms["loss"] = loss
         terms["tokens"] = torch.tensor(labelled(tft["labels"]))
         return terms
@@ -631,11 +788,11 @@ class DFTObjective(nn.Module):
                 or wrapped:
             return False
         prompt_len = prompt_lengths(batch["tft"])
-        for name, signal, layer in (("lc", self.lc, self.lc_layer), ("et", self.et, self.et_layer)):
-            if signal != "logits":
+        for term in self.terms:
+            if not term.lens:
                 continue
-            continuation = int((batch[name]["attention_mask"].sum(1) - prompt_len).max())
-            if continuation == 0 or window_reached(config, layer, int(prompt_len.max()), continuation):
+            continuation = int((batch[term.name]["attention_mask"].sum(1) - prompt_len).max())
+            if continuation == 0 or window_reached(config, term.layer, int(prompt_len.max()), continuation):
                 return False
         return True
 
@@ -649,9 +806,8 @@ class DFTObjective(nn.Module):
         ET feature. No gradient by default: the English representation is the fixed point the target language is
         pulled toward (--feature-grad both: both branches train, as the contrastive peer does)."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.cfg["feature_grad"] == "both"):
-            layers = [k for sig, k in ((self.lc, self.lc_layer), (self.et, self.et_layer)) if sig == "contrastive"]
-            layers += [self.lc_layer] if self.lc == "feature" else []
-            if self.et == "feature":
+            layers = [k for term in self.terms for k in term.english_layers()]
+            if any(term.english_last for term in self.terms):
                 with common.capture_blocks(parts, layers) as states:
                     out = parts.backbone(input_ids=en["input_ids"], attention_mask=en["attention_mask"],
                                          use_cache=False)
@@ -705,11 +861,35 @@ def save_entropy_curve(out_dir, entropy, picked, model_name, num_prompts):
     plt.close(fig)
 
 
-def resolve_layers(cfg, model, tokenizer, rows, out_dir, accelerator):
+def load_readout_lens(cfg, model, accelerator):
+    """The TunedLens of --tuned-lens (None without it), recorded in cfg (train_config.json: folder, sha256 of
+    params.pt, fitted blocks, whether the readout weights are the lens's own)."""
+    cfg["tuned_lens_sha256"] = None
+    if not cfg["tuned_lens"]:
+        return None
+    lens = common.load_tuned_lens(cfg["tuned_lens"], model)
+    cfg["tuned_lens_sha256"], cfg["tuned_lens_record"] = lens.sha256, lens.record()
+    if not lens.weights_match and accelerator.is_main_process:
+        print(f"note: --tuned-lens {cfg['tuned_lens']} was fitted on other readout weights with the same "
+              "unembedding hash and shapes (recorded: tuned_lens_record.weights_match false)", flush=True)
+    return lens
+
+
+def copy_lens(folder, dest):
+    """The lens folder's files beside the model, written to a temporary folder and moved into place."""
+    tmp = dest + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(folder, tmp)
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+
+
+def resolve_layers(cfg, model, tokenizer, rows, out_dir, accelerator, lens=None):
     """Fill cfg['lc_layer_used'] / ['et_layer_used'] and say why; validate the range and the order.
 
     The entropy rule runs once, on the main process and its accelerator (minutes on a CPU for a 256k vocabulary),
-    and its curve is broadcast: every rank trains the same layers even where two drops nearly tie."""
+    and its curve is broadcast: every rank trains the same layers even where two drops nearly tie. It reads through
+    `lens` with --layer-rule-readout tuned."""
     L = common.model_parts(model).num_layers
     needed = {name: cfg[f"{name}_layer"] for name in ("lc", "et") if cfg[name] != "none"}
     why = {}
@@ -720,7 +900,9 @@ def resolve_layers(cfg, model, tokenizer, rows, out_dir, accelerator):
             home = next(model.parameters()).device
             model.eval().to(accelerator.device)
             with torch.no_grad():
-                entropy = [common.lens_entropy_curve(model, tokenizer, texts, max_length=cfg["max_length"])]
+                rule_lens = lens if cfg["layer_rule_readout"] == "tuned" else None
+                entropy = [common.lens_entropy_curve(model, tokenizer, texts, max_length=cfg["max_length"],
+                                                     lens=rule_lens)]
             model.to(home)  # prepare() places (and shards) the model itself
         if accelerator.num_processes > 1:
             from accelerate.utils import broadcast_object_list
@@ -732,7 +914,8 @@ def resolve_layers(cfg, model, tokenizer, rows, out_dir, accelerator):
         for name, k in zip(("lc", "et"), picked):
             if needed.get(name) == "auto":
                 needed[name] = k
-                why[name] = f"auto: entropy rule over {len(texts)} target prompts (layer_entropy.json)"
+                why[name] = (f"auto: entropy rule over {len(texts)} target prompts, {cfg['layer_rule_readout']} "
+                             "lens (layer_entropy.json)")
     for name, value in needed.items():
         if value == "mid":
             needed[name] = value = L // 2
@@ -903,16 +1086,17 @@ TRAJECTORY_KEYS = ("model", "method", "tft_side", "lc", "et", "lc_layer_used", "
                    "et_weight", "tft_weight", "pool", "feature_grad", "lr", "warmup_ratio", "weight_decay",
                    "max_grad_norm", "batch_size", "grad_accum", "world_size", "global_batch", "seed", "max_length",
                    "pairs_sha256", "dtype", "mixed_precision_used", "lora", "lora_r", "lora_alpha", "lora_dropout",
-                   "lora_targets", "contrastive_temperature", "contrastive_negatives", "alternate", "lens_prefix")
+                   "lora_targets", "contrastive_temperature", "contrastive_negatives", "alternate", "lens_prefix",
+                   "readout", "tuned_lens_sha256")
 # what a setting added later reads as in a checkpoint written before it existed
-RESUME_DEFAULTS = {"lens_prefix": "recompute"}
+RESUME_DEFAULTS = {"lens_prefix": "recompute", "readout": "logit", "tuned_lens_sha256": None}
 
 
 def check_resume(saved, now, start_step):
     """Refuse a resume whose configuration differs from the first segment's in anything that changes the trajectory."""
     saved = dict(RESUME_DEFAULTS, **saved)
     # without a lens term --lens-prefix changes nothing (a tft run from before the flag resumes at its default)
-    keys = [k for k in TRAJECTORY_KEYS if k != "lens_prefix" or "logits" in (now["lc"], now["et"])]
+    keys = [k for k in TRAJECTORY_KEYS if k != "lens_prefix" or any(signal.lens for _, signal in signals_of(now))]
     differ = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)]
     if now["total_steps"] <= start_step:
         differ.append(f"total_steps: {now['total_steps']} leaves nothing to train after the checkpoint's step "
@@ -976,13 +1160,12 @@ def heldout_losses(objective, accelerator, examples, cfg, pad_id, show_bar):
     nothing is gathered)."""
     from tqdm import tqdm
     world, rank = accelerator.num_processes, accelerator.process_index
-    contrastive = "contrastive" in (cfg["lc"], cfg["et"])
-    size = max(2, cfg["batch_size"]) if contrastive else cfg["batch_size"]  # a contrastive batch needs 2 pairs
-    plans = eval_batches(len(examples), world, size, min_size=2 if contrastive else 1)
+    min_pairs = max([signal.min_pairs for _, signal in signals_of(cfg)], default=1)  # a contrastive batch: 2
+    size = max(min_pairs, cfg["batch_size"])
+    plans = eval_batches(len(examples), world, size, min_size=min_pairs)
     shard = examples[rank::world]
     keys = ("loss_tft", "loss_lc", "loss_et")
-    count_of = {"loss_tft": "tft", "loss_lc": "lc" if cfg["lc"] == "logits" else "seq",
-                "loss_et": "et" if cfg["et"] == "logits" else "seq"}
+    count_of = {"loss_tft": "tft", **{f"loss_{name}": SIGNALS[cfg[name]].count(name) for name in ("lc", "et")}}
     totals = torch.zeros(2 * len(keys), dtype=torch.float64, device=accelerator.device)
     ones = dict(tft=1, lc=1, et=1, seq=1)  # denominators 1: the objective returns plain sums
     was_training, negatives = objective.training, cfg["contrastive_negatives"]
@@ -1056,7 +1239,7 @@ def batch_plan(cfg, world, num_examples, num_eval_examples):
     if micro_per_epoch < cfg["grad_accum"]:
         raise common.UserError(f"{num_examples} pairs make fewer than one optimizer step of {global_batch} sequences; "
                                "lower --batch-size/--grad-accum or add pairs")
-    if "contrastive" in (cfg["lc"], cfg["et"]):
+    if any(signal.min_pairs > 1 for _, signal in signals_of(cfg)):
         devices = world if cfg["contrastive_negatives"] == "global" else 1
         if cfg["batch_size"] * devices < 2:
             raise common.UserError(f"the contrastive term compares each pair with the other pairs of its micro-batch, "
@@ -1113,7 +1296,7 @@ def make_optimizer(objective, cfg):
 
 def shares_lens_prefix(cfg):
     """--lens-prefix shared with a lens term to share it (dft-logits on LC or ET)."""
-    return cfg["lens_prefix"] == "shared" and "logits" in (cfg["lc"], cfg["et"])
+    return cfg["lens_prefix"] == "shared" and any(signal.lens for _, signal in signals_of(cfg))
 
 
 def start_run(accelerator, cfg, run_info, start_step):
@@ -1243,10 +1426,191 @@ def finish_run(accelerator, run_info, cfg, seconds):
           flush=True)
 
 
+# -----------------------------------------------------------------------------
+# fitting a tuned lens (DESIGN §6, "Readout"): no training of the model
+
+
+def lens_fit_sequences(tokenizer, row, max_length):
+    """The sequences a readout reads in training ([P(x_tgt); x_en], [P(x_tgt); y_en]) and both languages' own
+    ([P(x_tgt); y_tgt], [P(x_en); y_en]), each cut to max_length."""
+    seqs = [encode_sequence(tokenizer, row["x_tgt"], row["x_en"], add_eos=False),
+            encode_sequence(tokenizer, row["x_tgt"], row["y_en"], add_eos=True),
+            encode_sequence(tokenizer, row["x_tgt"], row["y_tgt"], add_eos=True),
+            encode_sequence(tokenizer, row["x_en"], row["y_en"], add_eos=True)]
+    return [seq["input_ids"][:max_length] for seq in seqs]
+
+
+@torch.no_grad()
+def lens_fit_states(model, tokenizer, rows, layers, budget, cfg, desc):
+    """({k: raw block-k states, L: the last block's raw output}, final normed states) at up to `budget` positions of the rows' sequences, taken in a
+    seeded order of the rows; padding and BOS are left out (BOS starts every text alike and tells nothing of it)."""
+    parts = common.model_parts(model)
+    device = next(model.parameters()).device
+    layers = sorted(set(layers) | {parts.num_layers})
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg["seed"])).tolist()
+    seqs = [ids for i in order for ids in lens_fit_sequences(tokenizer, rows[i], cfg["max_length"])]
+    states, finals, kept = {k: [] for k in layers}, [], 0
+    bar = tqdm(total=budget, desc=desc, leave=False)
+    for start in range(0, len(seqs), cfg["batch_size"]):
+        if kept >= budget:
+            break
+        chunk = seqs[start:start + cfg["batch_size"]]
+        width = max(len(ids) for ids in chunk)
+        ids = torch.tensor([s + [tokenizer.pad_token_id] * (width - len(s)) for s in chunk], device=device)
+        attention = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in chunk], device=device)
+        mask = attention.bool()
+        if tokenizer.bos_token_id is not None:
+            mask &= ids != tokenizer.bos_token_id
+        with common.capture_blocks(parts, layers) as captured:
+            out = parts.backbone(input_ids=ids, attention_mask=attention, use_cache=False)
+        take = min(int(mask.sum()), budget - kept)
+        for k in layers:
+            states[k].append(captured[k][mask][:take].float().cpu())
+        finals.append(out.last_hidden_state[mask][:take].float().cpu())
+        kept += take
+        bar.update(take)
+    bar.close()
+    if not kept:
+        return None, None
+    return {k: torch.cat(v) for k, v in states.items()}, torch.cat(finals)
+
+
+def lens_kl(parts, hidden, final, translator, chunk):
+    """Summed KL(final-layer distribution || lens of `hidden`) over the rows, `chunk` rows at a time; the caller
+    divides. With gradient, each chunk's backward runs at once, so one chunk of (rows x vocab) logits lives at a
+    time (the returned sum is detached)."""
+    step = chunk or max(1, hidden.shape[0])
+    total = 0.0
+    for c in range(0, hidden.shape[0], step):
+        with torch.no_grad():
+            target = torch.log_softmax(common.lens_logits(parts, final[c:c + step], normed=True).float(), dim=-1)
+        logq = torch.log_softmax(common.lens_logits(parts, hidden[c:c + step], translator=translator).float(), dim=-1)
+        kl = F.kl_div(logq, target, log_target=True, reduction="sum")
+        if kl.requires_grad:
+            kl.backward()
+        total += float(kl.detach())
+    return total
+
+
+def least_squares_translator(hidden, target, ridge=1e-6):
+    """(A, b) minimising |h + A h + b - target|^2 over the rows (a ridge of `ridge` x the mean diagonal keeps the
+    float64 normal equations solvable): the residual-space map whose KL the fit then lowers."""
+    x = torch.cat([hidden.double(), torch.ones(len(hidden), 1, dtype=torch.float64)], 1)
+    gram = x.T @ x
+    gram += ridge * gram.diagonal().mean() * torch.eye(len(gram), dtype=torch.float64)
+    solution = torch.linalg.solve(gram, x.T @ (target.double() - hidden.double()))  # (d + 1) x d
+    return solution[:-1].T.float().contiguous(), solution[-1].float().contiguous()
+
+
+def fit_tuned_lens(args):
+    """--fit-tuned-lens: translators h + A_k h + b_k (A, b zero at the start: the logit lens) for the chosen blocks,
+    fitted with Adam on the frozen model by KL(final-layer distribution || lens_k) and read through the model's
+    own final norm and lm_head (and softcap); held-out KL of both readouts on the dev pairs; one folder."""
+    cfg = {name: value for name, value in vars(args).items() if name != "given"}
+    for name in ("fit_tokens", "fit_batch", "fit_eval_tokens", "batch_size", "max_length"):
+        if cfg[name] < 1:
+            raise common.UserError(f"--{name.replace('_', '-')} must be >= 1, got {cfg[name]}")
+    if cfg["fit_steps"] < 0:
+        raise common.UserError(f"--fit-steps must be >= 0 (0: the --fit-init map alone), got {cfg['fit_steps']}")
+    if not cfg["fit_lr"] > 0:
+        raise common.UserError(f"--fit-lr must be > 0, got {cfg['fit_lr']}")
+    out = cfg["out"]
+    if os.path.exists(os.path.join(out, "config.json")) or os.path.exists(os.path.join(out, "train_log.jsonl")):
+        raise common.UserError(f"{out} already holds a lens or a run; choose a new --out")
+    dev_path = cfg["eval_pairs"] or (cfg["pairs"][:-len(".jsonl")] + ".dev.jsonl"
+                                     if cfg["pairs"].endswith(".jsonl") else None)
+    if not dev_path or not os.path.isfile(dev_path):
+        raise common.UserError(f"--fit-tuned-lens reports the held-out KL on dev pairs: no {dev_path}; pass "
+                               "--eval-pairs FILE (01_build_pairs.py writes X.dev.jsonl beside X.jsonl)")
+    if cfg["fit_layers"] == "auto":
+        raise common.UserError("--fit-layers auto is --fit's rule; the tuned lens takes 'all' or block numbers")
+    rows, dev_rows = load_pairs(cfg["pairs"]), load_pairs(dev_path)[:cfg["eval_limit"]]
+    t0 = time.time()
+    model, tokenizer = common.load_model_and_tokenizer(cfg["model"], dtype=cfg["dtype"])
+    model.eval().requires_grad_(False)
+    parts = common.model_parts(model)
+    L = parts.num_layers
+    layers = list(range(1, L)) if cfg["fit_layers"] in (None, "all") else cfg["fit_layers"]
+    bad = [k for k in layers if not 1 <= k <= L - 1]
+    if bad:
+        raise common.UserError(f"--fit-layers {bad} out of range: a tuned lens translates blocks 1..{L - 1} of this "
+                               f"model (block {L} is the output itself)")
+    common.seed_everything(cfg["seed"])
+    train_states, train_final = lens_fit_states(model, tokenizer, rows, layers, cfg["fit_tokens"], cfg, "fit states")
+    dev_states, dev_final = lens_fit_states(model, tokenizer, dev_rows, layers, cfg["fit_eval_tokens"], cfg,
+                                            "held-out states")
+    if train_final is None or dev_final is None:
+        raise common.UserError(f"--fit-tuned-lens: no position left to fit on or to hold out after leaving out pad "
+                               f"and BOS ({cfg['pairs']}, {dev_path}); give pairs with text")
+    seconds_states = time.time() - t0
+
+    d = train_final.shape[1]
+    if cfg["fit_init"] == "lstsq":
+        start = {k: least_squares_translator(train_states[k], train_states[L]) for k in layers}
+    else:
+        start = {k: (torch.zeros(d, d), torch.zeros(d)) for k in layers}
+    translators = {k: (a.clone().requires_grad_(), b.clone().requires_grad_()) for k, (a, b) in start.items()}
+    optimizer = torch.optim.Adam([t for pair in translators.values() for t in pair], lr=cfg["fit_lr"])
+    n, generator = train_final.shape[0], torch.Generator().manual_seed(cfg["seed"])
+    t_fit, curve = time.time(), []
+    bar = tqdm(range(cfg["fit_steps"]), desc="tuned lens")
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = cfg["fit_lr"] * lr_at(step, cfg["fit_steps"], 0)
+        rows_of_step = torch.randperm(n, generator=generator)[:cfg["fit_batch"]]
+        batch_size = len(rows_of_step)
+        kl = 0.0
+        for k, translator in translators.items():  # each block's translator sees only its own loss
+            kl += lens_kl(parts, train_states[k][rows_of_step], train_final[rows_of_step], translator,
+                          cfg["ce_chunk"]) / batch_size
+        for weight, bias in translators.values():
+            weight.grad /= batch_size
+            bias.grad /= batch_size
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        curve.append(round(kl / len(layers), 5))
+        bar.set_postfix(kl=f"{curve[-1]:.4f}")
+    seconds_fit = time.time() - t_fit
+
+    heldout = {}
+    with torch.no_grad():
+        for k in layers:
+            kl = lambda translator: round(lens_kl(parts, dev_states[k], dev_final, translator, cfg["ce_chunk"])
+                                          / dev_final.shape[0], 5)
+            heldout[str(k)] = dict(logit=kl(None), tuned=kl(translators[k]))
+            if cfg["fit_init"] == "lstsq" and cfg["fit_steps"]:
+                heldout[str(k)]["lstsq_start"] = kl(start[k])
+            print(f"block {k}: held-out KL(final || lens) " + ", ".join(f"{name} {value:.4f}" for name, value in
+                                                                       heldout[str(k)].items()) + " nats/position",
+                  flush=True)
+    provenance = dict(
+        what="tuned lens (DESIGN §6): lens_k(h) = head(final_norm(h + A_k h + b_k)), fitted by KL(final || lens_k)",
+        model=cfg["model"], model_source=common.resolve_model(cfg["model"])[2], dtype=cfg["dtype"],
+        fitted_blocks=layers, pairs=cfg["pairs"], pairs_sha256=common.sha256_file(cfg["pairs"]),
+        eval_pairs=dev_path, eval_pairs_sha256=common.sha256_file(dev_path),
+        sequences="[P(x_tgt); x_en], [P(x_tgt); y_en], [P(x_tgt); y_tgt], [P(x_en); y_en]; pad and BOS left out",
+        fit_positions=n, heldout_positions=int(dev_final.shape[0]),
+        settings={name: cfg[name] for name in ("fit_tokens", "fit_init", "fit_steps", "fit_batch", "fit_lr",
+                                               "fit_eval_tokens",
+                                               "seed", "max_length", "batch_size", "eval_limit")},
+        optimizer="start: --fit-init (lstsq: least squares of block k to the last block's raw output over the fit "
+                  "positions); then Adam, cosine decay to 0, no weight decay, on each block's own KL",
+        heldout_kl=heldout, heldout_kl_unit="nats per position, mean over held-out positions",
+        fit_kl_curve=curve, seconds=dict(states=round(seconds_states, 1), fit=round(seconds_fit, 1),
+                                         total=round(time.time() - t0, 1)),
+        versions=common.versions())
+    fitted = {k: (weight.detach(), bias.detach()) for k, (weight, bias) in translators.items()}
+    common.write_tuned_lens(out, fitted, parts, cfg["model"], provenance)
+    print(f"saved a tuned lens for blocks {layers} to {out} (fit {seconds_fit:.0f}s, total {time.time() - t0:.0f}s)",
+          flush=True)
+
+
 def main(argv=None):
-    cfg = resolve_config(parse_args(argv))
+    args = parse_args(argv)
+    if args.fit_tuned_lens:
+        return fit_tuned_lens(args)
+    cfg = resolve_config(args)
     from accelerate.utils import DistributedType
-    from tqdm import tqdm
     accelerator = make_accelerator(cfg)
     check_distributed(accelerator, cfg)
     common.seed_everything(cfg["seed"])
@@ -1255,8 +1619,14 @@ def main(argv=None):
     rows = load_pairs(cfg["pairs"])
     eval_rows = load_pairs(cfg["eval_pairs"])[:cfg["eval_limit"]] if cfg["eval_pairs"] else None
     model, tokenizer = prepare_model(cfg, accelerator)
+    lens = load_readout_lens(cfg, model, accelerator)
     os.makedirs(cfg["out"], exist_ok=True)
-    resolve_layers(cfg, model, tokenizer, rows, cfg["out"], accelerator)
+    resolve_layers(cfg, model, tokenizer, rows, cfg["out"], accelerator, lens)
+    unfitted = [cfg[f"{name}_layer_used"] for name, signal in signals_of(cfg) if signal.lens]
+    unfitted = [k for k in unfitted if lens and cfg["readout"] == "tuned" and k not in lens.fitted]
+    if unfitted and accelerator.is_main_process:
+        print(f"warning: --tuned-lens {cfg['tuned_lens']} has a zero translator at block(s) {unfitted}: they read as "
+              "the logit lens (fit them with --fit-tuned-lens --fit-layers)", flush=True)
     examples, length_stats = encode_pairs(tokenizer, rows, cfg)
     eval_examples = encode_pairs(tokenizer, eval_rows, cfg)[0] if eval_rows else None
     plan = batch_plan(cfg, accelerator.num_processes, len(examples), len(eval_examples) if eval_examples else 0)
@@ -1265,7 +1635,7 @@ def main(argv=None):
 
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         configure_deepspeed(accelerator, cfg)
-    objective = DFTObjective(model, cfg)
+    objective = DFTObjective(model, cfg, lens)
     objective.train()
     objective, optimizer = accelerator.prepare(objective, make_optimizer(objective, cfg))
     if ckpt:
@@ -1298,6 +1668,8 @@ def main(argv=None):
             accelerator.end_training()
             return
     save_final(accelerator, objective, tokenizer, cfg["out"], cfg)
+    if lens and accelerator.is_main_process:  # the small lens travels with the model it trained (never inside it)
+        copy_lens(lens.folder, os.path.join(cfg["out"], "tuned_lens"))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     finish_run(accelerator, run_info, cfg, time.time() - t_start)

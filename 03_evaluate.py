@@ -1792,11 +1792,12 @@ LENS_POSITIONS_PER_CHUNK = 256  # lens rows at a time: [256, vocab] float32 is 0
 
 
 @torch.no_grad()
-def layer_analysis(model, tokenizer, lang, pairs, batch_size=8, max_length=128):
+def layer_analysis(model, tokenizer, lang, pairs, batch_size=8, max_length=128, lens=None):
     """Per block k = 1..L: lens entropy, English/target probability mass and top-1 share, en/tgt cosine.
 
     Each measure is kept per sentence (mean over its positions) so the curves carry standard errors
-    over sentences and two runs on the same sentences can be compared pairwise.
+    over sentences and two runs on the same sentences can be compared pairwise. lens: a common.TunedLens; every
+    lens measure is then also read through it, under the key "tuned" (same layout, DESIGN §6).
     """
     if tokenizer.padding_side != "right":  # left padding would shift the positions of every shorter sentence
         raise UserError("layer_analysis needs a right-padding tokenizer (load it with padding_side='right')")
@@ -1805,7 +1806,8 @@ def layer_analysis(model, tokenizer, lang, pairs, batch_size=8, max_length=128):
     device = next(model.parameters()).device
     en_mask, tgt_mask = (m.to(device) for m in vocab_classes(tokenizer, lang))
     lens_measures = LAYER_MEASURES[:-1]
-    sums = {m: [] for m in lens_measures}  # per batch: [sentences, L] totals over target positions
+    readouts = {"logit": None, **({"tuned": lens} if lens else {})}
+    sums = {r: {m: [] for m in lens_measures} for r in readouts}  # per batch: [sentences, L] totals over positions
     positions, cosines = [], []
     for start in tqdm(range(0, len(pairs), batch_size), desc="layer analysis", leave=False):
         chunk = pairs[start:start + batch_size]
@@ -1819,41 +1821,51 @@ def layer_analysis(model, tokenizer, lang, pairs, batch_size=8, max_length=128):
             pooled[side] = [(captured[k] * m).sum(1) / m.sum(1) for k in range(1, L + 1)]  # mean over tokens
             if side == "tgt":
                 sentence_of_position = mask.nonzero()[:, 0].cpu()
-                batch_sums = {name: torch.zeros(len(chunk), L, dtype=torch.float64) for name in lens_measures}
-                for k in range(1, L + 1):
-                    states = captured[k][mask]
-                    for lo in range(0, len(states), LENS_POSITIONS_PER_CHUNK):
-                        hi = lo + LENS_POSITIONS_PER_CHUNK
-                        logp = torch.log_softmax(common.lens_logits(parts, states[lo:hi]).float(), dim=-1)
-                        probs = logp.exp()
-                        top = probs.argmax(-1)
-                        values = dict(entropy=-(probs * logp).sum(-1), mass_en=probs @ en_mask.float(),
-                                      mass_tgt=probs @ tgt_mask.float(), top1_en=en_mask[top].float(),
-                                      top1_tgt=tgt_mask[top].float())
-                        for name, v in values.items():
-                            batch_sums[name][:, k - 1].index_add_(0, sentence_of_position[lo:hi], v.double().cpu())
-                for name in lens_measures:
-                    sums[name].append(batch_sums[name])
+                for readout, tuned in readouts.items():
+                    batch_sums = {name: torch.zeros(len(chunk), L, dtype=torch.float64) for name in lens_measures}
+                    for k in range(1, L + 1):
+                        states = captured[k][mask]
+                        translator = tuned.translator(k) if tuned else None
+                        for lo in range(0, len(states), LENS_POSITIONS_PER_CHUNK):
+                            hi = lo + LENS_POSITIONS_PER_CHUNK
+                            logits = common.lens_logits(parts, states[lo:hi], translator=translator)
+                            logp = torch.log_softmax(logits.float(), dim=-1)
+                            probs = logp.exp()
+                            top = probs.argmax(-1)
+                            values = dict(entropy=-(probs * logp).sum(-1), mass_en=probs @ en_mask.float(),
+                                          mass_tgt=probs @ tgt_mask.float(), top1_en=en_mask[top].float(),
+                                          top1_tgt=tgt_mask[top].float())
+                            for name, v in values.items():
+                                batch_sums[name][:, k - 1].index_add_(0, sentence_of_position[lo:hi],
+                                                                      v.double().cpu())
+                    for name in lens_measures:
+                        sums[readout][name].append(batch_sums[name])
                 positions.append(mask.sum(1).cpu())
         cosines.append(torch.stack([F.cosine_similarity(pooled["en"][k].float(), pooled["tgt"][k].float(), dim=-1)
                                     for k in range(L)], dim=1).double().cpu())
     counts = torch.cat(positions)
-    per_sentence_sums = {name: torch.cat(v) for name, v in sums.items()}
-    per_sentence_sums["cosine_en_tgt"] = torch.cat(cosines)
-    res = dict(layers=list(range(1, L + 1)))
-    standard_errors, per_sentence = {}, dict(positions=counts.tolist())
     latin_target = common.LANGUAGES[lang][1] is None
-    for name in LAYER_MEASURES:
-        if latin_target and name in ("mass_tgt", "top1_tgt"):
-            res[name] = standard_errors[name] = per_sentence[name] = None
-            continue
-        weights = torch.ones_like(counts) if name == "cosine_en_tgt" else counts
-        res[name], standard_errors[name] = common.mean_and_se_over_sentences(per_sentence_sums[name], weights)
-        per_sentence[name] = [[round(x, 5) for x in row] for row in
-                              (per_sentence_sums[name] / weights[:, None].double()).tolist()]
+
+    def summary(per_sentence_sums):
+        """{measure: mean curve}, with standard_errors and per_sentence, of the measures in per_sentence_sums."""
+        out, standard_errors, per_sentence = {}, {}, dict(positions=counts.tolist())
+        for name, totals in per_sentence_sums.items():
+            if latin_target and name in ("mass_tgt", "top1_tgt"):
+                out[name] = standard_errors[name] = per_sentence[name] = None
+                continue
+            weights = torch.ones_like(counts) if name == "cosine_en_tgt" else counts
+            out[name], standard_errors[name] = common.mean_and_se_over_sentences(totals, weights)
+            per_sentence[name] = [[round(x, 5) for x in row] for row in (totals / weights[:, None].double()).tolist()]
+        return dict(out, standard_errors=standard_errors, per_sentence=per_sentence)
+
+    res = dict(layers=list(range(1, L + 1)))
+    res.update(summary({**{name: torch.cat(v) for name, v in sums["logit"].items()},
+                        "cosine_en_tgt": torch.cat(cosines)}))
+    if lens:  # additive: the logit-lens keys above are unchanged
+        res["tuned"] = summary({name: torch.cat(v) for name, v in sums["tuned"].items()})
+        res["tuned_lens"] = lens.record()
     res.update(
-        standard_errors=standard_errors, n_sentences=len(counts), n_positions=int(counts.sum()),
-        per_sentence=per_sentence,
+        n_sentences=len(counts), n_positions=int(counts.sum()),
         definitions=dict(
             entropy="logit-lens next-token entropy (nats), mean over target-language positions (every token of "
                     "the target text, BOS included where the tokenizer adds one)",
@@ -1865,7 +1877,10 @@ def layer_analysis(model, tokenizer, lang, pairs, batch_size=8, max_length=128):
                           "sentences",
             standard_errors="per measure and block, over sentences (clustered: a sentence's positions are one unit)",
             per_sentence="per sentence and block: the measure averaged over that sentence's target positions "
-                         "(positions = their number); same sentence order as the data file, for paired comparisons"))
+                         "(positions = their number); same sentence order as the data file, for paired comparisons",
+            **({"tuned": "the lens measures read through the tuned lens (tuned_lens: its folder, sha256, fitted "
+                         "blocks, and whether this model's readout weights are the ones it was fitted on); an "
+                         "unfitted block's translator is zero: the logit lens"} if lens else {})))
     return res
 
 
@@ -1879,20 +1894,26 @@ def plot_layers(curves, lang, path):
     for ax, (a, b, title) in zip(axes.flat, panels):
         for i, (run, c) in enumerate(curves.items()):
             color = f"C{i}"
-            for key, style, label in ((a, "-", f"{run}" + (" English" if b else "")), (b, "--", f"{run} {lang}")):
-                if key is None or c.get(key) is None:
+            readouts = [(c, "-", "--", "")] + ([(c["tuned"], ":", "-.", " tuned")] if c.get("tuned") else [])
+            for source, key, style, label in [(src, key, style, f"{run}{tag}" + suffix)
+                                              for src, solid, dashed, tag in readouts
+                                              for key, style, suffix in ((a, solid, " English" if b else ""),
+                                                                         (b, dashed, f" {lang}"))]:
+                if key is None or source.get(key) is None:
                     continue
-                ax.plot(c["layers"], c[key], color=color, linestyle=style, label=label)
-                se = (c.get("standard_errors") or {}).get(key)
+                ax.plot(c["layers"], source[key], color=color, linestyle=style, label=label)
+                se = (source.get("standard_errors") or {}).get(key)
                 if se:  # 95% band over sentences (older result files have none)
-                    ax.fill_between(c["layers"], [m - 1.96 * s for m, s in zip(c[key], se)],
-                                    [m + 1.96 * s for m, s in zip(c[key], se)], color=color, alpha=0.15, linewidth=0)
+                    ax.fill_between(c["layers"], [m - 1.96 * s for m, s in zip(source[key], se)],
+                                    [m + 1.96 * s for m, s in zip(source[key], se)], color=color, alpha=0.15,
+                                    linewidth=0)
         ax.set_title(title)
         ax.set_xlabel("block")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+    tuned = any(c.get("tuned") for c in curves.values())
     fig.suptitle(f"Logit lens on {lang} inputs (solid: English tokens, dashed: {lang} tokens; "
-                 "bands: 95% over sentences)")
+                 + ("tuned lens: dotted / dash-dot; " if tuned else "") + "bands: 95% over sentences)")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp.png"
@@ -1959,6 +1980,9 @@ def parse_args(argv=None):
     g.add_argument("--analysis", choices=["layers"], default=None, help="layers: per-layer lens entropy, English vs "
                    "target token mass and en/tgt cosine (JSON + PNG)")
     g.add_argument("--analysis-samples", type=int, default=64, help="parallel sentences for --analysis layers")
+    g.add_argument("--tuned-lens", default=None, help="--analysis layers: also read every lens measure through this "
+                   "tuned lens (folder of 02_train_dft.py --fit-tuned-lens or the tuned-lens package), beside the "
+                   "logit lens; a lens of other shapes or another unembedding is refused")
     args = p.parse_args(argv)
     args.batch = BatchSize(args.batch_size)
     return args
@@ -1998,6 +2022,10 @@ def check_args(args):
         common.resolve_path(args.pairs)
     if not os.path.isdir(args.data_dir):
         raise UserError(f"--data-dir {args.data_dir} is not a folder")
+    if args.tuned_lens and args.analysis != "layers":
+        raise UserError("--tuned-lens is a readout of --analysis layers; pass --analysis layers")
+    if args.tuned_lens and not os.path.isdir(args.tuned_lens):
+        raise UserError(f"--tuned-lens {args.tuned_lens} is not a folder (02_train_dft.py --fit-tuned-lens writes one)")
 
 
 def plan(args):
@@ -2173,11 +2201,15 @@ def run_analysis(args):
     for model_path, run, (_, _, source) in zip(args.model, args.run_names, sources):
         model, tokenizer = common.load_model_and_tokenizer(model_path, dtype, device_of(args), padding_side="right")
         model.eval()
+        lens = common.load_tuned_lens(args.tuned_lens, model) if args.tuned_lens else None
+        if lens and not lens.weights_match:
+            print(f"[{run}] note: --tuned-lens was fitted on other readout weights with the same unembedding hash "
+                  "and shapes (recorded as tuned_lens.weights_match false)", flush=True)
         for lang in langs:
             pairs, src = texts[lang]
             t0 = time.time()
             batch_size = 8 if args.batch_size == "auto" else min(args.batch_size, 8)
-            res = layer_analysis(model, tokenizer, lang, pairs, batch_size=batch_size)
+            res = layer_analysis(model, tokenizer, lang, pairs, batch_size=batch_size, lens=lens)
             res.update(run=run, model=model_path, model_source=source, lang=lang, data_file=src,
                        data_sha256=common.sha256_file(src), versions=common.versions(),
                        seconds=round(time.time() - t0, 1),

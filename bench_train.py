@@ -14,7 +14,9 @@ parameter FLOPs (2 x params x tokens per forward; attention's quadratic term is 
   no-grad English pass (feature): 1 x forward of the English prompt; with gradient (mid-align trains both
   branches): 3 x forward
 tft = 3 P_block L N_tft + 4 P_head n_tft; dft-logits adds 3 P_block (i N_lc + j N_et) + 3 P_head (n_lc + n_et);
-dft-logits is 02's --lens-prefix recompute; dft-logits-shared (02's default, --lens-prefix shared) counts in N_lc,
+dft-logits is 02's --lens-prefix recompute; dft-logits-tuned is dft-logits read through a tuned lens (--readout
+tuned: one d x d translator per lens token before the head, 2 d^2 FLOPs next to the head's 2 d V: counted as
+dft-logits); dft-logits-shared (02's default, --lens-prefix shared) counts in N_lc,
 N_et only the padded x_en / y_en tokens after the prompt (the prompt's keys and values come from the tft pass);
 dft-feature adds P_block L N_en (N: padded tokens through the blocks, n: labelled tokens through the head);
 mid-align (InfoNCE at block k = L // 2, English branch trained) adds 3 P_block k N_en and a B x B similarity
@@ -38,7 +40,7 @@ import torch
 
 import common
 
-METHODS = ["tft", "dft-logits", "dft-logits-shared", "dft-feature", "mid-align"]
+METHODS = ["tft", "dft-logits", "dft-logits-tuned", "dft-logits-shared", "dft-feature", "mid-align"]
 
 
 def load_train_module():
@@ -80,7 +82,12 @@ def setup(args, train, method, model, tokenizer):
     examples, _ = train.encode_pairs(tokenizer, rows, cfg)
     batch = train.collate(examples, tokenizer.pad_token_id)
     batch = train.batch_to(batch, args.device)
-    return train.DFTObjective(model, cfg).train(), batch
+    lens = None
+    if cfg.get("readout") == "tuned":  # what a lens costs does not depend on its values: a random one, in memory
+        d = common.model_parts(model).lm_head.weight.shape[1]
+        lens = common.TunedLens(None, {k: (0.01 * torch.randn(d, d), 0.01 * torch.randn(d))
+                                       for k in (args.lc_layer, args.et_layer)}, {}, None, None, True)
+    return train.DFTObjective(model, cfg, lens).to(args.device).train(), batch
 
 
 def load(args):

@@ -523,12 +523,17 @@ def frozen_call(module, x):
             store[name] = value
 
 
-def lens_logits(parts, hidden, normed=False):
+def lens_logits(parts, hidden, normed=False, translator=None):
     """softcap(lm_head(final_norm(hidden))) with final_norm and lm_head frozen (weights detached).
 
     hidden: raw residual-stream states after some block. HF's last hidden_states entry is already after
     the final norm: pass normed=True for it so the norm is not applied twice.
+    translator: (A, b) of a tuned lens (DESIGN §6, "Readout"): the norm reads h + A h + b. A and b are frozen
+    tensors (no gradient into them); A = b = 0 gives the logit lens bit for bit (h + 0 == h).
     """
+    if translator is not None:
+        weight, bias = translator
+        hidden = hidden + F.linear(hidden, weight.to(hidden.dtype), bias.to(hidden.dtype))
     h = hidden if normed else frozen_call(parts.final_norm, hidden)
     logits = frozen_call(parts.lm_head, h)
     if parts.softcap:
@@ -584,11 +589,12 @@ def run_truncated_states(parts, layers, input_ids, attention_mask):
 
 
 @torch.no_grad()
-def lens_entropy_curve(model, tokenizer, texts, batch_size=8, max_length=256):
+def lens_entropy_curve(model, tokenizer, texts, batch_size=8, max_length=256, lens=None):
     """Mean logit-lens next-token entropy (nats) over all non-pad positions, for blocks 1..L.
 
     Returns a list of L floats; entry k-1 is block k. The last block uses the model's own final
     hidden state (already normed), so entry L-1 is the entropy of the model's real output distribution.
+    lens: a TunedLens to read blocks 1..L-1 through (None: the logit lens).
     """
     parts = model_parts(model)
     L = parts.num_layers
@@ -603,13 +609,132 @@ def lens_entropy_curve(model, tokenizer, texts, batch_size=8, max_length=256):
             out = parts.backbone(input_ids=enc.input_ids, attention_mask=enc.attention_mask, use_cache=False)
         for k in range(1, L + 1):
             if k < L:
-                logits = lens_logits(parts, captured[k][mask])
+                logits = lens_logits(parts, captured[k][mask], translator=lens and lens.translator(k))
             else:
                 logits = lens_logits(parts, out.last_hidden_state[mask], normed=True)
             logp = torch.log_softmax(logits.float(), dim=-1)
             totals[k - 1] += -(logp.exp() * logp).sum(-1).double().sum().cpu()
         count += int(mask.sum())
     return (totals / max(count, 1)).tolist()
+
+
+# -----------------------------------------------------------------------------
+# the tuned lens (DESIGN §6, "Readout"), in the tuned-lens package's folder layout (AlignmentResearch/tuned-lens,
+# tuned_lens/nn/lenses.py, TunedLens.save): config.json holds exactly TunedLensConfig's fields, params.pt the state
+# dict of its `layer_translators` ModuleList: "k.weight" (d x d) and "k.bias" (d) for every hidden-state index
+# k = 0..L-1 (0: the embeddings, k: the output of block k; the last block needs none). Our provenance is a file of
+# its own, which the package never reads.
+
+TUNED_LENS_FIELDS = ("base_model_name_or_path", "d_model", "num_hidden_layers", "bias", "base_model_revision",
+                     "unembed_hash", "lens_type")
+TUNED_LENS_PROVENANCE = "provenance.json"
+
+
+def unembed_hash(parts):
+    """The package's hash of the unembedding (tuned_lens/utils.py tensor_hash): sha256 of numpy's printed summary of
+    the matrix at one decimal, i.e. its corner entries rounded; robust to dtype and small perturbations, so a model
+    fine-tuned from the base usually keeps its base's hash."""
+    import numpy as np
+    weight = parts.lm_head.weight.detach().float().cpu().numpy()
+    return hashlib.sha256(str.encode(np.array_str(weight, precision=1))).hexdigest()
+
+
+def readout_weights_sha256(parts):
+    """Exact sha256 of what a lens reads through: the final norm's and the unembedding's weights (float32 bytes)."""
+    h = hashlib.sha256()
+    for module in (parts.final_norm, parts.lm_head):
+        for name, tensor in sorted(module.state_dict().items()):
+            h.update(name.encode())
+            h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+class TunedLens:
+    """The frozen translators of a tuned-lens folder, matched to a model by its unembedding and shapes.
+
+    translators: {k: (A_k, b_k)} float32 for the hidden-state indices the folder holds; fitted: the indices whose
+    translator is not zero (an unfitted one reads exactly as the logit lens)."""
+
+    def __init__(self, folder, translators, config, provenance, sha256, weights_match):
+        self.folder, self.translators, self.config = folder, translators, config
+        self.provenance, self.sha256, self.weights_match = provenance, sha256, weights_match
+        self.fitted = sorted(k for k, (a, b) in translators.items() if a.any() or b.any())
+
+    def translator(self, k):
+        """(A_k, b_k), or None where the package has no translator (the last block: the output itself)."""
+        return self.translators.get(k)
+
+    def record(self):
+        """What a run or a result file records about the lens it read through."""
+        return dict(folder=self.folder and os.path.abspath(self.folder), params_sha256=self.sha256, fitted_blocks=self.fitted,
+                    unembed_hash=self.config.get("unembed_hash"), weights_match=self.weights_match,
+                    base_model_name_or_path=self.config.get("base_model_name_or_path"))
+
+
+def load_tuned_lens(folder, model):
+    """A TunedLens from `folder` for `model`, or one clear error: missing or truncated files, missing fields, other
+    shapes or another unembedding. Another model with the same unembedding (a run fine-tuned from the lens's base)
+    loads, with weights_match False: the provenance's exact hash of the readout weights differs."""
+    parts = model_parts(model)
+    config_path, params_path = (os.path.join(folder, name) for name in ("config.json", "params.pt"))
+    for path in (config_path, params_path):
+        if not os.path.isfile(path):
+            raise UserError(f"--tuned-lens {folder}: no {os.path.basename(path)}; a tuned-lens folder holds "
+                            "config.json and params.pt (02_train_dft.py --fit-tuned-lens writes one)")
+    config = read_json(config_path)
+    missing = [f for f in ("d_model", "num_hidden_layers") if f not in config]
+    if missing:
+        raise UserError(f"{config_path}: missing field(s) {missing} (the tuned-lens package's TunedLensConfig)")
+    d_model, num_layers = parts.lm_head.weight.shape[1], parts.num_layers
+    if (config["d_model"], config["num_hidden_layers"]) != (d_model, num_layers):
+        raise UserError(f"--tuned-lens {folder} was fitted for d_model {config['d_model']} and "
+                        f"{config['num_hidden_layers']} layers; this model has {d_model} and {num_layers}: "
+                        "fit a lens for this model (02_train_dft.py --fit-tuned-lens)")
+    if config.get("unembed_hash") and config["unembed_hash"] != unembed_hash(parts):
+        raise UserError(f"--tuned-lens {folder} was fitted on another unembedding (unembed_hash differs): a lens "
+                        "reads through its model's own lm_head; fit one for this model (02_train_dft.py "
+                        "--fit-tuned-lens)")
+    try:
+        state = torch.load(params_path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated zip, a pickle cut short: torch raises several kinds
+        raise UserError(f"{params_path} cannot be read ({type(e).__name__}: {e}); the file is damaged or "
+                        "truncated: copy or fit the lens again") from None
+    translators = {}
+    for k in range(num_layers):
+        weight, bias = state.get(f"{k}.weight"), state.get(f"{k}.bias", torch.zeros(d_model))
+        if weight is None or tuple(weight.shape) != (d_model, d_model) or tuple(bias.shape) != (d_model,):
+            raise UserError(f"{params_path}: translator {k} is missing or not ({d_model} x {d_model}, {d_model}) "
+                            f"(keys '{k}.weight', '{k}.bias' as the tuned-lens package saves layer_translators)")
+        translators[k] = (weight.detach().float(), bias.detach().float())
+    provenance_path = os.path.join(folder, TUNED_LENS_PROVENANCE)
+    provenance = read_json(provenance_path) if os.path.isfile(provenance_path) else None
+    weights_match = bool(provenance) and provenance.get("readout_weights_sha256") == readout_weights_sha256(parts)
+    return TunedLens(folder, translators, config, provenance, sha256_file(params_path), weights_match)
+
+
+def write_tuned_lens(folder, translators, parts, model_name, provenance):
+    """The package's layout (zero translators where `translators` has none) and our provenance, written to a
+    temporary folder and moved into place: a failure leaves nothing half-written."""
+    d_model = parts.lm_head.weight.shape[1]
+    state = {}
+    for k in range(parts.num_layers):
+        weight, bias = translators.get(k, (torch.zeros(d_model, d_model), torch.zeros(d_model)))
+        state[f"{k}.weight"], state[f"{k}.bias"] = weight.detach().float().cpu(), bias.detach().float().cpu()
+    config = dict(base_model_name_or_path=model_name, d_model=d_model, num_hidden_layers=parts.num_layers, bias=True,
+                  base_model_revision=None, unembed_hash=unembed_hash(parts), lens_type="linear_tuned_lens")
+    tmp = folder.rstrip("/") + ".tmp"
+    import shutil
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    torch.save(state, os.path.join(tmp, "params.pt"))
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(config, f)
+    write_json(os.path.join(tmp, TUNED_LENS_PROVENANCE),
+               dict(provenance, readout_weights_sha256=readout_weights_sha256(parts),
+                    params_sha256=sha256_file(os.path.join(tmp, "params.pt"))))
+    if os.path.isdir(folder):
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
 
 
 # ---- statistics: the one resampling implementation (03_evaluate.py, the study scripts) ----

@@ -203,21 +203,40 @@ def test_alternate_under_ddp(ddp_runs, tiny_model_dirs, tmp_path):
 
 # NAME-shared: NAME with --lens-prefix shared on both lens terms (SHARED), compared with the recomputing reference of
 # the same terms; under the checkpoint wrapper it falls back (its recompute would update the lens caches twice)
+# NAME-tuned: NAME with the shared lens terms read through a tuned lens (--readout tuned: translators as buffers)
 FSDP_VARIANTS = ("fsdp2", "fsdp2-grad-ckpt", "fsdp2-ac-wrapper", "fsdp1",
-                 "fsdp2-shared", "fsdp2-ac-wrapper-shared", "fsdp1-shared")
+                 "fsdp2-shared", "fsdp2-ac-wrapper-shared", "fsdp1-shared", "fsdp2-tuned", "fsdp1-tuned")
 # ce_chunk 4 and uneven ranks (1 pair vs 3 pairs; rank 0 has no labelled LC token): the ranks run different
 # numbers of CE chunks unless chunk_count evens them out, which ZeRO-3's per-call gathers need
 FSDP_CFG = dict(method="dft-logits", lc="logits", et="feature", lc_layer_used=1, et_layer_used=3, ce_chunk=4,
                 lens_prefix="recompute")
 SHARED = dict(et="logits", lens_prefix="shared")
+FLAVOURS = {False: {}, True: SHARED, "tuned": dict(SHARED, readout="tuned")}
 
 
 def fsdp_config(shared=False):
+    """shared: False (FSDP_CFG), True (SHARED) or "tuned" (SHARED through a tuned lens)."""
     cfg = dict(train.DEFAULTS)
     cfg.update(train.METHODS["dft-logits"])
     cfg.update(FSDP_CFG)
-    cfg.update(SHARED if shared else {})
+    cfg.update(FLAVOURS[shared])
     return cfg
+
+
+def tuned_lens():
+    """A tuned lens for the tiny LLaMA with random translators (the one-process reference reads the same)."""
+    generator = torch.Generator().manual_seed(0)
+    translators = {k: (0.1 * torch.randn(32, 32, generator=generator), 0.1 * torch.randn(32, generator=generator))
+                   for k in range(4)}
+    return common.TunedLens(None, translators, {}, None, None, True)
+
+
+def objective_for(model, shared):
+    return train.DFTObjective(model, fsdp_config(shared), tuned_lens() if shared == "tuned" else None)
+
+
+def flavour_of(variant):
+    return "tuned" if variant.endswith("-tuned") else variant.endswith("-shared")
 
 
 def fsdp_batch(tokenizer, rank, shared=False):
@@ -248,12 +267,12 @@ def _fsdp_worker(out_path):
     tokenizer = make_tokenizer()
     results, recomputed = {}, {}
     for variant in FSDP_VARIANTS:
-        wrapping = variant.removesuffix("-shared")
+        wrapping = variant.removesuffix("-shared").removesuffix("-tuned")
         model = make_tiny_model("llama", tokenizer).train()
         if wrapping == "fsdp2-grad-ckpt":
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        shared = variant.endswith("-shared")
-        objective = train.DFTObjective(model, fsdp_config(shared))
+        shared = flavour_of(variant)
+        objective = objective_for(model, shared)
         if wrapping == "fsdp1":
             policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={LlamaDecoderLayer})
             objective = FSDP(objective, auto_wrap_policy=policy, use_orig_params=True, device_id=torch.device("cpu"))
@@ -289,13 +308,15 @@ def fsdp_grads(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference_grads():
     """One process, no wrapper, no chunking, recomputed lens prefix: both ranks' pairs normalised by the step's
-    global counts; {False: the FSDP_CFG terms, True: those of the shared variants (SHARED)}."""
+    global counts; {False: the FSDP_CFG terms, True: those of the shared variants (SHARED), "tuned": SHARED read
+    through the tuned lens}."""
     tokenizer = make_tokenizer()
     assert train.term_counts(fsdp_batch(tokenizer, 0))["lc"] == 0 < train.term_counts(fsdp_batch(tokenizer, 1))["lc"]
     grads = {}
-    for shared in (False, True):
+    for shared in FLAVOURS:
         model = make_tiny_model("llama", tokenizer).train()
-        objective = train.DFTObjective(model, dict(fsdp_config(shared), ce_chunk=0, lens_prefix="recompute"))
+        objective = train.DFTObjective(model, dict(fsdp_config(shared), ce_chunk=0, lens_prefix="recompute"),
+                                       tuned_lens() if shared == "tuned" else None)
         for rank in (0, 1):  # the gradients of the two batches add up
             batch = fsdp_batch(tokenizer, rank, shared)
             objective(batch, global_denominators(tokenizer, shared=shared))["loss"].backward()
@@ -305,7 +326,7 @@ def reference_grads():
 
 @pytest.mark.parametrize("variant", FSDP_VARIANTS)
 def test_fsdp_objective_gradients_equal_one_process(variant, fsdp_grads, reference_grads):
-    grads, reference = fsdp_grads[variant], reference_grads[variant.endswith("-shared")]
+    grads, reference = fsdp_grads[variant], reference_grads[flavour_of(variant)]
     # the shared prefix ran wherever it is exact (not through the checkpoint wrapper)
     assert fsdp_grads["recomputed"][variant] == float(variant == "fsdp2-ac-wrapper-shared")
     assert set(grads) == set(reference)
@@ -326,8 +347,8 @@ def _zero_worker(out_path):
     deepspeed.init_distributed(dist_backend="gloo")
     tokenizer = make_tokenizer()
     results = {}
-    for stage, shared in ((2, False), (3, False), (2, True), (3, True)):
-        objective = train.DFTObjective(make_tiny_model("llama", tokenizer).train(), fsdp_config(shared))
+    for stage, shared in ((2, False), (3, False), (2, True), (3, True), (3, "tuned")):
+        objective = objective_for(make_tiny_model("llama", tokenizer).train(), shared)
         config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
                   "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
                   "zero_allow_untested_optimizer": True}
@@ -351,8 +372,7 @@ def zero_grads(tmp_path_factory):
     return torch.load(out)
 
 
-@pytest.mark.parametrize("shared", [False, True])
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage, shared", [(2, False), (3, False), (2, True), (3, True), (3, "tuned")])
 def test_deepspeed_objective_gradients_equal_one_process(stage, shared, zero_grads, reference_grads):
     grads, reference = zero_grads[stage, shared], reference_grads[shared]
     assert zero_grads[stage, shared, "recomputed"] == 0  # shared: the prefix was shared, not recomputed

@@ -68,15 +68,30 @@ def test_pool_mask_covers_x_only(tokenizer, rows):
     assert sum(mask) < len(ids)
 
 
+def random_lens(model, scale=0.1, seed=0):
+    """A TunedLens in memory with random translators at every hidden-state index (no folder)."""
+    parts = common.model_parts(model)
+    d, generator = parts.lm_head.weight.shape[1], torch.Generator().manual_seed(seed)
+    translators = {k: (scale * torch.randn(d, d, generator=generator), scale * torch.randn(d, generator=generator))
+                   for k in range(parts.num_layers)}
+    return common.TunedLens(None, translators, {}, None, None, True)
+
+
+@pytest.mark.parametrize("readout", ["logit", "tuned"])
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_lens_terms_route_gradient_only_to_blocks_up_to_their_layer(arch, tokenizer, rows):
+def test_lens_terms_route_gradient_only_to_blocks_up_to_their_layer(arch, readout, tokenizer, rows):
     model = make_tiny_model(arch, tokenizer)
     parts = common.model_parts(model)
+    lens = random_lens(model) if readout == "tuned" else None
     for name, layer in (("lc", 1), ("et", 3)):
         model.zero_grad(set_to_none=True)
         cfg = config("dft-logits", lc="logits" if name == "lc" else "none", et="logits" if name == "et" else "none",
-                     tft_weight=0.0, lc_layer_used=1, et_layer_used=3)
-        terms = train.DFTObjective(model, cfg)(batch_for(tokenizer, cfg, rows))
+                     tft_weight=0.0, lc_layer_used=1, et_layer_used=3, readout=readout)
+        objective = train.DFTObjective(model, cfg, lens)
+        terms = objective(batch_for(tokenizer, cfg, rows))
+        # the translators are frozen buffers, outside every state dict: never trained, saved or sharded
+        assert not any(b.requires_grad for b in objective.buffers())
+        assert not [k for k in objective.state_dict() if k.startswith("readout.")]
         terms[f"loss_{name}"].backward()
         for k, block in enumerate(parts.blocks, 1):
             has_grad = any(p.grad is not None and p.grad.abs().sum() > 0 for p in block.parameters())
@@ -107,6 +122,39 @@ def test_lens_loss_equals_brute_force(tokenizer, rows):
         torch.testing.assert_close(terms[f"loss_{name}"], ref)
 
 
+def test_tuned_readout_equals_the_package_formula(tokenizer, rows):
+    """--readout tuned: L_LC / L_ET == CE of lm_head(norm(h + A h + b)) (tuned_lens TunedLens.forward: unembed(h +
+    translator(h))), the naive way."""
+    model = make_tiny_model("llama", tokenizer)
+    lens = random_lens(model)
+    cfg = config("dft-logits-tuned", ce_chunk=5)
+    batch = batch_for(tokenizer, cfg, rows)
+    terms = train.DFTObjective(model, cfg, lens)(batch)
+    for name, layer in (("lc", 1), ("et", 3)):
+        seq = batch[name]
+        h = model(input_ids=seq["input_ids"], attention_mask=seq["attention_mask"],
+                  output_hidden_states=True).hidden_states[layer]
+        translator = torch.nn.Linear(32, 32)
+        translator.weight.data, translator.bias.data = lens.translator(layer)
+        logits = model.lm_head(model.model.norm(h + translator(h)))
+        ref = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), seq["labels"][:, 1:].flatten(),
+                                                ignore_index=-100)
+        torch.testing.assert_close(terms[f"loss_{name}"], ref)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gemma2"])
+def test_zero_tuned_lens_is_the_logit_lens_bit_for_bit(arch, tokenizer, rows):
+    model = make_tiny_model(arch, tokenizer)
+    zero = random_lens(model, scale=0.0)
+    cfg = config("dft-logits", ce_chunk=5, lens_prefix="recompute")
+    batch = batch_for(tokenizer, cfg, rows)
+    ref, ref_grads = terms_and_grads(model, cfg, batch)
+    got, grads = terms_and_grads(model, dict(cfg, readout="tuned"), batch, zero)
+    for term in ("loss", "loss_lc", "loss_et"):
+        assert torch.equal(got[term], ref[term]), term
+    assert grads.keys() == ref_grads.keys() and all(torch.equal(grads[n], ref_grads[n]) for n in grads)
+
+
 # -----------------------------------------------------------------------------
 # --lens-prefix shared: the lens sequences attend to the L_TFT pass's prompt keys and values
 
@@ -119,9 +167,9 @@ def uneven_rows(rows):
     return [*rows, long_prompt, short_prompt]
 
 
-def terms_and_grads(model, cfg, batch):
+def terms_and_grads(model, cfg, batch, lens=None):
     model.zero_grad(set_to_none=True)
-    terms = train.DFTObjective(model, cfg)(batch)
+    terms = train.DFTObjective(model, cfg, lens)(batch)
     terms["loss"].backward()
     return terms, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -142,6 +190,20 @@ def test_shared_lens_prefix_equals_recompute(arch, layers, tokenizer, rows):
     for term in ("loss", "loss_lc", "loss_et"):
         torch.testing.assert_close(got[term], ref[term], rtol=1e-5, atol=1e-6)
     assert grads.keys() == ref_grads.keys()
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_shared_lens_prefix_equals_recompute_with_the_tuned_readout(tokenizer, rows):
+    model = make_tiny_model("llama", tokenizer)
+    lens = random_lens(model)
+    cfg = config("dft-logits-tuned", lc_layer_used=1, et_layer_used=3, ce_chunk=5)
+    batch = batch_for(tokenizer, cfg, uneven_rows(rows))
+    ref, ref_grads = terms_and_grads(model, dict(cfg, lens_prefix="recompute"), batch, lens)
+    got, grads = terms_and_grads(model, dict(cfg, lens_prefix="shared"), batch, lens)
+    assert float(got["lens_recomputed"]) == 0
+    for term in ("loss", "loss_lc", "loss_et"):
+        torch.testing.assert_close(got[term], ref[term], rtol=1e-5, atol=1e-6)
     for name in ref_grads:
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
@@ -216,7 +278,7 @@ def test_shared_lens_prefix_falls_back_under_checkpointing_and_alternation(tmp_p
 
 def test_resume_reads_a_checkpoint_without_lens_prefix_as_recompute(tmp_path, tiny_model_dirs):
     """A run from before the flag recomputed; at today's default (shared) its resume is refused, naming the setting,
-    unless the method has no lens term (then the flag changes nothing)."""
+    unless the method has no lens term (then the flag changes nothing). Without `readout` it read the logit lens."""
     for method, refused in (("dft-logits", True), ("dft-feature", False)):
         out = str(tmp_path / method)
         base = ["--pairs", PAIRS, "--out", out, "--model", tiny_model_dirs["llama"], "--method", method,
@@ -224,7 +286,8 @@ def test_resume_reads_a_checkpoint_without_lens_prefix_as_recompute(tmp_path, ti
         train.main(base + ["--lens-prefix", "recompute", "--stop-after-steps", "1"])
         path = os.path.join(out, "train_config.json")
         saved = json.load(open(path))
-        del saved["lens_prefix"]  # as written before the flag existed
+        for key in ("lens_prefix", "readout", "tuned_lens_sha256"):  # as written before these flags existed
+            del saved[key]
         common.write_json(path, saved)
         if refused:
             with pytest.raises(common.UserError, match="lens_prefix: 'recompute' -> 'shared'"):
@@ -450,8 +513,9 @@ def test_presets_and_methods_resolve_as_recorded():
     x method, and a few typed flags, must still resolve to those configurations (plus the flags added since, at
     their defaults)."""
     recorded = json.load(open(os.path.join(REPO, "tests", "fixtures", "train_configs.json")))
-    assert len(recorded) == (len(train.PRESETS) + 1) * (len(train.METHODS) + 1) + 7
-    added = dict(lens_prefix="shared")
+    methods_then = [m for m in train.METHODS if m != "dft-logits-tuned"]  # the methods the fixture knows
+    assert len(recorded) == (len(train.PRESETS) + 1) * (len(methods_then) + 1) + 7
+    added = dict(lens_prefix="shared", readout="logit", tuned_lens=None, layer_rule_readout="logit")
     for case in recorded:
         assert resolved(*case["flags"]) == dict(case["config"], **added), case["flags"]
 
