@@ -827,7 +827,10 @@ def fit_layers(args, model, tokenizer, rows):
     if value == "auto":
         texts = [common.build_prompt(r["x_tgt"]) for r in rows[:args.layer_sample]]
         entropy = common.lens_entropy_curve(model, tokenizer, texts, max_length=args.max_length)
-        _, et = pick_layers(entropy)
+        try:
+            _, et = pick_layers(entropy)
+        except common.UserError as e:
+            raise common.UserError(f"--fit-layers auto: {e} (for a fit: --fit-layers K)") from None
         return [et], f"auto: the entropy rule's ET block over {len(texts)} target prompts (layer_entropy.json)", \
             entropy
     bad = [k for k in value if not 1 <= k <= L]
@@ -847,6 +850,8 @@ def pooled_block_states(model, tokenizer, rows, layers, how, max_length, batch_s
     device = next(model.parameters()).device
     encoded = [{side: common.encode_prompt(tokenizer, r[f"x_{side}"]) for side in ("en", "tgt")} for r in rows]
     kept = [i for i, e in enumerate(encoded) if all(len(ids) <= max_length for ids, _ in e.values())]
+    if not kept:
+        return None, kept
     states = {side: {k: [] for k in layers} for side in ("en", "tgt")}
     for start in tqdm(range(0, len(kept), batch_size), desc=desc, leave=False):
         chunk = [encoded[i] for i in kept[start:start + batch_size]]
