@@ -852,9 +852,11 @@ def pooled_block_states(model, tokenizer, rows, layers, how, max_length, batch_s
     kept = [i for i, e in enumerate(encoded) if all(len(ids) <= max_length for ids, _ in e.values())]
     if not kept:
         return None, kept
+    # batches of similar lengths (little padding); the states are put back in the pairs' order at the end
+    order = sorted(kept, key=lambda i: len(encoded[i]["tgt"][0]) + len(encoded[i]["en"][0]))
     states = {side: {k: [] for k in layers} for side in ("en", "tgt")}
-    for start in tqdm(range(0, len(kept), batch_size), desc=desc, leave=False):
-        chunk = [encoded[i] for i in kept[start:start + batch_size]]
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
+        chunk = [encoded[i] for i in order[start:start + batch_size]]
         for side in ("en", "tgt"):
             T = max(len(e[side][0]) for e in chunk)
             ids = torch.full((len(chunk), T), tokenizer.pad_token_id, dtype=torch.long)
@@ -869,7 +871,8 @@ def pooled_block_states(model, tokenizer, rows, layers, how, max_length, batch_s
             for k in layers:
                 pooled = pool(hidden[k].float(), x_mask if how == "mean" else attention, how)
                 states[side][k].append(pooled.double().cpu())
-    return {side: {k: torch.cat(v) for k, v in by_k.items()} for side, by_k in states.items()}, kept
+    back = torch.tensor([order.index(i) for i in kept])
+    return {side: {k: torch.cat(v)[back] for k, v in by_k.items()} for side, by_k in states.items()}, kept
 
 
 def least_squares_map(X, Y, ridge):
