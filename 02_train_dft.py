@@ -18,10 +18,13 @@ Examples:
       --pairs pairs_zh.jsonl --out runs/llama2-dft-logits --method dft-logits
   # layers chosen from the logit-lens entropy curve (written next to the model as JSON + PNG)
   python 02_train_dft.py --pairs p.jsonl --out o --method dft-feature --lc-layer auto --et-layer auto
+  # no training: an inference-time peer (INCLINE's maps, or a DiffMean vector) as an intervention folder for 03
+  python 02_train_dft.py --fit incline --pairs out/pairs_zh.jsonl --out out/incline
 
 Outputs in --out: a Hugging Face model folder (or a LoRA adapter with --lora), the tokenizer,
 train_config.json, train_log.jsonl (one line per optimizer step), layer_entropy.{json,png} when a
-layer is 'auto', and checkpoint/ (every --save-every steps; --resume continues from it).
+layer is 'auto', and checkpoint/ (every --save-every steps; --resume continues from it). With --fit: the
+intervention folder (maps.safetensors, intervention_config.json, steered.pt for diffmean), no model weights.
 """
 import argparse
 import json

@@ -20,6 +20,9 @@ Examples
   # the English-pivot picture: lens entropy, English vs Chinese token mass and en/zh cosine per layer
   python 03_evaluate.py --analysis layers --model HuggingFaceTB/SmolLM2-135M-Instruct runs/dft-zh --langs zh \
       --out runs/eval
+  # an intervention folder of 02_train_dft.py --fit (INCLINE / DiffMean): its base model with the maps hooked in
+  python 03_evaluate.py --model runs/incline --steer-alpha 0.5 --tasks nll --pairs runs/pairs/dev.jsonl --langs zh \
+      --out runs/eval
   # 8 processes, one GPU each (or accelerate launch --multi_gpu --num_processes 8): the files one process writes
   torchrun --nproc_per_node 8 03_evaluate.py --model runs/dft-zh --tasks all --langs zh --batch-size auto \
       --out runs/eval
