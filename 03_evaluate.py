@@ -2109,7 +2109,8 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2])
     g = p.add_argument_group("what to evaluate")
     g.add_argument("--model", nargs="+", default=[], help="model folders (02_train_dft.py --out), LoRA adapter "
-                   f"folders or hub names; several = one run each (default model: {common.DEFAULT_MODEL})")
+                   "folders, intervention folders (02_train_dft.py --fit: the base with the maps hooked in) "
+                   f"or hub names; several = one run each (default model: {common.DEFAULT_MODEL})")
     g.add_argument("--run-name", nargs="+", default=None, help="run names, one per --model (default: the folder "
                    "basename, sanitised)")
     g.add_argument("--tasks", default=PAPER_TASKS, help=f"comma-separated, from: {', '.join(TASKS)}; "
