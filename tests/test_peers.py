@@ -182,3 +182,16 @@ def test_bad_input_is_one_error_and_writes_nothing(folders, tiny_model_dirs, tmp
         code, err = run_main_in_process(ev.main, evaluate + flags, capsys)
         assert code == 2 and message in err, (flags, err)
         assert not out.exists()
+
+
+def test_analysis_layers_with_an_intervention(folders, tiny_model_dirs, tmp_path):
+    """--analysis layers: alpha 0 draws the base's curves; the folder's alpha changes nothing before its block."""
+    def curves(model, out, *flags):
+        ev.main(["--analysis", "layers", "--model", model, "--run-name", "m", "--langs", "zh", "--pairs",
+                 PAIRS_FIXTURE, "--analysis-samples", "4", "--dtype", "float32", "--out", str(out), *flags])
+        return json.load(open(out / "m.layers.zh.json"))
+    base = curves(tiny_model_dirs["llama"], tmp_path / "base")
+    zero = curves(folders["diffmean"], tmp_path / "zero", "--steer-alpha", "0")
+    steered = curves(folders["diffmean"], tmp_path / "steered", "--steer-alpha", "4")
+    assert zero["entropy"] == base["entropy"] and zero["intervention"]["alpha"] == 0.0 and "intervention" not in base
+    assert steered["entropy"][0] == base["entropy"][0] and steered["entropy"][1:] != base["entropy"][1:]
