@@ -18,10 +18,13 @@ Examples:
       --pairs pairs_zh.jsonl --out runs/llama2-dft-logits --method dft-logits
   # layers chosen from the logit-lens entropy curve (written next to the model as JSON + PNG)
   python 02_train_dft.py --pairs p.jsonl --out o --method dft-feature --lc-layer auto --et-layer auto
+  # no training: an inference-time peer (INCLINE's maps, or a DiffMean vector) as an intervention folder for 03
+  python 02_train_dft.py --fit incline --pairs out/pairs_zh.jsonl --out out/incline
 
 Outputs in --out: a Hugging Face model folder (or a LoRA adapter with --lora), the tokenizer,
 train_config.json, train_log.jsonl (one line per optimizer step), layer_entropy.{json,png} when a
-layer is 'auto', and checkpoint/ (every --save-every steps; --resume continues from it).
+layer is 'auto', and checkpoint/ (every --save-every steps; --resume continues from it). With --fit: the
+intervention folder (maps.safetensors, intervention_config.json, steered.pt for diffmean), no model weights.
 """
 import argparse
 import json
@@ -53,6 +56,18 @@ METHODS = {  # which sequences the loss sees; DESIGN §2 "named presets"
     "dft-logits-tuned": dict(tft_side="tgt", lc="logits", et="logits", readout="tuned"),
 }
 SIGNAL_NAMES = ("none", "logits", "feature", "contrastive")  # their classes: SIGNALS, beside the objective
+
+# the inference-time peers (DESIGN §6): fitted from the pairs on the frozen model, nothing trained. Defaults: INCLINE
+# as its released code (every block, the last prompt token); DiffMean at the block DFT supervises for L_ET, every
+# prompt token. alpha: the scale 03_evaluate.py applies unless --steer-alpha says otherwise.
+FITS = {
+    "incline": dict(layers="all", positions="last", alpha=1.0, formula="h + alpha * (h @ W)"),
+    "diffmean": dict(layers="auto", positions="prompt", alpha=1.0, formula="h + alpha * v"),
+}
+POSITIONS = common.STEER_POSITIONS
+PEER_FLAGS = ("fit_pool", "fit_positions", "ridge")  # --fit's own
+TUNED_LENS_FLAGS = ("fit_tokens", "fit_steps", "fit_batch", "fit_init", "fit_lr", "fit_eval_tokens")  # its own
+FIT_FLAGS = ("fit", "fit_tuned_lens", "fit_layers") + PEER_FLAGS + TUNED_LENS_FLAGS  # not settings of a training run
 
 # The paper's recipe (stanford_alpaca defaults: batch 128, lr 2e-5, 3 epochs, max length 512, cosine,
 # warmup 3%, no weight decay) and the layers: LLaMA-2-7B i=2, j=15 from the paper; the paper gives no
@@ -178,9 +193,15 @@ def build_parser():
     g.add_argument("--fit-tuned-lens", action="store_true",
                    help="fit a tuned lens (DESIGN §6) on the frozen --model and write it to --out in the tuned-lens "
                         "package's layout (config.json, params.pt) with provenance.json (held-out KL per block)")
+    g.add_argument("--fit", choices=sorted(FITS),
+                   help="fit an inference-time peer on the frozen --model from the --pairs and write an intervention "
+                        "folder to --out (nothing is trained): incline = a least-squares map per block from target "
+                        "to English states (INCLINE), diffmean = mean h_en - mean h_tgt at one block; "
+                        "03_evaluate.py --model OUT applies it")
     g.add_argument("--fit-layers", type=fit_layers_arg,
-                   help="blocks to fit: 'all', 'auto' or K,... (hidden-state index k = output of block k; default: the "
-                        "fit's own: the tuned lens fits every block 1..L-1)")
+                   help="blocks k (the output of block k = hidden-state index k): all, auto (the entropy rule's ET "
+                        "block; --fit only) or K,... (default: the fit's own: --fit-tuned-lens every block 1..L-1, "
+                        "--fit incline all, --fit diffmean auto)")
     g.add_argument("--fit-tokens", type=int, default=16384,
                    help="tuned lens: positions of the pairs' sequences to fit on (pad and BOS left out)")
     g.add_argument("--fit-steps", type=int, default=250,
@@ -192,6 +213,16 @@ def build_parser():
     g.add_argument("--fit-lr", type=float, default=1e-4, help="tuned lens: Adam learning rate (cosine decay to 0)")
     g.add_argument("--fit-eval-tokens", type=int, default=4096,
                    help="tuned lens: held-out positions, from --eval-pairs or else the .dev.jsonl beside --pairs")
+    g.add_argument("--fit-pool", choices=["mean", "last"], default="mean",
+                   help="--fit: one state per prompt: the mean over the tokens of x (as INCLINE's code pools) or "
+                        "the last prompt token (where INCLINE applies its map)")
+    g.add_argument("--fit-positions", choices=POSITIONS,
+                   help="--fit: where 03 applies the intervention: last (the last prompt / context token), prompt "
+                        "(every prompt / context token) or all (also the continuation and every generated token) "
+                        "(default: incline last, as its code; diffmean prompt)")
+    g.add_argument("--ridge", type=float, default=0.01,
+                   help="--fit incline: ridge term, as a fraction of the mean diagonal of X^T X (ours: n ~ d here); "
+                        "0 = INCLINE's plain least squares (minimum-norm lstsq)")
     return p
 
 
@@ -238,7 +269,7 @@ TRACKERS = {"none": [], "tensorboard": ["tensorboard"], "wandb": ["wandb"], "all
 
 # every setting at its default, before --preset and --method (tests and bench_train.py build configurations on it)
 DEFAULTS = {name: value for name, value in vars(build_parser().parse_args(["--pairs", "", "--out", ""])).items()
-            if name not in ("pairs", "out", "preset") and not name.startswith("fit")}
+            if name not in ("pairs", "out", "preset") + FIT_FLAGS}
 
 # bad numbers are refused before any work; the zeros that mean something stay allowed
 AT_LEAST_ONE = ("max_steps", "batch_size", "grad_accum", "global_batch_size", "max_length", "eval_every", "eval_limit",
@@ -276,7 +307,8 @@ def resolve_config(args):
 
     The method's own settings (its sequences; mid-align's layer and gradient) beat a preset's, which sets the recipe
     of a model; a flag typed on the command line beats both, even when typed at its default value."""
-    cfg = {name: value for name, value in vars(args).items() if name != "given" and not name.startswith("fit")}
+    check_fit_args(args)
+    cfg = {name: value for name, value in vars(args).items() if name != "given" and name not in FIT_FLAGS}
     if cfg["preset"] is None:
         del cfg["preset"]
     layered = dict(PRESETS.get(args.preset, {}), **METHODS[args.method])
@@ -937,6 +969,195 @@ def resolve_layers(cfg, model, tokenizer, rows, out_dir, accelerator, lens=None)
 
 
 # -----------------------------------------------------------------------------
+# fitting an inference-time peer (DESIGN §6): no training, an intervention folder for 03_evaluate.py
+
+
+def check_fit_args(args):
+    """The fitting flags, before any work: a fit flag without its fit, two fits at once, a negative or non-finite
+    ridge."""
+    flags = lambda names: [f"--{name.replace('_', '-')}" for name in names if name in args.given]
+    if args.fit and args.fit_tuned_lens:
+        raise common.UserError("--fit and --fit-tuned-lens are two fits: run them one at a time, each with its --out")
+    for given, fit, add in ((flags(PEER_FLAGS), args.fit, "--fit incline|diffmean"),
+                            (flags(TUNED_LENS_FLAGS), args.fit_tuned_lens, "--fit-tuned-lens"),
+                            (flags(["fit_layers"]), args.fit or args.fit_tuned_lens, "--fit-tuned-lens or --fit")):
+        if given and not fit:
+            raise common.UserError(f"{', '.join(given)} only apply to a fit; add {add}")
+    if not (math.isfinite(args.ridge) and args.ridge >= 0):
+        raise common.UserError(f"--ridge must be a finite number >= 0 (0: INCLINE's plain least squares), got "
+                               f"{args.ridge}")
+
+
+def dev_pairs_path(args):
+    """The held-out pairs of a fit: --eval-pairs, else the X.dev.jsonl that 01_build_pairs.py writes next to X.jsonl."""
+    if args.eval_pairs:
+        return args.eval_pairs
+    stem = args.pairs[:-len(".jsonl")] if args.pairs.endswith(".jsonl") else None
+    return stem + ".dev.jsonl" if stem and os.path.exists(stem + ".dev.jsonl") else None
+
+
+def fit_layers(args, model, tokenizer, rows):
+    """(blocks, why, entropy curve or None): --fit-layers or the fit's default; auto = the entropy rule's ET block."""
+    L = common.model_parts(model).num_layers
+    value = args.fit_layers if args.fit_layers is not None else FITS[args.fit]["layers"]
+    if value == "all":
+        return list(range(1, L + 1)), f"all {L} blocks", None
+    if value == "auto":
+        texts = [common.build_prompt(r["x_tgt"]) for r in rows[:args.layer_sample]]
+        entropy = common.lens_entropy_curve(model, tokenizer, texts, max_length=args.max_length)
+        try:
+            _, et = pick_layers(entropy)
+        except common.UserError as e:
+            raise common.UserError(f"--fit-layers auto: {e} (for a fit: --fit-layers K)") from None
+        return [et], f"auto: the entropy rule's ET block over {len(texts)} target prompts (layer_entropy.json)", \
+            entropy
+    bad = [k for k in value if not 1 <= k <= L]
+    if bad:
+        raise common.UserError(f"--fit-layers {','.join(map(str, bad))} out of range: this model has blocks 1..{L}")
+    return value, "flag", None
+
+
+@torch.no_grad()
+def pooled_block_states(model, tokenizer, rows, layers, how, max_length, batch_size, desc):
+    """({side: {k: [n, d] float64}} for side en / tgt, the rows kept): each pair's prompt P(x) in both languages
+    through blocks 1..max(layers) of the frozen model, the raw output of each block pooled over the tokens of x
+    (mean) or taken at the last prompt token (last). A pair whose prompt is longer than max_length tokens on either
+    side is dropped (INCLINE's code drops sentences over 500 tokens); none is cut."""
+    from tqdm import tqdm
+    parts = common.model_parts(model)
+    device = next(model.parameters()).device
+    encoded = [{side: common.encode_prompt(tokenizer, r[f"x_{side}"]) for side in ("en", "tgt")} for r in rows]
+    kept = [i for i, e in enumerate(encoded) if all(len(ids) <= max_length for ids, _ in e.values())]
+    if not kept:
+        return None, kept
+    # batches of similar lengths (little padding); the states are put back in the pairs' order at the end
+    order = sorted(kept, key=lambda i: len(encoded[i]["tgt"][0]) + len(encoded[i]["en"][0]))
+    states = {side: {k: [] for k in layers} for side in ("en", "tgt")}
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
+        chunk = [encoded[i] for i in order[start:start + batch_size]]
+        for side in ("en", "tgt"):
+            T = max(len(e[side][0]) for e in chunk)
+            ids = torch.full((len(chunk), T), tokenizer.pad_token_id, dtype=torch.long)
+            attention, x_mask = torch.zeros_like(ids), torch.zeros_like(ids)
+            for b, e in enumerate(chunk):
+                n = len(e[side][0])
+                ids[b, :n] = torch.tensor(e[side][0])
+                x_mask[b, :n] = torch.tensor(e[side][1])
+                attention[b, :n] = 1
+            ids, attention, x_mask = ids.to(device), attention.to(device), x_mask.to(device)
+            hidden = common.run_truncated_states(parts, layers, ids, attention)
+            for k in layers:
+                pooled = pool(hidden[k].float(), x_mask if how == "mean" else attention, how)
+                states[side][k].append(pooled.double().cpu())
+    back = torch.tensor([order.index(i) for i in kept])
+    return {side: {k: torch.cat(v)[back] for k, v in by_k.items()} for side, by_k in states.items()}, kept
+
+
+def least_squares_map(X, Y, ridge):
+    """W minimising |XW - Y|^2 + ridge * s * |W|^2 with s the mean diagonal of X^T X (so ridge is scale-free).
+    ridge 0: the minimum-norm least-squares solution, numpy.linalg.lstsq(X, Y, rcond=None) as INCLINE's code."""
+    if ridge == 0:
+        return torch.linalg.lstsq(X, Y, driver="gelsd").solution
+    gram = X.T @ X
+    return torch.linalg.solve(gram + ridge * gram.diagonal().mean() * torch.eye(len(gram), dtype=X.dtype), X.T @ Y)
+
+
+def mean_difference(en, tgt):
+    """DiffMean's vector: the mean English state minus the mean target state."""
+    return en.mean(0) - tgt.mean(0)
+
+
+def apply_fitted(method, value, states):
+    """What the fitted map makes of target states: h W (INCLINE's regression target is h_en) or h + v (DiffMean)."""
+    return states @ value if method == "incline" else states + value
+
+
+def heldout_residual(method, maps, dev):
+    """Per block: the mean over held-out pairs of |f(h_tgt) - h_en|^2 with the fitted map and with none (f = id)."""
+    out = {}
+    for k, value in maps.items():
+        en, tgt = dev["en"][k], dev["tgt"][k]
+        fitted = (apply_fitted(method, value, tgt) - en).pow(2).sum(-1).mean().item()
+        none = (tgt - en).pow(2).sum(-1).mean().item()
+        out[str(k)] = dict(fitted=fitted, no_map=none, ratio=fitted / none if none > 0 else None)
+    return out
+
+
+def steered_file(model, maps, alpha):
+    """DiffMean as lm-evaluation-harness's `steered` model reads a .pt file (lm_eval/models/hf_steered.py, 0.4.13):
+    {hookpoint: {steering_vector, steering_coefficient, action, bias, head_index}}. That file adds the vector at every
+    position of every forward: only positions=all says the same as this folder."""
+    return {common.hookpoint(model, k): dict(steering_vector=v.float().contiguous(), steering_coefficient=float(alpha),
+                                             action="add", bias=None, head_index=None) for k, v in maps.items()}
+
+
+def fit_intervention(args):
+    """--fit incline|diffmean: the intervention folder in --out (maps, intervention_config.json; no base weights)."""
+    from safetensors.torch import save_file
+    check_fit_args(args)
+    check_numbers(vars(args))
+    t0 = time.time()
+    rows = load_pairs(args.pairs)
+    dev_path = dev_pairs_path(args)
+    dev_rows = load_pairs(dev_path)[:args.eval_limit] if dev_path else None
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tokenizer = common.load_model_and_tokenizer(args.model, args.dtype, device, padding_side="right")
+    model.eval()
+    parts = common.model_parts(model)
+    layers, why, entropy = fit_layers(args, model, tokenizer, rows)
+    states, kept = pooled_block_states(model, tokenizer, rows, layers, args.fit_pool, args.max_length,
+                                       args.batch_size, f"fit {args.fit}")
+    if not kept:
+        raise common.UserError(f"{args.pairs}: every pair's prompt is longer than --max-length {args.max_length} "
+                               "tokens in one language; pass a larger --max-length or shorter pairs")
+    if args.fit == "incline":
+        maps = {k: least_squares_map(states["tgt"][k], states["en"][k], args.ridge) for k in layers}
+    else:
+        maps = {k: mean_difference(states["en"][k], states["tgt"][k]) for k in layers}
+    residual, dev_kept = None, []
+    if dev_rows:
+        dev, dev_kept = pooled_block_states(model, tokenizer, dev_rows, layers, args.fit_pool, args.max_length,
+                                            args.batch_size, "held-out")
+        residual = heldout_residual(args.fit, maps, dev) if dev_kept else None
+    seconds = time.time() - t0
+    recipe = FITS[args.fit]
+    lm = common.unwrap(model)
+    hookpoints = {str(k): common.hookpoint(model, k) for k in layers}
+    config = dict(
+        format="dft-intervention/1", method=args.fit, formula=recipe["formula"], alpha=recipe["alpha"],
+        positions=args.fit_positions or recipe["positions"], layers=layers, layers_why=why, hookpoints=hookpoints,
+        pool=args.fit_pool, ridge=args.ridge if args.fit == "incline" else None,
+        base_model=args.model, base_weights_sha256=common.weights_sha256(args.model),
+        model_type=lm.config.model_type, hidden_size=lm.get_input_embeddings().weight.shape[1],
+        num_layers=parts.num_layers,
+        maps_file="maps.safetensors", steered_file="steered.pt" if args.fit == "diffmean" else None,
+        pairs_file=os.path.abspath(args.pairs), pairs_sha256=common.sha256_file(args.pairs), n_pairs=len(rows),
+        n_pairs_used=len(kept), n_pairs_dropped_too_long=len(rows) - len(kept),
+        eval_pairs_file=os.path.abspath(dev_path) if dev_path else None,
+        eval_pairs_sha256=common.sha256_file(dev_path) if dev_path else None, n_eval_pairs=len(dev_kept),
+        heldout_residual=residual,
+        heldout_residual_definition="per block k: mean over held-out pairs of |f(h_tgt) - h_en|^2 (pooled as `pool`) "
+                                    "with f = the fitted map (incline: h W; diffmean: h + v) and with f = identity "
+                                    "(no_map); ratio = fitted / no_map",
+        max_length=args.max_length, dtype=args.dtype, device=device, fit_seconds=round(seconds, 2),
+        versions=common.versions(), created=time.strftime("%Y-%m-%d %H:%M:%S"))
+    os.makedirs(args.out, exist_ok=True)
+    tensors = {hookpoints[str(k)]: v.float().contiguous() for k, v in maps.items()}
+    tmp = os.path.join(args.out, ".maps.safetensors.tmp")
+    save_file(tensors, tmp, metadata={"method": args.fit})
+    os.replace(tmp, os.path.join(args.out, config["maps_file"]))
+    if args.fit == "diffmean":
+        with common.atomic_open(os.path.join(args.out, config["steered_file"]), "wb") as f:
+            torch.save(steered_file(model, maps, config["alpha"]), f)
+    if entropy is not None:
+        save_entropy_curve(args.out, entropy, pick_layers(entropy), args.model, min(len(rows), args.layer_sample))
+    common.write_json(os.path.join(args.out, common.INTERVENTION_CONFIG), config)
+    shown = "; ".join(f"{k}: {v['ratio']:.3f}" for k, v in (residual or {}).items() if v["ratio"] is not None)
+    print(f"fitted {args.fit} on {len(kept)} pairs at blocks {layers} in {seconds:.1f}s -> {args.out}"
+          + (f"\nheld-out residual / no map, per block: {shown}" if shown else ""), flush=True)
+
+
+# -----------------------------------------------------------------------------
 # training
 
 
@@ -1506,6 +1727,7 @@ def fit_tuned_lens(args):
     """--fit-tuned-lens: translators h + A_k h + b_k (A, b zero at the start: the logit lens) for the chosen blocks,
     fitted with Adam on the frozen model by KL(final-layer distribution || lens_k) and read through the model's
     own final norm and lm_head (and softcap); held-out KL of both readouts on the dev pairs; one folder."""
+    check_fit_args(args)
     cfg = {name: value for name, value in vars(args).items() if name != "given"}
     for name in ("fit_tokens", "fit_batch", "fit_eval_tokens", "batch_size", "max_length"):
         if cfg[name] < 1:
@@ -1609,6 +1831,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.fit_tuned_lens:
         return fit_tuned_lens(args)
+    if args.fit:
+        return fit_intervention(args)
     cfg = resolve_config(args)
     from accelerate.utils import DistributedType
     accelerator = make_accelerator(cfg)

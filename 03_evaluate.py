@@ -20,6 +20,9 @@ Examples
   # the English-pivot picture: lens entropy, English vs Chinese token mass and en/zh cosine per layer
   python 03_evaluate.py --analysis layers --model HuggingFaceTB/SmolLM2-135M-Instruct runs/dft-zh --langs zh \
       --out runs/eval
+  # an intervention folder of 02_train_dft.py --fit (INCLINE / DiffMean): its base model with the maps hooked in
+  python 03_evaluate.py --model runs/incline --steer-alpha 0.5 --tasks nll --pairs runs/pairs/dev.jsonl --langs zh \
+      --out runs/eval
   # 8 processes, one GPU each (or accelerate launch --multi_gpu --num_processes 8): the files one process writes
   torchrun --nproc_per_node 8 03_evaluate.py --model runs/dft-zh --tasks all --langs zh --batch-size auto \
       --out runs/eval
@@ -50,6 +53,7 @@ Few-shot math prompts follow the harness's sampler by default (--math-shots). De
 (Evaluation) and the constants below.
 """
 import argparse
+import contextlib
 import glob
 import json
 import math
@@ -614,6 +618,146 @@ def bleu_metrics(tgt_lang):
 
 
 # -----------------------------------------------------------------------------
+# inference-time peers: an intervention folder (02_train_dft.py --fit) applied with forward hooks (DESIGN §6)
+
+
+def is_intervention(path):
+    return os.path.isdir(path) and os.path.exists(os.path.join(path, common.INTERVENTION_CONFIG))
+
+
+class Intervention:
+    """The maps of an intervention folder on the output of their blocks, at the folder's positions, scaled by alpha:
+    h + alpha * (h @ W) (incline) or h + alpha * v (diffmean); alpha = 0 is the model itself, item for item.
+
+    Each forward of the steered model runs inside `steering(...)`, which says per row which tokens are context (the
+    prompt of a generation, the context of a log-likelihood request): positions 'last' and 'prompt' touch only those,
+    'all' every real token. A generated token is never context, so with 'last' / 'prompt' only the prefill is steered
+    (as INCLINE's llama code) and the decoding steps read the steered prompt from the KV cache. The map applies to
+    the live state, the output of the block as the steered forward computed it (INCLINE's code computes it from a
+    clean forward of the prompt: ours, docs/EVALUATION.md)."""
+
+    def __init__(self, folder, alpha=None, steer_base=None):
+        from safetensors.torch import load_file
+        self.folder = os.path.abspath(folder)
+        cfg = common.read_json(os.path.join(folder, common.INTERVENTION_CONFIG))
+        missing = [f for f in ("method", "alpha", "positions", "layers", "hookpoints", "base_model",
+                               "base_weights_sha256", "model_type", "hidden_size", "num_layers", "maps_file")
+                   if f not in cfg]
+        if missing or cfg["method"] not in ("incline", "diffmean") or cfg["positions"] not in common.STEER_POSITIONS:
+            raise UserError(f"{folder}/{common.INTERVENTION_CONFIG} is not an intervention config (missing {missing}, "
+                            f"or an unknown method / positions); write it with 02_train_dft.py --fit")
+        self.config, self.method, self.positions = cfg, cfg["method"], cfg["positions"]
+        self.layers = [int(k) for k in cfg["layers"]]
+        self.alpha = float(cfg["alpha"] if alpha is None else alpha)
+        self.base, self.steer_base = steer_base or cfg["base_model"], steer_base
+        self.maps = load_file(os.path.join(folder, cfg["maps_file"]))
+        d = cfg["hidden_size"]
+        shape = (d, d) if self.method == "incline" else (d,)
+        bad = [k for k in self.layers if not 1 <= k <= cfg["num_layers"]
+               or tuple(self.maps.get(cfg["hookpoints"][str(k)], torch.empty(0)).shape) != shape]
+        if bad:
+            raise UserError(f"{folder}: the maps of block(s) {bad} are missing, out of the base's 1..{cfg['num_layers']} "
+                            f"blocks, or not of shape {shape}; refit with 02_train_dft.py --fit")
+        self.mask = None
+        self.base_sha256 = None
+
+    def check_base(self):
+        """(path, adapter, source) of the model the maps go on, after checking it: the folder's base must be the model
+        it was fitted on (weights hash); --steer-base must have its architecture and shapes."""
+        from transformers import AutoConfig
+        path, adapter, source = common.resolve_model(self.base)
+        config = AutoConfig.from_pretrained(path)
+        cfg = self.config
+        have = (config.model_type, config.hidden_size, config.num_hidden_layers)
+        want = (cfg["model_type"], cfg["hidden_size"], cfg["num_layers"])
+        if have != want:
+            flag = "--steer-base" if self.steer_base else "its recorded base"
+            raise UserError(f"{self.folder}: fitted on a {want[0]} model with hidden size {want[1]} and {want[2]} "
+                            f"blocks; {flag} {self.base} is {have[0]}, {have[1]}, {have[2]}. Pass a --steer-base of "
+                            "the same architecture and shapes, or refit on this model (02_train_dft.py --fit)")
+        self.base_sha256 = common.weights_sha256(self.base)
+        if not self.steer_base and self.base_sha256 != cfg["base_weights_sha256"]:
+            raise UserError(f"{self.folder}: its base {self.base} has other weights now (sha256 "
+                            f"{self.base_sha256[:12]} vs {cfg['base_weights_sha256'][:12]} when fitted); refit, or "
+                            "pass --steer-base MODEL to apply the maps to another model on purpose")
+        return path, adapter, f"intervention folder {self.folder} ({self.method}, alpha {self.alpha:g}) on {source}"
+
+    def attach(self, model):
+        """Register the hooks on `model` (the base as loaded) and make `intervention_of(model)` find them."""
+        lm = common.unwrap(model)
+        blocks = common.model_parts(lm).blocks
+        for k in self.layers:
+            name = self.config["hookpoints"][str(k)]
+            if common.hookpoint(lm, k) != name:
+                raise UserError(f"{self.folder}: block {k} is {common.hookpoint(lm, k)} in {self.base}, not {name}")
+            value = self.maps[name].to(device=next(lm.parameters()).device, dtype=next(lm.parameters()).dtype)
+            blocks[k - 1].register_forward_hook(self._hook(value))
+        lm.intervention = self
+
+    def _hook(self, value):
+        def hook(module, args, output):
+            h = output[0] if isinstance(output, tuple) else output
+            if self.mask is None or self.mask.shape != h.shape[:2]:
+                raise RuntimeError("a forward of a steered model outside steering(...) or with positions of another "
+                                   "shape: every forward must say which tokens are context")
+            if not self.mask.any():
+                return None
+            picked = h[self.mask]
+            change = picked @ value if self.method == "incline" else value.expand_as(picked)
+            steered = h.clone()
+            steered[self.mask] = picked + self.alpha * change
+            return (steered, *output[1:]) if isinstance(output, tuple) else steered
+        return hook
+
+    def record(self):
+        """What a run JSON says about the intervention."""
+        cfg = self.config
+        return dict(folder=self.folder, method=self.method, alpha=self.alpha, alpha_default=cfg["alpha"],
+                    layers=self.layers, positions=self.positions, formula=cfg.get("formula"), pool=cfg.get("pool"),
+                    base_model=cfg["base_model"], base_weights_sha256=cfg["base_weights_sha256"],
+                    steer_base=self.steer_base, steer_base_sha256=self.base_sha256 if self.steer_base else None,
+                    pairs_sha256=cfg.get("pairs_sha256"))
+
+
+def intervention_of(model):
+    return getattr(common.unwrap(model), "intervention", None)
+
+
+@contextlib.contextmanager
+def steering(intervention, positions, valid, context_len):
+    """The forward(s) inside steer `intervention` (None: nothing) at its positions: positions [B, T] absolute token
+    positions of the tokens fed, valid [B, T] real (not padding) tokens, context_len [B] context tokens of each row."""
+    if intervention is None:
+        yield
+        return
+    context_len = context_len.to(positions.device)[:, None]
+    where = {"all": valid, "prompt": valid & (positions < context_len),
+             "last": valid & (positions == context_len - 1)}
+    intervention.mask = where[intervention.positions]
+    try:
+        yield
+    finally:
+        intervention.mask = None
+
+
+def load_eval_model(model_path, intervention, dtype, device, padding_side):
+    """The model and tokenizer of one --model: as it is, or an intervention folder's base with its hooks."""
+    if intervention is None:
+        return common.load_model_and_tokenizer(model_path, dtype, device, padding_side=padding_side)
+    model, tokenizer = common.load_model_and_tokenizer(intervention.base, dtype, device, padding_side=padding_side)
+    intervention.attach(model)
+    return model, tokenizer
+
+
+def resolve_eval_model(model_path, args):
+    """(path, adapter, source, Intervention or None) of one --model, every check done before any model loads."""
+    if not is_intervention(model_path):
+        return (*common.resolve_model(model_path), None)
+    intervention = Intervention(model_path, args.steer_alpha, args.steer_base)
+    return (*intervention.check_base(), intervention)
+
+
+# -----------------------------------------------------------------------------
 # the model: batched log-likelihoods with shared prefixes, batched greedy generation with a KV cache
 
 
@@ -693,6 +837,7 @@ def loglikelihoods(model, groups, batch_size=16, share_prefix=True, progress=Non
     device = next(model.parameters()).device
     max_len = model_max_length(model)
     share = share_prefix and can_share_prefix(model)
+    steer = intervention_of(model)
     # jobs: (group index, [(tokens, first scored index, row index)], prefix length P)
     jobs = []
     for g, group in enumerate(groups):
@@ -702,7 +847,8 @@ def loglikelihoods(model, groups, batch_size=16, share_prefix=True, progress=Non
                 raise UserError("empty continuation after tokenization (a choice with no tokens)")
             seq = (ctx + cont)[-(max_len + 1):]  # left truncation, as the harness does
             rows.append((seq, len(seq) - len(cont), r))
-        if share and len(rows) > 1:
+        # rows whose contexts end at different tokens cannot share a steered prefix (with truncation only)
+        if share and len(rows) > 1 and (steer is None or steer.positions == "all" or len({s for _, s, _ in rows}) == 1):
             P = min(_common_prefix([s for s, _, _ in rows]), min(len(s) - 1 for s, _, _ in rows))
             if P >= 1 and P >= SHARE_MIN_RATIO * max(len(s) - 1 - P for s, _, _ in rows):
                 jobs.append((g, rows, P))
@@ -721,7 +867,7 @@ def loglikelihoods(model, groups, batch_size=16, share_prefix=True, progress=Non
         n_batches += 1
         if (n_batches - 1) % world != rank:  # another rank's batch: the plan is the same on every rank
             continue
-        sums = halving_on_oom(partial(_loglik_batch, parts, device), batch, on_oom, model,
+        sums = halving_on_oom(partial(_loglik_batch, parts, device, steer), batch, on_oom, model,
                               rows=lambda half: sum(len(rows) for _, rows, _ in half))
         for (g, r), v in sums.items():
             results[g][r] = v
@@ -730,8 +876,9 @@ def loglikelihoods(model, groups, batch_size=16, share_prefix=True, progress=Non
     return [[(results[g][r], len(groups[g][r][1])) for r in range(len(groups[g]))] for g in range(len(groups))]
 
 
-def _loglik_batch(parts, device, batch, pad=0):
-    """{(group, row): summed log-probability} of one batch of jobs (see loglikelihoods)."""
+def _loglik_batch(parts, device, steer, batch, pad=0):
+    """{(group, row): summed log-probability} of one batch of jobs (see loglikelihoods); steer: the model's
+    Intervention or None (a job's rows share their context length, the index of their first scored token)."""
     need_suffix = any(len(s) - 1 > P for _, rows, P in batch for s, _, _ in rows)
     Pmax = max(P for _, _, P in batch)
     ids = torch.full((len(batch), Pmax), pad, dtype=torch.long)
@@ -739,7 +886,9 @@ def _loglik_batch(parts, device, batch, pad=0):
     for b, (_, rows, P) in enumerate(batch):
         ids[b, :P] = torch.tensor(rows[0][0][:P])
         mask[b, :P] = 1
-    out = parts.backbone(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=need_suffix)
+    context = torch.tensor([rows[0][1] for _, rows, _ in batch])
+    with steering(steer, torch.arange(Pmax).expand(len(batch), Pmax).to(device), mask.bool().to(device), context):
+        out = parts.backbone(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=need_suffix)
     hidden = out.last_hidden_state
     # (batch row, position, target token, result slot) of every scored position inside the prefix
     picks = []
@@ -763,8 +912,10 @@ def _loglik_batch(parts, device, batch, pad=0):
             smask[k, Pmax:Pmax + len(tail)] = 1
             spos[k] = P + torch.arange(S)
         cache.batch_select_indices(torch.tensor([b for b, *_ in srows], device=device))
-        sout = parts.backbone(input_ids=sids.to(device), attention_mask=smask.to(device),
-                              position_ids=spos.to(device), past_key_values=cache, use_cache=True)
+        context = torch.tensor([start for _, _, _, start, _, _ in srows])
+        with steering(steer, spos.to(device), smask[:, Pmax:].bool().to(device), context):
+            sout = parts.backbone(input_ids=sids.to(device), attention_mask=smask.to(device),
+                                  position_ids=spos.to(device), past_key_values=cache, use_cache=True)
         spicks = []
         for k, (b, P, seq, start, g, r) in enumerate(srows):
             for pos in range(max(start - 1, P), len(seq) - 1):
@@ -918,8 +1069,10 @@ def _generate_batch(model, tokenizer, enc, prompts, max_new_tokens, stops, windo
     ids, mask = ids.to(device), mask.to(device)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)  # what HF generate derives for left padding
     cache = generation_cache(model, T + max_new_tokens)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
-                logits_to_keep=1)
+    steer = intervention_of(model)
+    with steering(steer, pos, mask.bool(), mask.sum(1)):  # the prompt is the context
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
+                    logits_to_keep=1)
     last_pos = pos[:, -1]
     alive = list(range(len(idx)))  # batch rows still generating
     generated = [[] for _ in idx]
@@ -946,8 +1099,10 @@ def _generate_batch(model, tokenizer, enc, prompts, max_new_tokens, stops, windo
             alive = [alive[k] for k in keep]
         mask = torch.cat([mask, mask.new_ones((len(alive), 1))], dim=1)
         last_pos = last_pos + 1
-        out = model(input_ids=next_tok[:, None], attention_mask=mask, position_ids=last_pos[:, None],
-                    past_key_values=cache, use_cache=True)
+        with steering(steer, last_pos[:, None], torch.ones_like(next_tok[:, None], dtype=torch.bool),
+                      torch.zeros_like(last_pos)):  # a generated token is never context
+            out = model(input_ids=next_tok[:, None], attention_mask=mask, position_ids=last_pos[:, None],
+                        past_key_values=cache, use_cache=True)
     done = {}
     for b, i in enumerate(idx):
         toks = generated[b]
@@ -1001,10 +1156,12 @@ def probe_batch_size(model, n_tokens, kind):
         try:
             with torch.no_grad():
                 ids = torch.zeros((size, n_tokens), dtype=torch.long, device=device)
-                if kind == "generation":
-                    model(input_ids=ids, use_cache=True, logits_to_keep=1)
-                else:
-                    model(input_ids=ids, use_cache=False)
+                every = torch.ones_like(ids, dtype=torch.bool)
+                with steering(intervention_of(model), every.cumsum(1) - 1, every, torch.full((size,), n_tokens)):
+                    if kind == "generation":
+                        model(input_ids=ids, use_cache=True, logits_to_keep=1)
+                    else:
+                        model(input_ids=ids, use_cache=False)
             return size
         except torch.OutOfMemoryError:
             free_device_memory(device)
@@ -1815,7 +1972,9 @@ def layer_analysis(model, tokenizer, lang, pairs, batch_size=8, max_length=128, 
         for side, texts in (("en", [e for e, _ in chunk]), ("tgt", [t for _, t in chunk])):
             enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length).to(device)
             mask = enc.attention_mask.bool()
-            with common.capture_blocks(parts, range(1, L + 1)) as captured:
+            token_positions = torch.arange(mask.shape[1], device=device).expand_as(mask)
+            with common.capture_blocks(parts, range(1, L + 1)) as captured, \
+                    steering(intervention_of(model), token_positions, mask, mask.sum(1)):  # the whole text is context
                 parts.backbone(input_ids=enc.input_ids, attention_mask=enc.attention_mask, use_cache=False)
             m = mask[..., None].float()
             pooled[side] = [(captured[k] * m).sum(1) / m.sum(1) for k in range(1, L + 1)]  # mean over tokens
@@ -1931,7 +2090,8 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2])
     g = p.add_argument_group("what to evaluate")
     g.add_argument("--model", nargs="+", default=[], help="model folders (02_train_dft.py --out), LoRA adapter "
-                   f"folders or hub names; several = one run each (default model: {common.DEFAULT_MODEL})")
+                   "folders, intervention folders (02_train_dft.py --fit: the base with the maps hooked in) "
+                   f"or hub names; several = one run each (default model: {common.DEFAULT_MODEL})")
     g.add_argument("--run-name", nargs="+", default=None, help="run names, one per --model (default: the folder "
                    "basename, sanitised)")
     g.add_argument("--tasks", default=PAPER_TASKS, help=f"comma-separated, from: {', '.join(TASKS)}; "
@@ -1939,6 +2099,12 @@ def parse_args(argv=None):
     g.add_argument("--langs", default="zh,vi,ar", help="comma-separated language codes; a combination without "
                    "data is skipped with a note, a task with none of them is an error (default: zh,vi,ar)")
     g.add_argument("--out", default=None, help="output folder (required except for --compare, which defaults to B's)")
+    g = p.add_argument_group("inference-time peers (a --model that is an intervention folder of 02_train_dft.py --fit)")
+    g.add_argument("--steer-alpha", type=float, default=None, help="the scale alpha of the intervention (default: the "
+                   "folder's; 0 = the model itself)")
+    g.add_argument("--steer-base", default=None, help="apply the folder's maps to this model instead of the one they "
+                   "were fitted on (e.g. a tft run of that base): same architecture and shapes; its weights hash is "
+                   "recorded")
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", default=common.DATA_DIR, help="folder laid out like data/ (default: the shipped data)")
     g.add_argument("--data-source", choices=["local", "hub"], default="local",
@@ -2020,6 +2186,11 @@ def check_args(args):
     args.run_names = names
     if args.pairs:
         common.resolve_path(args.pairs)
+    if args.steer_alpha is not None and not math.isfinite(args.steer_alpha):
+        raise UserError(f"--steer-alpha must be a finite number (0: the model itself), got {args.steer_alpha}")
+    if (args.steer_alpha is not None or args.steer_base) and not any(is_intervention(m) for m in args.model):
+        raise UserError("--steer-alpha / --steer-base apply to an intervention folder (02_train_dft.py --fit --out "
+                        "DIR); none of --model is one")
     if not os.path.isdir(args.data_dir):
         raise UserError(f"--data-dir {args.data_dir} is not a folder")
     if args.tuned_lens and args.analysis != "layers":
@@ -2119,7 +2290,7 @@ def resolve_dtype(dtype, device):
 def run_eval(args, ranks=SINGLE):
     def prepare():  # every data file is read (and its errors raised) before any model loads
         combos, skipped = plan(args)
-        return skipped, load_all(combos, args), [common.resolve_model(m) for m in args.model]
+        return skipped, load_all(combos, args), [resolve_eval_model(m, args) for m in args.model]
 
     skipped, data, sources = ranks.checked(prepare)  # a folder without weights fails here
     hashes = {}
@@ -2128,10 +2299,10 @@ def run_eval(args, ranks=SINGLE):
     if ranks.world > 1:
         print(f"[ranks] {ranks.world} processes, each on its own device ({device} on rank 0), share every "
               "task x language by whole batches; rank 0 writes", flush=True)
-    for model_path, run, (_, _, source) in zip(args.model, args.run_names, sources):
+    for model_path, run, (_, _, source, intervention) in zip(args.model, args.run_names, sources):
         common.seed_everything(args.seed)
         model, tokenizer = ranks.checked(
-            lambda: common.load_model_and_tokenizer(model_path, dtype, device, padding_side="left"))
+            lambda: load_eval_model(model_path, intervention, dtype, device, padding_side="left"))
         model.eval()
         args.batch.new_model()
         json_path = os.path.join(args.out, f"{run}.json")
@@ -2141,7 +2312,13 @@ def run_eval(args, ranks=SINGLE):
             if record is not None and (not is_run_json(record) or record.get("model") != model_path):
                 raise UserError(f"{json_path} holds results of another model ({record.get('model')}); "
                                 "pass --run-name or another --out")
+            steered = intervention.record() if intervention else None
+            if record is not None and record.get("intervention") != steered and record["results"]:
+                raise UserError(f"{json_path} holds results of {model_path} with another intervention setting "
+                                f"({record.get('intervention')}); pass --run-name or another --out")
             record = record or dict(format="dft-eval-run/1", run=run, model=model_path, results={})
+            if steered:
+                record["intervention"] = steered
             record.update(model_source=source, versions=common.versions(),
                           updated=time.strftime("%Y-%m-%d %H:%M:%S"))
             record.setdefault("skipped", [])
@@ -2195,11 +2372,11 @@ def run_eval(args, ranks=SINGLE):
 def run_analysis(args):
     langs = [common.check_lang(l) for l in common.parse_list(args.langs)]
     texts = {lang: analysis_texts(lang, args, args.analysis_samples) for lang in langs}
-    sources = [common.resolve_model(m) for m in args.model]
+    sources = [resolve_eval_model(m, args) for m in args.model]
     curves = {lang: {} for lang in langs}
     dtype = resolve_dtype(args.dtype, device_of(args))
-    for model_path, run, (_, _, source) in zip(args.model, args.run_names, sources):
-        model, tokenizer = common.load_model_and_tokenizer(model_path, dtype, device_of(args), padding_side="right")
+    for model_path, run, (_, _, source, intervention) in zip(args.model, args.run_names, sources):
+        model, tokenizer = load_eval_model(model_path, intervention, dtype, device_of(args), padding_side="right")
         model.eval()
         lens = common.load_tuned_lens(args.tuned_lens, model) if args.tuned_lens else None
         if lens and not lens.weights_match:
@@ -2214,6 +2391,8 @@ def run_analysis(args):
                        data_sha256=common.sha256_file(src), versions=common.versions(),
                        seconds=round(time.time() - t0, 1),
                        dtype=dtype, dtype_requested=args.dtype, device=device_of(args))
+            if intervention:
+                res["intervention"] = intervention.record()
             common.write_json(os.path.join(args.out, f"{run}.layers.{lang}.json"), res)
             curves[lang][run] = res
             print(f"[{run}] layers {lang} ({dtype}): {len(pairs)} sentences in {res['seconds']}s; entropy by block "

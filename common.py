@@ -425,6 +425,24 @@ def load_model_and_tokenizer(name_or_path=DEFAULT_MODEL, dtype="float32", device
     return model, tokenizer
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def weights_sha256(name_or_path):
+    """sha256 over the weight files a model loads from (sorted by name; a LoRA adapter's after its base's): how an
+    intervention folder recognises its base model whatever dtype either is loaded in."""
+    h = hashlib.sha256()
+    path, adapter, _ = resolve_model(name_or_path)
+    for folder in (f for f in (path, adapter) if f):
+        for name in sorted(os.listdir(folder)):
+            if name.endswith(WEIGHT_SUFFIXES):
+                h.update(name.encode())
+                with open(os.path.join(folder, name), "rb") as f:
+                    for block in iter(lambda: f.read(1 << 22), b""):
+                        h.update(block)
+    return h.hexdigest()
+
+
 def count_params(model):
     return sum(p.numel() for p in model.parameters())
 
@@ -461,6 +479,20 @@ class ModelParts:
     @property
     def num_layers(self):
         return len(self.blocks)
+
+
+def hookpoint(model, k):
+    """The name of block k (1-based) under the model's base_model, as lm-evaluation-harness's `steered` model
+    addresses it: `layers.{k-1}` for LLaMA / Gemma, `h.{k-1}` for GPT-2."""
+    lm = unwrap(model)
+    block = model_parts(lm).blocks[k - 1]
+    return next(name for name, module in lm.base_model.named_modules() if module is block)
+
+
+# where an intervention folder (02_train_dft.py --fit) applies its maps: the last prompt / context token, every
+# prompt / context token, or every position (the continuation and each generated token too)
+STEER_POSITIONS = ["last", "prompt", "all"]
+INTERVENTION_CONFIG = "intervention_config.json"
 
 
 def unwrap(model):

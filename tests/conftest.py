@@ -107,3 +107,14 @@ def tiny_model_dirs(tmp_path_factory, tokenizer):
         tokenizer.save_pretrained(path)
         dirs[arch] = path
     return dirs
+
+
+PAIRS_FIXTURE = os.path.join(REPO, "tests", "fixtures", "pairs_zh.jsonl")
+
+
+def fit_intervention(model_dir, out, method, *flags, pairs=PAIRS_FIXTURE):
+    """An intervention folder of 02_train_dft.py --fit on a tiny model (in this process): its path."""
+    train = load_stage("02_train_dft")
+    train.main(["--fit", method, "--pairs", pairs, "--out", str(out), "--model", model_dir, "--batch-size", "8",
+                *flags])
+    return str(out)

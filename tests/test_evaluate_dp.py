@@ -13,7 +13,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conftest import REPO, load_stage  # noqa: E402
+from conftest import REPO, fit_intervention, load_stage  # noqa: E402
 
 import common  # noqa: E402
 
@@ -70,16 +70,21 @@ def test_an_explicit_cuda_device_with_several_ranks_is_an_error():
     assert ev.device_of(ev.parse_args(["--out", "x", "--device", "cpu"]), ev.Ranks(1, 2, 1)) == "cpu"
 
 
-def test_two_ranks_write_what_one_process_writes(tiny_model_dirs, tmp_path):
+@pytest.mark.parametrize("steered", [False, True], ids=["models", "intervention"])
+def test_two_ranks_write_what_one_process_writes(steered, tiny_model_dirs, tmp_path):
     """Log-likelihood (xnli), generation (mgsm), held-out NLL and translation for two models in one launch: the
     per-item files, results.md and the run JSONs (timing aside) equal one process's. Uneven shards: batches of 2
-    rows over 2 ranks, and nll vi has one item (rank 1 computes none of it)."""
+    rows over 2 ranks, and nll vi has one item (rank 1 computes none of it). steered: the first model is an
+    intervention folder (INCLINE's maps on every block of the tiny LLaMA, at every prompt / context token)."""
     pairs = tmp_path / "dev.jsonl"
     rows = [dict(id=f"zh{i}", lang="zh", source="t", x_en=f"Say {i}", y_en=f"{i}.", x_tgt=f"说 {i}", y_tgt=f"{i}。")
             for i in range(5)] + [dict(id="vi0", lang="vi", source="t", x_en="Say 9", y_en="9.", x_tgt="Nói 9",
                                        y_tgt="9 ạ.")]
     pairs.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    flags = ["--model", tiny_model_dirs["llama"], tiny_model_dirs["gpt2"], "--run-name", "llama", "gpt2",
+    first = tiny_model_dirs["llama"]
+    if steered:
+        first = fit_intervention(first, tmp_path / "incline", "incline", "--fit-positions", "prompt")
+    flags = ["--model", first, tiny_model_dirs["gpt2"], "--run-name", "llama", "gpt2",
              "--tasks", "xnli,mgsm,nll,translation", "--langs", "zh,vi", "--pairs", str(pairs), "--limit", "5",
              "--batch-size", "2", "--max-new-tokens", "4", "--dtype", "float32"]
     one, two = tmp_path / "one", tmp_path / "two"
@@ -100,6 +105,7 @@ def test_two_ranks_write_what_one_process_writes(tiny_model_dirs, tmp_path):
         assert a == b, name
     run = json.load(open(two / "llama.json"))
     assert run["results"]["nll"]["vi"]["n"] == 1 and run["results"]["translation"]["zh-en"]["n"] == 5
+    assert (run.get("intervention") or {}).get("positions") == ("prompt" if steered else None)
 
 
 @pytest.mark.parametrize("mode,message,code", [
