@@ -65,7 +65,7 @@ FITS = {
     "diffmean": dict(layers="auto", positions="prompt", alpha=1.0, formula="h + alpha * v"),
 }
 POSITIONS = common.STEER_POSITIONS
-PEER_FLAGS = ("fit_pool", "fit_positions", "ridge")  # --fit's own
+PEER_FLAGS = ("fit_pool", "fit_positions", "ridge", "fit_placebo")  # --fit's own
 TUNED_LENS_FLAGS = ("fit_tokens", "fit_steps", "fit_batch", "fit_init", "fit_lr", "fit_eval_tokens")  # its own
 FIT_FLAGS = ("fit", "fit_tuned_lens", "fit_layers") + PEER_FLAGS + TUNED_LENS_FLAGS  # not settings of a training run
 
@@ -223,6 +223,11 @@ def build_parser():
     g.add_argument("--ridge", type=float, default=0.01,
                    help="--fit incline: ridge term, as a fraction of the mean diagonal of X^T X (ours: n ~ d here); "
                         "0 = INCLINE's plain least squares (minimum-norm lstsq)")
+    g.add_argument("--fit-placebo", choices=["shuffle", "random"],
+                   help="--fit, a placebo of the same form: shuffle = pair k's target prompt with pair k+1's English "
+                        "(file order, the last with the first: the fit sees no translation; incline only, since a "
+                        "mean difference does not depend on the pairing); random = each fitted map replaced by "
+                        "Gaussian noise of the same Frobenius norm (--seed). The held-out residual uses true pairs")
     return p
 
 
@@ -983,6 +988,9 @@ def check_fit_args(args):
                             (flags(["fit_layers"]), args.fit or args.fit_tuned_lens, "--fit-tuned-lens or --fit")):
         if given and not fit:
             raise common.UserError(f"{', '.join(given)} only apply to a fit; add {add}")
+    if args.fit == "diffmean" and args.fit_placebo == "shuffle":
+        raise common.UserError("--fit-placebo shuffle leaves a mean difference unchanged (the means do not depend on "
+                               "which English goes with which target): use --fit-placebo random for diffmean")
     if not (math.isfinite(args.ridge) and args.ridge >= 0):
         raise common.UserError(f"--ridge must be a finite number >= 0 (0: INCLINE's plain least squares), got "
                                f"{args.ridge}")
@@ -1098,6 +1106,9 @@ def fit_intervention(args):
     check_numbers(vars(args))
     t0 = time.time()
     rows = load_pairs(args.pairs)
+    if args.fit_placebo == "shuffle":  # every target prompt beside another pair's English
+        rows = [dict(r, x_en=rows[(i + 1) % len(rows)]["x_en"], y_en=rows[(i + 1) % len(rows)]["y_en"])
+                for i, r in enumerate(rows)]
     dev_path = dev_pairs_path(args)
     dev_rows = load_pairs(dev_path)[:args.eval_limit] if dev_path else None
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -1114,6 +1125,10 @@ def fit_intervention(args):
         maps = {k: least_squares_map(states["tgt"][k], states["en"][k], args.ridge) for k in layers}
     else:
         maps = {k: mean_difference(states["en"][k], states["tgt"][k]) for k in layers}
+    if args.fit_placebo == "random":  # a push of the same size in no fitted direction
+        generator = torch.Generator().manual_seed(args.seed)
+        noise = {k: torch.randn(v.shape, generator=generator, dtype=v.dtype) for k, v in maps.items()}
+        maps = {k: noise[k] * (v.norm() / noise[k].norm()) for k, v in maps.items()}
     residual, dev_kept = None, []
     if dev_rows:
         dev, dev_kept = pooled_block_states(model, tokenizer, dev_rows, layers, args.fit_pool, args.max_length,
@@ -1126,7 +1141,7 @@ def fit_intervention(args):
     config = dict(
         format="dft-intervention/1", method=args.fit, formula=recipe["formula"], alpha=recipe["alpha"],
         positions=args.fit_positions or recipe["positions"], layers=layers, layers_why=why, hookpoints=hookpoints,
-        pool=args.fit_pool, ridge=args.ridge if args.fit == "incline" else None,
+        pool=args.fit_pool, ridge=args.ridge if args.fit == "incline" else None, placebo=args.fit_placebo,
         base_model=args.model, base_weights_sha256=common.weights_sha256(args.model),
         model_type=lm.config.model_type, hidden_size=lm.get_input_embeddings().weight.shape[1],
         num_layers=parts.num_layers,

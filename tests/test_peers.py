@@ -77,6 +77,29 @@ def test_diffmean_is_the_brute_force_mean_and_the_folder_says_what_it_holds(fold
     assert incline["heldout_residual"] is None  # the fixture has no .dev.jsonl beside it
 
 
+def test_placebos_keep_the_form_and_lose_the_pairing(folders, tiny_model_dirs, tmp_path):
+    """shuffle: INCLINE fitted on pair k's target beside pair k+1's English (its map changes; the folder says so);
+    random: each map replaced by noise of the fitted map's Frobenius norm, the same noise for the same --seed."""
+    from safetensors.torch import load_file
+    llama, maps = tiny_model_dirs["llama"], lambda folder: load_file(os.path.join(folder, "maps.safetensors"))
+    shuffled = fit_intervention(llama, tmp_path / "shuffled", "incline", "--fit-placebo", "shuffle")
+    real, fake = maps(folders["incline"]), maps(shuffled)
+    assert real.keys() == fake.keys() and not any(torch.equal(real[k], fake[k]) for k in real)
+    rows = train.load_pairs(PAIRS_FIXTURE)
+    rotated = [dict(r, x_en=rows[(i + 1) % len(rows)]["x_en"], y_en=rows[(i + 1) % len(rows)]["y_en"])
+               for i, r in enumerate(rows)]
+    rotated_pairs = tmp_path / "rotated.jsonl"
+    rotated_pairs.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rotated), encoding="utf-8")
+    by_hand = maps(fit_intervention(llama, tmp_path / "by_hand", "incline", pairs=str(rotated_pairs)))
+    assert all(torch.equal(fake[k], by_hand[k]) for k in fake)
+    assert json.load(open(os.path.join(shuffled, common.INTERVENTION_CONFIG)))["placebo"] == "shuffle"
+    noise = [maps(fit_intervention(llama, tmp_path / f"random{i}", "diffmean", "--fit-layers", "2", "--fit-placebo",
+                                   "random", "--seed", "3")) for i in range(2)]
+    vector = maps(folders["diffmean"])["layers.1"]
+    assert torch.equal(noise[0]["layers.1"], noise[1]["layers.1"]) and not torch.equal(noise[0]["layers.1"], vector)
+    assert torch.allclose(noise[0]["layers.1"].norm(), vector.norm(), rtol=1e-5)
+
+
 def test_the_steered_file_is_the_harness_schema_and_acts_as_the_harness_applies_it(folders, tiny_model_dirs,
                                                                                        tokenizer):
     """The harness adds steering_coefficient * steering_vector to the output of `hookpoint` (a module name under
@@ -161,7 +184,9 @@ def test_bad_input_is_one_error_and_writes_nothing(folders, tiny_model_dirs, tmp
     cases = [(["--fit", "incline", "--fit-layers", "5"], "--fit-layers 5 out of range: this model has blocks 1..4"),
              (["--fit", "diffmean", "--fit-layers", "2", "--max-length", "8"], "every pair's prompt is longer than --max-length 8"),
              (["--fit-pool", "last"], "--fit-pool only apply to a fit; add --fit incline|diffmean"),
-             (["--fit", "incline", "--ridge", "nan"], "--ridge must be a finite number >= 0")]
+             (["--fit", "incline", "--ridge", "nan"], "--ridge must be a finite number >= 0"),
+             (["--fit", "diffmean", "--fit-placebo", "shuffle"], "--fit-placebo shuffle leaves a mean difference"),
+             (["--fit-tuned-lens", "--fit", "incline"], "--fit and --fit-tuned-lens are two fits")]
     for flags, message in cases:
         code, err = run_main_in_process(train.main, ["--pairs", PAIRS_FIXTURE, "--out", str(out), "--model",
                                                      tiny_model_dirs["llama"], *flags], capsys)
