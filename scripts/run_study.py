@@ -210,8 +210,9 @@ class Runner:
             shutil.rmtree(os.path.join(folder, n), ignore_errors=True)  # the final model is saved
         out = os.path.join(self.results, "train", name)
         os.makedirs(out, exist_ok=True)
-        if os.path.exists(os.path.join(folder, "train_config.json")):
-            copy(os.path.join(folder, "train_config.json"), out)
+        for f in ("train_config.json", "intervention_config.json", "provenance.json"):  # a training's or a fit's
+            if os.path.exists(os.path.join(folder, f)):
+                copy(os.path.join(folder, f), out)
         if os.path.exists(os.path.join(folder, "train_log.jsonl")) and not os.path.samefile(folder, out):
             # gzipped, as every log under results/
             gzip_copy(os.path.join(folder, "train_log.jsonl"), os.path.join(out, "train_log.jsonl.gz"))
@@ -370,7 +371,12 @@ class Runner:
             if train:
                 with argparse_raises():
                     argv = self.train_argv(run, dry=True)
-                    cfg = stage2.resolve_config(stage2.parse_args(argv[argv.index("02_train_dft.py") + 1:]))
+                    args = stage2.parse_args(argv[argv.index("02_train_dft.py") + 1:])
+                if args.fit or args.fit_tuned_lens:  # a forward pass over the pairs, no optimizer steps
+                    lines.append(f"   {run['name']:24s} fit ({args.fit or 'tuned lens'}; not in the training time); "
+                                 + (f"evaluate {', '.join(pending)}" if pending else "evaluated"))
+                    continue
+                cfg = stage2.resolve_config(args)
                 pairs = self.pairs_files(run["pairs"])[0]
                 per_step = cfg["batch_size"] * (cfg["grad_accum"] or 1)
                 steps = cfg["max_steps"] or (math.ceil(cfg["epochs"] * count_lines(pairs) / per_step)
