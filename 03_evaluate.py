@@ -1805,14 +1805,14 @@ def write_results_md(out_dir):
     return table
 
 
-def item_cell(entry, rows):
-    """The run's cell as common.ItemCell: its statistic on any draw of its items (fractions, as the run JSON)."""
-    if entry["aggregation"] == "ratio":
-        return common.ItemCell(rows, "nll")
-    if entry["aggregation"] == "mean":
-        return common.ItemCell(rows, entry["metric"], percent=False)
+def item_cell(entry, rows, metric=None, percent=False):
+    """The run's cell as common.ItemCell: its statistic on any draw of its items (fractions as the run JSON, or %
+    with percent); metric: another of its per-item metrics (default the run JSON's; NLL for a ratio cell)."""
+    metric = metric or ("nll" if entry["aggregation"] == "ratio" else entry["metric"])
+    if entry["aggregation"] != "corpus" or metric == "nll":
+        return common.ItemCell(rows, metric, percent=percent)
     bleu, chrf = bleu_metrics(entry.get("tgt_lang"))
-    return common.ItemCell(rows, entry["metric"], corpus=bleu if entry["metric"] == "bleu" else chrf)
+    return common.ItemCell(rows, metric, corpus=bleu if metric == "bleu" else chrf)
 
 
 

@@ -20,10 +20,8 @@ import re
 import subprocess
 import sys
 import tempfile
-import tomllib
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from study_file import ROOT, load_study  # (it puts the repository root on sys.path)
 import common  # noqa: E402
 
 # study file -> the committed tables it reproduces (relative to the repository root)
@@ -158,13 +156,13 @@ def regenerate(study, out):
     """scripts/study_tables.py on the study file, into out (which links to the results folder's eval/ and train/:
     the tables read the committed results and write beside them); its stderr on failure."""
     script = os.path.join(ROOT, "scripts", "study_tables.py")
-    results = os.path.join(ROOT, tomllib.load(open(os.path.join(ROOT, "studies", study + ".toml"), "rb"))["study"]
-                           .get("results", f"results/{study}"))
+    path = os.path.join(ROOT, "studies", study + ".toml")
+    results = os.path.join(ROOT, load_study(path, check_flags=False)["study"]["results"])
     os.makedirs(out, exist_ok=True)
     for name in ("eval", "train", "layers"):
         if os.path.isdir(os.path.join(results, name)) and not os.path.exists(os.path.join(out, name)):
             os.symlink(os.path.join(results, name), os.path.join(out, name))
-    proc = subprocess.run([sys.executable, script, os.path.join(ROOT, "studies", study + ".toml"), "--out", out],
+    proc = subprocess.run([sys.executable, script, path, "--out", out],
                           cwd=ROOT, capture_output=True, text=True)
     return None if proc.returncode == 0 else proc.stderr.strip()[-2000:]
 

@@ -11,21 +11,16 @@ speed-up to 2x; results and the conditions they were taken under: results/bench_
 """
 import argparse
 import contextlib
-import importlib.util
 import os
-import sys
 import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from study_file import load_stage  # (it puts the repository root on sys.path)
 import common  # noqa: E402
 
 # The probe times 03's own greedy_generate (and reads MGSM with 03's _tsv), so it loads the stage by file path.
-spec = importlib.util.spec_from_file_location("evaluate", os.path.join(ROOT, "03_evaluate.py"))
-ev = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(ev)
+ev = load_stage("03_evaluate")
 
 
 def main():

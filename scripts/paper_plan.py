@@ -23,16 +23,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 import common  # noqa: E402
 from common import UserError  # noqa: E402
+from study_file import load_stage  # noqa: E402
 
 PAPER_LANGS = ("zh", "vi", "ar")
 METHODS = ("sft", "tft", "dft-logits", "dft-feature", "mid-align")
 LAYER_METHODS = ("dft-logits", "dft-feature")  # mid-align takes its block from the method (L // 2)
-# the paper's models: 02_train_dft.py's preset, and the shape to plan with when the hub cannot be reached
+# the paper's models: 02_train_dft.py's preset (the recipe: epochs, batch, checkpointing), and the shape to plan
+# with when the hub cannot be reached
 PAPER_MODELS = {
-    "meta-llama/Llama-2-7b-hf": dict(preset="llama2-7b", model_type="llama", params=6.74e9, layers=32, epochs=3,
-                                     global_batch=128, grad_checkpointing=True),
-    "google/gemma-2-2b": dict(preset="gemma2-2b", model_type="gemma2", params=2.61e9, layers=26, epochs=3,
-                              global_batch=128, grad_checkpointing=True),
+    "meta-llama/Llama-2-7b-hf": dict(preset="llama2-7b", model_type="llama", params=6.74e9, layers=32),
+    "google/gemma-2-2b": dict(preset="gemma2-2b", model_type="gemma2", params=2.61e9, layers=26),
 }
 MAX_LENGTH = 512  # the recipe's; 02 cuts longer sequences
 SHIPPED = {  # Alpaca translations that ship in data/alpaca (docs/PAIRS.md)
@@ -282,9 +282,10 @@ def plan(args):
                    f"{r['tokens']['tft']['padded'] / r['seconds']:,.0f} tokens/s) scaled by parameter count; "
                    "no GPU timing")
     # the presets recompute blocks in backward; run_paper.sh's own timing already includes it
-    ckpt = GRAD_CKPT_COST if known and known["grad_checkpointing"] and not args.timing else 1.0
-    epochs = known["epochs"] if known else 3
-    global_batch = known["global_batch"] if known else 4 * nproc
+    recipe = load_stage("02_train_dft").PRESETS[preset] if preset else {}
+    ckpt = GRAD_CKPT_COST if recipe.get("grad_checkpointing") and not args.timing else 1.0
+    epochs = recipe.get("epochs", 3)
+    global_batch = recipe.get("global_batch_size", 4 * nproc)
 
     runs = []
     by_lang = {d["lang"]: d for d in data}

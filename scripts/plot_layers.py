@@ -8,12 +8,9 @@ one figure with every run, base first.
 """
 import argparse
 import glob
-import importlib.util
 import os
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # 03_evaluate.py imports common
+from study_file import load_stage  # (it puts the repository root on sys.path: 03_evaluate.py imports common)
 
 
 def main():
@@ -21,10 +18,8 @@ def main():
     ap.add_argument("folder", help="folder holding <run>.layers.<lang>.json(.gz) files; the figure is written there")
     ap.add_argument("--lang", default="zh", help="target language of the analysis (default %(default)s)")
     args = ap.parse_args()
-    # The figure must be the one 03_evaluate.py --analysis layers draws, so its own plot_layers is loaded by path.
-    spec = importlib.util.spec_from_file_location("evaluate", os.path.join(ROOT, "03_evaluate.py"))
-    evaluate = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(evaluate)
+    # The figure must be the one 03_evaluate.py --analysis layers draws, so its own plot_layers is used.
+    evaluate = load_stage("03_evaluate")
     pattern = os.path.join(args.folder, f"*.layers.{args.lang}.json")  # results/ keeps them gzipped
     files = sorted(glob.glob(pattern) + glob.glob(pattern + ".gz"),
                    key=lambda p: (not os.path.basename(p).startswith("base."), p))

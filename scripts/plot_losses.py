@@ -85,10 +85,7 @@ def busy_seconds(rows):
 
 
 def heldout(logs, out):
-    groups = []
-    for m in logs:
-        g = re.sub(r"-s\d+$", "", m)
-        groups += [g] if g not in groups else []
+    groups = list(dict.fromkeys(re.sub(r"-s\d+$", "", m) for m in logs))  # run names without -sSEED, in order
     styles = ["-", "--", ":", "-."]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for m, rows in logs.items():

@@ -48,8 +48,7 @@ def copy(path, folder):
 
 
 def has_checkpoint(folder):
-    return any(os.path.isfile(os.path.join(folder, n, "step.json")) for n in ("checkpoint", "checkpoint.old",
-                                                                              "checkpoint.tmp"))
+    return load_stage("02_train_dft").latest_checkpoint(folder)[0] is not None
 
 
 class Runner:

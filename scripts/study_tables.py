@@ -33,7 +33,7 @@ class Results:
         self.study, self.cache, self.jsons = study, {}, {}
         self.where = {}
         for name, run in study.runs_expanded.items():
-            folder = os.path.join(ROOT, run["reuse"]) if run["reuse"] else results
+            folder = run_folder(run, results)
             self.where[name] = (os.path.join(folder, "eval"), run["stored_as"], os.path.join(folder, "train"))
 
     def run_json(self, run):
@@ -52,7 +52,8 @@ class Results:
         if key not in self.cache:
             entry, (folder, stored, _) = self.entry(run, cell), self.where[run]
             rows = common.read_items(folder, stored, *cell.split()) if entry else None
-            self.cache[key] = None if rows is None else make_cell(rows, entry, metric)
+            stage3 = load_stage("03_evaluate")  # its cells as the statistics see them, here in %
+            self.cache[key] = None if rows is None else stage3.item_cell(entry, rows, metric, percent=True)
         return copy.copy(self.cache[key])
 
     def cells(self, run, measure):
@@ -72,16 +73,13 @@ class Results:
         return float(np.mean([c.value() for c in cells])), se
 
 
+def run_folder(run, results_dir):
+    """The results folder a run's files are in: the study's, or the one a reused run lives in."""
+    return os.path.join(ROOT, run["reuse"]) if run["reuse"] else results_dir
+
+
 def metric_of(entry, metric):
     return metric or ("nll" if entry["aggregation"] == "ratio" else entry["metric"])
-
-
-def make_cell(rows, entry, metric):
-    metric = metric_of(entry, metric)
-    if entry["aggregation"] != "corpus" or metric == "nll":
-        return common.ItemCell(rows, metric)
-    bleu, chrf = load_stage("03_evaluate").bleu_metrics(entry.get("tgt_lang"))
-    return common.ItemCell(rows, metric, corpus=bleu if metric == "bleu" else chrf)
 
 
 def cell_se(entry, metric):
@@ -95,6 +93,12 @@ def cell_se(entry, metric):
 def term_runs(study, name, seeds=None):
     runs = study.groups.get(name, [name])
     return [r for r in runs if seeds is None or name not in study.groups or study.runs_expanded[r]["seed"] in seeds]
+
+
+def study_contrast(study, results, name, measure, seeds=None):
+    """contrast() of the study's contrast NAME on one measure (its groups' runs of these seeds, default all)."""
+    terms = [(t, coef, term_runs(study, t, seeds)) for t, coef in study["contrasts"][name]["terms"].items()]
+    return contrast(results, terms, measure, study["resampling"])
 
 
 def contrast(results, terms, measure, resampling):
@@ -138,8 +142,7 @@ def build(study, results_dir):
                               se=float(np.std(vals, ddof=1) / math.sqrt(len(vals))) if len(vals) > 1 else None)
             out["groups"][group] = row
     for name, con in study["contrasts"].items():
-        terms = [(t, coef, term_runs(study, t, con["seeds"])) for t, coef in con["terms"].items()]
-        out["contrasts"][name] = {m: contrast(results, terms, m, res) for m in con["measures"]}
+        out["contrasts"][name] = {m: study_contrast(study, results, name, m, con["seeds"]) for m in con["measures"]}
         for m, r in out["contrasts"][name].items():  # the reference's own contrast, where it has every term's cell
             refs = [study["references"]["values"].get(t, {}).get(m) for t in con["terms"]]
             if r is not None and None not in refs:
@@ -147,16 +150,13 @@ def build(study, results_dir):
     floor = 1.0 / (res["B"] + 1) + 1e-15
     for name, fam in study["families"].items():
         tests = [(c, m) for c in fam["contrasts"] for m in fam["measures"] or study["contrasts"][c]["measures"]]
-        got = [out["contrasts"][c].get(m) or contrast(results, [(t, coef, term_runs(study, t)) for t, coef in
-                                                                 study["contrasts"][c]["terms"].items()], m, res)
-               for c, m in tests]
+        got = [out["contrasts"][c].get(m) or study_contrast(study, results, c, m) for c, m in tests]
         ps = [g["p"] if g else 1.0 for g in got]  # a test not yet run counts as p = 1
         rows = []
         for (c, m), g, (p_holm, k) in zip(tests, got, common.holm(ps, [p <= floor for p in ps])):
             name_p = study["contrasts"][c]["placebo"] or fam["placebo"]  # a contrast's own placebo, else the family's
-            placebo = (out["contrasts"][name_p].get(m) or contrast(
-                results, [(t, coef, term_runs(study, t)) for t, coef in study["contrasts"][name_p]["terms"]
-                          .items()], m, res)) if name_p else None
+            placebo = (out["contrasts"][name_p].get(m) or study_contrast(study, results, name_p, m)
+                       if name_p else None)
             claim = None if g is None else bool(p_holm < fam["alpha"] and (g["lo"] > 0 or g["hi"] < 0) and (
                 placebo is None or abs(g["delta"]) > abs(placebo["delta"])))
             rows.append(dict(contrast=c, measure=m, result=g, p_holm=p_holm, p_holm_bound=k is not None,
@@ -179,8 +179,8 @@ def build(study, results_dir):
                                 eval_s=sum(e.get("seconds", 0) for e in entries) if entries else None)
     out["curves"], out["item_checks"] = [], []
     for a, b in pairs_of(study, "curves", "-"):  # e.g. one run trained on two machines: held-out L_TFT side by side
-        ca, cb = ({r["step"]: r["eval_loss_tft"] for r in train_log(results, x) if r.get("eval_loss_tft") is not None}
-                  for x in (a, b))
+        ca, cb = ({r["step"]: r["eval_loss_tft"] for r in train_log(results, x) or []
+                   if r.get("eval_loss_tft") is not None} for x in (a, b))
         out["curves"].append(dict(a=a, b=b, rows=[dict(step=s, a=ca[s], b=cb[s], diff=ca[s] - cb[s])
                                                   for s in sorted(set(ca) & set(cb))]))
     for a, b in pairs_of(study, "item_checks", "="):  # e.g. base evaluated again: the same per-item files?
@@ -196,9 +196,10 @@ def placebo_rule(study, fam):
 
 
 def train_log(results, run):
+    """02's training log rows of a run, or None when it has none."""
     _, stored, train_dir = results.where[run]
     log = os.path.join(train_dir, stored, "train_log.jsonl")
-    return common.read_jsonl(log) if os.path.exists(log) or os.path.exists(log + ".gz") else []
+    return common.read_jsonl(log) if os.path.exists(log) or os.path.exists(log + ".gz") else None
 
 
 def pairs_of(study, key, sep):
@@ -239,6 +240,19 @@ def max_abs_diff(a, b):
     return 0.0
 
 
+def with_se(value, se, measure_cells):
+    return fmt(value, measure_cells) + (f" ± {fmt(se, measure_cells)}" if se is not None else "")
+
+
+def header(*columns):
+    """A markdown table's header row and its rule."""
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
+def interval(r):
+    return f"[{r['lo']:+.3f}, {r['hi']:+.3f}]"
+
+
 def markdown(study, t, results_dir):
     measures, res = study["measures"], study["resampling"]
     label = lambda m: measures[m]["label"] or m  # noqa: E731
@@ -254,24 +268,22 @@ def markdown(study, t, results_dir):
     ms = list(measures)
     lines += ["## Scores (± item standard error)\n" + (f"\nIn brackets: {study['references']['source']}.\n"
                                                       if refs else ""),
-              "| run | " + " | ".join(label(m) for m in ms) + " |", "|---|" + "---|" * len(ms)]
+              *header("run", *map(label, ms))]
     for run, row in t["runs"].items():
         group = study.runs_expanded[run]["group"]
         cells = []
         for m in ms:
             v = row[m]
-            text = "–" if v is None else fmt(v[0], measures[m]["cells"]) + (
-                f" ± {fmt(v[1], measures[m]['cells'])}" if v[1] is not None else "")
+            text = "–" if v is None else with_se(v[0], v[1], measures[m]["cells"])
             ref = refs.get(run, refs.get(group, {})).get(m)
             cells.append(text + (f" ({ref})" if ref is not None else ""))
         lines.append(f"| {study.runs_expanded[run]['label']} | " + " | ".join(cells) + " |")
     if t["groups"]:
         lines += ["\n## Seed groups (mean over seeds ± standard error over seeds, sd / sqrt(k))\n",
-                  "| group | " + " | ".join(label(m) for m in ms) + " |", "|---|" + "---|" * len(ms)]
+                  *header("group", *map(label, ms))]
         for group, row in t["groups"].items():
-            cells = ["–" if row[m]["mean"] is None else fmt(row[m]["mean"], measures[m]["cells"]) + (
-                f" ± {fmt(row[m]['se'], measures[m]['cells'])}" if row[m]["se"] is not None else "") + (
-                f" (k = {row[m]['k']})" if row[m]["k"] < len(study.groups[group]) else "") for m in ms]
+            cells = ["–" if row[m]["mean"] is None else with_se(row[m]["mean"], row[m]["se"], measures[m]["cells"])
+                     + (f" (k = {row[m]['k']})" if row[m]["k"] < len(study.groups[group]) else "") for m in ms]
             lines.append(f"| {group} | " + " | ".join(cells) + " |")
     holm = {(r["contrast"], r["measure"]): r for rows in t["families"].values() for r in rows}
     for name, rows in t["contrasts"].items():
@@ -279,8 +291,7 @@ def markdown(study, t, results_dir):
         terms = " ".join(f"{'+' if c >= 0 else '−'} {abs(c):g} × {n}" for n, c in con["terms"].items()).lstrip("+ ")
         lines += [f"\n## Contrast {con['label'] or name}: {terms}"
                   + (f" (seeds {', '.join(map(str, con['seeds']))})" if con["seeds"] else "") + "\n",
-                  "| measure | " + " | ".join(con["terms"]) + " | Δ | 95% interval | p | p (Holm) | items |",
-                  "|---|" + "---|" * (len(con["terms"]) + 5)]
+                  *header("measure", *con["terms"], "Δ", "95% interval", "p", "p (Holm)", "items")]
         for m, r in rows.items():
             h = holm.get((name, m))
             ph = "–" if h is None else ("≤ " if h["p_holm_bound"] else "") + f"{h['p_holm']:.4f}"
@@ -290,7 +301,7 @@ def markdown(study, t, results_dir):
                 continue
             vals = " | ".join(fmt(r["values"][n], measures[m]["cells"]) for n in con["terms"])
             ref = f" (reference {r['reference']:+.2f})" if "reference" in r else ""
-            lines.append(f"| {label(m)} | {vals} | {r['delta']:+.3f}{ref} | [{r['lo']:+.3f}, {r['hi']:+.3f}] | "
+            lines.append(f"| {label(m)} | {vals} | {r['delta']:+.3f}{ref} | {interval(r)} | "
                          f"{common.fmt_p(r['p'], res['B'], 1 if r['p'] <= 1 / (res['B'] + 1) + 1e-15 else None)} | "
                          f"{ph} | {'+'.join(map(str, r['n']))} |")
     for name, rows in t["families"].items():
@@ -298,27 +309,24 @@ def markdown(study, t, results_dir):
         lines += [f"\n## Confirmatory family {name}: Holm over {len(rows)} tests (a test not yet run counts as p = 1)"
                   "\n", f"Claimed only if p (Holm) < {fam['alpha']}, the interval excludes 0"
                   + placebo_rule(study, fam) + ".\n",
-                  "| contrast | measure | Δ | 95% interval | p | p (Holm) | placebo Δ [95%] | claim |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  *header("contrast", "measure", "Δ", "95% interval", "p", "p (Holm)", "placebo Δ [95%]", "claim")]
         for r in rows:
             g, pl = r["result"], r["placebo"]
-            place = "–" if pl is None else f"{pl['delta']:+.3f} [{pl['lo']:+.3f}, {pl['hi']:+.3f}]"
-            body = "not yet run | | " if g is None else f"{g['delta']:+.3f} | [{g['lo']:+.3f}, {g['hi']:+.3f}] | " \
-                f"{g['p']:.4f}"
+            place = "–" if pl is None else f"{pl['delta']:+.3f} {interval(pl)}"
+            body = "not yet run | | " if g is None else f"{g['delta']:+.3f} | {interval(g)} | {g['p']:.4f}"
             lines.append(f"| {r['contrast']} | {label(r['measure'])} | {body} | "
                          f"{'≤ ' if r['p_holm_bound'] else ''}{r['p_holm']:.4f} | {place} | "
                          f"{'–' if r['claim'] is None else 'yes' if r['claim'] else 'no'} |")
     if t["spread"]:
         lines += ["\n## Seed-to-seed spread (the same bootstrap, one run each side: what seeds alone change)\n",
-                  "| A → B | measure | A | B | B − A | 95% interval | p |", "|---|---|---|---|---|---|---|"]
+                  *header("A → B", "measure", "A", "B", "B − A", "95% interval", "p")]
         for r in t["spread"]:
             c = measures[r["measure"]]["cells"]
             lines.append(f"| {r['a']} → {r['b']} | {label(r['measure'])} | {fmt(r['values'][r['a']], c)} | "
-                         f"{fmt(r['values'][r['b']], c)} | {r['delta']:+.3f} | [{r['lo']:+.3f}, {r['hi']:+.3f}] | "
-                         f"{r['p']:.4f} |")
+                         f"{fmt(r['values'][r['b']], c)} | {r['delta']:+.3f} | {interval(r)} | {r['p']:.4f} |")
     lines += ["\n## Wall time per run\n", "Training: the logged optimizer-step and held-out seconds (model loading, "
               "checkpoint saves and steps lost to a killed attempt excluded); evaluation: the run JSON's per-cell "
-              "seconds.\n", "| run | steps | training s | of which held-out s | evaluation s |", "|---|---|---|---|---|"]
+              "seconds.\n", *header("run", "steps", "training s", "of which held-out s", "evaluation s")]
     for run, w in t["wall"].items():
         secs = lambda s: "–" if s is None else f"{s:.1f}"  # noqa: E731
         lines.append(f"| {run} | {w['steps'] or '–'} | {secs(w['train_s'])} | {secs(w['heldout_s'])} | "
@@ -326,11 +334,11 @@ def markdown(study, t, results_dir):
     lines += layer_tables(study, results_dir)
     for c in t["curves"]:
         lines += [f"\n## Held-out L_TFT (nats/token): {c['a']} beside {c['b']}\n",
-                  f"| step | {c['b']} | {c['a']} | {c['a']} − {c['b']} |", "|---|---|---|---|"]
+                  *header("step", c["b"], c["a"], f"{c['a']} − {c['b']}")]
         lines += [f"| {r['step']} | {r['b']:.5f} | {r['a']:.5f} | {r['diff']:+.5f} |" for r in c["rows"]]
     for c in t["item_checks"]:
-        lines += [f"\n## Per-item files of {c['a']} against {c['b']}\n", "| cell | items | identical rows | same "
-                  "predictions | max abs diff of numbers | equal |", "|---|---|---|---|---|---|"]
+        lines += [f"\n## Per-item files of {c['a']} against {c['b']}\n", *header(
+            "cell", "items", "identical rows", "same predictions", "max abs diff of numbers", "equal")]
         lines += [f"| {x['cell']} | {x['n_b']} / {x['n_a']} | {x['identical']} | {x['same_predictions']} | "
                   f"{x['max_abs_diff']:.3g} | {'yes' if x['equal'] else 'no'} |" for x in c["cells"]]
     return "\n".join(line for line in lines if line != "") + "\n"
@@ -355,8 +363,8 @@ def layer_tables(study, results_dir):
         return []
     res = {}
     for name, run in study.runs_expanded.items():
-        folder = os.path.join(ROOT, run["reuse"]) if run["reuse"] else results_dir
-        for path in sorted(glob.glob(os.path.join(folder, "layers", f"{run['stored_as']}.layers.*.json"))):
+        pattern = os.path.join(run_folder(run, results_dir), "layers", f"{run['stored_as']}.layers.*.json")
+        for path in sorted(glob.glob(pattern)):
             obj = common.read_json(path)
             if obj.get("per_sentence"):  # older files (no per-sentence values, no SEs) are left out
                 res[name], lang = obj, path.split(".")[-2]
@@ -371,8 +379,8 @@ def layer_tables(study, results_dir):
              and seed_of[r] in ref_of_seed and same_sentences(res[r], res[ref_of_seed[seed_of[r]]])]
     marks = {}  # the blocks the paired runs supervised: i (LC), j (ET), m (contrastive)
     for r, _ in pairs:
-        folder = os.path.join(ROOT, study.runs_expanded[r]["reuse"] or results_dir)
-        path = os.path.join(folder, "train", study.runs_expanded[r]["stored_as"], "train_config.json")
+        run = study.runs_expanded[r]
+        path = os.path.join(run_folder(run, results_dir), "train", run["stored_as"], "train_config.json")
         cfg = common.read_json(path) if os.path.exists(path) else {}
         for signal, layer, mark in (("lc", "lc_layer_used", "i"), ("et", "et_layer_used", "j")):
             if cfg.get(signal) not in (None, "none") and cfg.get(layer) is not None:
@@ -393,8 +401,7 @@ def layer_tables(study, results_dir):
         nd = 5 if key == "cosine_en_tgt" else 3  # the cosines sit at 0.98-1.00, their differences at 1e-4
         per = lambda r: torch.tensor(res[r]["per_sentence"][key], dtype=torch.float64)  # noqa: E731
         paired = [common.mean_and_se_over_sentences((per(r) - per(t)) * weights[:, None], weights) for r, t in diffs]
-        lines += [f"**{title.format(lang=lang)}**\n", "| block | " + " | ".join(cols + [f"{r} − {t}" for r, t in diffs])
-                  + " |", "|---|" + "---|" * (len(cols) + len(diffs))]
+        lines += [f"**{title.format(lang=lang)}**\n", *header("block", *cols, *[f"{r} − {t}" for r, t in diffs])]
         for k, block in enumerate(res[refs[0]]["layers"]):
             row = [f"{res[r][key][k]:.{nd}f} ± {res[r]['standard_errors'][key][k]:.{nd}f}" for r in cols]
             row += [f"{d[k]:+.{nd}f} ± {se[k]:.{nd}f}" for d, se in paired]
@@ -406,12 +413,9 @@ def layer_tables(study, results_dir):
 
 def loss_curves(study, results_dir, path):
     """plot_losses' held-out / training curves of every trained run with a training log; False when none has one."""
-    logs = {}
-    for name, run in study.runs_expanded.items():
-        folder = os.path.join(ROOT, run["reuse"]) if run["reuse"] else results_dir
-        log = os.path.join(folder, "train", run["stored_as"], "train_log.jsonl")
-        if run["train"] and (os.path.exists(log) or os.path.exists(log + ".gz")):
-            logs[name] = common.read_jsonl(log)
+    results = Results(study, results_dir)
+    logs = {name: train_log(results, name) for name, run in study.runs_expanded.items() if run["train"]}
+    logs = {name: rows for name, rows in logs.items() if rows is not None}
     if logs:
         import contextlib
         import io
