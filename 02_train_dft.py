@@ -1754,11 +1754,11 @@ def fit_tuned_lens(args):
     out = cfg["out"]
     if os.path.exists(os.path.join(out, "config.json")) or os.path.exists(os.path.join(out, "train_log.jsonl")):
         raise common.UserError(f"{out} already holds a lens or a run; choose a new --out")
-    dev_path = cfg["eval_pairs"] or (cfg["pairs"][:-len(".jsonl")] + ".dev.jsonl"
-                                     if cfg["pairs"].endswith(".jsonl") else None)
+    dev_path = dev_pairs_path(args)
     if not dev_path or not os.path.isfile(dev_path):
-        raise common.UserError(f"--fit-tuned-lens reports the held-out KL on dev pairs: no {dev_path}; pass "
-                               "--eval-pairs FILE (01_build_pairs.py writes X.dev.jsonl beside X.jsonl)")
+        raise common.UserError(f"--fit-tuned-lens reports the held-out KL on dev pairs: no "
+                               f"{dev_path or 'X.dev.jsonl beside --pairs'}; pass --eval-pairs FILE (01_build_pairs.py "
+                               "writes X.dev.jsonl beside X.jsonl)")
     if cfg["fit_layers"] == "auto":
         raise common.UserError("--fit-layers auto is --fit's rule; the tuned lens takes 'all' or block numbers")
     rows, dev_rows = load_pairs(cfg["pairs"]), load_pairs(dev_path)[:cfg["eval_limit"]]
@@ -1833,7 +1833,7 @@ def fit_tuned_lens(args):
         optimizer="start: --fit-init (lstsq: least squares of block k to the last block's raw output over the fit "
                   "positions); then Adam, cosine decay to 0, no weight decay, on each block's own KL",
         heldout_kl=heldout, heldout_kl_unit="nats per position, mean over held-out positions",
-        fit_kl_curve=curve, seconds=dict(states=round(seconds_states, 1), fit=round(seconds_fit, 1),
+        fit_kl_curve=curve, seconds=dict(states=round(seconds_states, 3), fit=round(seconds_fit, 3),
                                          total=round(time.time() - t0, 1)),
         versions=common.versions())
     fitted = {k: (weight.detach(), bias.detach()) for k, (weight, bias) in translators.items()}
