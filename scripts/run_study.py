@@ -150,7 +150,8 @@ class Runner:
         if self.done(f"eval_{run['name']}_{part['name']}"):
             return True
         if part["analysis"]:
-            return bool(glob.glob(os.path.join(self.results, "layers", f"{run['name']}.layers.*.json")))
+            pattern = os.path.join(self.results, "layers", f"{run['name']}.layers.*.json")
+            return bool(glob.glob(pattern) + glob.glob(pattern + ".gz"))
         path = os.path.join(self.results, "eval", run["name"] + ".json")
         if not os.path.exists(path) and not os.path.exists(path + ".gz"):
             return False
@@ -236,8 +237,8 @@ class Runner:
                 continue
             if part["analysis"]:
                 os.makedirs(os.path.join(self.results, "layers"), exist_ok=True)
-                for f in glob.glob(os.path.join(out, f"{name}.layers.*.json")):
-                    copy(f, os.path.join(self.results, "layers"))
+                for f in glob.glob(os.path.join(out, f"{name}.layers.*.json")):  # gzipped, as under results/
+                    gzip_copy(f, os.path.join(self.results, "layers", os.path.basename(f) + ".gz"))
                 continue
             if not os.path.samefile(work_eval, res_eval):  # results and work may be one folder (run_paper.sh's OUT)
                 self.publish_eval(run, work_eval, res_eval)

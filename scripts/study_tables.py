@@ -364,10 +364,10 @@ def layer_tables(study, results_dir):
     res = {}
     for name, run in study.runs_expanded.items():
         pattern = os.path.join(run_folder(run, results_dir), "layers", f"{run['stored_as']}.layers.*.json")
-        for path in sorted(glob.glob(pattern)):
+        for path in sorted(glob.glob(pattern) + glob.glob(pattern + ".gz")):  # results/ keeps them gzipped
             obj = common.read_json(path)
             if obj.get("per_sentence"):  # older files (no per-sentence values, no SEs) are left out
-                res[name], lang = obj, path.split(".")[-2]
+                res[name], lang = obj, path.removesuffix(".gz").split(".")[-2]
     refs = [r for r in study.groups[ref_group] if r in res]
     if not refs:
         return []

@@ -155,6 +155,15 @@ def test_dry_run_plan_lists_runs_and_tokens(tmp_path):
     assert "to train: <= 2,048 tokens" in out.stdout and not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize("name", ["smollm2", "gemma3", "gemma3_ablations"])
+def test_the_committed_studies_plan_nothing(name, tmp_path):
+    """Every part of the run studies is published under results/ (per-item, layer and log files gzipped): their
+    study files on a fresh checkout train and evaluate nothing."""
+    out = runner(os.path.join(REPO, "studies", f"{name}.toml"), "--dry-run", "--work", str(tmp_path / "w"))
+    assert out.returncode == 0, out.stderr
+    assert "to train: <= 0 tokens" in out.stdout and "evaluate " not in out.stdout, out.stdout
+
+
 BAD = {  # (old text, new text, what the error says)
     "unknown key": ('seeds = [1, 2]                           # runs', 'sedes = [1, 2]  # runs',
                     ":25: unknown key 'sedes' in [runs.tft]"),
