@@ -35,6 +35,7 @@ BOOTSTRAP=${BOOTSTRAP:-2000}           # resamples per DFT - TFT interval
 if [ "$TINY" = 1 ]; then               # every stage of the GPU path, in minutes (on TINY_DEVICE): sizes that only wire it
   MODEL=$OUT/tiny_models/lm MT_MODEL=$OUT/tiny_models/mt
   LC_LAYER=1 ET_LAYER=3 STEPS=2 LIMIT=2 PAIRS_LIMIT=24 NPROC=1 BOOTSTRAP=200 SAVE_EVERY=1
+  TINY_DEVICE=${TINY_DEVICE:-$("$PY" -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")}
 fi
 export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 csv() { echo "$*" | tr ' ' ','; }
@@ -51,11 +52,7 @@ PLAN_ARGS=(--model "$MODEL" --langs "$(csv $LANGS)" --methods "$(csv $METHODS)" 
 [ -n "${SFT_LANG:-}" ] && PLAN_ARGS+=(--sft-lang "$SFT_LANG")
 [ -n "${TOKENS_PER_S:-}" ] && PLAN_ARGS+=(--tokens-per-s "$TOKENS_PER_S")
 [ "$KEEP_CHECKPOINTS" = 1 ] && PLAN_ARGS+=(--keep-checkpoints)
-if [ "$TINY" = 1 ]; then             # TINY_DEVICE: where every TINY stage runs (default cuda when torch sees a GPU)
-  TINY_DEVICE=${TINY_DEVICE:-$("$PY" -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")}
-  PLAN_ARGS+=(--tiny --tiny-device "$TINY_DEVICE")
-  echo "   TINY on $TINY_DEVICE"
-fi
+[ "$TINY" = 1 ] && PLAN_ARGS+=(--tiny --tiny-device "$TINY_DEVICE") && echo "   TINY on $TINY_DEVICE"
 for lang in zh vi ar; do            # PAIRS_<lang>=FILE: pairs built elsewhere (e.g. 01 --source hub) for that language
   var=PAIRS_$lang; [ -n "${!var:-}" ] && PLAN_ARGS+=(--pairs-file "$lang=${!var}")
 done
