@@ -983,6 +983,14 @@ def check_fit_args(args):
     flags = lambda names: [f"--{name.replace('_', '-')}" for name in names if name in args.given]
     if args.fit and args.fit_tuned_lens:
         raise common.UserError("--fit and --fit-tuned-lens are two fits: run them one at a time, each with its --out")
+    if args.fit or args.fit_tuned_lens:
+        training = [f"--{name}" for name in ("preset", "method", "resume") if name in args.given]
+        if training:
+            raise common.UserError(f"{', '.join(training)} belong to a training, not to a fit (it trains nothing and "
+                                   "reads --model, --dtype, --batch-size, --max-length as given): leave them out")
+        if os.path.isdir(args.out) and os.listdir(args.out):
+            raise common.UserError(f"--out {args.out} exists and is not empty; a fit writes a new folder (a model or "
+                                   "another fit there would be overwritten): choose a new --out")
     for given, fit, add in ((flags(PEER_FLAGS), args.fit, "--fit incline|diffmean"),
                             (flags(TUNED_LENS_FLAGS), args.fit_tuned_lens, "--fit-tuned-lens"),
                             (flags(["fit_layers"]), args.fit or args.fit_tuned_lens, "--fit-tuned-lens or --fit")):
@@ -1752,8 +1760,6 @@ def fit_tuned_lens(args):
     if not cfg["fit_lr"] > 0:
         raise common.UserError(f"--fit-lr must be > 0, got {cfg['fit_lr']}")
     out = cfg["out"]
-    if os.path.exists(os.path.join(out, "config.json")) or os.path.exists(os.path.join(out, "train_log.jsonl")):
-        raise common.UserError(f"{out} already holds a lens or a run; choose a new --out")
     dev_path = dev_pairs_path(args)
     if not dev_path or not os.path.isfile(dev_path):
         raise common.UserError(f"--fit-tuned-lens reports the held-out KL on dev pairs: no "

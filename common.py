@@ -765,7 +765,7 @@ def write_tuned_lens(folder, translators, parts, model_name, provenance):
                dict(provenance, readout_weights_sha256=readout_weights_sha256(parts),
                     params_sha256=sha256_file(os.path.join(tmp, "params.pt"))))
     if os.path.isdir(folder):
-        shutil.rmtree(folder)
+        os.rmdir(folder)  # empty (the fit refuses a folder with anything in it): never delete a user's files
     os.replace(tmp, folder)
 
 

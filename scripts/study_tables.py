@@ -157,8 +157,10 @@ def build(study, results_dir):
             name_p = study["contrasts"][c]["placebo"] or fam["placebo"]  # a contrast's own placebo, else the family's
             placebo = (out["contrasts"][name_p].get(m) or study_contrast(study, results, name_p, m)
                        if name_p else None)
-            claim = None if g is None else bool(p_holm < fam["alpha"] and (g["lo"] > 0 or g["hi"] < 0) and (
-                placebo is None or abs(g["delta"]) > abs(placebo["delta"])))
+            # a named placebo not yet run leaves the claim pending: the rule needs it
+            claim = None if g is None or (name_p and placebo is None) else bool(
+                p_holm < fam["alpha"] and (g["lo"] > 0 or g["hi"] < 0)
+                and (placebo is None or abs(g["delta"]) > abs(placebo["delta"])))
             rows.append(dict(contrast=c, measure=m, result=g, p_holm=p_holm, p_holm_bound=k is not None,
                              placebo=placebo, claim=claim))
         out["families"][name] = rows

@@ -186,12 +186,19 @@ def test_bad_input_is_one_error_and_writes_nothing(folders, tiny_model_dirs, tmp
              (["--fit-pool", "last"], "--fit-pool only apply to a fit; add --fit incline|diffmean"),
              (["--fit", "incline", "--ridge", "nan"], "--ridge must be a finite number >= 0"),
              (["--fit", "diffmean", "--fit-placebo", "shuffle"], "--fit-placebo shuffle leaves a mean difference"),
-             (["--fit-tuned-lens", "--fit", "incline"], "--fit and --fit-tuned-lens are two fits")]
+             (["--fit-tuned-lens", "--fit", "incline"], "--fit and --fit-tuned-lens are two fits"),
+             (["--fit", "incline", "--preset", "llama2-7b"], "--preset belong to a training, not to a fit")]
     for flags, message in cases:
         code, err = run_main_in_process(train.main, ["--pairs", PAIRS_FIXTURE, "--out", str(out), "--model",
                                                      tiny_model_dirs["llama"], *flags], capsys)
         assert code == 2 and message in err, (flags, err)
         assert not out.exists()
+    for fit in (["--fit", "incline"], ["--fit-tuned-lens"]):  # a fit never writes into (or deletes) a used folder
+        code, err = run_main_in_process(train.main, ["--pairs", PAIRS_FIXTURE, "--out", folders["diffmean"], "--model",
+                                                     tiny_model_dirs["llama"], *fit], capsys)
+        assert code == 2 and "exists and is not empty" in err, (fit, err)
+        assert sorted(os.listdir(folders["diffmean"])) == [common.INTERVENTION_CONFIG, "maps.safetensors",
+                                                            "steered.pt"]
     moved = tmp_path / "changed"  # a folder whose base has other weights now
     shutil.copytree(folders["diffmean"], moved)
     config = json.load(open(moved / common.INTERVENTION_CONFIG))
