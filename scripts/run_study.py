@@ -374,7 +374,7 @@ class Runner:
                     args = stage2.parse_args(argv[argv.index("02_train_dft.py") + 1:])
                 if args.fit or args.fit_tuned_lens:  # a forward pass over the pairs, no optimizer steps
                     lines.append(f"   {run['name']:24s} fit ({args.fit or 'tuned lens'}; not in the training time); "
-                                 + (f"evaluate {', '.join(pending)}" if pending else "evaluated"))
+                                 + evaluations(pending, self.parts_of(run)))
                     continue
                 cfg = stage2.resolve_config(args)
                 pairs = self.pairs_files(run["pairs"])[0]
@@ -386,8 +386,9 @@ class Runner:
                 steps_left += steps or 0
                 what = f"train ({steps or '?'} steps, <= {(steps or 0) * step_tokens:,} tokens)"
             else:
-                what = "no training" if not run["train"] else "trained"
-            evals = f"evaluate {', '.join(pending)}" if pending else "evaluated"
+                wanted = self.parts_of(run) or any(run["name"] in r["after"] for r in self.runs)
+                what = "no training" if not run["train"] else "trained" if wanted else "not needed by any part yet"
+            evals = evaluations(pending, self.parts_of(run))
             lines.append(f"   {run['name']:24s} {what}; {evals}")
         rate = self.study["compute"]["tokens_per_s"]
         seconds = tokens / rate if rate else steps_left * seconds_per_step(self.results)
@@ -395,6 +396,10 @@ class Runner:
                      + (f"{seconds / 3600:.2f} h of training" if seconds == seconds else "? h of training (set "
                         "compute.tokens_per_s, or finish one run here to time it)"))
         return "\n".join(lines)
+
+
+def evaluations(pending, parts):
+    return f"evaluate {', '.join(pending)}" if pending else "evaluated" if parts else "no evaluation part"
 
 
 def count_lines(path):
