@@ -1740,9 +1740,7 @@ def least_squares_translator(hidden, target, ridge=1e-6):
     """(A, b) minimising |h + A h + b - target|^2 over the rows (a ridge of `ridge` x the mean diagonal keeps the
     float64 normal equations solvable): the residual-space map whose KL the fit then lowers."""
     x = torch.cat([hidden.double(), torch.ones(len(hidden), 1, dtype=torch.float64)], 1)
-    gram = x.T @ x
-    gram += ridge * gram.diagonal().mean() * torch.eye(len(gram), dtype=torch.float64)
-    solution = torch.linalg.solve(gram, x.T @ (target.double() - hidden.double()))  # (d + 1) x d
+    solution = least_squares_map(x, target.double() - hidden.double(), ridge)  # (d + 1) x d
     return solution[:-1].T.float().contiguous(), solution[-1].float().contiguous()
 
 
