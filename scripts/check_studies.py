@@ -14,7 +14,6 @@ committed JSON number when some regenerated number equals it to 1e-9 (relative).
 (a p of 0.0001, a count) can be found by chance: the check is as strong as the cells are distinctive.
 """
 import argparse
-import json
 import os
 import re
 import subprocess

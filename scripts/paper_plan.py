@@ -407,7 +407,7 @@ def study_file(p):
         device = ["--device", p["tiny_device"]]
         flags = dict(flags, eval=flags["eval"] + device, mt=flags["mt"] + device)
     limit = ["--limit", str(p["pairs_limit"])] if p["pairs_limit"] else []
-    lines = [f"# The paper's matrix as run_paper.sh planned it (scripts/paper_plan.py); run by scripts/run_study.py",
+    lines = ["# The paper's matrix as run_paper.sh planned it (scripts/paper_plan.py); run by scripts/run_study.py",
              "[study]", f"question = {toml('Do the paper DFT gains over TFT reproduce on ' + p['model'] + '?')}",
              f"results = {toml(out)}", f"work = {toml(out)}", f"model = {toml(p['model'])}",
              f"notes = {toml(' '.join(deviations(p)))}"]

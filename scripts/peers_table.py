@@ -5,7 +5,6 @@ intervention folders' own records) and held-out NLL per alpha (the run JSONs of 
 """
 import argparse
 import glob
-import json
 import os
 import sys
 

@@ -285,7 +285,7 @@ class Runner:
                 raise UserError(f"setup {setup['name']} failed (see {self.work}/logs/setup_{setup['name']}.log)")
         for name in dict.fromkeys(r["pairs"] for r in to_train + to_eval if r["pairs"]):
             self.build_pairs(name)
-        skipped = [r["name"] for r in self.runs if r not in to_eval]
+        skipped = [r["name"] for r in self.runs if r not in to_eval and r not in to_train]
         if skipped:
             self.say(f"finished before, skipped: {', '.join(skipped)}")
         ready = set(self.study.runs_expanded) - {r["name"] for r in to_train}

@@ -13,7 +13,6 @@ the seed-to-seed spread of every group; wall time per run.
 """
 import argparse
 import copy
-import glob
 import math
 import os
 import sys
@@ -23,6 +22,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from run_study import ROOT, load_stage, load_study  # noqa: E402  (it puts the repository root on sys.path)
 import common  # noqa: E402
+import plot_layers  # noqa: E402  (the logit lens per block: its tables)
 import plot_losses  # noqa: E402  (the held-out and training loss curves)
 
 
@@ -333,7 +333,7 @@ def markdown(study, t, results_dir):
         secs = lambda s: "–" if s is None else f"{s:.1f}"  # noqa: E731
         lines.append(f"| {run} | {w['steps'] or '–'} | {secs(w['train_s'])} | {secs(w['heldout_s'])} | "
                      f"{secs(w['eval_s'])} |")
-    lines += layer_tables(study, results_dir)
+    lines += plot_layers.layer_tables(study, {n: run_folder(r, results_dir) for n, r in study.runs_expanded.items()})
     for c in t["curves"]:
         lines += [f"\n## Held-out L_TFT (nats/token): {c['a']} beside {c['b']}\n",
                   *header("step", c["b"], c["a"], f"{c['a']} − {c['b']}")]
@@ -344,73 +344,6 @@ def markdown(study, t, results_dir):
         lines += [f"| {x['cell']} | {x['n_b']} / {x['n_a']} | {x['identical']} | {x['same_predictions']} | "
                   f"{x['max_abs_diff']:.3g} | {'yes' if x['equal'] else 'no'} |" for x in c["cells"]]
     return "\n".join(line for line in lines if line != "") + "\n"
-
-
-LAYER_MEASURES = [("mass_en", "English lens mass"), ("mass_tgt", "{lang} lens mass"), ("entropy", "lens entropy (nats)"),
-                  ("cosine_en_tgt", "cosine(en, {lang}), mean-pooled")]
-
-
-def same_sentences(a, b):
-    """Two layer analyses ran on the same sentences, tokenized alike (what a paired difference needs)."""
-    return (a.get("data_sha256"), a["n_sentences"], a["per_sentence"]["positions"]) == \
-        (b.get("data_sha256"), b["n_sentences"], b["per_sentence"]["positions"])
-
-
-def layer_tables(study, results_dir):
-    """Markdown of the logit lens per block (03 --analysis layers): the runs without training and the reference
-    group's ± SE over sentences, every other run minus the reference run of its seed (paired, same sentences)."""
-    import torch
-    ref_group = study["tables"]["layers_reference"]
-    if not ref_group:
-        return []
-    res = {}
-    for name, run in study.runs_expanded.items():
-        pattern = os.path.join(run_folder(run, results_dir), "layers", f"{run['stored_as']}.layers.*.json")
-        for path in sorted(glob.glob(pattern) + glob.glob(pattern + ".gz")):  # results/ keeps them gzipped
-            obj = common.read_json(path)
-            if obj.get("per_sentence"):  # older files (no per-sentence values, no SEs) are left out
-                res[name], lang = obj, path.removesuffix(".gz").split(".")[-2]
-    refs = [r for r in study.groups[ref_group] if r in res]
-    if not refs:
-        return []
-    seed_of = {n: r["seed"] for n, r in study.runs_expanded.items()}
-    ref_of_seed = {seed_of[r]: r for r in refs}
-    shown = [r for r in res if not study.runs_expanded[r]["train"] or r == refs[0]]
-    shown = [r for r in shown if same_sentences(res[r], res[refs[0]])]
-    pairs = [(r, ref_of_seed[seed_of[r]]) for r in res if r not in shown and r not in refs
-             and seed_of[r] in ref_of_seed and same_sentences(res[r], res[ref_of_seed[seed_of[r]]])]
-    marks = {}  # the blocks the paired runs supervised: i (LC), j (ET), m (contrastive)
-    for r, _ in pairs:
-        run = study.runs_expanded[r]
-        path = os.path.join(run_folder(run, results_dir), "train", run["stored_as"], "train_config.json")
-        cfg = common.read_json(path) if os.path.exists(path) else {}
-        for signal, layer, mark in (("lc", "lc_layer_used", "i"), ("et", "et_layer_used", "j")):
-            if cfg.get(signal) not in (None, "none") and cfg.get(layer) is not None:
-                marks.setdefault(cfg[layer], set()).add("m" if cfg[signal] == "contrastive" else mark)
-    positions = res[refs[0]]["per_sentence"]["positions"]
-    lines = [f"\n## Mechanism: logit lens per block on {len(positions)} held-out {lang} sentences (± SE over "
-             "sentences)\n", f"Means weight every {lang} position equally (cosine: every sentence); ± is the standard "
-             "error over sentences (common.mean_and_se_over_sentences). The `run − reference` columns are paired with "
-             f"the {ref_group} run of the same seed: per-sentence differences on the same sentences and positions, "
-             "with their SE over sentences. Blocks marked i / j are the paired runs' LC / ET layers, m a contrastive "
-             "layer. Within one seed: these are not seed-to-seed intervals.\n"]
-    for key, title in LAYER_MEASURES:
-        cols = [r for r in shown if res[r].get(key) is not None]
-        diffs = [(r, t) for r, t in pairs if res[r].get(key) is not None]
-        if not cols:
-            continue
-        weights = torch.ones(len(positions)) if key == "cosine_en_tgt" else torch.tensor(positions, dtype=torch.float64)
-        nd = 5 if key == "cosine_en_tgt" else 3  # the cosines sit at 0.98-1.00, their differences at 1e-4
-        per = lambda r: torch.tensor(res[r]["per_sentence"][key], dtype=torch.float64)  # noqa: E731
-        paired = [common.mean_and_se_over_sentences((per(r) - per(t)) * weights[:, None], weights) for r, t in diffs]
-        lines += [f"**{title.format(lang=lang)}**\n", *header("block", *cols, *[f"{r} − {t}" for r, t in diffs])]
-        for k, block in enumerate(res[refs[0]]["layers"]):
-            row = [f"{res[r][key][k]:.{nd}f} ± {res[r]['standard_errors'][key][k]:.{nd}f}" for r in cols]
-            row += [f"{d[k]:+.{nd}f} ± {se[k]:.{nd}f}" for d, se in paired]
-            tag = f" ({'/'.join(sorted(marks[block]))})" if block in marks else ""
-            lines.append(f"| {block}{tag} | " + " | ".join(row) + " |")
-        lines.append("")
-    return lines
 
 
 def loss_curves(study, results_dir, path):
