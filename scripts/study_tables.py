@@ -8,7 +8,8 @@ Reads only the results folder (and the folders of reused runs): 03's run JSONs a
 logs. Sections: scores ± item standard error per run and mean ± standard error over seeds per group (reference
 numbers beside ours where the study carries them); every contrast per measure, bootstrapped over items with one
 draw per resample shared by all its runs (common.contrast_bootstrap), 95% percentile interval, two-sided p;
-each confirmatory family with Holm-adjusted p (a test not yet run counts as p = 1), its placebo and the claim rule;
+each confirmatory family with Holm-adjusted p (a test not yet run counts as p = 1), its placebo, the claim rule
+and whether the interval lies within ±|placebo Δ| (an equivalence reading);
 the seed-to-seed spread of every group; wall time per run.
 """
 import argparse
@@ -161,8 +162,11 @@ def build(study, results_dir):
             claim = None if g is None or (name_p and placebo is None) else bool(
                 p_holm < fam["alpha"] and (g["lo"] > 0 or g["hi"] < 0)
                 and (placebo is None or abs(g["delta"]) > abs(placebo["delta"])))
+            # the equivalence reading ("loses its penalty"): the whole interval within ±|placebo Δ|
+            within = None if g is None or placebo is None else bool(
+                -abs(placebo["delta"]) <= g["lo"] and g["hi"] <= abs(placebo["delta"]))
             rows.append(dict(contrast=c, measure=m, result=g, p_holm=p_holm, p_holm_bound=k is not None,
-                             placebo=placebo, claim=claim))
+                             placebo=placebo, claim=claim, within_placebo=within))
         out["families"][name] = rows
     for group, runs in study.groups.items():
         for i, a in enumerate(runs):
@@ -242,6 +246,10 @@ def max_abs_diff(a, b):
     return 0.0
 
 
+def yes_no(flag):
+    return "–" if flag is None else "yes" if flag else "no"
+
+
 def with_se(value, se, measure_cells):
     return fmt(value, measure_cells) + (f" ± {fmt(se, measure_cells)}" if se is not None else "")
 
@@ -311,14 +319,15 @@ def markdown(study, t, results_dir):
         lines += [f"\n## Confirmatory family {name}: Holm over {len(rows)} tests (a test not yet run counts as p = 1)"
                   "\n", f"Claimed only if p (Holm) < {fam['alpha']}, the interval excludes 0"
                   + placebo_rule(study, fam) + ".\n",
-                  *header("contrast", "measure", "Δ", "95% interval", "p", "p (Holm)", "placebo Δ [95%]", "claim")]
+                  *header("contrast", "measure", "Δ", "95% interval", "p", "p (Holm)", "placebo Δ [95%]", "claim",
+                          "interval within ±|placebo Δ|")]
         for r in rows:
             g, pl = r["result"], r["placebo"]
             place = "–" if pl is None else f"{pl['delta']:+.3f} {interval(pl)}"
             body = "not yet run | | " if g is None else f"{g['delta']:+.3f} | {interval(g)} | {g['p']:.4f}"
             lines.append(f"| {r['contrast']} | {label(r['measure'])} | {body} | "
                          f"{'≤ ' if r['p_holm_bound'] else ''}{r['p_holm']:.4f} | {place} | "
-                         f"{'–' if r['claim'] is None else 'yes' if r['claim'] else 'no'} |")
+                         f"{yes_no(r['claim'])} | {yes_no(r['within_placebo'])} |")
     if t["spread"]:
         lines += ["\n## Seed-to-seed spread (the same bootstrap, one run each side: what seeds alone change)\n",
                   *header("A → B", "measure", "A", "B", "B − A", "95% interval", "p")]

@@ -53,6 +53,9 @@ def test_tiny_study_end_to_end(tiny):
     family = tables["families"]["primary"]
     assert [(r["contrast"], r["measure"]) for r in family] == [("dft_vs_tft", "nll_zh"), ("dft_vs_tft", "xcopa")]
     assert all(r["result"] is not None and r["placebo"] is not None for r in family)
+    for r in family:  # the equivalence reading: the interval inside ±|placebo Δ|
+        bound = abs(r["placebo"]["delta"])
+        assert r["within_placebo"] == (-bound <= r["result"]["lo"] and r["result"]["hi"] <= bound)
     # Holm over the family's two tests, and the seeds pooled: each group's value is the mean of its seeds
     ps = [r["result"]["p"] for r in family]
     assert [r["p_holm"] for r in family] == [h for h, _ in common.holm(ps, [p <= 1 / 201 + 1e-15 for p in ps])]
