@@ -1,7 +1,8 @@
-# Sourced by long unattended runners (scripts/run_ablations.sh, the replication scripts): a timestamped log
-# line, committing each finished part's small results, and retrying a command that was killed.
+# Sourced by a long unattended run's shell loop (scripts/run_study.py never commits; this may): a timestamped
+# log line, committing each finished part's small results, and retrying a command that was killed.
 #
 #   source scripts/unattended.sh
+#   retry 3 python scripts/run_study.py studies/NAME.toml; commit_paths "NAME: finished parts" results/NAME
 #   stamp MESSAGE...              # "[2026-12-01 20:31:05 +1234s] MESSAGE"
 #   commit_paths MESSAGE PATH...  # git add + commit of these paths only; COMMIT=0 turns commits off
 #   retry N COMMAND...            # run COMMAND up to N times, RETRY_WAIT seconds apart; the last status
