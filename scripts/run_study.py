@@ -285,9 +285,13 @@ class Runner:
                 raise UserError(f"setup {setup['name']} failed (see {self.work}/logs/setup_{setup['name']}.log)")
         for name in dict.fromkeys(r["pairs"] for r in to_train + to_eval if r["pairs"]):
             self.build_pairs(name)
-        skipped = [r["name"] for r in self.runs if r not in to_eval and r not in to_train]
-        if skipped:
-            self.say(f"finished before, skipped: {', '.join(skipped)}")
+        idle = [r for r in self.runs if r not in to_eval and r not in to_train]
+        unneeded = [r["name"] for r in idle
+                    if r["train"] and not self.parts_of(r) and not self.done(f"train_{r['name']}")]
+        finished = [r["name"] for r in idle if r["name"] not in unneeded]
+        for text, names in (("finished before, skipped", finished), ("not needed by any part yet", unneeded)):
+            if names:
+                self.say(f"{text}: {', '.join(names)}")
         ready = set(self.study.runs_expanded) - {r["name"] for r in to_train}
         failed, claimed, results = set(), set(), {}
 
