@@ -60,6 +60,7 @@ class Runner:
             chosen |= set(r["after"]) if r["name"] in chosen else set()
         self.runs = [r for n, r in study.runs_expanded.items() if n in chosen and not r["reuse"]]
         self.cond, self.log_lock, self.stopping = threading.Condition(), threading.Lock(), threading.Event()
+        self.busy = 0  # parts being run (with their copying): what an interrupt waits for
 
     def say(self, text):
         line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {text}"
@@ -311,6 +312,7 @@ class Runner:
                         failed.add(run["name"])
                         self.cond.notify_all()
                         continue
+                    self.busy += 1
                 try:
                     ok = self.train(run)
                 except Exception as e:  # a broken part must not leave the queues waiting for this run
@@ -319,6 +321,7 @@ class Runner:
                 with self.cond:
                     (ready if ok else failed).add(run["name"])
                     results[f"train_{run['name']}"] = ok
+                    self.busy -= 1
                     self.cond.notify_all()
 
         def queue():
@@ -334,11 +337,15 @@ class Runner:
                     if run is None:
                         return
                     claimed.add(run["name"])
+                    self.busy += 1
                 try:
                     results[f"eval_{run['name']}"] = self.evaluate(run)
                 except Exception as e:
                     self.say(f"eval_{run['name']}: FAILED ({type(e).__name__}: {e})")
                     results[f"eval_{run['name']}"] = False
+                with self.cond:
+                    self.busy -= 1
+                    self.cond.notify_all()
 
         threads = [threading.Thread(target=lane) for _ in range(compute["lanes"])]
         threads += [threading.Thread(target=queue) for _ in range(compute["eval_queues"])]
@@ -355,8 +362,10 @@ class Runner:
                 to_train.clear()
                 failed.update(r["name"] for r in to_eval)
                 self.cond.notify_all()
-            for t in threads:
-                t.join()
+                # not Thread.join: a join interrupted by Ctrl-C can report its thread finished while it still
+                # waits on a stage (seen on Python 3.11: the driver left a fit running without its marker)
+                while self.busy:
+                    self.cond.wait()
             raise SystemExit(130) from None
         bad = sorted(k for k, ok in results.items() if not ok)
         self.say("study: " + (f"{len(bad)} part(s) failed: {', '.join(bad)}; rerun to try them again" if bad
