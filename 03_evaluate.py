@@ -1759,7 +1759,7 @@ def results_table(runs):
     nlu_tasks = [t for t, spec in TASKS.items() if spec.nlu_average]  # target languages only: English left out
     nlu_cols = [(t, l) for t, l in cols if t in nlu_tasks and l != "en"]
     header = ["run", "dtype"] + [f"{t} {l}" for t, l in cols] + (["NLU avg"] if nlu_cols else [])
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = common.table_header(*header)
     marked = False
     for r in runs:
         entries = [e for langs in r["results"].values() for e in langs.values()]

@@ -131,6 +131,11 @@ def write_jsonl(path, rows):
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
+def table_header(*columns):
+    """A markdown table's header row and its rule (results are JSON plus a markdown table)."""
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
 def sha256_file(path):
     """sha256 of the file read; of the decompressed bytes for x.xz, which is how the repository stores a file x
     (data/README.md): the hash stays the original's, as runs recorded it before x was compressed."""

@@ -32,8 +32,8 @@ def main():
     evaluate.plot_layers(curves, args.lang, os.path.join(args.folder, f"layers.{args.lang}.png"))
 
 
-LAYER_MEASURES = [("mass_en", "English lens mass"), ("mass_tgt", "{lang} lens mass"), ("entropy", "lens entropy (nats)"),
-                  ("cosine_en_tgt", "cosine(en, {lang}), mean-pooled")]
+LAYER_MEASURES = [("mass_en", "English lens mass"), ("mass_tgt", "{lang} lens mass"),
+                  ("entropy", "lens entropy (nats)"), ("cosine_en_tgt", "cosine(en, {lang}), mean-pooled")]
 
 
 def same_sentences(a, b):
@@ -77,21 +77,22 @@ def layer_tables(study, folders):
     positions = res[refs[0]]["per_sentence"]["positions"]
     lines = [f"\n## Mechanism: logit lens per block on {len(positions)} held-out {lang} sentences (± SE over "
              "sentences)\n", f"Means weight every {lang} position equally (cosine: every sentence); ± is the standard "
-             "error over sentences (common.mean_and_se_over_sentences). The `run − reference` columns are paired with "
-             f"the {ref_group} run of the same seed: per-sentence differences on the same sentences and positions, "
-             "with their SE over sentences. Blocks marked i / j are the paired runs' LC / ET layers, m a contrastive "
-             "layer. Within one seed: these are not seed-to-seed intervals.\n"]
+             "error over sentences (common.mean_and_se_over_sentences). The `run − reference` columns are paired "
+             f"with the {ref_group} run of the same seed: per-sentence differences on the same sentences and "
+             "positions, with their SE over sentences. Blocks marked i / j are the paired runs' LC / ET layers, m a "
+             "contrastive layer. Within one seed: these are not seed-to-seed intervals.\n"]
     for key, title in LAYER_MEASURES:
         cols = [r for r in shown if res[r].get(key) is not None]
         diffs = [(r, t) for r, t in pairs if res[r].get(key) is not None]
         if not cols:
             continue
-        weights = torch.ones(len(positions)) if key == "cosine_en_tgt" else torch.tensor(positions, dtype=torch.float64)
+        weights = (torch.ones(len(positions)) if key == "cosine_en_tgt"
+                   else torch.tensor(positions, dtype=torch.float64))
         nd = 5 if key == "cosine_en_tgt" else 3  # the cosines sit at 0.98-1.00, their differences at 1e-4
         per = lambda r: torch.tensor(res[r]["per_sentence"][key], dtype=torch.float64)  # noqa: E731
         paired = [common.mean_and_se_over_sentences((per(r) - per(t)) * weights[:, None], weights) for r, t in diffs]
-        lines += [f"**{title.format(lang=lang)}**\n", "| " + " | ".join(["block", *cols, *[f"{r} − {t}" for r, t in diffs]]) + " |",
-                  "|" + "---|" * (1 + len(cols) + len(diffs))]
+        lines += [f"**{title.format(lang=lang)}**\n",
+                  *common.table_header("block", *cols, *[f"{r} − {t}" for r, t in diffs])]
         for k, block in enumerate(res[refs[0]]["layers"]):
             row = [f"{res[r][key][k]:.{nd}f} ± {res[r]['standard_errors'][key][k]:.{nd}f}" for r in cols]
             row += [f"{d[k]:+.{nd}f} ± {se[k]:.{nd}f}" for d, se in paired]

@@ -177,6 +177,10 @@ class Runner:
         trained = self.done(f"train_{run['name']}") and os.path.isdir(self.model_of(run))
         return run["train"] and not trained and self.needed(run)
 
+    def wanted(self, run):
+        """Some evaluation part names the run, or a run of this invocation comes after it."""
+        return bool(self.parts_of(run)) or any(run["name"] in r["after"] for r in self.runs)
+
     def needed(self, run):
         after_it = [r for r in self.study.runs_expanded.values() if run["name"] in r["after"] and not r["reuse"]]
         return bool(self.pending_evals(run)) or any(self.needed(r) for r in after_it)
@@ -287,8 +291,7 @@ class Runner:
         for name in dict.fromkeys(r["pairs"] for r in to_train + to_eval if r["pairs"]):
             self.build_pairs(name)
         idle = [r for r in self.runs if r not in to_eval and r not in to_train]
-        unneeded = [r["name"] for r in idle
-                    if r["train"] and not self.parts_of(r) and not self.done(f"train_{r['name']}")]
+        unneeded = [r["name"] for r in idle if r["train"] and not self.wanted(r)]
         finished = [r["name"] for r in idle if r["name"] not in unneeded]
         for text, names in (("finished before, skipped", finished), ("not needed by any part yet", unneeded)):
             if names:
@@ -399,8 +402,8 @@ class Runner:
                 steps_left += steps or 0
                 what = f"train ({steps or '?'} steps, <= {(steps or 0) * step_tokens:,} tokens)"
             else:
-                wanted = self.parts_of(run) or any(run["name"] in r["after"] for r in self.runs)
-                what = "no training" if not run["train"] else "trained" if wanted else "not needed by any part yet"
+                what = ("no training" if not run["train"] else "trained" if self.wanted(run)
+                        else "not needed by any part yet")
             evals = evaluations(pending, self.parts_of(run))
             lines.append(f"   {run['name']:24s} {what}; {evals}")
         rate = self.study["compute"]["tokens_per_s"]

@@ -254,11 +254,6 @@ def with_se(value, se, measure_cells):
     return fmt(value, measure_cells) + (f" ± {fmt(se, measure_cells)}" if se is not None else "")
 
 
-def header(*columns):
-    """A markdown table's header row and its rule."""
-    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-
-
 def interval(r):
     return f"[{r['lo']:+.3f}, {r['hi']:+.3f}]"
 
@@ -278,7 +273,7 @@ def markdown(study, t, results_dir):
     ms = list(measures)
     lines += ["## Scores (± item standard error)\n" + (f"\nIn brackets: {study['references']['source']}.\n"
                                                       if refs else ""),
-              *header("run", *map(label, ms))]
+              *common.table_header("run", *map(label, ms))]
     for run, row in t["runs"].items():
         group = study.runs_expanded[run]["group"]
         cells = []
@@ -290,7 +285,7 @@ def markdown(study, t, results_dir):
         lines.append(f"| {study.runs_expanded[run]['label']} | " + " | ".join(cells) + " |")
     if t["groups"]:
         lines += ["\n## Seed groups (mean over seeds ± standard error over seeds, sd / sqrt(k))\n",
-                  *header("group", *map(label, ms))]
+                  *common.table_header("group", *map(label, ms))]
         for group, row in t["groups"].items():
             cells = ["–" if row[m]["mean"] is None else with_se(row[m]["mean"], row[m]["se"], measures[m]["cells"])
                      + (f" (k = {row[m]['k']})" if row[m]["k"] < len(study.groups[group]) else "") for m in ms]
@@ -301,7 +296,7 @@ def markdown(study, t, results_dir):
         terms = " ".join(f"{'+' if c >= 0 else '−'} {abs(c):g} × {n}" for n, c in con["terms"].items()).lstrip("+ ")
         lines += [f"\n## Contrast {con['label'] or name}: {terms}"
                   + (f" (seeds {', '.join(map(str, con['seeds']))})" if con["seeds"] else "") + "\n",
-                  *header("measure", *con["terms"], "Δ", "95% interval", "p", "p (Holm)", "items")]
+                  *common.table_header("measure", *con["terms"], "Δ", "95% interval", "p", "p (Holm)", "items")]
         for m, r in rows.items():
             h = holm.get((name, m))
             ph = "–" if h is None else ("≤ " if h["p_holm_bound"] else "") + f"{h['p_holm']:.4f}"
@@ -319,8 +314,8 @@ def markdown(study, t, results_dir):
         lines += [f"\n## Confirmatory family {name}: Holm over {len(rows)} tests (a test not yet run counts as p = 1)"
                   "\n", f"Claimed only if p (Holm) < {fam['alpha']}, the interval excludes 0"
                   + placebo_rule(study, fam) + ".\n",
-                  *header("contrast", "measure", "Δ", "95% interval", "p", "p (Holm)", "placebo Δ [95%]", "claim",
-                          "interval within ±|placebo Δ|")]
+                  *common.table_header("contrast", "measure", "Δ", "95% interval", "p", "p (Holm)",
+                                       "placebo Δ [95%]", "claim", "interval within ±|placebo Δ|")]
         for r in rows:
             g, pl = r["result"], r["placebo"]
             place = "–" if pl is None else f"{pl['delta']:+.3f} {interval(pl)}"
@@ -330,14 +325,14 @@ def markdown(study, t, results_dir):
                          f"{yes_no(r['claim'])} | {yes_no(r['within_placebo'])} |")
     if t["spread"]:
         lines += ["\n## Seed-to-seed spread (the same bootstrap, one run each side: what seeds alone change)\n",
-                  *header("A → B", "measure", "A", "B", "B − A", "95% interval", "p")]
+                  *common.table_header("A → B", "measure", "A", "B", "B − A", "95% interval", "p")]
         for r in t["spread"]:
             c = measures[r["measure"]]["cells"]
             lines.append(f"| {r['a']} → {r['b']} | {label(r['measure'])} | {fmt(r['values'][r['a']], c)} | "
                          f"{fmt(r['values'][r['b']], c)} | {r['delta']:+.3f} | {interval(r)} | {r['p']:.4f} |")
     lines += ["\n## Wall time per run\n", "Training: the logged optimizer-step and held-out seconds (model loading, "
               "checkpoint saves and steps lost to a killed attempt excluded); evaluation: the run JSON's per-cell "
-              "seconds.\n", *header("run", "steps", "training s", "of which held-out s", "evaluation s")]
+              "seconds.\n", *common.table_header("run", "steps", "training s", "of which held-out s", "evaluation s")]
     for run, w in t["wall"].items():
         secs = lambda s: "–" if s is None else f"{s:.1f}"  # noqa: E731
         lines.append(f"| {run} | {w['steps'] or '–'} | {secs(w['train_s'])} | {secs(w['heldout_s'])} | "
@@ -345,10 +340,10 @@ def markdown(study, t, results_dir):
     lines += plot_layers.layer_tables(study, {n: run_folder(r, results_dir) for n, r in study.runs_expanded.items()})
     for c in t["curves"]:
         lines += [f"\n## Held-out L_TFT (nats/token): {c['a']} beside {c['b']}\n",
-                  *header("step", c["b"], c["a"], f"{c['a']} − {c['b']}")]
+                  *common.table_header("step", c["b"], c["a"], f"{c['a']} − {c['b']}")]
         lines += [f"| {r['step']} | {r['b']:.5f} | {r['a']:.5f} | {r['diff']:+.5f} |" for r in c["rows"]]
     for c in t["item_checks"]:
-        lines += [f"\n## Per-item files of {c['a']} against {c['b']}\n", *header(
+        lines += [f"\n## Per-item files of {c['a']} against {c['b']}\n", *common.table_header(
             "cell", "items", "identical rows", "same predictions", "max abs diff of numbers", "equal")]
         lines += [f"| {x['cell']} | {x['n_b']} / {x['n_a']} | {x['identical']} | {x['same_predictions']} | "
                   f"{x['max_abs_diff']:.3g} | {'yes' if x['equal'] else 'no'} |" for x in c["cells"]]
