@@ -308,7 +308,7 @@ class Runner:
                     while to_train and all(usable(r) is None for r in to_train):
                         self.cond.wait()
                     if not to_train:
-                        return
+                        break
                     run = next(r for r in to_train if usable(r) is not None)
                     to_train.remove(run)
                     if not usable(run):
@@ -326,6 +326,7 @@ class Runner:
                     results[f"train_{run['name']}"] = ok
                     self.busy -= 1
                     self.cond.notify_all()
+            queue()  # nothing left to train: the lane's share of the machine evaluates
 
         def queue():
             while True:

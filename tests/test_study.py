@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -140,6 +141,36 @@ def test_a_failed_part_is_tried_again(tmp_path):
     log = open(tmp_path / "work" / "logs" / "driver.log").read()
     assert "flaky: FAILED with exit code 137" in log and "flaky: start (attempt 2)" in log
     assert os.path.exists(tmp_path / "work" / "done" / "flaky")
+
+
+def test_a_lane_with_nothing_left_to_train_evaluates(tmp_path, monkeypatch):
+    """lanes = 1, eval_queues = 1: once the trainings are done, two evaluations run at once (the parts are stubs
+    that record how many evaluations overlap)."""
+    study = run_study.load_study(TINY, check_flags=False)
+    study["compute"].update(lanes=1, eval_queues=1)
+    study["setup"] = []
+    r = run_study.Runner(study, str(tmp_path / "results"), str(tmp_path / "work"))
+    trained, running, most = set(), [0], [0]
+
+    def evaluate(run):
+        with r.cond:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.3)
+        with r.cond:
+            running[0] -= 1
+            r.evaluated.append(run["name"])
+        return True
+
+    r.evaluated = []
+    monkeypatch.setattr(r, "needs_training", lambda run: run["name"] == "tft-s1")
+    monkeypatch.setattr(r, "pending_evals", lambda run: [] if run["name"] in r.evaluated else ["primary"])
+    monkeypatch.setattr(r, "build_pairs", lambda name: None)
+    monkeypatch.setattr(r, "train", lambda run: trained.add(run["name"]) or time.sleep(0.1) or True)
+    monkeypatch.setattr(r, "evaluate", evaluate)
+    assert r.run()
+    assert trained == {"tft-s1"} and sorted(r.evaluated) == sorted(RUNS)
+    assert most[0] == 2
 
 
 def test_dry_run_writes_nothing(tmp_path, capsys):
