@@ -150,27 +150,31 @@ def test_a_lane_with_nothing_left_to_train_evaluates(tmp_path, monkeypatch):
     study["compute"].update(lanes=1, eval_queues=1)
     study["setup"] = []
     r = run_study.Runner(study, str(tmp_path / "results"), str(tmp_path / "work"))
-    trained, running, most = set(), [0], [0]
+    trained, evaluated, overlap = [], [], dict(now=0, most=0)
+
+    def train(run):
+        trained.append(run["name"])
+        time.sleep(0.1)
+        return True
 
     def evaluate(run):
         with r.cond:
-            running[0] += 1
-            most[0] = max(most[0], running[0])
+            overlap["now"] += 1
+            overlap["most"] = max(overlap["most"], overlap["now"])
         time.sleep(0.3)
         with r.cond:
-            running[0] -= 1
-            r.evaluated.append(run["name"])
+            overlap["now"] -= 1
+            evaluated.append(run["name"])
         return True
 
-    r.evaluated = []
     monkeypatch.setattr(r, "needs_training", lambda run: run["name"] == "tft-s1")
-    monkeypatch.setattr(r, "pending_evals", lambda run: [] if run["name"] in r.evaluated else ["primary"])
+    monkeypatch.setattr(r, "pending_evals", lambda run: [] if run["name"] in evaluated else ["primary"])
     monkeypatch.setattr(r, "build_pairs", lambda name: None)
-    monkeypatch.setattr(r, "train", lambda run: trained.add(run["name"]) or time.sleep(0.1) or True)
+    monkeypatch.setattr(r, "train", train)
     monkeypatch.setattr(r, "evaluate", evaluate)
     assert r.run()
-    assert trained == {"tft-s1"} and sorted(r.evaluated) == sorted(RUNS)
-    assert most[0] == 2
+    assert trained == ["tft-s1"] and sorted(evaluated) == sorted(RUNS)
+    assert overlap["most"] == 2
 
 
 def test_dry_run_writes_nothing(tmp_path, capsys):
