@@ -24,8 +24,8 @@
 #       tokenizer.json tokenizer_config.json                  # the default model's tokenizer (49,152 ids), 0.5 MB
 # then one device call, carry [".devrun"], timeout_s 480 (about 6 minutes expected on an H100):
 #   bash scripts/gpu_check.sh
-# A rerun of some steps only: GPU_CHECK_STEPS="2 3" bash scripts/gpu_check.sh. The checkout (46 MiB) plus .devrun
-# (14 MiB) stays under the machine's 64 MiB.
+# A rerun of some steps only: GPU_CHECK_STEPS="2 3" bash scripts/gpu_check.sh. The checkout (about 37 MiB) plus
+# .devrun (14 MiB) stays under the machine's 64 MiB.
 # Dry run on a CPU with tiny shapes and item counts (every step, the same commands):
 #   GPU_CHECK_DEVICE=cpu GPU_CHECK_TINY_SHAPE=1 OUT=runs/gpu_check_dry bash scripts/gpu_check.sh
 set -uo pipefail

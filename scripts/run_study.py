@@ -7,7 +7,7 @@
 
 The stages stay what users run by hand: every part is one subprocess of 01_build_pairs.py, 02_train_dft.py or
 03_evaluate.py, logged to WORK/logs/<part>.log; the driver logs to WORK/logs/driver.log. A finished part leaves a
-marker in WORK/done/ and its small outputs (run JSONs, gzipped per-item files, training logs) in the results
+marker in WORK/done/ and its small outputs (run JSONs, gzipped per-item outcomes, training logs) in the results
 folder; a part is also finished when the results folder already holds its outputs (a fresh checkout). A stopped
 training resumes from its checkpoint; a killed part is tried again (compute.retries). Never commits to git.
 """
@@ -15,6 +15,7 @@ import argparse
 import fcntl
 import glob
 import gzip
+import json
 import math
 import os
 import shutil
@@ -33,11 +34,23 @@ from common import UserError  # noqa: E402
 # the runner: parts as subprocesses of the stages, markers, lanes and an evaluation queue
 
 
-def gzip_copy(path, dest):
-    """path gzipped to dest as `gzip -n` writes it (no name, no time: the same bytes on every machine), atomically."""
+# A per-item row's copy of its benchmark text, the same in every run of a cell: published rows keep the item's id
+# and outcome (the run JSON names the data file and its sha256; the run's own folder keeps the full rows), which
+# makes them a fifth of the size.
+ITEM_TEXT = ("context", "choices", "prompt", "target")
+
+
+def gzip_copy(path, dest, drop=()):
+    """path gzipped to dest as `gzip -n` writes it (no name, no time: the same bytes on every machine), atomically;
+    with `drop`, path is JSON lines and those keys leave every row."""
     with open(path, "rb") as src, common.atomic_open(dest, "wb") as raw:
         with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as dst:
-            shutil.copyfileobj(src, dst)
+            if not drop:
+                shutil.copyfileobj(src, dst)
+                return
+            for line in src:  # bytes split at b"\n" only (str.splitlines would also split inside JSON strings)
+                row = {k: v for k, v in json.loads(line).items() if k not in drop}
+                dst.write((json.dumps(row, ensure_ascii=False) + "\n").encode())
 
 
 def copy(path, folder):
@@ -250,11 +263,11 @@ class Runner:
         return ok
 
     def publish_eval(self, run, work_eval, res_eval):
-        """Per-item files gzipped, then the run JSON (what marks the part as done), each written atomically; the
-        parts' logs without progress bars as RUN.log."""
+        """Per-item files gzipped without their benchmark text (ITEM_TEXT), then the run JSON (what marks the part as
+        done), each written atomically; the parts' logs without progress bars as RUN.log."""
         name = run["name"]
         for f in glob.glob(os.path.join(work_eval, f"{name}.*.jsonl")):
-            gzip_copy(f, os.path.join(res_eval, os.path.basename(f) + ".gz"))
+            gzip_copy(f, os.path.join(res_eval, os.path.basename(f) + ".gz"), drop=ITEM_TEXT)
         with open(os.path.join(work_eval, name + ".json"), "rb") as src, common.atomic_open(
                 os.path.join(res_eval, name + ".json"), "wb") as dst:
             shutil.copyfileobj(src, dst)

@@ -42,8 +42,11 @@ def test_tiny_study_end_to_end(tiny):
     for run in RUNS:
         obj = common.read_json(os.path.join(results, "eval", run + ".json"))
         assert set(obj["results"]) == {"nll", "xcopa"}
-        for cell in ("nll.zh", "xcopa.zh"):  # per-item files are published gzipped
-            assert os.path.exists(os.path.join(results, "eval", f"{run}.{cell}.jsonl.gz"))
+        for cell in ("nll.zh", "xcopa.zh"):  # per-item files are published gzipped, without the benchmark's text
+            full = common.read_jsonl(os.path.join(work, "eval", f"{run}.{cell}.jsonl"))
+            published = common.read_jsonl(os.path.join(results, "eval", f"{run}.{cell}.jsonl.gz"))
+            assert published == [{k: v for k, v in r.items() if k not in run_study.ITEM_TEXT} for r in full]
+            assert {"prompt", "target"} <= set(full[0]) if cell == "nll.zh" else {"context", "choices"} <= set(full[0])
         assert os.path.exists(os.path.join(work, "logs", f"eval_{run}_primary.log"))
     for run in RUNS[1:]:
         assert common.read_jsonl(os.path.join(results, "train", run, "train_log.jsonl"))[-1]["step"] == 2
