@@ -1,5 +1,6 @@
 """Studies (studies/README.md): the tiny study end to end, rerun, resume, dry run, bad input, and the contrast
 bootstrap of common.py against a brute-force loop over explicitly drawn items."""
+import glob
 import json
 import os
 import shutil
@@ -204,6 +205,18 @@ def test_the_committed_studies_plan_nothing(name, tmp_path):
     assert out.returncode == 0, out.stderr
     assert "to train: <= 0 tokens" in out.stdout and "evaluate " not in out.stdout, out.stdout
 
+
+
+def test_results_keep_item_outcomes_without_the_benchmark_text():
+    """What results/ holds per item is the outcome, not the benchmark's text again (run_study.ITEM_TEXT): the checkout
+    stays small enough for a GPU machine (docs/SCALING.md)."""
+    files = [f for f in glob.glob(os.path.join(REPO, "results", "**", "*.jsonl.gz"), recursive=True)
+             if not f.endswith("train_log.jsonl.gz")]
+    assert len(files) > 400
+    heavy = [os.path.relpath(f, REPO) for f in files
+             if any(k in row for row in common.read_jsonl(f) for k in run_study.ITEM_TEXT)]
+    assert not heavy, (f"{len(heavy)} per-item files under results/ carry benchmark text, e.g. {heavy[:3]}: rewrite "
+                       "each with run_study.gzip_copy(its decompressed rows, itself, drop=run_study.ITEM_TEXT)")
 
 BAD = {  # (old text, new text, what the error says)
     "unknown key": ('seeds = [1, 2]                           # runs', 'sedes = [1, 2]  # runs',
