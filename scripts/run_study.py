@@ -45,12 +45,12 @@ def gzip_copy(path, dest, drop=()):
     with `drop`, path is JSON lines and those keys leave every row."""
     with open(path, "rb") as src, common.atomic_open(dest, "wb") as raw:
         with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as dst:
-            if not drop:
+            if drop:
+                for line in src:  # bytes split at b"\n" only (str.splitlines would also split inside JSON strings)
+                    row = {k: v for k, v in json.loads(line).items() if k not in drop}
+                    dst.write((json.dumps(row, ensure_ascii=False) + "\n").encode())
+            else:
                 shutil.copyfileobj(src, dst)
-                return
-            for line in src:  # bytes split at b"\n" only (str.splitlines would also split inside JSON strings)
-                row = {k: v for k, v in json.loads(line).items() if k not in drop}
-                dst.write((json.dumps(row, ensure_ascii=False) + "\n").encode())
 
 
 def copy(path, folder):

@@ -206,7 +206,6 @@ def test_the_committed_studies_plan_nothing(name, tmp_path):
     assert "to train: <= 0 tokens" in out.stdout and "evaluate " not in out.stdout, out.stdout
 
 
-
 def test_results_keep_item_outcomes_without_the_benchmark_text():
     """What results/ holds per item is the outcome, not the benchmark's text again (run_study.ITEM_TEXT): the checkout
     stays small enough for a GPU machine (docs/SCALING.md)."""
@@ -217,6 +216,7 @@ def test_results_keep_item_outcomes_without_the_benchmark_text():
              if any(k in row for row in common.read_jsonl(f) for k in run_study.ITEM_TEXT)]
     assert not heavy, (f"{len(heavy)} per-item files under results/ carry benchmark text, e.g. {heavy[:3]}: rewrite "
                        "each with run_study.gzip_copy(its decompressed rows, itself, drop=run_study.ITEM_TEXT)")
+
 
 BAD = {  # (old text, new text, what the error says)
     "unknown key": ('seeds = [1, 2]                           # runs', 'sedes = [1, 2]  # runs',
