@@ -907,8 +907,9 @@ def load_readout_lens(cfg, model, accelerator):
     lens = common.load_tuned_lens(cfg["tuned_lens"], model)
     cfg["tuned_lens_sha256"], cfg["tuned_lens_record"] = lens.sha256, lens.record()
     if not lens.weights_match and accelerator.is_main_process:
-        print(f"note: --tuned-lens {cfg['tuned_lens']} was fitted on other readout weights with the same "
-              "unembedding hash and shapes (recorded: tuned_lens_record.weights_match false)", flush=True)
+        kind = "the same unembedding hash" if lens.unembed_hash_match else "fine-tuned from the lens's base"
+        print(f"note: --tuned-lens {cfg['tuned_lens']} was fitted on other readout weights ({kind}; recorded: "
+              "tuned_lens_record.weights_match false)", flush=True)
     return lens
 
 

@@ -695,6 +695,7 @@ class TunedLens:
         self.folder, self.translators, self.config = folder, translators, config
         self.provenance, self.sha256, self.weights_match = provenance, sha256, weights_match
         self.fitted = sorted(k for k, (a, b) in translators.items() if a.any() or b.any())
+        self.unembed_hash_match = True
 
     def translator(self, k):
         """(A_k, b_k), or None where the package has no translator (the last block: the output itself)."""
@@ -703,14 +704,16 @@ class TunedLens:
     def record(self):
         """What a run or a result file records about the lens it read through."""
         return dict(folder=self.folder and os.path.abspath(self.folder), params_sha256=self.sha256, fitted_blocks=self.fitted,
-                    unembed_hash=self.config.get("unembed_hash"), weights_match=self.weights_match,
+                    unembed_hash=self.config.get("unembed_hash"), unembed_hash_match=self.unembed_hash_match,
+                    weights_match=self.weights_match,
                     base_model_name_or_path=self.config.get("base_model_name_or_path"))
 
 
 def load_tuned_lens(folder, model):
     """A TunedLens from `folder` for `model`, or one clear error: missing or truncated files, missing fields, other
-    shapes or another unembedding. Another model with the same unembedding (a run fine-tuned from the lens's base)
-    loads, with weights_match False: the provenance's exact hash of the readout weights differs."""
+    shapes or another unembedding. Another model with the same unembedding hash, or a run whose train_config.json
+    names the lens's base, loads with weights_match False (the provenance's exact hash of the readout weights
+    differs) and, for the latter, unembed_hash_match False."""
     parts = model_parts(model)
     config_path, params_path = (os.path.join(folder, name) for name in ("config.json", "params.pt"))
     for path in (config_path, params_path):
@@ -726,10 +729,16 @@ def load_tuned_lens(folder, model):
         raise UserError(f"--tuned-lens {folder} was fitted for d_model {config['d_model']} and "
                         f"{config['num_hidden_layers']} layers; this model has {d_model} and {num_layers}: "
                         "fit a lens for this model (02_train_dft.py --fit-tuned-lens)")
-    if config.get("unembed_hash") and config["unembed_hash"] != unembed_hash(parts):
-        raise UserError(f"--tuned-lens {folder} was fitted on another unembedding (unembed_hash differs): a lens "
-                        "reads through its model's own lm_head; fit one for this model (02_train_dft.py "
-                        "--fit-tuned-lens)")
+    hash_match = not config.get("unembed_hash") or config["unembed_hash"] == unembed_hash(parts)
+    # the package's hash is numpy's printed summary, whose number format can flip under fine-tuning (Gemma-3-270M
+    # after 100 steps: 0.2% relative change, fixed -> scientific notation), so a run that names the lens's base in
+    # its train_config.json is read through the lens (as the package does, with a warning) and recorded so
+    base = fine_tuned_from(model)
+    if not hash_match and (base is None or base != config.get("base_model_name_or_path")):
+        raise UserError(f"--tuned-lens {folder} was fitted on another unembedding (unembed_hash differs and the "
+                        f"model's train_config.json does not name the lens's base "
+                        f"{config.get('base_model_name_or_path')!r}): a lens reads through its model's own lm_head; "
+                        "fit one for this model (02_train_dft.py --fit-tuned-lens)")
     try:
         state = torch.load(params_path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated zip, a pickle cut short: torch raises several kinds
@@ -745,7 +754,15 @@ def load_tuned_lens(folder, model):
     provenance_path = os.path.join(folder, TUNED_LENS_PROVENANCE)
     provenance = read_json(provenance_path) if os.path.isfile(provenance_path) else None
     weights_match = bool(provenance) and provenance.get("readout_weights_sha256") == readout_weights_sha256(parts)
-    return TunedLens(folder, translators, config, provenance, sha256_file(params_path), weights_match)
+    lens = TunedLens(folder, translators, config, provenance, sha256_file(params_path), weights_match)
+    lens.unembed_hash_match = hash_match
+    return lens
+
+
+def fine_tuned_from(model):
+    """The base model a run of 02_train_dft.py was trained from (its train_config.json "model"), else None."""
+    path = os.path.join(getattr(model.config, "_name_or_path", "") or "", "train_config.json")
+    return read_json(path).get("model") if os.path.isfile(path) else None
 
 
 def write_tuned_lens(folder, translators, parts, model_name, provenance):

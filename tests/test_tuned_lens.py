@@ -184,6 +184,34 @@ def test_bad_lens_input(fitted_lens, tiny_model_dirs, tmp_path, capsys):
         assert not os.path.exists(tmp_path / out) or not os.listdir(tmp_path / out), out
 
 
+
+def test_a_run_fine_tuned_from_the_lens_base_reads_through_it(fitted_lens, tiny_model_dirs, tmp_path, capsys):
+    """The package's unembed_hash is a printed summary whose format fine-tuning can flip (Gemma-3-270M after 100 steps):
+    a run whose train_config.json names the lens's base loads, recorded; one naming another base is refused."""
+    import transformers
+    base = tiny_model_dirs["llama"]
+    tuned = str(tmp_path / "tuned")
+    shutil.copytree(base, tuned)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tuned)
+    with torch.no_grad():
+        model.get_output_embeddings().weight[0, 0] += 1.0  # the printed corner changes
+    model.save_pretrained(tuned)
+    common.write_json(os.path.join(tuned, "train_config.json"), dict(model=base))
+    model = transformers.AutoModelForCausalLM.from_pretrained(tuned)
+    assert common.unembed_hash(common.model_parts(model)) != json.load(open(os.path.join(fitted_lens, "config.json")))[
+        "unembed_hash"]
+    lens = common.load_tuned_lens(fitted_lens, model)
+    assert lens.record()["unembed_hash_match"] is False and lens.record()["weights_match"] is False
+    code, _ = run_main_in_process(evaluate.main, ["--analysis", "layers", "--model", tuned, "--langs", "zh", "--pairs",
+                                                  PAIRS, "--out", str(tmp_path / "layers"), "--tuned-lens",
+                                                  fitted_lens, "--analysis-samples", "4"], capsys)
+    written = [json.load(open(os.path.join(tmp_path, "layers", f))) for f in os.listdir(tmp_path / "layers")
+               if f.endswith(".json")]
+    assert code == 0 and [w["tuned_lens"]["unembed_hash_match"] for w in written if "tuned_lens" in w] == [False]
+    common.write_json(os.path.join(tuned, "train_config.json"), dict(model="another/base"))
+    with pytest.raises(common.UserError, match="does not name the lens's base"):
+        common.load_tuned_lens(fitted_lens, model)
+
 def test_bad_fit_input(tiny_model_dirs, tmp_path, capsys):
     fit = ["--fit-tuned-lens", "--pairs", PAIRS, "--eval-pairs", PAIRS, "--fit-steps", "1", "--fit-tokens", "50"]
     code, err = run_main_in_process(train.main, fit + ["--model", tiny_model_dirs["llama"], "--out",
