@@ -733,11 +733,11 @@ def load_tuned_lens(folder, model):
     # the package's hash is numpy's printed summary, whose number format can flip under fine-tuning (Gemma-3-270M
     # after 100 steps: 0.2% relative change, fixed -> scientific notation), so a run that names the lens's base in
     # its train_config.json is read through the lens (as the package does, with a warning) and recorded so
-    base = fine_tuned_from(model)
-    if not hash_match and (base is None or base != config.get("base_model_name_or_path")):
+    lens_base = config.get("base_model_name_or_path")
+    if not hash_match and (lens_base is None or fine_tuned_from(model) != lens_base):
         raise UserError(f"--tuned-lens {folder} was fitted on another unembedding (unembed_hash differs and the "
                         f"model's train_config.json does not name the lens's base "
-                        f"{config.get('base_model_name_or_path')!r}): a lens reads through its model's own lm_head; "
+                        f"{lens_base!r}): a lens reads through its model's own lm_head; "
                         "fit one for this model (02_train_dft.py --fit-tuned-lens)")
     try:
         state = torch.load(params_path, map_location="cpu", weights_only=True)
