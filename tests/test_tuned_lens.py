@@ -208,9 +208,16 @@ def test_a_run_fine_tuned_from_the_lens_base_reads_through_it(fitted_lens, tiny_
     written = [json.load(open(os.path.join(tmp_path, "layers", f))) for f in os.listdir(tmp_path / "layers")
                if f.endswith(".json")]
     assert code == 0 and [w["tuned_lens"]["unembed_hash_match"] for w in written if "tuned_lens" in w] == [False]
+    nameless = str(tmp_path / "nameless")  # a lens that names no base: only its hash can match
+    shutil.copytree(fitted_lens, nameless)
+    config = json.load(open(os.path.join(nameless, "config.json")))
+    json.dump(dict(config, base_model_name_or_path=None), open(os.path.join(nameless, "config.json"), "w"))
     common.write_json(os.path.join(tuned, "train_config.json"), dict(model="another/base"))
     with pytest.raises(common.UserError, match="does not name the lens's base"):
         common.load_tuned_lens(fitted_lens, model)
+    os.remove(os.path.join(tuned, "train_config.json"))  # no base on either side is no match
+    with pytest.raises(common.UserError, match="does not name the lens's base"):
+        common.load_tuned_lens(nameless, model)
 
 def test_bad_fit_input(tiny_model_dirs, tmp_path, capsys):
     fit = ["--fit-tuned-lens", "--pairs", PAIRS, "--eval-pairs", PAIRS, "--fit-steps", "1", "--fit-tokens", "50"]
