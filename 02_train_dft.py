@@ -907,8 +907,7 @@ def load_readout_lens(cfg, model, accelerator):
     lens = common.load_tuned_lens(cfg["tuned_lens"], model)
     cfg["tuned_lens_sha256"], cfg["tuned_lens_record"] = lens.sha256, lens.record()
     if not lens.weights_match and accelerator.is_main_process:
-        kind = "the same unembedding hash" if lens.unembed_hash_match else "fine-tuned from the lens's base"
-        print(f"note: --tuned-lens {cfg['tuned_lens']} was fitted on other readout weights ({kind}; recorded: "
+        print(f"note: --tuned-lens {cfg['tuned_lens']} {lens.other_weights_note()} (recorded: "
               "tuned_lens_record.weights_match false)", flush=True)
     return lens
 

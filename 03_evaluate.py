@@ -2380,9 +2380,8 @@ def run_analysis(args):
         model.eval()
         lens = common.load_tuned_lens(args.tuned_lens, model) if args.tuned_lens else None
         if lens and not lens.weights_match:
-            kind = "the same unembedding hash" if lens.unembed_hash_match else "fine-tuned from the lens's base"
-            print(f"[{run}] note: --tuned-lens was fitted on other readout weights ({kind}; recorded as "
-                  "tuned_lens.weights_match false)", flush=True)
+            print(f"[{run}] note: --tuned-lens {lens.other_weights_note()} (recorded as tuned_lens.weights_match "
+                  "false)", flush=True)
         for lang in langs:
             pairs, src = texts[lang]
             t0 = time.time()

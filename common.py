@@ -691,15 +691,20 @@ class TunedLens:
     translators: {k: (A_k, b_k)} float32 for the hidden-state indices the folder holds; fitted: the indices whose
     translator is not zero (an unfitted one reads exactly as the logit lens)."""
 
-    def __init__(self, folder, translators, config, provenance, sha256, weights_match):
+    def __init__(self, folder, translators, config, provenance, sha256, weights_match, unembed_hash_match=True):
         self.folder, self.translators, self.config = folder, translators, config
         self.provenance, self.sha256, self.weights_match = provenance, sha256, weights_match
+        self.unembed_hash_match = unembed_hash_match
         self.fitted = sorted(k for k, (a, b) in translators.items() if a.any() or b.any())
-        self.unembed_hash_match = True
 
     def translator(self, k):
         """(A_k, b_k), or None where the package has no translator (the last block: the output itself)."""
         return self.translators.get(k)
+
+    def other_weights_note(self):
+        """Why a lens fitted on other readout weights was accepted (printed where weights_match is False)."""
+        kind = "the same unembedding hash" if self.unembed_hash_match else "fine-tuned from the lens's base"
+        return f"was fitted on other readout weights ({kind})"
 
     def record(self):
         """What a run or a result file records about the lens it read through."""
@@ -754,9 +759,7 @@ def load_tuned_lens(folder, model):
     provenance_path = os.path.join(folder, TUNED_LENS_PROVENANCE)
     provenance = read_json(provenance_path) if os.path.isfile(provenance_path) else None
     weights_match = bool(provenance) and provenance.get("readout_weights_sha256") == readout_weights_sha256(parts)
-    lens = TunedLens(folder, translators, config, provenance, sha256_file(params_path), weights_match)
-    lens.unembed_hash_match = hash_match
-    return lens
+    return TunedLens(folder, translators, config, provenance, sha256_file(params_path), weights_match, hash_match)
 
 
 def fine_tuned_from(model):

@@ -184,7 +184,6 @@ def test_bad_lens_input(fitted_lens, tiny_model_dirs, tmp_path, capsys):
         assert not os.path.exists(tmp_path / out) or not os.listdir(tmp_path / out), out
 
 
-
 def test_a_run_fine_tuned_from_the_lens_base_reads_through_it(fitted_lens, tiny_model_dirs, tmp_path, capsys):
     """The package's unembed_hash is a printed summary whose format fine-tuning can flip (Gemma-3-270M after 100 steps):
     a run whose train_config.json names the lens's base loads, recorded; one naming another base is refused."""
@@ -218,6 +217,7 @@ def test_a_run_fine_tuned_from_the_lens_base_reads_through_it(fitted_lens, tiny_
     os.remove(os.path.join(tuned, "train_config.json"))  # no base on either side is no match
     with pytest.raises(common.UserError, match="does not name the lens's base"):
         common.load_tuned_lens(nameless, model)
+
 
 def test_bad_fit_input(tiny_model_dirs, tmp_path, capsys):
     fit = ["--fit-tuned-lens", "--pairs", PAIRS, "--eval-pairs", PAIRS, "--fit-steps", "1", "--fit-tokens", "50"]
