@@ -2053,26 +2053,31 @@ def plot_layers(curves, lang, path):
     for ax, (a, b, title) in zip(axes.flat, panels):
         for i, (run, c) in enumerate(curves.items()):
             color = f"C{i}"
-            readouts = [(c, "-", "--", "")] + ([(c["tuned"], ":", "-.", " tuned")] if c.get("tuned") else [])
-            for source, key, style, label in [(src, key, style, f"{run}{tag}" + suffix)
-                                              for src, solid, dashed, tag in readouts
-                                              for key, style, suffix in ((a, solid, " English" if b else ""),
-                                                                         (b, dashed, f" {lang}"))]:
-                if key is None or source.get(key) is None:
+            for key, style, suffix in ((a, "-", " English" if b else ""), (b, "--", f" {lang}")):
+                if key is None or c.get(key) is None:
                     continue
-                ax.plot(c["layers"], source[key], color=color, linestyle=style, label=label)
-                se = (source.get("standard_errors") or {}).get(key)
+                ax.plot(c["layers"], c[key], color=color, linestyle=style, label=run + suffix)
+                se = (c.get("standard_errors") or {}).get(key)
                 if se:  # 95% band over sentences (older result files have none)
-                    ax.fill_between(c["layers"], [m - 1.96 * s for m, s in zip(source[key], se)],
-                                    [m + 1.96 * s for m, s in zip(source[key], se)], color=color, alpha=0.15,
+                    ax.fill_between(c["layers"], [m - 1.96 * s for m, s in zip(c[key], se)],
+                                    [m + 1.96 * s for m, s in zip(c[key], se)], color=color, alpha=0.15,
                                     linewidth=0)
+                readout = c.get("tuned") or {}
+                if readout.get(key) is None:
+                    continue
+                # only the fitted blocks: elsewhere the tuned lens is the logit lens, and a line through them would
+                # draw a curve the lens never measured
+                ks = [k for k, block in enumerate(c["layers"]) if block in c["tuned_lens"]["fitted_blocks"]]
+                ax.errorbar([c["layers"][k] for k in ks], [readout[key][k] for k in ks],
+                            yerr=[1.96 * readout["standard_errors"][key][k] for k in ks], color=color, linestyle="none",
+                            marker="o" if style == "-" else "x", capsize=3, label=f"{run} tuned{suffix}")
         ax.set_title(title)
         ax.set_xlabel("block")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     tuned = any(c.get("tuned") for c in curves.values())
-    fig.suptitle(f"Logit lens on {lang} inputs (solid: English tokens, dashed: {lang} tokens; "
-                 + ("tuned lens: dotted / dash-dot; " if tuned else "") + "bands: 95% over sentences)")
+    fig.suptitle(f"Logit lens on {lang} inputs (solid: English tokens, dashed: {lang} tokens; bands: 95% over sentences)"
+                 + (f"\ntuned lens at its fitted blocks (o: English, x: {lang}; bars: 95% over sentences)" if tuned else ""))
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp.png"
