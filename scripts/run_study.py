@@ -271,7 +271,8 @@ class Runner:
         with open(os.path.join(work_eval, name + ".json"), "rb") as src, common.atomic_open(
                 os.path.join(res_eval, name + ".json"), "wb") as dst:
             shutil.copyfileobj(src, dst)
-        logs = [os.path.join(self.work, "logs", f"eval_{name}_{p['name']}.log") for p in self.parts_of(run)]
+        logs = [os.path.join(self.work, "logs", f"eval_{name}.earlier.log")] + [
+            os.path.join(self.work, "logs", f"eval_{name}_{p['name']}.log") for p in self.parts_of(run)]
         text = "".join(open(p, encoding="utf-8", errors="replace").read() for p in logs if os.path.exists(p))
         with common.atomic_open(os.path.join(res_eval, name + ".log")) as f:
             f.writelines(line + "\n" for line in text.replace("\r", "\n").splitlines()
@@ -279,6 +280,9 @@ class Runner:
 
     def seed_work_eval(self, name, work_eval, res_eval):
         shutil.copy(os.path.join(res_eval, name + ".json"), work_eval)
+        log = os.path.join(res_eval, name + ".log")
+        if os.path.exists(log):  # the lines of parts run on another machine: publish_eval puts them first
+            shutil.copy(log, os.path.join(self.work, "logs", f"eval_{name}.earlier.log"))
         for f in glob.glob(os.path.join(res_eval, f"{name}.*.jsonl.gz")):
             with gzip.open(f, "rb") as src, open(os.path.join(work_eval, os.path.basename(f)[:-3]), "wb") as dst:
                 shutil.copyfileobj(src, dst)

@@ -206,6 +206,22 @@ def test_the_committed_studies_plan_nothing(name, tmp_path):
     assert "to train: <= 0 tokens" in out.stdout and "evaluate " not in out.stdout, out.stdout
 
 
+def test_a_log_published_on_another_machine_keeps_its_lines(tmp_path):
+    """A run whose first cells were evaluated on another machine: when this machine adds a cell, the published
+    RUN.log keeps the other machine's lines (the parts' logs here know only this machine's parts)."""
+    study = run_study.load_study(TINY)
+    results, work = tmp_path / "results", tmp_path / "work"
+    for folder in (results / "eval", work / "eval", work / "logs"):
+        folder.mkdir(parents=True)
+    (results / "eval" / "base.json").write_text('{"results": {}}')
+    (results / "eval" / "base.log").write_text("[base] nll zh: on the other machine\n")
+    runner_here = run_study.Runner(study, str(results), str(work))
+    runner_here.seed_work_eval("base", str(work / "eval"), str(results / "eval"))
+    (work / "logs" / "eval_base_primary.log").write_text("[base] xcopa zh: here\n")
+    runner_here.publish_eval(study.runs_expanded["base"], str(work / "eval"), str(results / "eval"))
+    assert (results / "eval" / "base.log").read_text() == "[base] nll zh: on the other machine\n[base] xcopa zh: here\n"
+
+
 def test_results_keep_item_outcomes_without_the_benchmark_text():
     """What results/ holds per item is the outcome, not the benchmark's text again (run_study.ITEM_TEXT): the checkout
     stays small enough for a GPU machine (docs/SCALING.md)."""
