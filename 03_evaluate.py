@@ -1271,12 +1271,7 @@ class Ranks:
         import datetime
         if device_type == "cuda":
             torch.cuda.set_device(self.local)
-        # torch.distributed.nn.functional takes group.WORLD as default arguments when imported (transformers'
-        # modeling code imports it as the first model loads): imported after the group exists, they hold it past
-        # destroy_process_group, gloo's worker threads are never joined, and one still dropping the last
-        # collective's tensors (which takes the GIL) as Python shuts down aborts the process after every file is
-        # written (SIGABRT, "terminate called without an active exception"). Imported first, they hold None.
-        import torch.distributed.nn  # noqa: F401
+        common.before_process_group()
         # rank 0 alone runs --analysis / --compare / the writing while the others wait: no short timeout
         torch.distributed.init_process_group("nccl" if device_type == "cuda" else "gloo",
                                              timeout=datetime.timedelta(hours=12))

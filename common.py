@@ -205,6 +205,20 @@ def seed_everything(seed):
         pass
 
 
+def before_process_group(deepspeed=False):
+    """Import, before the process group exists, the modules that take `group.WORLD` as default arguments.
+
+    torch.distributed.nn.functional (imported by transformers' modeling code as the first model loads) and
+    deepspeed.comm.torch (imported by accelerate when it unwraps a model) bind the group they find at import time.
+    Imported after init_process_group, they hold it past destroy_process_group: gloo's worker threads are never
+    joined, and one still dropping the last collective's tensors (which takes the GIL) as Python shuts down aborts
+    the process after every file is written (SIGABRT, "terminate called without an active exception"; docs/LOG.md,
+    session 20). Imported first, they hold None."""
+    import torch.distributed.nn  # noqa: F401
+    if deepspeed and importlib.util.find_spec("deepspeed") is not None:
+        import deepspeed.comm.torch  # noqa: F401
+
+
 # -----------------------------------------------------------------------------
 # prompt and languages
 

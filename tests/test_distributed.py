@@ -120,6 +120,10 @@ def _ddp_worker(out_dir, model_dir):
         print(f"[ddp-worker] {name}", flush=True)  # the failing run's name ends up in the launch's output
         train.main([*flags, "--model", model_dir, "--out", os.path.join(out_dir, name)])
     torch.distributed.destroy_process_group()
+    if os.path.isdir("/proc/self/task"):  # test_trainings_end_with_their_process_group_freed
+        names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+        common.write_json(os.path.join(out_dir, f"gloo_threads_left_rank{os.environ['RANK']}.json"),
+                          [n for n in names if "gloo" in n])
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +131,16 @@ def ddp_runs(tmp_path_factory, tiny_model_dirs):
     out = str(tmp_path_factory.mktemp("ddp-runs"))
     ok(launch(2, "--ddp-worker", out, tiny_model_dirs["llama"], script=os.path.abspath(__file__), timeout=600))
     return {name: os.path.join(out, name) for name in DDP_RUNS}
+
+
+def test_trainings_end_with_their_process_group_freed(ddp_runs):
+    """destroy_process_group frees the group and joins gloo's threads: 02 imports the modules that would hold it
+    before creating it (common.before_process_group). Threads alive as Python shuts down can abort a process
+    after every file is written, as they did 03 (docs/LOG.md, session 20)."""
+    out = os.path.dirname(next(iter(ddp_runs.values())))
+    if not os.path.isdir("/proc/self/task"):
+        pytest.skip("reads thread names from Linux's /proc")
+    assert [common.read_json(os.path.join(out, f"gloo_threads_left_rank{r}.json")) for r in (0, 1)] == [[], []]
 
 
 @pytest.mark.parametrize("method", SPLIT_METHODS)
