@@ -136,7 +136,7 @@ def ddp_runs(tmp_path_factory, tiny_model_dirs):
 def test_trainings_end_with_their_process_group_freed(ddp_runs):
     """destroy_process_group frees the group and joins gloo's threads: 02 imports the modules that would hold it
     before creating it (common.before_process_group). Threads alive as Python shuts down can abort a process
-    after every file is written, as they did 03 (docs/LOG.md, session 20)."""
+    after every file is written, as they did in 03 (docs/LOG.md, session 20)."""
     out = os.path.dirname(next(iter(ddp_runs.values())))
     if not os.path.isdir("/proc/self/task"):
         pytest.skip("reads thread names from Linux's /proc")
