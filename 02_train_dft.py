@@ -1228,7 +1228,8 @@ def make_accelerator(cfg):
     from accelerate.utils import DistributedDataParallelKwargs
     # --alternate: the alignment steps never reach the blocks above the aligned one nor lm_head; DDP must expect that
     ddp = DistributedDataParallelKwargs(find_unused_parameters=bool(cfg["alternate"]))
-    common.before_process_group(deepspeed=True)
+    if launched > 1:
+        common.before_process_group(deepspeed=True)
     accelerator = Accelerator(cpu=launched > 1 and not torch.accelerator.is_available(), mixed_precision=mixed,
                               log_with=TRACKERS[cfg["report_to"]] or None, project_dir=cfg["out"],
                               kwargs_handlers=[ddp])

@@ -112,6 +112,17 @@ def tiny_model_dirs(tmp_path_factory, tokenizer):
 PAIRS_FIXTURE = os.path.join(REPO, "tests", "fixtures", "pairs_zh.jsonl")
 
 
+def gloo_threads():
+    """Names of this process's gloo threads (Linux: /proc); None where thread names cannot be read."""
+    if not os.path.isdir("/proc/self/task"):
+        return None
+    names = []
+    for t in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{t}/comm") as f:
+            names.append(f.read().strip())
+    return [n for n in names if "gloo" in n]
+
+
 def fit_intervention(model_dir, out, method, *flags, pairs=PAIRS_FIXTURE):
     """An intervention folder of 02_train_dft.py --fit on a tiny model (in this process): its path."""
     train = load_stage("02_train_dft")

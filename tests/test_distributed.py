@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conftest import REPO, load_stage, make_tiny_model, make_tokenizer  # noqa: E402
+from conftest import REPO, gloo_threads, load_stage, make_tiny_model, make_tokenizer  # noqa: E402
 
 import common  # noqa: E402
 
@@ -120,10 +120,8 @@ def _ddp_worker(out_dir, model_dir):
         print(f"[ddp-worker] {name}", flush=True)  # the failing run's name ends up in the launch's output
         train.main([*flags, "--model", model_dir, "--out", os.path.join(out_dir, name)])
     torch.distributed.destroy_process_group()
-    if os.path.isdir("/proc/self/task"):  # test_trainings_end_with_their_process_group_freed
-        names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
-        common.write_json(os.path.join(out_dir, f"gloo_threads_left_rank{os.environ['RANK']}.json"),
-                          [n for n in names if "gloo" in n])
+    # test_trainings_end_with_their_process_group_freed
+    common.write_json(os.path.join(out_dir, f"gloo_threads_left_rank{os.environ['RANK']}.json"), gloo_threads())
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +136,7 @@ def test_trainings_end_with_their_process_group_freed(ddp_runs):
     before creating it (common.before_process_group). Threads alive as Python shuts down can abort a process
     after every file is written, as they did in 03 (docs/LOG.md, session 20)."""
     out = os.path.dirname(next(iter(ddp_runs.values())))
-    if not os.path.isdir("/proc/self/task"):
+    if gloo_threads() is None:
         pytest.skip("reads thread names from Linux's /proc")
     assert [common.read_json(os.path.join(out, f"gloo_threads_left_rank{r}.json")) for r in (0, 1)] == [[], []]
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conftest import REPO, fit_intervention, load_stage  # noqa: E402
+from conftest import REPO, fit_intervention, gloo_threads, load_stage  # noqa: E402
 
 import common  # noqa: E402
 
@@ -123,7 +123,7 @@ def test_a_failing_rank_stops_every_rank_and_prints_once(mode, message, code, ti
     assert not out.exists() or not os.listdir(out)
 
 
-@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads thread names from Linux's /proc")
+@pytest.mark.skipif(gloo_threads() is None, reason="reads thread names from Linux's /proc")
 def test_every_rank_ends_with_its_process_group_freed(tiny_model_dirs, tmp_path):
     """destroy_process_group frees the group and joins gloo's threads although the model was loaded after the group
     was created (03 imports torch.distributed.nn first). Left running as Python shut down, they aborted rank 0
@@ -195,8 +195,7 @@ def worker(mode, argv):
             ev._score_positions = crash
     common.run_main(lambda: ev.main(argv))
     if mode == "threads":
-        names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
-        print(f"rank {os.environ['RANK']}: gloo threads left: {[n for n in names if 'gloo' in n]}", file=sys.stderr)
+        print(f"rank {os.environ['RANK']}: gloo threads left: {gloo_threads()}", file=sys.stderr)
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
