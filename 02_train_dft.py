@@ -964,7 +964,8 @@ def resolve_layers(cfg, model, tokenizer, rows, out_dir, accelerator, lens=None)
         if not 1 <= k <= L:
             raise common.UserError(f"--{name}-layer {k} is out of range: this model has blocks 1..{L}")
         cfg[f"{name}_layer_used"] = k
-        why.setdefault(name, "preset" if cfg.get("preset") else "flag")
+        from_preset = PRESETS.get(cfg.get("preset"), {}).get(f"{name}_layer") == str(value)  # else typed
+        why.setdefault(name, "preset" if from_preset else "flag")
     if len(needed) == 2 and cfg["lc_layer_used"] >= cfg["et_layer_used"]:
         msg = f"LC layer {cfg['lc_layer_used']} >= ET layer {cfg['et_layer_used']}: DESIGN §3 expects i < j"
         if not cfg["allow_layer_order"]:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole pipeline on the offline default model (SmolLM2-135M-Instruct), sized for a laptop CPU:
-#   1. 500 Chinese Alpaca pairs (400 train + 100 dev)  2. 30 steps of DFT (logit lens, auto layers; held-out
-#      loss on 32 dev pairs at steps 15 and 30)
+#   1. 500 Chinese Alpaca pairs (431 train + 69 dev: 31 of the 100 dev ids are over 256 tokens)
+#   2. 30 steps of DFT (logit lens, auto layers; held-out loss on 32 dev pairs at steps 15 and 30)
 #   3. the base and the trained model on a few benchmark items, side by side (answers cut at 32 tokens).
 # Rerunning starts afresh: it deletes $OUT (default runs/pipeline). Sizes are environment variables.
 set -euo pipefail
