@@ -42,9 +42,11 @@ gen = greedy decoding, cut at the stop strings.
                f1_lang, exact_match_lang
   mkqa         (none; nq_open format): "Answer these questions:\n\nQ: {q}?\nA:", stop \n . ,; f1_lang,
                exact_match_lang
-  mgsm         mgsm_direct_{l}: "{Question word} {q}\nAnswer:", stop "{Question word}"; acc
-  mgsm_cot     mgsm_native_cot_{l}: "{Question word} {q}\n{Step-by-step answer word}", stop "{Question word}"; acc
-  msvamp(_cot) (none; MGSM formats): as mgsm / mgsm_cot; acc
+  mgsm         mgsm_direct_{l}: "{Question word} {q}\n{Answer word}", stop "{Question word}"; flexible_extract,
+               strict_match
+  mgsm_cot     mgsm_native_cot_{l}: "{Question word} {q}\n{Step-by-step answer word}", stop "{Question word}";
+               flexible_extract, strict_match
+  msvamp(_cot) (none; MGSM formats): as mgsm / mgsm_cot; last_number
   translation  (none): MT_PROMPT below, stop \n; en->xx and xx->en; BLEU, chrF
   nll          (none): common.build_prompt(x) -> y + EOS (the training format); NLL/token
 Metrics named like the harness's (acc, f1, exact_match, strict_match, flexible_extract) are computed as the

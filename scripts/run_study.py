@@ -25,7 +25,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from study_file import (PRECISIONS, ROOT, argparse_raises, fill, load_stage,  # noqa: E402,F401  (load_study:
+from study_file import (PRECISIONS, ROOT, argparse_raises, fill, load_stage, part_cells,  # noqa: E402,F401  (load_study:
                         load_study)  # the study scripts import it from here or from study_file)
 import common  # noqa: E402  (study_file put the repository root on sys.path)
 from common import UserError  # noqa: E402
@@ -124,7 +124,8 @@ class Runner:
 
     def pairs_files(self, name):
         p = self.study["pairs"][name]
-        train = fill([p["file"]], self.values)[0] if p["file"] else os.path.join(self.work, f"pairs_{name}.jsonl")
+        train = (os.path.join(ROOT, fill([p["file"]], self.values)[0]) if p["file"]  # relative to the repository root
+                 else os.path.join(self.work, f"pairs_{name}.jsonl"))
         return train, train[:-len(".jsonl")] + ".dev.jsonl"
 
     def build_pairs(self, name):
@@ -172,14 +173,16 @@ class Runner:
         stage3 = load_stage("03_evaluate")
         with argparse_raises():
             args = stage3.parse_args(["--model", "M", "--out", "O"] + self.eval_flags(run, part))
-        have = common.read_json(path)["results"]
-        return all(stage3.result_key(t, args) in have for t in common.parse_list(args.tasks))
+        have = common.read_json(path)["results"]  # every cell of the part, at the part's --limit
+        cells = [have.get(key, {}).get(cell) for key, cell in part_cells(stage3, args)]
+        return all(c is not None and c["settings"]["limit"] == args.limit for c in cells)
 
     def eval_flags(self, run, part):
         values = dict(self.values, model=self.model_of(run), run=run["name"], seed=run["seed"])
         if run["pairs"]:
             values["pairs"], values["dev"] = self.pairs_files(run["pairs"])
-        return fill(self.study["evaluation"]["flags"] + part["flags"], values)
+        flags = self.study["evaluation"]["flags"] + part["flags"]
+        return fill(flags + ["--analysis", "layers"] * (part["analysis"] and "--analysis" not in flags), values)
 
     def pending_evals(self, run):
         return [p for p in self.parts_of(run) if not self.part_published(run, p)]

@@ -3,10 +3,11 @@
     from study_file import load_study        # scripts/run_study.py, study_tables.py and check_studies.py do
     study = load_study("studies/tiny.toml")   # a Study, or UserError("FILE:LINE: the problem; the fix")
 
-Validation reads only: an unknown section or key, a wrong type, a run whose flags 02_train_dft.py refuses (its own
-parser and configuration check, nothing runs), pairs or evaluation flags 01 / 03 refuse, a contrast naming a run
-or measure the study does not define, a measure naming a task 03 does not have, a comparative contrast whose
-coefficients do not sum to zero: each is one error naming the line of the file and the fix.
+Validation reads only: an unknown section or key, a wrong type, a placeholder where the runner does not fill it,
+a run whose flags 02_train_dft.py refuses (its own parser and configuration check, nothing runs), pairs or
+evaluation flags 01 / 03 refuse (an unknown task included), a contrast naming a run or measure the study does not
+define, a measure naming a task 03 does not have, a comparative contrast whose coefficients do not sum to zero:
+each is one error naming the line of the file and the fix.
 """
 import argparse
 import contextlib
@@ -14,6 +15,7 @@ import importlib.util
 import io
 import os
 import re
+import string
 import sys
 import tomllib
 
@@ -55,6 +57,7 @@ LISTED = ("setup", "evaluation.parts")  # [[section]] arrays of tables
 PRECISIONS = {"float32": "no", "bf16": "bf16", "auto": "auto"}  # compute.precision -> 02's --mixed-precision
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*$")
 PLACEHOLDERS = dict(work="W", results="R", pairs="P.jsonl", dev="P.dev.jsonl", model="M", run="r", seed=1)
+BASE, TRAINING = ("work", "results"), ("work", "results", "pairs", "dev", "run", "seed")  # what run_study.py fills
 
 
 class Study(dict):
@@ -144,8 +147,17 @@ def fill(flags, values):
     return [f.format(**values) if "{" in f else f for f in flags]
 
 
+def placeholders(strings):
+    """The placeholder names in strings ('{' for a lone brace, which str.format refuses)."""
+    try:
+        return {name for s in strings for _, name, _, _ in string.Formatter().parse(s) if name is not None}
+    except ValueError:
+        return {"{"}
+
+
 def stage_refuses(stage, argv):
-    """Why the stage's own parser (and 02's configuration check) refuses argv, or None; nothing runs."""
+    """Why the stage's own parser (and 02's configuration check, 03's task names) refuses argv, or None; nothing
+    runs."""
     module = load_stage(stage)
     try:
         with argparse_raises():
@@ -154,6 +166,25 @@ def stage_refuses(stage, argv):
                 module.resolve_config(args)
     except (ValueError, UserError) as e:
         return str(e)
+    tasks = common.parse_list(args.tasks) if stage == "03_evaluate" else []
+    unknown = [t for t in tasks if t not in module.TASKS and tasks != ["all"]]
+    return f"unknown task(s) {', '.join(unknown)}; known tasks: {', '.join(module.TASKS)}" if unknown else None
+
+
+def part_cells(stage3, args):
+    """[(result key, cell)] an evaluation part writes into its run JSON: its tasks x languages that have data x
+    directions (as 03_evaluate.plan, without reading a --pairs file that does not exist yet)."""
+    tasks = common.parse_list(args.tasks)
+    cells = []
+    for task in [t for t, s in stage3.TASKS.items() if s.in_all] if tasks == ["all"] else tasks:
+        spec = stage3.TASKS[task]
+        try:
+            have = spec.languages(args)
+        except (UserError, OSError):  # nll before its pairs are built: every language asked for
+            have = None
+        cells += [(spec.result_key(args), d.replace("xx", lang) if d else lang)
+                  for lang in common.parse_list(args.langs) if have is None or lang in have for d in spec.directions]
+    return cells
 
 
 def expand_runs(study, check):
@@ -267,6 +298,20 @@ def load_study(path, check_flags=True):
     for group, values in study["references"]["values"].items():
         check.names([group], f"references.values.{group}", None, run_names, "run")
         check.names(values, f"references.values.{group}", None, measures, "measure")
+    places = [(f"pairs.{n}", "flags", (p["flags"] or []) + [p["file"] or ""], BASE, 0)
+              for n, p in study["pairs"].items()] + [("setup", "command", e["command"], BASE, nth)
+                                                     for nth, e in enumerate(study["setup"])]
+    places += [("compute", "launch_flags", c["launch_flags"] + (c["planner"] or []), BASE, 0),
+               ("train", "flags", study["train"]["flags"], TRAINING, 0), ("study", "model", [s["model"]], BASE, 0),
+               ("evaluation", "flags", study["evaluation"]["flags"], tuple(PLACEHOLDERS), 0)]
+    places += [(f"runs.{g}", key, r[key] if key == "flags" else [r[key] or ""], TRAINING if key == "flags" else
+                BASE + ("run", "seed"), 0) for g, r in study["runs"].items() for key in ("flags", "model")]
+    places += [("evaluation.parts", "flags", p["flags"], tuple(PLACEHOLDERS), nth) for nth, p in enumerate(parts)]
+    for section, key, strings, allowed, nth in places:
+        unknown = sorted(placeholders(strings) - set(allowed))
+        what = "a lone brace" if unknown == ["{"] else "{" + (unknown or [""])[0] + "}"
+        check.need(not unknown, section, key, f"{section}.{key} holds {what}, which is not filled there",
+                   f"use only {', '.join('{' + a + '}' for a in allowed)} (studies/README.md)", nth)
     for run in runs.values() if check_flags else []:
         if run["train"] and not run["reuse"]:
             why = stage_refuses("02_train_dft", ["--pairs", "P", "--out", "O"] + fill(study["train"]["flags"]

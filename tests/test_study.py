@@ -181,6 +181,18 @@ def test_a_lane_with_nothing_left_to_train_evaluates(tmp_path, monkeypatch):
     assert overlap["most"] == 2
 
 
+def test_the_readme_example_is_the_tiny_study():
+    """studies/README.md's example is studies/tiny.toml without its comments and labels."""
+    import tomllib
+    text = open(os.path.join(REPO, "studies", "README.md"), encoding="utf-8").read()
+    example = tomllib.loads(text.split("## Example: the tiny study", 1)[1].split("```toml\n", 1)[1].split("```", 1)[0])
+    tiny = tomllib.loads(open(TINY, encoding="utf-8").read())
+    for section in ("measures", "contrasts"):
+        for entry in tiny[section].values():
+            entry.pop("label", None)
+    assert example == tiny
+
+
 def test_dry_run_writes_nothing(tmp_path, capsys):
     results, work = tmp_path / "results", tmp_path / "work"
     code, err = run_main_in_process(run_study.main, [TINY, "--dry-run", "--out", str(results), "--work", str(work)],
@@ -249,6 +261,10 @@ BAD = {  # (old text, new text, what the error says)
                         ":48: contrasts.dft_vs_tft names contrast 'seed_placbo', which the study does not define"),
     "not comparative": ("terms = { dft-logits = 1, tft = -1 }", "terms = { dft-logits = 1, tft = -0.5 }",
                         ":48: contrast dft_vs_tft is comparative but its coefficients sum to 0.5, not 0"),
+    "placeholder": ('"--log-every", "1"]', '"--log-every", "1", "--eval-pairs", "{model}"]',
+                    ":17: train.flags holds {model}, which is not filled there"),
+    "part's task": ('"--tasks", "nll,xcopa"', '"--tasks", "nll,copa"',
+                    ":36: 03_evaluate.py refuses part primary's flags: unknown task(s) copa"),
 }
 
 
@@ -264,6 +280,36 @@ def test_bad_study_files_are_refused_naming_the_line(case, tmp_path, capsys):
                                     capsys)
     assert code == 2 and f"error: {bad}{message}" in err and "; " in err.split(message, 1)[1]  # and the fix
     assert not out.exists() and not (tmp_path / "w").exists()
+
+
+def test_a_part_is_published_only_with_every_cell_at_its_limit(tmp_path):
+    """A run JSON counts a part as finished when it holds each of the part's task x language cells at the part's
+    --limit: not when another part wrote the same task in another language, or the cells were made at another
+    --limit (the study was edited). An analysis part runs 03 with --analysis layers."""
+    study = run_study.load_study(TINY)
+    results = tmp_path / "results"
+    (results / "eval").mkdir(parents=True)
+    here = run_study.Runner(study, str(results), str(tmp_path / "work"))
+    run, part = study.runs_expanded["base"], study["evaluation.parts"][0]  # nll,xcopa zh at --limit 4
+    cell = {"settings": {"limit": 4}}
+    for cells, published in (({"nll": {"en": cell}, "xcopa": {"zh": cell}}, False),
+                             ({"nll": {"zh": {"settings": {"limit": 8}}}, "xcopa": {"zh": cell}}, False),
+                             ({"nll": {"zh": cell}, "xcopa": {"zh": cell}}, True)):
+        (results / "eval" / "base.json").write_text(json.dumps({"results": cells}))
+        assert here.part_published(run, part) is published, cells
+    part = dict(part, analysis=True)
+    assert here.eval_flags(run, part)[-2:] == ["--analysis", "layers"]
+    part["flags"] = part["flags"] + ["--analysis", "layers"]
+    assert here.eval_flags(run, part).count("--analysis") == 1
+
+
+def test_a_pairs_file_is_found_from_the_repository_root(tmp_path, monkeypatch):
+    study = run_study.load_study(TINY)
+    study["pairs"]["zh"] = dict(study["pairs"]["zh"], flags=None, file="tests/fixtures/pairs_zh.jsonl")
+    monkeypatch.chdir(tmp_path)  # the driver started elsewhere
+    train, dev = run_study.Runner(study, str(tmp_path / "r"), str(tmp_path / "w")).pairs_files("zh")
+    assert train == os.path.join(REPO, "tests", "fixtures", "pairs_zh.jsonl") and os.path.exists(train)
+    assert dev == os.path.join(REPO, "tests", "fixtures", "pairs_zh.dev.jsonl")
 
 
 # ----------------------------------------------------------------------------- the contrast bootstrap
