@@ -99,7 +99,8 @@ RATIO_MIN_CHARS_LOW = 30
 # wrong-script filter judges x and y from this many on ("Chia 100 cho 7." is Vietnamese without diacritics).
 JUDGE_MIN_LETTERS = 20
 
-ALIGN_WINDOW = 50  # pairs (with >= 2 numbers on the English side) per window of the alignment check
+NUMBERS_CHECKED = 2  # a pair is checked by its numbers when its English side carries at least this many (ours)
+ALIGN_WINDOW = 50  # pairs (with >= NUMBERS_CHECKED numbers on the English side) per window of the alignment check
 ALIGN_MIN_EVIDENCE = 8  # fewer such pairs than this: the window check has nothing to say
 DROP_REASONS = ("misaligned", "not_anchor", "empty", "numbers_absent", "code_translated", "untranslated",
                 "wrong_script", "length_ratio", "duplicate", "over_token_budget")
@@ -473,9 +474,9 @@ def verify_alignment(rows, lang, min_agreement, max_misaligned):
                             f"{direction} id's English; "
                             "a row was inserted or lost in the target file there: fix it "
                             "(--align-min-agreement 0 skips the alignment checks)")
-    evidence = []  # (id, agrees) for pairs whose English side carries >= 2 numbers
+    evidence = []  # (id, agrees) for pairs whose English side carries >= NUMBERS_CHECKED numbers
     for r, en, tgt in zip(rows, en_nums, tgt_nums):
-        if len(en) >= 2:
+        if len(en) >= NUMBERS_CHECKED:
             evidence.append((r["id"], carries(en, tgt)))
             if not en & tgt:
                 r["_numbers"] = f"English numbers {' '.join(sorted(en, key=len)[:6])} absent from the target side"

@@ -856,19 +856,22 @@ class DFTObjective(nn.Module):
 # layers (DESIGN §3)
 
 
+LAYER_GAP_DIVISOR = 8  # ours: the entropy rule's two drops lie >= max(2, L // this) blocks apart (pick_layers)
+
+
 def pick_layers(entropy, min_gap=None):
     """The entropy rule: i, j = the blocks ending the two largest entropy drops.
 
     entropy[k-1] is the mean lens entropy after block k (k = 1..L). The drop of block k is
     entropy[k-2] - entropy[k-1]; candidates are blocks 2..L-1 (the last block is the output itself).
-    The second drop must lie at least min_gap blocks from the first (default max(2, L // 8)), so
-    that one steep slope is not counted twice. Returns (i, j) with i < j.
+    The second drop must lie at least min_gap blocks from the first (default max(2, L // LAYER_GAP_DIVISOR)), so
+    that one steep slope is not counted twice; of equal drops the lower block wins. Returns (i, j) with i < j.
     """
     L = len(entropy)
     if L < 4:
         raise common.UserError(f"the entropy rule needs at least 4 blocks, this model has {L}; "
                                "pass --lc-layer/--et-layer")
-    min_gap = max(2, L // 8) if min_gap is None else min_gap
+    min_gap = max(2, L // LAYER_GAP_DIVISOR) if min_gap is None else min_gap
     drops = {k: entropy[k - 2] - entropy[k - 1] for k in range(2, L)}
     first = max(drops, key=drops.get)
     rest = {k: d for k, d in drops.items() if abs(k - first) >= min_gap}
