@@ -1914,14 +1914,20 @@ def main(argv=None):
             if accelerator.is_main_process:
                 print(f"stopping after step {step + 1} as asked (--stop-after-steps); continue with --resume",
                       flush=True)
-            accelerator.end_training()
-            return
-    save_final(accelerator, objective, tokenizer, cfg["out"], cfg)
-    if lens and accelerator.is_main_process:  # the small lens travels with the model it trained (never inside it)
-        copy_lens(lens.folder, os.path.join(cfg["out"], "tuned_lens"))
-    accelerator.wait_for_everyone()
+            break
+    else:  # every step ran
+        save_final(accelerator, objective, tokenizer, cfg["out"], cfg)
+        if lens and accelerator.is_main_process:  # the small lens travels with the model it trained (never inside it)
+            copy_lens(lens.folder, os.path.join(cfg["out"], "tuned_lens"))
+        accelerator.wait_for_everyone()
+        finish_run(accelerator, run_info, cfg, time.time() - t_start)
+    # The prepared model goes before the process group: DDP's reducer holds the group in C++ and, freed last (as
+    # main returns), destroys it with the GIL held, which hangs the process when a gloo thread is still dropping the
+    # last collective's tensors and waits for the GIL (docs/LOG.md, session 21). The group's own Python object,
+    # freed by end_training, releases the GIL first.
+    del objective, optimizer
+    accelerator.free_memory()
     accelerator.end_training()
-    finish_run(accelerator, run_info, cfg, time.time() - t_start)
 
 
 if __name__ == "__main__":

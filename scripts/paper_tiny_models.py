@@ -7,6 +7,7 @@ mt/ is a one-layer Marian model on the same tokenizer whose output bias favours 
 letters, so 01_build_pairs.py --translate-model writes Arabic-script text that passes its script filter: it stands in
 for NLLB so the MT route of the paper run stays wired end to end. Seeded: the same folder every time.
 """
+import argparse
 import os
 import re
 import sys
@@ -22,10 +23,9 @@ def main(argv=None):
     import torch
     from transformers import AutoModelForSeq2SeqLM, MarianConfig
     from conftest import make_tiny_model, make_tokenizer
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        raise common.UserError("usage: paper_tiny_models.py FOLDER (it writes FOLDER/lm and FOLDER/mt)")
-    out = argv[0]
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("folder", help="where lm/ and mt/ are written")
+    out = p.parse_args(argv).folder
     tokenizer = make_tokenizer()
     lm = os.path.join(out, "lm")
     make_tiny_model("llama", tokenizer, seed=0).save_pretrained(lm)

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The inference-time peers on SmolLM2-135M-Instruct (exploratory; docs/TRAINING.md, "Inference-time peers"):
-#   1. the default pipeline's pairs, built exactly as run_pipeline.sh builds them (400 train + 100 dev, zh)
+#   1. the default pipeline's pairs, built exactly as run_pipeline.sh builds them (431 train + 69 dev, zh)
 #   2. INCLINE (every block, last prompt token) and DiffMean (the entropy rule's ET block, prompt tokens) fitted on
-#      the 400 train pairs at their defaults; the held-out residual on the 100 dev pairs
+#      the 431 train pairs at their defaults; the held-out residual on the 69 dev pairs
 #   3. held-out NLL zh / en on the dev pairs: the base and both folders at alpha 0, 0.5 and 1
 #   4. results/peers_smollm2/peers.{json,md}
 # Float32 throughout (this CPU emulates bf16).

@@ -114,14 +114,22 @@ DDP_RUNS = {**{f"split-{method}": [*BASE_FLAGS, *flags, "--batch-size", "2"] for
 
 def _ddp_worker(out_dir, model_dir):
     """Each rank: the DDP_RUNS trainings one after another in one process group (one process start, not seven)."""
+    import gc
     from accelerate import Accelerator
-    Accelerator.end_training = lambda self: None  # it would destroy the process group the next training needs
+    from torch.nn.parallel import DistributedDataParallel
+    held = []  # per training: its DDP models still alive when it ends its run
+
+    def end_training(self):  # keeps the process group the next training needs
+        gc.collect()
+        held.append(sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects()))
+    Accelerator.end_training = end_training
     for name, flags in DDP_RUNS.items():
         print(f"[ddp-worker] {name}", flush=True)  # the failing run's name ends up in the launch's output
         train.main([*flags, "--model", model_dir, "--out", os.path.join(out_dir, name)])
     torch.distributed.destroy_process_group()
     # test_trainings_end_with_their_process_group_freed
-    common.write_json(os.path.join(out_dir, f"gloo_threads_left_rank{os.environ['RANK']}.json"), gloo_threads())
+    common.write_json(os.path.join(out_dir, f"group_holders_rank{os.environ['RANK']}.json"),
+                      dict(gloo_threads_left=gloo_threads(), ddp_models_at_end_training=held))
 
 
 @pytest.fixture(scope="module")
@@ -133,12 +141,15 @@ def ddp_runs(tmp_path_factory, tiny_model_dirs):
 
 def test_trainings_end_with_their_process_group_freed(ddp_runs):
     """destroy_process_group frees the group and joins gloo's threads: 02 imports the modules that would hold it
-    before creating it (common.before_process_group). Threads alive as Python shuts down can abort a process
-    after every file is written, as they did in 03 (docs/LOG.md, session 20)."""
+    before creating it (common.before_process_group), and frees its DDP model before ending the run. Threads alive
+    as Python shuts down can abort a process after every file is written, as they did in 03 (docs/LOG.md, session
+    20); a DDP reducer that outlives the group destroys it with the GIL held, which hung 02 (session 21)."""
     out = os.path.dirname(next(iter(ddp_runs.values())))
     if gloo_threads() is None:
         pytest.skip("reads thread names from Linux's /proc")
-    assert [common.read_json(os.path.join(out, f"gloo_threads_left_rank{r}.json")) for r in (0, 1)] == [[], []]
+    for rank in (0, 1):
+        holders = common.read_json(os.path.join(out, f"group_holders_rank{rank}.json"))
+        assert holders == dict(gloo_threads_left=[], ddp_models_at_end_training=[0] * len(DDP_RUNS)), rank
 
 
 @pytest.mark.parametrize("method", SPLIT_METHODS)
@@ -349,6 +360,8 @@ def test_fsdp_objective_gradients_equal_one_process(variant, fsdp_grads, referen
 def _zero_worker(out_path):
     """Each rank: two pairs through DeepSpeed ZeRO-2 and ZeRO-3 (CPU accelerator, gloo); rank 0 saves the full
     gradients of each stage."""
+    import gc
+
     import deepspeed
     import torch.distributed as dist
     from deepspeed.utils import safe_get_full_grad
@@ -356,6 +369,7 @@ def _zero_worker(out_path):
     # ~35 s on a clean machine, which once aborted one rank at exit), which ZeRO's gradients do not need.
     # The module by name: the attribute deepspeed.comm.torch is PyTorch itself (deepspeed.comm re-exports it)
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    common.before_process_group(deepspeed=True)  # as 02: the group is freed at the end, not as Python shuts down
     deepspeed.init_distributed(dist_backend="gloo")
     tokenizer = make_tokenizer()
     results = {}
@@ -374,6 +388,9 @@ def _zero_worker(out_path):
         results[stage, shared, "recomputed"] = float(terms["lens_recomputed"])
     if dist.get_rank() == 0:
         torch.save(results, out_path)
+    del engine, objective, terms
+    gc.collect()
+    dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
