@@ -736,7 +736,8 @@ def split_dev(rows, dev, seed, limit=None):
         held = held[:limit]
         train = train[:limit - len(held)]
     if held and not train:
-        raise UserError(f"--dev-size {len(dev)} leaves no training pairs ({len(rows)} pairs after filtering"
+        raise UserError(f"the dev split (--dev-size: {len(dev)} ids here) leaves no training pairs ({len(rows)} pairs "
+                        "after filtering"
                         f"{', --limit ' + str(limit) if limit else ''}, {len(held)} of them dev); lower --dev-size")
     return sorted(train, key=lambda r: id_key(r["id"])), sorted(held, key=lambda r: id_key(r["id"]))
 
@@ -917,6 +918,8 @@ def check_args(args):
         raise UserError("--lang must be the non-English target language (the English side is always built)")
     if not args.out.endswith(".jsonl"):
         raise UserError(f"--out must end in .jsonl (got {args.out}); the dev split and stats are named after it")
+    if os.path.isdir(args.out):
+        raise UserError(f"--out {args.out} is a folder; give a file name ending in .jsonl")
     if args.dev_size < 0 or (args.limit is not None and args.limit <= 0):
         raise UserError("--dev-size must be >= 0 and --limit > 0")
     if args.max_tokens and not args.tokenizer:
@@ -1016,6 +1019,10 @@ def print_summary(stats, args, dev_path, stats_path):
     if a.get("number_pairs"):
         print(f"  alignment: {a['number_pairs']} pairs with numbers, {a['number_agreement']:.1%} agree "
               f"(worst window {a['min_window_agreement']}), {a['per_pair_failures']} per-pair failures")
+    if "number_pairs" in a and a["number_pairs"] < ALIGN_MIN_EVIDENCE:
+        print(f"  warning: alignment not checked: {a['number_pairs']} pairs carry >= {NUMBERS_CHECKED} "
+              f"numbers on the English side, the check needs {ALIGN_MIN_EVIDENCE}; make sure the two sides are "
+              "aligned (e.g. read a few pairs of the output)")
     if stats["y_tgt_is_english"]:
         print(f"  y_tgt is the English answer in {stats['y_tgt_is_english']} pairs (no translated answers)")
     print(f"  wrote {args.out}" + (f", {dev_path}" if c["dev"] else "") + f", {stats_path}")

@@ -254,6 +254,8 @@ def parse_args(argv=None):
     untyped = object()
     typed = parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(args), untyped)))
     args.given = {name for name, value in vars(typed).items() if value is not untyped}
+    if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise common.UserError(f"--out {args.out} is a file; give a folder (the model, or a fit, is written there)")
     return args
 
 
@@ -884,7 +886,7 @@ def pick_layers(entropy, min_gap=None):
 def save_entropy_curve(out_dir, entropy, picked, model_name, num_prompts):
     common.write_json(os.path.join(out_dir, "layer_entropy.json"),
                       dict(model=model_name, prompts=num_prompts, entropy_by_block=entropy, lc_layer=picked[0],
-                           et_layer=picked[1], rule="two largest drops, >= max(2, L//8) blocks apart"))
+                           et_layer=picked[1], rule=f"two largest drops, >= max(2, L//{LAYER_GAP_DIVISOR}) blocks apart"))
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -924,15 +926,32 @@ def copy_lens(folder, dest):
     os.replace(tmp, dest)
 
 
-def resolve_layers(cfg, model, tokenizer, rows, out_dir, accelerator, lens=None):
-    """Fill cfg['lc_layer_used'] / ['et_layer_used'] and say why; validate the range and the order.
+def resolve_layers(cfg, model, tokenizer, rows, accelerator, lens=None):
+    """Fill cfg['lc_layer_used'] / ['et_layer_used'] and say why; validate the range and the order. Returns the
+    entropy rule's (curve, picked blocks, prompts) for layer_entropy.json/.png, or None where it did not run.
 
-    The entropy rule runs once, on the main process and its accelerator (minutes on a CPU for a 256k vocabulary),
-    and its curve is broadcast: every rank trains the same layers even where two drops nearly tie. It reads through
-    `lens` with --layer-rule-readout tuned."""
+    Typed blocks are checked first, so that a bad one stops the run before the rule. The entropy rule runs once, on
+    the main process and its accelerator (minutes on a CPU for a 256k vocabulary), and its curve is broadcast: every
+    rank trains the same layers even where two drops nearly tie. It reads through `lens` with --layer-rule-readout
+    tuned."""
     L = common.model_parts(model).num_layers
     needed = {name: cfg[f"{name}_layer"] for name in ("lc", "et") if cfg[name] != "none"}
-    why = {}
+    why, curve = {}, None
+    for name, value in needed.items():
+        if value == "auto":
+            continue
+        if value == "mid":
+            value = L // 2
+            why[name] = f"mid: L // 2 of {L} blocks"
+        try:
+            k = int(value)
+        except ValueError:
+            raise common.UserError(f"--{name}-layer must be a block number, 'auto' or 'mid', got {value!r}") from None
+        if not 1 <= k <= L:
+            raise common.UserError(f"--{name}-layer {k} is out of range: this model has blocks 1..{L}")
+        from_preset = PRESETS.get(cfg.get("preset"), {}).get(f"{name}_layer") == str(value)  # else typed
+        why.setdefault(name, "preset" if from_preset else "flag")
+        needed[name] = k
     if "auto" in needed.values():
         texts = [common.build_prompt(r["x_tgt"]) for r in rows[:cfg["layer_sample"]]]
         entropy = [None]
@@ -949,32 +968,20 @@ def resolve_layers(cfg, model, tokenizer, rows, out_dir, accelerator, lens=None)
             broadcast_object_list(entropy, from_process=0)
         entropy = entropy[0]
         picked = pick_layers(entropy)
-        if accelerator.is_main_process and not cfg["resume"]:  # a resumed run keeps its first segment's files
-            save_entropy_curve(out_dir, entropy, picked, cfg["model"], len(texts))
+        curve = (entropy, picked, len(texts))
         for name, k in zip(("lc", "et"), picked):
             if needed.get(name) == "auto":
                 needed[name] = k
                 why[name] = (f"auto: entropy rule over {len(texts)} target prompts, {cfg['layer_rule_readout']} "
                              "lens (layer_entropy.json)")
-    for name, value in needed.items():
-        if value == "mid":
-            needed[name] = value = L // 2
-            why.setdefault(name, f"mid: L // 2 of {L} blocks")
-        try:
-            k = int(value)
-        except ValueError:
-            raise common.UserError(f"--{name}-layer must be a block number, 'auto' or 'mid', got {value!r}") from None
-        if not 1 <= k <= L:
-            raise common.UserError(f"--{name}-layer {k} is out of range: this model has blocks 1..{L}")
-        cfg[f"{name}_layer_used"] = k
-        from_preset = PRESETS.get(cfg.get("preset"), {}).get(f"{name}_layer") == str(value)  # else typed
-        why.setdefault(name, "preset" if from_preset else "flag")
+    cfg.update({f"{name}_layer_used": k for name, k in needed.items()})
     if len(needed) == 2 and cfg["lc_layer_used"] >= cfg["et_layer_used"]:
         msg = f"LC layer {cfg['lc_layer_used']} >= ET layer {cfg['et_layer_used']}: DESIGN §3 expects i < j"
         if not cfg["allow_layer_order"]:
             raise common.UserError(msg + " (pass --allow-layer-order to train anyway)")
         print(f"warning: {msg}", flush=True)
     cfg["layers_why"] = why
+    return curve
 
 
 # -----------------------------------------------------------------------------
@@ -1869,8 +1876,7 @@ def main(argv=None):
     eval_rows = load_pairs(cfg["eval_pairs"])[:cfg["eval_limit"]] if cfg["eval_pairs"] else None
     model, tokenizer = prepare_model(cfg, accelerator)
     lens = load_readout_lens(cfg, model, accelerator)
-    os.makedirs(cfg["out"], exist_ok=True)
-    resolve_layers(cfg, model, tokenizer, rows, cfg["out"], accelerator, lens)
+    entropy_curve = resolve_layers(cfg, model, tokenizer, rows, accelerator, lens)
     unfitted = [cfg[f"{name}_layer_used"] for name, signal in signals_of(cfg) if signal.lens]
     unfitted = [k for k in unfitted if lens and cfg["readout"] == "tuned" and k not in lens.fitted]
     if unfitted and accelerator.is_main_process:
@@ -1889,6 +1895,10 @@ def main(argv=None):
     objective, optimizer = accelerator.prepare(objective, make_optimizer(objective, cfg))
     if ckpt:
         accelerator.load_state(ckpt)
+    os.makedirs(cfg["out"], exist_ok=True)  # only now: a run stopped by bad input above leaves no folder
+    if entropy_curve and accelerator.is_main_process and not cfg["resume"]:  # a resumed run keeps its first files
+        entropy, picked, prompts = entropy_curve
+        save_entropy_curve(cfg["out"], entropy, picked, cfg["model"], prompts)
     start_run(accelerator, cfg, run_info, start_step)
 
     stream = micro_batches(examples, cfg, accelerator, tokenizer.pad_token_id, start_step)

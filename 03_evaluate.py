@@ -436,12 +436,8 @@ def load_nll(args, lang, split, hub):
     pairs_file = args.pairs
     if not pairs_file:
         raise UserError("task nll needs --pairs DEV.jsonl (the dev pairs written by 01_build_pairs.py)")
-    rows = common.read_jsonl(pairs_file)
     items, seen = [], set()
-    for i, r in enumerate(rows):
-        missing = [k for k in ("x_en", "y_en", "x_tgt", "y_tgt", "lang") if not isinstance(r.get(k), str)]
-        if missing:
-            raise UserError(f"{pairs_file} line {i + 1}: missing field(s) {missing} (01_build_pairs.py writes them)")
+    for i, r in enumerate(nll_rows(pairs_file)):
         if lang == "en":
             if (r["x_en"], r["y_en"]) in seen:
                 continue
@@ -452,8 +448,18 @@ def load_nll(args, lang, split, hub):
     return items, pairs_file
 
 
+def nll_rows(pairs_file):
+    """The pairs of --pairs, each checked for the fields nll reads."""
+    rows = common.read_jsonl(pairs_file)
+    for i, r in enumerate(rows):
+        missing = [k for k in ("x_en", "y_en", "x_tgt", "y_tgt", "lang") if not isinstance(r.get(k), str)]
+        if missing:
+            raise UserError(f"{pairs_file} line {i + 1}: missing field(s) {missing} (01_build_pairs.py writes them)")
+    return rows
+
+
 def nll_langs(pairs_file):
-    return sorted({r["lang"] for r in common.read_jsonl(pairs_file)} | {"en"}) if pairs_file else []
+    return sorted({r["lang"] for r in nll_rows(pairs_file)} | {"en"}) if pairs_file else []
 
 
 # -----------------------------------------------------------------------------
@@ -1672,7 +1678,11 @@ def shots_for(task, args):
 
 def load_task(task, lang, args, direction=None):
     """Items (after --limit), the data file and the split of one task x language (x direction)."""
-    return TASKS[task].load(lang, direction, args)
+    try:
+        return TASKS[task].load(lang, direction, args)
+    except common.MissingFile as e:
+        raise UserError(f"{e}: {task}'s data is read from --data-dir {args.data_dir} (a folder laid out like data/, "
+                        "data/README.md)") from None
 
 
 def evaluate(model, tokenizer, task, lang, items, args, direction=None, ranks=SINGLE):
@@ -2183,6 +2193,9 @@ def check_args(args):
         raise UserError("--num-fewshot must be >= 0")
     if not args.compare and not args.out:
         raise UserError("pass --out DIR (where the run JSONs, per-item JSONL and results.md go)")
+    if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UserError(f"--out {args.out} is a file; give a folder (the run JSONs, per-item JSONL and results.md "
+                        "go there)")
     if not args.compare and not args.model:
         args.model = [common.DEFAULT_MODEL]
     if args.run_name and len(args.run_name) != len(args.model):

@@ -38,6 +38,10 @@ class UserError(Exception):
     """Bad input from the user: printed as one line `error: ...` and exit code 2, no traceback."""
 
 
+class MissingFile(UserError):
+    """A file that is not there (nor compressed beside it): the caller may say where it should come from."""
+
+
 def run_main(main):
     """Call main(); turn a UserError into a one-line message and exit code 2."""
     try:
@@ -56,20 +60,21 @@ COMPRESSED = (".gz", ".xz")  # the repository ships large files compressed (data
 
 def resolve_path(path):
     """`path` itself, or `path + '.gz'` / `path + '.xz'`."""
+    if os.path.isdir(path):
+        raise UserError(f"{path} is a folder, not a file: pass the file itself")
     if os.path.exists(path):
         return path
     for ext in COMPRESSED:
         if not path.endswith(COMPRESSED) and os.path.exists(path + ext):
             return path + ext
-    raise UserError(f"file not found: {path} (check the path, or pass --data-dir pointing at a folder laid out "
-                    "like data/)")
+    raise MissingFile(f"file not found: {path} (check the path)")
 
 
 def existing_path(path):
     """resolve_path's answer, or None when neither `path` nor a compressed copy of it exists."""
     try:
         return resolve_path(path)
-    except UserError:
+    except MissingFile:
         return None
 
 
@@ -100,12 +105,17 @@ def read_jsonl(path):
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}: malformed JSON on line {lineno}: {e.msg} (fix or delete that line)") from None
+            if not isinstance(rows[-1], dict):
+                raise UserError(f"{path}: line {lineno} is a JSON {type(rows[-1]).__name__}, not an object (one "
+                                "{...} per line; fix or delete that line)")
     return rows
 
 
 @contextlib.contextmanager
 def atomic_open(path, mode="w"):
     """Write to a temporary file in the same folder and rename it into place on success only."""
+    if os.path.isdir(path):
+        raise UserError(f"cannot write {path}: it is a folder; give a file name")
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")

@@ -470,7 +470,7 @@ def main(argv=None):
     unknown = [r for r in args.only or [] if r not in study.runs_expanded and r not in study.groups]
     if unknown:
         raise UserError(f"--only names {', '.join(unknown)}, not runs of {args.study}; use one of "
-                        f"{', '.join(list(study.groups) + list(study.runs_expanded))}")
+                        f"{', '.join(dict.fromkeys(list(study.groups) + list(study.runs_expanded)))}")
     runner = Runner(study, results, work, set(args.only or []))
     planner = study["compute"]["planner"]
     if planner:  # e.g. scripts/paper_plan.py: the paper study's checks, GPU-hours and FSDP config

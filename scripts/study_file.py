@@ -215,8 +215,8 @@ def expand_runs(study, check):
 
 def load_study(path, check_flags=True):
     """Parse and validate a study file (nothing is written): a Study, or a UserError naming the line and the fix."""
-    if not os.path.exists(path):
-        raise UserError(f"study file not found: {path} (studies/README.md says how to write one)")
+    if not os.path.isfile(path):
+        raise UserError(f"study file not found: {path} (a TOML file; studies/README.md says how to write one)")
     text = open(path, encoding="utf-8").read()
     try:
         raw = tomllib.loads(text)

@@ -374,6 +374,9 @@ def main(argv=None):
     study = load_study(args.study, check_flags=False)
     out = os.path.abspath(args.out) if args.out else os.path.join(ROOT, study["study"]["results"])
     tables = build(study, out)
+    if study["measures"] and all(v is None for row in tables["runs"].values() for v in row.values()):
+        raise common.UserError(f"no run of {args.study} has results under {out}: run scripts/run_study.py "
+                               f"{args.study} first, or pass --out where they are")
     text = markdown(study, tables, out)
     os.makedirs(out, exist_ok=True)
     if study["tables"]["loss_curves"] and loss_curves(study, out, os.path.join(out, "loss_curves.png")):

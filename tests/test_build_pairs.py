@@ -352,7 +352,7 @@ def test_split_is_seeded_disjoint_and_stable():
     assert len(small_train) + len(small_dev) == 30 and small_dev == dev
     kept = [r for r in rows if r["id"] not in sorted(dev_set)[:3]]  # filters dropped 3 dev ids: not replaced
     assert {r["id"] for r in bp.split_dev(kept, dev_set, seed=0)[1]} == dev_set - set(sorted(dev_set)[:3])
-    with pytest.raises(UserError, match="--dev-size 30 leaves no training pairs"):
+    with pytest.raises(UserError, match=r"dev split \(--dev-size: 30 ids here\) leaves no training pairs"):
         bp.split_dev(rows, bp.dev_ids([r["id"] for r in rows], 30, 0), seed=0, limit=30)
 
 
@@ -413,6 +413,19 @@ def test_bad_inputs_write_nothing(data, tmp_path):
         bp.main(["--data-dir", data, "--out", str(out / "p.jsonl"), "--source", "alpaca", "--lang", "zh",
                  "--tgt-file", str(tmp_path / "bad.jsonl")])
     assert not out.exists() or not os.listdir(out)
+    (out / "p.jsonl").mkdir(parents=True)
+    with pytest.raises(UserError, match="is a folder; give a file name ending in .jsonl"):
+        bp.main(["--data-dir", data, "--out", str(out / "p.jsonl"), "--source", "alpaca", "--lang", "zh"])
+
+
+def test_pairs_without_numbers_are_built_with_a_warning(data, tmp_path, capsys):
+    """Parallel text whose English side carries no numbers cannot be checked for alignment: said, not silent."""
+    colours, animals = ("red", "green", "blue", "black", "white"), ("cat", "dog", "bird", "fish", "horse", "cow")
+    dump_lines(str(tmp_path / "s.eng"), [f"The {c} {a} is in the garden." for c in colours for a in animals])
+    dump_lines(str(tmp_path / "s.zh"), [f"{c}色的{a}在花园里。" for c in "红绿蓝黑白" for a in "猫狗鸟鱼马牛"])
+    run(data, tmp_path, "--source", "parallel", "--lang", "zh", "--en-file", str(tmp_path / "s.eng"), "--tgt-file",
+        str(tmp_path / "s.zh"), "--dev-size", "3")
+    assert "warning: alignment not checked: 0 pairs carry >= 2 numbers on the English side" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------- machine translation

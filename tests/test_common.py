@@ -125,6 +125,13 @@ def test_read_jsonl_reports_line_number(tmp_path):
         common.read_jsonl(str(path))
     with pytest.raises(common.UserError, match="file not found"):
         common.read_jsonl(str(tmp_path / "missing.jsonl"))
+    path.write_text('{"a": 1}\n[1, 2]\n')
+    with pytest.raises(common.UserError, match="line 2 is a JSON list, not an object"):
+        common.read_jsonl(str(path))
+    with pytest.raises(common.UserError, match="is a folder, not a file"):
+        common.read_jsonl(str(tmp_path))
+    with pytest.raises(common.UserError, match="it is a folder"):
+        common.write_json(str(tmp_path), {})
 
 
 def test_gz_and_xz_transparent_reading(tmp_path):

@@ -372,7 +372,10 @@ CLI_ERRORS = [
     (["--tasks", "xnli,nope", "--langs", "zh"], "unknown task"),
     (["--tasks", "xnli", "--langs", "klingon"], "unknown language"),
     (["--tasks", "xcopa", "--langs", "ar"], "xcopa has no data for ar; its languages"),
-    (["--tasks", "xnli", "--langs", "zh", "--data-dir", "{empty}"], "file not found"),
+    (["--tasks", "xnli", "--langs", "zh", "--data-dir", "{empty}"], "xnli's data is read from --data-dir"),
+    (["--tasks", "nll", "--langs", "zh", "--pairs", "{empty}"], "is a folder, not a file"),
+    (["--tasks", "nll", "--langs", "zh", "--pairs", "{nolang}"], "missing field(s) ['lang']"),
+    (["--tasks", "xnli", "--langs", "zh", "--out", "{afile}"], "is a file; give a folder"),
     (["--tasks", "xnli", "--langs", "zh", "--limit", "0"], "--limit"),
     (["--tasks", "xnli", "--langs", "zh", "--model", "{noweights}"], "not a model folder"),
     (["--tasks", "nll", "--langs", "zh"], "--pairs"),
@@ -384,9 +387,12 @@ def test_cli_errors(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     (tmp_path / "noweights").mkdir()
     (tmp_path / "noweights" / "config.json").write_text("{}")
-    out = tmp_path / "out"  # every case refuses before writing anything, so they share it
-    runs = [[a.format(empty=tmp_path / "empty", noweights=tmp_path / "noweights") for a in args] + ["--out", str(out)]
-            for args, _ in CLI_ERRORS]
+    (tmp_path / "nolang.jsonl").write_text(json.dumps(dict(x_en="a", y_en="b", x_tgt="c", y_tgt="d")) + "\n")
+    (tmp_path / "afile").write_text("")
+    out = tmp_path / "out"  # every case refuses before writing anything, so they share it (a case's own --out wins)
+    names = dict(empty=tmp_path / "empty", noweights=tmp_path / "noweights", nolang=tmp_path / "nolang.jsonl",
+                 afile=tmp_path / "afile")
+    runs = [["--out", str(out)] + [a.format(**names) for a in args] for args, _ in CLI_ERRORS]
     r = run_stage("03_evaluate.py", *runs[0])  # the command line itself; the others through common.run_main here
     results = [(r.returncode, r.stderr)] + [run_main_in_process(ev.main, argv, capsys) for argv in runs[1:]]
     for (args, message), (code, stderr) in zip(CLI_ERRORS, results):

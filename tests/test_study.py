@@ -303,6 +303,14 @@ def test_a_part_is_published_only_with_every_cell_at_its_limit(tmp_path):
     assert here.eval_flags(run, part).count("--analysis") == 1
 
 
+def test_tables_without_any_result_and_a_folder_for_a_study_are_refused(tmp_path, capsys):
+    code, err = run_main_in_process(study_tables.main, [TINY, "--out", str(tmp_path / "empty")], capsys)
+    assert code == 2 and "no run of" in err and "run scripts/run_study.py" in err
+    assert not (tmp_path / "empty").exists()
+    code, err = run_main_in_process(run_study.main, [str(tmp_path), "--dry-run"], capsys)
+    assert code == 2 and err.startswith("error: study file not found") and "Traceback" not in err
+
+
 def test_a_pairs_file_is_found_from_the_repository_root(tmp_path, monkeypatch):
     study = run_study.load_study(TINY)
     study["pairs"]["zh"] = dict(study["pairs"]["zh"], flags=None, file="tests/fixtures/pairs_zh.jsonl")

@@ -494,8 +494,14 @@ def test_bad_input_errors(tmp_path, tiny_model_dirs, capsys):
     ]
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"id": "1", "x_en": "a", "y_en": "b", "x_tgt": "c"}) + "\n")
+    (tmp_path / "list.jsonl").write_text("[1, 2]\n")
+    (tmp_path / "afile").write_text("")
     cases += [(["--pairs", str(bad)], "line 1: missing or non-string field(s) ['y_tgt']"),
-              (["--pairs", str(tmp_path / "none.jsonl")], "file not found")]
+              (["--pairs", str(tmp_path / "none.jsonl")], "file not found"),
+              (["--pairs", str(tmp_path)], "is a folder, not a file"),
+              (["--pairs", str(tmp_path / "list.jsonl")], "line 1 is a JSON list, not an object"),
+              (["--lc-layer", "9", "--method", "dft-logits"], "--lc-layer 9 is out of range"),  # before the rule runs
+              (["--out", str(tmp_path / "afile")], "is a file; give a folder")]
     # every case refuses before anything is written, so they can share --out; the first goes through the command
     # line itself, the others through the same common.run_main in this process
     argvs = [["--pairs", PAIRS, "--out", out, "--model", model, "--max-steps", "1", *flags] for flags, _ in cases]
@@ -504,7 +510,7 @@ def test_bad_input_errors(tmp_path, tiny_model_dirs, capsys):
     for (flags, message), (code, stderr) in zip(cases, results):
         errors = [line for line in stderr.splitlines() if line.startswith("error:")]
         assert code == 2 and len(errors) == 1 and message in errors[0] and "Traceback" not in stderr, (flags, stderr)
-    assert not os.path.exists(os.path.join(out, "model.safetensors"))
+    assert not os.path.exists(out)  # not even an empty folder
 
 
 # -----------------------------------------------------------------------------
