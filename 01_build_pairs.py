@@ -957,7 +957,11 @@ def main(argv=None):
     base = args.out[:-len(".jsonl")]
     dev_path, stats_path = base + ".dev.jsonl", base + ".stats.json"
     translate = bool(args.translate_model)
-    rows, inputs = load_rows(args, translate)
+    try:
+        rows, inputs = load_rows(args, translate)
+    except common.MissingFile as e:
+        raise UserError(f"{e}: the shipped files are read from --data-dir {args.data_dir} (laid out like data/); "
+                        "--en-file / --tgt-file name your own") from None
     if not rows:
         raise UserError(f"no pairs in {', '.join(inputs)}: the target file(s) hold no items")
     translation = None
@@ -1020,8 +1024,8 @@ def print_summary(stats, args, dev_path, stats_path):
         print(f"  alignment: {a['number_pairs']} pairs with numbers, {a['number_agreement']:.1%} agree "
               f"(worst window {a['min_window_agreement']}), {a['per_pair_failures']} per-pair failures")
     if "number_pairs" in a and a["number_pairs"] < ALIGN_MIN_EVIDENCE:
-        print(f"  warning: alignment not checked: {a['number_pairs']} pairs carry >= {NUMBERS_CHECKED} "
-              f"numbers on the English side, the check needs {ALIGN_MIN_EVIDENCE}; make sure the two sides are "
+        print(f"  warning: only {a['number_pairs']} pairs carry >= {NUMBERS_CHECKED} numbers on the English side, "
+              f"too few (< {ALIGN_MIN_EVIDENCE}) to check the alignment of the rest; make sure the two sides are "
               "aligned (e.g. read a few pairs of the output)")
     if stats["y_tgt_is_english"]:
         print(f"  y_tgt is the English answer in {stats['y_tgt_is_english']} pairs (no translated answers)")

@@ -58,6 +58,7 @@ PRECISIONS = {"float32": "no", "bf16": "bf16", "auto": "auto"}  # compute.precis
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*$")
 PLACEHOLDERS = dict(work="W", results="R", pairs="P.jsonl", dev="P.dev.jsonl", model="M", run="r", seed=1)
 BASE, TRAINING = ("work", "results"), ("work", "results", "pairs", "dev", "run", "seed")  # what run_study.py fills
+NO_PATH = os.path.join(os.devnull, "out")  # an --out for the stages' parsers that no file can be
 
 
 class Study(dict):
@@ -261,7 +262,8 @@ def load_study(path, check_flags=True):
                    "used twice", "give each [[evaluation.parts]] a unique name", nth)
         check.names(part["runs"], "evaluation.parts", "runs", run_names, "run", nth)
         covered = [r for r in runs.values() if part["runs"] is None or {r["name"], r["group"]} & set(part["runs"])]
-        for r in covered if any("{dev}" in f or "{pairs}" in f for f in part["flags"]) else []:
+        flags = study["evaluation"]["flags"] + part["flags"]
+        for r in covered if any("{dev}" in f or "{pairs}" in f for f in flags) else []:
             check.need(r["pairs"], "evaluation.parts", "flags", f"part {part['name']} uses {{dev}} or {{pairs}}, but "
                        f"run {r['name']} has no pair set", f"set pairs = \"...\" in [runs.{r['group']}]", nth)
     keys = sorted({key for spec in load_stage("03_evaluate").TASKS.values() for key in spec.result_keys})
@@ -302,7 +304,7 @@ def load_study(path, check_flags=True):
               for n, p in study["pairs"].items()] + [("setup", "command", e["command"], BASE, nth)
                                                      for nth, e in enumerate(study["setup"])]
     places += [("compute", "launch_flags", c["launch_flags"] + (c["planner"] or []), BASE, 0),
-               ("train", "flags", study["train"]["flags"], TRAINING, 0), ("study", "model", [s["model"]], BASE, 0),
+               ("train", "flags", study["train"]["flags"], TRAINING, 0), ("study", "model", [s["model"]], BASE + ("run", "seed"), 0),
                ("evaluation", "flags", study["evaluation"]["flags"], tuple(PLACEHOLDERS), 0)]
     places += [(f"runs.{g}", key, r[key] if key == "flags" else [r[key] or ""], TRAINING if key == "flags" else
                 BASE + ("run", "seed"), 0) for g, r in study["runs"].items() for key in ("flags", "model")]
@@ -314,7 +316,7 @@ def load_study(path, check_flags=True):
                    f"use only {', '.join('{' + a + '}' for a in allowed)} (studies/README.md)", nth)
     for run in runs.values() if check_flags else []:
         if run["train"] and not run["reuse"]:
-            why = stage_refuses("02_train_dft", ["--pairs", "P", "--out", "O"] + fill(study["train"]["flags"]
+            why = stage_refuses("02_train_dft", ["--pairs", "P", "--out", NO_PATH] + fill(study["train"]["flags"]
                                                                                    + run["flags"], PLACEHOLDERS))
             check.need(why is None, f"runs.{run['group']}", "flags", f"02_train_dft.py refuses run {run['name']}'s "
                        f"flags: {why}", "fix them (python 02_train_dft.py --help lists every flag)")
@@ -323,7 +325,7 @@ def load_study(path, check_flags=True):
         check.need(not why, f"pairs.{name}", "flags", f"01_build_pairs.py refuses pairs {name}'s flags: {why}",
                    "fix them (python 01_build_pairs.py --help lists every flag)")
     for nth, part in enumerate(parts if check_flags else []):
-        why = stage_refuses("03_evaluate", ["--model", "M", "--out", "O"] + fill(study["evaluation"]["flags"]
+        why = stage_refuses("03_evaluate", ["--model", "M", "--out", NO_PATH] + fill(study["evaluation"]["flags"]
                                                                                + part["flags"], PLACEHOLDERS))
         check.need(why is None, "evaluation.parts", "flags", f"03_evaluate.py refuses part {part['name']}'s flags: "
                    f"{why}", "fix them (python 03_evaluate.py --help lists every flag)", nth)

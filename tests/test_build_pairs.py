@@ -398,6 +398,7 @@ def test_bad_inputs_write_nothing(data, tmp_path):
         (["--source", "alpaca", "--lang", "xx"], "unknown language code 'xx'"),
         (["--source", "gsm8k", "--lang", "bn"], "no GSM8K translation into Bengali ships"),
         (["--source", "alpaca", "--lang", "zh", "--tgt-file", str(tmp_path / "missing.json")], "file not found"),
+        (["--source", "alpaca", "--lang", "zh", "--data-dir", str(tmp_path)], "read from --data-dir"),
         (["--source", "parallel", "--lang", "vi", "--corpus", "ntrex"], "no Vietnamese; try --corpus tatoeba"),
         (["--source", "alpaca", "--lang", "ja"], "no aligned Japanese Alpaca"),
         (["--source", "alpaca", "--lang", "ja", "--tgt-file", f"{data}/alpaca/alpaca_data_zh_carbonz0_0-20437.json",
@@ -425,7 +426,7 @@ def test_pairs_without_numbers_are_built_with_a_warning(data, tmp_path, capsys):
     dump_lines(str(tmp_path / "s.zh"), [f"{c}色的{a}在花园里。" for c in "红绿蓝黑白" for a in "猫狗鸟鱼马牛"])
     run(data, tmp_path, "--source", "parallel", "--lang", "zh", "--en-file", str(tmp_path / "s.eng"), "--tgt-file",
         str(tmp_path / "s.zh"), "--dev-size", "3")
-    assert "warning: alignment not checked: 0 pairs carry >= 2 numbers on the English side" in capsys.readouterr().out
+    assert "warning: only 0 pairs carry >= 2 numbers on the English side, too few" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------- machine translation

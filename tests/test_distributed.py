@@ -117,10 +117,9 @@ def _ddp_worker(out_dir, model_dir):
     import gc
     from accelerate import Accelerator
     from torch.nn.parallel import DistributedDataParallel
-    held = []  # per training: its DDP models still alive when it ends its run
+    held = []  # per training: its DDP models still alive when it ends its run (no collection here: 02 collects)
 
     def end_training(self):  # keeps the process group the next training needs
-        gc.collect()
         held.append(sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects()))
     Accelerator.end_training = end_training
     for name, flags in DDP_RUNS.items():

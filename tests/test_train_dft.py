@@ -438,6 +438,11 @@ def test_train_config_records_everything(tmp_path, tiny_model_dirs):
                  model_dir=tiny_model_dirs["gpt2"])
     cfg = json.load(open(os.path.join(out, "train_config.json")))
     assert cfg["lc_layer_used"] == 1 and cfg["et_layer_used"] == 3 and cfg["layers_why"] == {"lc": "flag", "et": "flag"}
+    assert cfg["pairs_sha256"] == common.sha256_file(PAIRS) and cfg["versions"]["torch"] == torch.__version__
+    assert cfg["global_batch"] == 4 and cfg["total_steps"] == 1
+    model, _ = common.load_model_and_tokenizer(out)  # a normal HF folder
+    assert type(model).__name__ == "GPT2LMHeadModel"
+
 
 def test_layers_why_tells_a_typed_layer_from_the_presets(tmp_path, tiny_model_dirs, monkeypatch):
     monkeypatch.setitem(train.PRESETS, "tiny", dict(lc_layer="1", et_layer="3"))
@@ -446,10 +451,6 @@ def test_layers_why_tells_a_typed_layer_from_the_presets(tmp_path, tiny_model_di
     cfg = json.load(open(os.path.join(out, "train_config.json")))
     assert (cfg["lc_layer_used"], cfg["et_layer_used"]) == (1, 2)
     assert cfg["layers_why"] == {"lc": "preset", "et": "flag"}
-    assert cfg["pairs_sha256"] == common.sha256_file(PAIRS) and cfg["versions"]["torch"] == torch.__version__
-    assert cfg["global_batch"] == 4 and cfg["total_steps"] == 1
-    model, _ = common.load_model_and_tokenizer(out)  # a normal HF folder
-    assert type(model).__name__ == "GPT2LMHeadModel"
 
 
 def test_pick_layers_on_synthetic_curves():
