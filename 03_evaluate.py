@@ -2220,14 +2220,20 @@ def check_args(args):
         raise UserError(f"--tuned-lens {args.tuned_lens} is not a folder (02_train_dft.py --fit-tuned-lens writes one)")
 
 
+def task_names(tasks):
+    """--tasks as task names ('all' = every task but nll); an unknown name is an error."""
+    names = common.parse_list(tasks)
+    if names == ["all"]:
+        names = [t for t, spec in TASKS.items() if spec.in_all]
+    unknown = [t for t in names if t not in TASKS]
+    if unknown or not names:
+        raise UserError(f"unknown task(s) {', '.join(unknown) or '(none given)'}; known tasks: {', '.join(TASKS)}")
+    return names
+
+
 def plan(args):
     """[(task, lang, direction or None)] after checking names and data availability; prints skipped combos."""
-    tasks = common.parse_list(args.tasks)
-    if tasks == ["all"]:
-        tasks = [t for t, spec in TASKS.items() if spec.in_all]
-    unknown = [t for t in tasks if t not in TASKS]
-    if unknown or not tasks:
-        raise UserError(f"unknown task(s) {unknown or tasks}; known tasks: {', '.join(TASKS)}")
+    tasks = task_names(args.tasks)
     langs = [common.check_lang(l) for l in common.parse_list(args.langs)]
     if not langs:
         raise UserError("--langs is empty")

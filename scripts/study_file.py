@@ -57,7 +57,9 @@ LISTED = ("setup", "evaluation.parts")  # [[section]] arrays of tables
 PRECISIONS = {"float32": "no", "bf16": "bf16", "auto": "auto"}  # compute.precision -> 02's --mixed-precision
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*$")
 PLACEHOLDERS = dict(work="W", results="R", pairs="P.jsonl", dev="P.dev.jsonl", model="M", run="r", seed=1)
-BASE, TRAINING = ("work", "results"), ("work", "results", "pairs", "dev", "run", "seed")  # what run_study.py fills
+# the placeholders run_study.py fills in each place of a study file (studies/README.md)
+BASE, MODEL = ("work", "results"), ("work", "results", "run", "seed")
+TRAINING, EVALUATION = ("work", "results", "pairs", "dev", "run", "seed"), tuple(PLACEHOLDERS)
 NO_PATH = os.path.join(os.devnull, "out")  # an --out for the stages' parsers that no file can be
 
 
@@ -165,19 +167,17 @@ def stage_refuses(stage, argv):
             args = module.parse_args(argv)
             if stage == "02_train_dft":
                 module.resolve_config(args)
+            if stage == "03_evaluate":
+                module.task_names(args.tasks)
     except (ValueError, UserError) as e:
         return str(e)
-    tasks = common.parse_list(args.tasks) if stage == "03_evaluate" else []
-    unknown = [t for t in tasks if t not in module.TASKS and tasks != ["all"]]
-    return f"unknown task(s) {', '.join(unknown)}; known tasks: {', '.join(module.TASKS)}" if unknown else None
 
 
 def part_cells(stage3, args):
     """[(result key, cell)] an evaluation part writes into its run JSON: its tasks x languages that have data x
     directions (as 03_evaluate.plan, without reading a --pairs file that does not exist yet)."""
-    tasks = common.parse_list(args.tasks)
     cells = []
-    for task in [t for t, s in stage3.TASKS.items() if s.in_all] if tasks == ["all"] else tasks:
+    for task in stage3.task_names(args.tasks):
         spec = stage3.TASKS[task]
         try:
             have = spec.languages(args)
@@ -301,14 +301,14 @@ def load_study(path, check_flags=True):
         check.names([group], f"references.values.{group}", None, run_names, "run")
         check.names(values, f"references.values.{group}", None, measures, "measure")
     places = [(f"pairs.{n}", "flags", (p["flags"] or []) + [p["file"] or ""], BASE, 0)
-              for n, p in study["pairs"].items()] + [("setup", "command", e["command"], BASE, nth)
-                                                     for nth, e in enumerate(study["setup"])]
+              for n, p in study["pairs"].items()]
+    places += [("setup", "command", e["command"], BASE, nth) for nth, e in enumerate(study["setup"])]
     places += [("compute", "launch_flags", c["launch_flags"] + (c["planner"] or []), BASE, 0),
-               ("train", "flags", study["train"]["flags"], TRAINING, 0), ("study", "model", [s["model"]], BASE + ("run", "seed"), 0),
-               ("evaluation", "flags", study["evaluation"]["flags"], tuple(PLACEHOLDERS), 0)]
-    places += [(f"runs.{g}", key, r[key] if key == "flags" else [r[key] or ""], TRAINING if key == "flags" else
-                BASE + ("run", "seed"), 0) for g, r in study["runs"].items() for key in ("flags", "model")]
-    places += [("evaluation.parts", "flags", p["flags"], tuple(PLACEHOLDERS), nth) for nth, p in enumerate(parts)]
+               ("study", "model", [s["model"]], MODEL, 0), ("train", "flags", study["train"]["flags"], TRAINING, 0),
+               ("evaluation", "flags", study["evaluation"]["flags"], EVALUATION, 0)]
+    places += [(f"runs.{g}", "flags", r["flags"], TRAINING, 0) for g, r in study["runs"].items()]
+    places += [(f"runs.{g}", "model", [r["model"] or ""], MODEL, 0) for g, r in study["runs"].items()]
+    places += [("evaluation.parts", "flags", p["flags"], EVALUATION, nth) for nth, p in enumerate(parts)]
     for section, key, strings, allowed, nth in places:
         unknown = sorted(placeholders(strings) - set(allowed))
         what = "a lone brace" if unknown == ["{"] else "{" + (unknown or [""])[0] + "}"
