@@ -100,9 +100,13 @@ def heldout(logs, out):
         axes[1].plot([r["step"] for r in rows], smooth, color=color, ls=ls, label=m)
     axes[0].set(title="held-out L_TFT (dev pairs, no gradient)", xlabel="optimizer step", ylabel="nats/token")
     axes[1].set(title="training L_TFT (10-step moving mean)", xlabel="optimizer step")
+    if not axes[0].lines:  # no run was trained with --eval-pairs
+        axes[0].text(0.5, 0.5, "no held-out evaluation\n(02_train_dft.py --eval-pairs)", ha="center", va="center",
+                     transform=axes[0].transAxes)
     for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.lines:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     fig.savefig(out, dpi=120)

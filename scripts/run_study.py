@@ -9,7 +9,8 @@ The stages stay what users run by hand: every part is one subprocess of 01_build
 03_evaluate.py, logged to WORK/logs/<part>.log; the driver logs to WORK/logs/driver.log. A finished part leaves a
 marker in WORK/done/ and its small outputs (run JSONs, gzipped per-item outcomes, training logs) in the results
 folder; a part is also finished when the results folder already holds its outputs (a fresh checkout). A stopped
-training resumes from its checkpoint; a killed part is tried again (compute.retries). Never commits to git.
+training resumes from its checkpoint; a killed part is tried again (compute.retries), a part its stage refuses
+(exit code 2: bad input) is not. Never commits to git.
 """
 import argparse
 import fcntl
@@ -85,13 +86,13 @@ class Runner:
     def done(self, name):
         return os.path.exists(os.path.join(self.work, "done", name))
 
-    def part(self, name, argv, env_extra=None):
+    def part(self, name, argv):
         """One part: up to compute.retries attempts of argv (a killed or failed attempt is tried again), its
         output appended to WORK/logs/NAME.log; leaves WORK/done/NAME on success. Returns success."""
         compute = self.study["compute"]
         env = dict(os.environ, OMP_NUM_THREADS=str(compute["threads"]), MKL_NUM_THREADS=str(compute["threads"]),
                    PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
-                   **{k: str(v) for k, v in compute["env"].items()}, **(env_extra or {}))
+                   **{k: str(v) for k, v in compute["env"].items()})
         log = os.path.join(self.work, "logs", name + ".log")
         for attempt in range(1, compute["retries"] + 1):
             if self.stopping.is_set():  # Ctrl-C: no new attempt (the stage got the signal too)
@@ -100,14 +101,19 @@ class Runner:
             self.say(f"{name}: start" + (f" (attempt {attempt})" if attempt > 1 else ""))
             t0 = time.time()
             with open(log, "a", encoding="utf-8") as f:
-                f.write(f"\n$ {' '.join(argv_now)}\n")
-                f.flush()
+                print(f"\n$ {' '.join(argv_now)}", file=f, flush=True)
                 code = subprocess.run(argv_now, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
             if code == 0:
                 open(os.path.join(self.work, "done", name), "w").close()
                 self.say(f"{name}: done ({time.time() - t0:.0f} s)")
                 return True
-            self.say(f"{name}: FAILED with exit code {code} (see {log})")
+            # exit code 2 and an error line: the stage refused its input (a UserError, a usage error), as it would again
+            refused = code == 2 and [line.strip() for line in open(log, errors="replace") if "error:" in line]
+            self.say(f"{name}: " + ("stopped by the interrupt" if self.stopping.is_set() else f"REFUSED, not tried "
+                                    f"again: {refused[-1]}" if refused else f"FAILED with exit code {code}")
+                     + f" ({log})")
+            if refused or self.stopping.is_set():
+                return False
         return False
 
     def stage(self, script, processes=1, launcher="torchrun"):
@@ -147,11 +153,16 @@ class Runner:
             f.write("".join(f"{common.sha256_file(x)}  {os.path.basename(x)}\n" for x in (train, dev)
                             if os.path.exists(x) and f"  {os.path.basename(x)}\n" not in known))
 
+    def missing_pairs(self):
+        """The pairs files given as finished (pairs.NAME.file) that a part still to run reads and that are not there."""
+        sets = {r["pairs"] for r in self.runs
+                if r["pairs"] and self.study["pairs"][r["pairs"]]["file"] and self.pending(r)}
+        return [self.pairs_files(n)[0] for n in sorted(sets) if not common.existing_path(self.pairs_files(n)[0])]
+
     # ---- what is finished (also on a fresh checkout: the results folder)
 
     def model_of(self, run):
-        """The model a run is evaluated with: its own training's folder, else its model ({seed}, {run} allowed:
-        e.g. another run's folder, {work}/train/tft-s{seed})."""
+        """The model a run is evaluated with: its training's folder, else its model (e.g. {work}/train/tft-s{seed})."""
         if not run["train"]:
             return fill([run["model"]], dict(self.values, seed=run["seed"], run=run["name"]))[0]
         return os.path.join(self.work, "train", run["name"])
@@ -167,8 +178,8 @@ class Runner:
         if part["analysis"]:
             pattern = os.path.join(self.results, "layers", f"{run['name']}.layers.*.json")
             return bool(glob.glob(pattern) + glob.glob(pattern + ".gz"))
-        path = os.path.join(self.results, "eval", run["name"] + ".json")
-        if not os.path.exists(path) and not os.path.exists(path + ".gz"):
+        path = common.existing_path(os.path.join(self.results, "eval", run["name"] + ".json"))
+        if not path:
             return False
         stage3 = load_stage("03_evaluate")
         with argparse_raises():
@@ -186,6 +197,9 @@ class Runner:
 
     def pending_evals(self, run):
         return [p for p in self.parts_of(run) if not self.part_published(run, p)]
+
+    def pending(self, run):
+        return self.needs_training(run) or bool(self.pending_evals(run))
 
     def needs_training(self, run):
         """Not trained here (its marker and its output folder in the work folder) and needed: an evaluation of it,
@@ -234,8 +248,7 @@ class Runner:
         for f in ("train_config.json", "intervention_config.json", "provenance.json"):  # a training's or a fit's
             if os.path.exists(os.path.join(folder, f)):
                 copy(os.path.join(folder, f), out)
-        if os.path.exists(os.path.join(folder, "train_log.jsonl")) and not os.path.samefile(folder, out):
-            # gzipped, as every log under results/
+        if os.path.exists(os.path.join(folder, "train_log.jsonl")) and not os.path.samefile(folder, out):  # gzipped
             gzip_copy(os.path.join(folder, "train_log.jsonl"), os.path.join(out, "train_log.jsonl.gz"))
         return True
 
@@ -244,11 +257,11 @@ class Runner:
     def evaluate(self, run):
         name, ok = run["name"], True
         work_eval, res_eval = os.path.join(self.work, "eval"), os.path.join(self.results, "eval")
-        os.makedirs(work_eval, exist_ok=True)
-        os.makedirs(res_eval, exist_ok=True)
+        for folder in (work_eval, res_eval):
+            os.makedirs(folder, exist_ok=True)
         for part in self.pending_evals(run):
-            published = os.path.join(res_eval, name + ".json")
-            if os.path.exists(published) and not os.path.exists(os.path.join(work_eval, name + ".json")):
+            if os.path.exists(os.path.join(res_eval, name + ".json")) and not os.path.exists(
+                    os.path.join(work_eval, name + ".json")):
                 self.seed_work_eval(name, work_eval, res_eval)  # 03 adds cells to the run JSON it finds
             out = os.path.join(self.work, "layers", name) if part["analysis"] else work_eval
             argv = self.stage("03_evaluate.py", self.study["compute"]["processes"]) + [
@@ -292,8 +305,15 @@ class Runner:
 
     # ---- the schedule
 
+    def guarded(self, kind, run, step):
+        """step(run), or False after saying why it raised: a broken part must not leave the queues waiting for it."""
+        try:
+            return step(run)
+        except Exception as e:
+            self.say(f"{kind}_{run['name']}: FAILED ({type(e).__name__}: {e})")
+            return False
+
     def run(self):
-        compute = self.study["compute"]
         for folder in (os.path.join(self.work, "logs"), os.path.join(self.work, "done"), self.results):
             os.makedirs(folder, exist_ok=True)
         self.lock = open(os.path.join(self.work, ".driver.lock"), "w")
@@ -336,11 +356,7 @@ class Runner:
                         self.cond.notify_all()
                         continue
                     self.busy += 1
-                try:
-                    ok = self.train(run)
-                except Exception as e:  # a broken part must not leave the queues waiting for this run
-                    self.say(f"train_{run['name']}: FAILED ({type(e).__name__}: {e})")
-                    ok = False
+                ok = self.guarded("train", run, self.train)
                 with self.cond:
                     (ready if ok else failed).add(run["name"])
                     results[f"train_{run['name']}"] = ok
@@ -362,17 +378,13 @@ class Runner:
                         return
                     claimed.add(run["name"])
                     self.busy += 1
-                try:
-                    results[f"eval_{run['name']}"] = self.evaluate(run)
-                except Exception as e:
-                    self.say(f"eval_{run['name']}: FAILED ({type(e).__name__}: {e})")
-                    results[f"eval_{run['name']}"] = False
+                results[f"eval_{run['name']}"] = self.guarded("eval", run, self.evaluate)
                 with self.cond:
                     self.busy -= 1
                     self.cond.notify_all()
 
-        threads = [threading.Thread(target=lane) for _ in range(compute["lanes"])]
-        threads += [threading.Thread(target=queue) for _ in range(compute["eval_queues"])]
+        threads = [threading.Thread(target=lane) for _ in range(self.study["compute"]["lanes"])]
+        threads += [threading.Thread(target=queue) for _ in range(self.study["compute"]["eval_queues"])]
         for t in threads:
             t.start()
         try:
@@ -402,21 +414,25 @@ class Runner:
         stage2 = load_stage("02_train_dft")
         lines, tokens, steps_left = [f"== study {self.study['study']['name']}: results {self.results}, work "
                                      f"{self.work}"], 0, 0
+        for name in dict.fromkeys(r["pairs"] for r in self.runs if r["pairs"] and self.pending(r)):
+            built = self.study["pairs"][name]["file"] or self.done(f"pairs_{name}")
+            lines.append(f"   pairs {name:18s} {'built' if built else 'build'}: {self.pairs_files(name)[0]}")
         for run in self.runs:
             pending = [p["name"] for p in self.pending_evals(run)]
-            train = self.needs_training(run)
-            if train:
+            evals = (f"evaluate {', '.join(pending)}" if pending else "evaluated" if self.parts_of(run)
+                     else "no evaluation part")
+            if self.needs_training(run):
                 with argparse_raises():
                     argv = self.train_argv(run, dry=True)
                     args = stage2.parse_args(argv[argv.index("02_train_dft.py") + 1:])
                 if args.fit or args.fit_tuned_lens:  # a forward pass over the pairs, no optimizer steps
                     lines.append(f"   {run['name']:24s} fit ({args.fit or 'tuned lens'}; not in the training time); "
-                                 + evaluations(pending, self.parts_of(run)))
+                                 + evals)
                     continue
                 cfg = stage2.resolve_config(args)
                 pairs = self.pairs_files(run["pairs"])[0]
                 per_step = cfg["batch_size"] * (cfg["grad_accum"] or 1)
-                steps = cfg["max_steps"] or (math.ceil(cfg["epochs"] * count_lines(pairs) / per_step)
+                steps = cfg["max_steps"] or (math.ceil(cfg["epochs"] * len(common.read_jsonl(pairs)) / per_step)
                                              if os.path.exists(pairs) else None)
                 step_tokens = per_step * cfg["max_length"] * self.study["compute"]["processes"]
                 tokens += (steps or 0) * step_tokens
@@ -425,32 +441,19 @@ class Runner:
             else:
                 what = ("no training" if not run["train"] else "trained" if self.wanted(run)
                         else "not needed by any part yet")
-            evals = evaluations(pending, self.parts_of(run))
             lines.append(f"   {run['name']:24s} {what}; {evals}")
         rate = self.study["compute"]["tokens_per_s"]
         seconds = tokens / rate if rate else steps_left * seconds_per_step(self.results)
         lines.append(f"== to train: <= {tokens:,} tokens (padded to --max-length); about "
-                     + (f"{seconds / 3600:.2f} h of training" if seconds == seconds else "? h of training (set "
-                        "compute.tokens_per_s, or finish one run here to time it)"))
+                     + (f"{seconds / 3600:.2f} h ({seconds / 60:.0f} min) of training" if seconds == seconds else
+                        "? h of training (set compute.tokens_per_s, or finish one run here to time it)"))
         return "\n".join(lines)
-
-
-def evaluations(pending, parts):
-    return f"evaluate {', '.join(pending)}" if pending else "evaluated" if parts else "no evaluation part"
-
-
-def count_lines(path):
-    with open(path, encoding="utf-8") as f:
-        return sum(1 for line in f if line.strip())
 
 
 def seconds_per_step(results):
     """Mean training seconds per step over the runs already trained in this results folder (nan: none)."""
-    per_run = []
-    for log in glob.glob(os.path.join(results, "train", "*", "train_log.jsonl*")):
-        rows = common.read_jsonl(log)
-        if rows:
-            per_run.append(sum(r.get("seconds", 0) for r in rows) / len(rows))
+    logs = [common.read_jsonl(log) for log in glob.glob(os.path.join(results, "train", "*", "train_log.jsonl*"))]
+    per_run = [sum(r.get("seconds", 0) for r in rows) / len(rows) for rows in logs if rows]
     return sum(per_run) / len(per_run) if per_run else float("nan")
 
 
@@ -464,14 +467,16 @@ def main(argv=None):
     p.add_argument("--only", nargs="+", metavar="RUN", help="only these runs (a group name means all its seeds)")
     args = p.parse_args(argv)
     study = load_study(args.study)
-    at_root = lambda path: path if os.path.isabs(path) else os.path.join(ROOT, path)  # noqa: E731
-    results = os.path.abspath(args.out) if args.out else at_root(study["study"]["results"])
-    work = os.path.abspath(args.work) if args.work else at_root(study["study"]["work"])
+    results = os.path.abspath(args.out) if args.out else os.path.join(ROOT, study["study"]["results"])  # or absolute
+    work = os.path.abspath(args.work) if args.work else os.path.join(ROOT, study["study"]["work"])
     unknown = [r for r in args.only or [] if r not in study.runs_expanded and r not in study.groups]
     if unknown:
         raise UserError(f"--only names {', '.join(unknown)}, not runs of {args.study}; use one of "
                         f"{', '.join(dict.fromkeys(list(study.groups) + list(study.runs_expanded)))}")
     runner = Runner(study, results, work, set(args.only or []))
+    for path in runner.missing_pairs():
+        raise UserError(f"{args.study}: no pairs file {path} (a [pairs] file = ...); build it with "
+                        "01_build_pairs.py, or fix the path (a relative one starts at the repository root)")
     planner = study["compute"]["planner"]
     if planner:  # e.g. scripts/paper_plan.py: the paper study's checks, GPU-hours and FSDP config
         argv = [sys.executable] + fill(planner, runner.values) + (["--dry-run"] if args.dry_run else [])
@@ -483,7 +488,7 @@ def main(argv=None):
     import torch
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if (study["compute"]["precision"] == "bf16" and not study["compute"]["allow_emulated"]
-            and any(runner.pending_evals(r) for r in runner.runs) and not common.native_bf16(device)):
+            and any(runner.pending(r) for r in runner.runs) and not common.native_bf16(device)):
         raise UserError(f"this machine ({device}) does not compute bf16 natively (no CUDA Ampere+, no AMX / "
                         "AVX512-BF16 CPU): the study's bf16 recipe would be emulated; run it where bf16 is native, "
                         "or set allow_emulated = true in [compute]")

@@ -5,9 +5,9 @@
 
 Validation reads only: an unknown section or key, a wrong type, a placeholder where the runner does not fill it,
 a run whose flags 02_train_dft.py refuses (its own parser and configuration check, nothing runs), pairs or
-evaluation flags 01 / 03 refuse (an unknown task included), a contrast naming a run or measure the study does not
-define, a measure naming a task 03 does not have, a comparative contrast whose coefficients do not sum to zero:
-each is one error naming the line of the file and the fix.
+evaluation flags 01 / 03 refuse (an unknown task included), a contrast naming a run, measure or seed the study does
+not define, a measure naming a task 03 does not have or a cell no evaluation part writes, a comparative contrast
+whose coefficients do not sum to zero: each is one error naming the line of the file and the fix.
 """
 import argparse
 import contextlib
@@ -83,7 +83,12 @@ def key_line(text, section, key=None, nth=0):
             continue
         if key and header == want and seen == nth and re.match(rf"""\s*["']?{re.escape(key)}["']?\s*=""", line):
             return lineno
-    return found or (key_line(text, ".".join(want[:-1]), want[-1]) if key is None and len(want) > 1 else 0)
+    if found or key is not None:
+        return found
+    if len(want) > 1:
+        return key_line(text, ".".join(want[:-1]), want[-1])
+    return next((n for n, line in enumerate(text.splitlines(), 1)  # [section.NAME] of an unknown section
+                 if re.match(rf"\s*\[\[?\s*{re.escape(section)}\s*[.\]]", line)), 0)
 
 
 def type_ok(value, kind):
@@ -208,7 +213,8 @@ def expand_runs(study, check):
             after = [d for a in r["after"] for d in (groups.get(a, [a])) if runs[d]["seed"] == seed or not any(
                 runs[x]["seed"] == seed for x in groups.get(a, [a]))]  # a group: its run of this seed, else all
             runs[run] = dict(name=run, group=name, seed=seed, flags=r["flags"], pairs=pairs, train=r["train"], after=after,
-                             model=r["model"] or study["study"]["model"], reuse=r["reuse"], label=r["label"] or run,
+                             model=r["model"] or study["study"]["model"], reuse=r["reuse"],
+                             label=f"{r['label']}, seed {seed}" if r["label"] and r["seeds"] else r["label"] or run,
                              stored_as=(r["stored_as"] or run).format(seed=seed, run=run, name=name))
             groups[name].append(run)
     return runs, groups
@@ -287,13 +293,19 @@ def load_study(path, check_flags=True):
                    f"its coefficients sum to {total:g}, not 0", "make them sum to 0 (e.g. { dft = 1, tft = -1 }), or "
                    "set comparative = false for a level")
         check.names(con["measures"], section, "measures", measures, "measure")
+        for term in con["terms"] if con["seeds"] else []:
+            have = {runs[r]["seed"] for r in groups.get(term, [])}
+            check.need(term not in groups or set(con["seeds"]) <= have, section, "seeds", f"contrasts.{name} takes "
+                       f"seeds {con['seeds']}, but run group {term} has seeds {sorted(have, key=str)}",
+                       "list only seeds every group of its terms has")
         check.names([con["placebo"]] * bool(con["placebo"]), section, "placebo", list(study["contrasts"]), "contrast")
         con["measures"] = con["measures"] or measures
     for name, fam in study["families"].items():
         check.need(fam["contrasts"], f"families.{name}", "contrasts", f"family {name} has no contrasts",
                    "list its confirmatory contrasts: contrasts = [...]")
-        check.names(fam["contrasts"] + [fam["placebo"]] * bool(fam["placebo"]), f"families.{name}", "contrasts",
-                    list(study["contrasts"]), "contrast")
+        check.names(fam["contrasts"], f"families.{name}", "contrasts", list(study["contrasts"]), "contrast")
+        check.names([fam["placebo"]] * bool(fam["placebo"]), f"families.{name}", "placebo", list(study["contrasts"]),
+                    "contrast")
         check.names(fam["measures"], f"families.{name}", "measures", measures, "measure")
     check.names([study["tables"]["layers_reference"]] * bool(study["tables"]["layers_reference"]), "tables",
                 "layers_reference", list(groups), "run group")
@@ -329,4 +341,15 @@ def load_study(path, check_flags=True):
                                                                                + part["flags"], PLACEHOLDERS))
         check.need(why is None, "evaluation.parts", "flags", f"03_evaluate.py refuses part {part['name']}'s flags: "
                    f"{why}", "fix them (python 03_evaluate.py --help lists every flag)", nth)
+    if check_flags and not any(r["reuse"] for r in runs.values()):  # a reused run's cells come from its own study
+        stage3, written = load_stage("03_evaluate"), set()
+        for part in (p for p in parts if not p["analysis"]):
+            with argparse_raises():
+                args = stage3.parse_args(["--model", "M", "--out", NO_PATH] + fill(study["evaluation"]["flags"]
+                                                                               + part["flags"], PLACEHOLDERS))
+            written |= {f"{key} {cell}" for key, cell in part_cells(stage3, args)} if not args.analysis else set()
+        for name, m in study["measures"].items():
+            for cell in m["cells"]:
+                check.need(cell in written, f"measures.{name}", "cells", f"measure {name} reads cell {cell!r}, which "
+                           "no evaluation part writes", "add its task and language to a part's --tasks and --langs")
     return study

@@ -263,10 +263,15 @@ def markdown(study, t, results_dir):
     label = lambda m: measures[m]["label"] or m  # noqa: E731
     refs = study["references"]["values"]
     s = study["study"]
+    term_label = lambda term: (study["runs"].get(term) or study.runs_expanded[term])["label"] or term  # noqa: E731
+    contrast_label = lambda name: study["contrasts"][name]["label"] or name  # noqa: E731
+    shown = lambda path: os.path.relpath(path, ROOT) if path.startswith(ROOT + os.sep) else path  # noqa: E731
+    command = f"scripts/study_tables.py {shown(s['path'])}" + (
+        "" if os.path.normpath(os.path.join(ROOT, s["results"])) == results_dir else f" --out {shown(results_dir)}")
     lines = [f"# {study['tables']['title'] or s['name']}\n", f"Question: {s['question']}\n" if s["question"] else "",
              f"Pre-registration: {s['preregistration']}\n" if s["preregistration"] else "",
              (study["tables"]["notes"] or s["notes"]) + "\n" if study["tables"]["notes"] or s["notes"] else "",
-             f"Written by `scripts/study_tables.py {os.path.relpath(s.get('path', ''), ROOT)}`. NLL in nats/token "
+             f"Written by `{command}`. NLL in nats/token "
              "(lower is better); accuracies and F1 in %; chrF / BLEU 0-100. Bootstrap: "
              f"{res['B']:,} resamples, seed {res['seed']}, {res['draws']} draws; one item draw per resample shared "
              "by every run of a contrast; 95% percentile intervals; two-sided p (common.bootstrap_p).\n"]
@@ -296,7 +301,8 @@ def markdown(study, t, results_dir):
         terms = " ".join(f"{'+' if c >= 0 else '−'} {abs(c):g} × {n}" for n, c in con["terms"].items()).lstrip("+ ")
         lines += [f"\n## Contrast {con['label'] or name}: {terms}"
                   + (f" (seeds {', '.join(map(str, con['seeds']))})" if con["seeds"] else "") + "\n",
-                  *common.table_header("measure", *con["terms"], "Δ", "95% interval", "p", "p (Holm)", "items")]
+                  *common.table_header("measure", *map(term_label, con["terms"]), "Δ", "95% interval", "p", "p (Holm)",
+                                       "items")]
         for m, r in rows.items():
             h = holm.get((name, m))
             ph = "–" if h is None else ("≤ " if h["p_holm_bound"] else "") + f"{h['p_holm']:.4f}"
@@ -320,7 +326,7 @@ def markdown(study, t, results_dir):
             g, pl = r["result"], r["placebo"]
             place = "–" if pl is None else f"{pl['delta']:+.3f} {interval(pl)}"
             body = "not yet run | | " if g is None else f"{g['delta']:+.3f} | {interval(g)} | {g['p']:.4f}"
-            lines.append(f"| {r['contrast']} | {label(r['measure'])} | {body} | "
+            lines.append(f"| {contrast_label(r['contrast'])} | {label(r['measure'])} | {body} | "
                          f"{'≤ ' if r['p_holm_bound'] else ''}{r['p_holm']:.4f} | {place} | "
                          f"{yes_no(r['claim'])} | {yes_no(r['within_placebo'])} |")
     if t["spread"]:
@@ -358,9 +364,7 @@ def loss_curves(study, results_dir, path):
     if logs:
         import contextlib
         import io
-        import warnings
-        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # a legend without held-out curves (no --eval-pairs) is empty
+        with contextlib.redirect_stdout(io.StringIO()):  # its table goes to loss_curves.md, not into tables.md's print
             plot_losses.heldout(logs, path)
     return bool(logs)
 

@@ -265,6 +265,13 @@ BAD = {  # (old text, new text, what the error says)
                     ":17: train.flags holds {model}, which is not filled there"),
     "part's task": ('"--tasks", "nll,xcopa"', '"--tasks", "nll,copa"',
                     ":36: 03_evaluate.py refuses part primary's flags: unknown task(s) copa"),
+    "cell no part writes": ('cells = ["nll zh"]', 'cells = ["nll vi"]',
+                            ":40: measure nll_zh reads cell 'nll vi', which no evaluation part writes"),
+    "seeds a group lacks": ('terms = { dft-logits = 1, tft = -1 }', 'terms = { dft-logits = 1, tft = -1 }\nseeds = [3]',
+                            ":49: contrasts.dft_vs_tft takes seeds [3], but run group dft-logits has seeds [1, 2]"),
+    "family's placebo": ('placebo = "seed_placebo"', 'placebo = "seed_placbo"',
+                         ":57: families.primary names contrast 'seed_placbo'"),
+    "unknown section": ("[contrasts.seed_placebo]", "[contrast.seed_placebo]", ":50: unknown section [contrast]"),
 }
 
 
@@ -309,6 +316,48 @@ def test_tables_without_any_result_and_a_folder_for_a_study_are_refused(tmp_path
     assert not (tmp_path / "empty").exists()
     code, err = run_main_in_process(run_study.main, [str(tmp_path), "--dry-run"], capsys)
     assert code == 2 and err.startswith("error: study file not found") and "Traceback" not in err
+
+
+def test_a_missing_pairs_file_is_refused_before_anything_runs(tmp_path, capsys):
+    text = open(TINY, encoding="utf-8").read().replace(
+        'flags = ["--source", "alpaca", "--lang", "zh", "--limit", "24", "--dev-size", "4"]', 'file = "runs/no/pairs.jsonl"')
+    bad = tmp_path / "bad.toml"
+    bad.write_text(text, encoding="utf-8")
+    for dry in ([], ["--dry-run"]):
+        code, err = run_main_in_process(run_study.main, [str(bad), "--out", str(tmp_path / "r"), "--work",
+                                                         str(tmp_path / "w"), *dry], capsys)
+        assert code == 2 and f"no pairs file {os.path.join(REPO, 'runs', 'no', 'pairs.jsonl')}" in err, err
+        assert not (tmp_path / "r").exists() and not (tmp_path / "w").exists()
+
+
+def test_a_refused_part_is_not_tried_again(tmp_path):
+    """Exit code 2 with an error line is a stage refusing its input (a UserError, a usage error): it would refuse
+    again, so the driver says why and moves on; a part stopped by Ctrl-C is not tried again either."""
+    study = run_study.load_study(TINY, check_flags=False)
+    r = run_study.Runner(study, str(tmp_path / "results"), str(tmp_path / "work"))
+    os.makedirs(tmp_path / "work" / "logs")
+    script = "import sys; print('error: --et-layer 45 is out of range', file=sys.stderr); sys.exit(2)"
+    assert not r.part("refused", [sys.executable, "-c", script])
+    assert open(tmp_path / "work" / "logs" / "refused.log").read().count("\n$ ") == 1
+    driver = open(tmp_path / "work" / "logs" / "driver.log").read()
+    assert "refused: REFUSED, not tried again: error: --et-layer 45 is out of range" in driver
+    r.stopping.set()
+    assert not r.part("stopped", [sys.executable, "-c", "import sys; sys.exit(1)"])
+    assert not os.path.exists(tmp_path / "work" / "logs" / "stopped.log")  # no attempt starts once stopping
+
+
+def test_labels_name_runs_seeds_and_contrasts_in_the_tables(tiny, tmp_path):
+    text = open(TINY, encoding="utf-8").read().replace('seeds = [1, 2]                           # runs',
+                                                       'label = "TFT"\nseeds = [1, 2]  # runs')
+    study_path, out = tmp_path / "labelled.toml", tmp_path / "results"
+    study_path.write_text(text, encoding="utf-8")
+    shutil.copytree(tiny[0], out)
+    assert study_tables.main([str(study_path), "--out", str(out)]) is None
+    tables = (out / "tables.md").read_text(encoding="utf-8")
+    assert f"Written by `scripts/study_tables.py {study_path} --out {out}`" in tables
+    assert "| TFT, seed 1 |" in tables and "| TFT, seed 2 |" in tables  # the scores of each seed
+    assert "| measure | dft-logits | TFT | Δ |" in tables  # a contrast's terms
+    assert "| dft-logits − tft | NLL zh ↓ |" in tables  # the family names its contrast by the label
 
 
 def test_a_pairs_file_is_found_from_the_repository_root(tmp_path, monkeypatch):
