@@ -404,8 +404,8 @@ class Runner:
                     self.cond.wait()
             raise SystemExit(130) from None
         bad = sorted(k for k, ok in results.items() if not ok)
-        self.say("study: " + (f"{len(bad)} part(s) failed: {', '.join(bad)}; rerun to try them again" if bad
-                              else "every part finished"))
+        self.say("study: " + (f"{len(bad)} part(s) failed: {', '.join(bad)}; rerun (after fixing what was "
+                              "REFUSED)" if bad else "every part finished"))
         return not bad
 
     # ---- the plan (--dry-run): parts, tokens, a time estimate
