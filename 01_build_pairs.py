@@ -1,4 +1,4 @@
-"""
+r"""
 Stage 1: build the parallel 4-tuples (x_en, y_en, x_tgt, y_tgt) that DFT trains on (DESIGN §1).
 
     # the paper's setting: Stanford Alpaca paired by id with its Chinese / Vietnamese translation

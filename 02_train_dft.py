@@ -1,4 +1,4 @@
-"""
+r"""
 Stage 2: Deep Supervision Fine-Tuning (DFT) with hand-written hidden-state supervision.
 
 One plain PyTorch loop (accelerate for multi-device) trains one of four methods on the pairs
@@ -332,6 +332,10 @@ def resolve_config(args):
     if cfg["method"] == "sft" and (cfg["lc"] != "none" or cfg["et"] != "none"):
         raise common.UserError("--method sft trains on English only; --lc/--et need target-language inputs "
                                "(use tft or dft-*)")
+    for name in ("lc", "et"):  # the range needs the model; the form does not
+        if cfg[f"{name}_layer"] not in ("auto", "mid") and not str(cfg[f"{name}_layer"]).isdigit():
+            raise common.UserError(f"--{name}-layer must be a block number, 'auto' or 'mid', got "
+                                   f"{cfg[f'{name}_layer']!r}")
     if cfg["eval_every"] is not None and not cfg["eval_pairs"]:
         raise common.UserError("--eval-every needs --eval-pairs FILE (the held-out pairs, e.g. X.dev.jsonl from "
                                "01_build_pairs.py)")
@@ -956,6 +960,8 @@ def resolve_layers(cfg, model, tokenizer, rows, accelerator, lens=None):
         texts = [common.build_prompt(r["x_tgt"]) for r in rows[:cfg["layer_sample"]]]
         entropy = [None]
         if accelerator.is_main_process:
+            print(f"[layers] the entropy rule: the {cfg['layer_rule_readout']} lens on {len(texts)} target prompts "
+                  "(minutes on a CPU for a large vocabulary)", flush=True)
             home = next(model.parameters()).device
             model.eval().to(accelerator.device)
             with torch.no_grad():
@@ -1179,6 +1185,7 @@ def fit_intervention(args):
     tensors = {hookpoints[str(k)]: v.float().contiguous() for k, v in maps.items()}
     tmp = os.path.join(args.out, ".maps.safetensors.tmp")
     save_file(tensors, tmp, metadata={"method": args.fit})
+    common.plain_mode(tmp)
     os.replace(tmp, os.path.join(args.out, config["maps_file"]))
     if args.fit == "diffmean":
         with common.atomic_open(os.path.join(args.out, config["steered_file"]), "wb") as f:
@@ -1391,6 +1398,8 @@ def save_final(accelerator, objective, tokenizer, out_dir, cfg):
         model.save_pretrained(tmp, state_dict=state)
     tokenizer.save_pretrained(tmp)
     for name in os.listdir(tmp):
+        if os.path.isfile(os.path.join(tmp, name)):
+            common.plain_mode(os.path.join(tmp, name))  # safetensors writes its weights private
         os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
     os.rmdir(tmp)
 
@@ -1466,6 +1475,9 @@ def resume_point(cfg):
     """(checkpoint folder, its step), or (None, 0) for a new run; refuses to overwrite a run or resume nothing."""
     out_dir = cfg["out"]
     if os.path.exists(os.path.join(out_dir, "train_log.jsonl")) and not cfg["resume"]:
+        if latest_checkpoint(out_dir)[0] is None:
+            raise common.UserError(f"{out_dir} already holds a training run without a checkpoint to continue from "
+                                   "(trained without --save-every, or its checkpoint removed): choose a new --out")
         raise common.UserError(f"{out_dir} already holds a training run; pass --resume to continue it or choose a "
                                "new --out")
     if not cfg["resume"]:
@@ -1539,6 +1551,12 @@ def make_run_info(cfg, plan, accelerator, model, data, start_step):
         print(f"note: --resume grows the run from {saved['total_steps']} to {total_steps} steps; the cosine schedule "
               f"is recomputed over {total_steps} steps, so the lr after step {start_step} differs from the first "
               "segment's plan", flush=True)
+    log = os.path.join(cfg["out"], "train_log.jsonl")
+    logged = [json.loads(line)["step"] for line in open(log)] if os.path.exists(log) else []
+    if logged and logged[-1] > start_step and accelerator.is_main_process:
+        print(f"note: the newest checkpoint is from step {start_step} and the log reaches step {logged[-1]}: steps "
+              f"{start_step + 1}-{logged[-1]} are trained again, their log lines replaced (a finished run keeps no "
+              "checkpoint of its last step)", flush=True)
     return dict(saved, total_steps=total_steps, warmup_steps=plan["warmup_steps"],
                 segments=saved.get("segments", []) + [segment])
 
@@ -1569,7 +1587,8 @@ def start_run(accelerator, cfg, run_info, start_step):
     kept = [line for line in open(log_path)] if cfg["resume"] and os.path.exists(log_path) else []
     with common.atomic_open(log_path) as f:
         f.writelines(line for line in kept if json.loads(line)["step"] <= start_step)
-    print("configuration:\n" + "\n".join(f"  {k}: {v}" for k, v in run_info.items()
+    title = "configuration (the first segment's: train_config.json)" if cfg["resume"] else "configuration"
+    print(f"{title}:\n" + "\n".join(f"  {k}: {v}" for k, v in run_info.items()
                                          if k not in ("versions", "segments")), flush=True)
     print(f"global batch {run_info['global_batch']} = {cfg['batch_size']} per device x {accelerator.num_processes} "
           f"devices x {cfg['grad_accum']} accumulation ({accelerator.distributed_type.value}, mixed precision "
@@ -1874,6 +1893,10 @@ def main(argv=None):
 
     rows = load_pairs(cfg["pairs"])
     eval_rows = load_pairs(cfg["eval_pairs"])[:cfg["eval_limit"]] if cfg["eval_pairs"] else None
+    if cfg["resume"]:  # 'auto' is the blocks the entropy rule picked when the run started: not minutes again
+        saved = common.read_json(os.path.join(cfg["out"], "train_config.json"))
+        cfg.update({f"{name}_layer": str(saved[f"{name}_layer_used"]) for name in ("lc", "et")
+                    if cfg[f"{name}_layer"] == "auto" and saved.get(f"{name}_layer_used") is not None})
     model, tokenizer = prepare_model(cfg, accelerator)
     lens = load_readout_lens(cfg, model, accelerator)
     entropy_curve = resolve_layers(cfg, model, tokenizer, rows, accelerator, lens)

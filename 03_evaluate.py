@@ -1,4 +1,4 @@
-"""
+r"""
 Stage 3: evaluation that is exact, comparable and auditable (DESIGN §4).
 
 Every score carries n, a standard error and the scorer's name; every item's prompt, output (or choice
@@ -14,14 +14,15 @@ Examples
   python 03_evaluate.py --model runs/dft-zh --tasks mgsm,mgsm_cot,msvamp,translation --langs zh --limit 30 \
       --out runs/eval
   # held-out NLL of the training format (pairs from 01_build_pairs.py); lower is better
-  python 03_evaluate.py --model runs/dft-zh --tasks nll --pairs runs/pairs/dev.jsonl --langs zh,en --out runs/eval
+  python 03_evaluate.py --model runs/dft-zh --tasks nll --pairs runs/pairs_zh.dev.jsonl --langs zh,en \
+      --out runs/eval
   # paired bootstrap between two runs on the same items (B - A)
   python 03_evaluate.py --compare runs/eval/SmolLM2-135M-Instruct.json runs/eval/dft-zh.json --out runs/eval
   # the English-pivot picture: lens entropy, English vs Chinese token mass and en/zh cosine per layer
   python 03_evaluate.py --analysis layers --model HuggingFaceTB/SmolLM2-135M-Instruct runs/dft-zh --langs zh \
       --out runs/eval
   # an intervention folder of 02_train_dft.py --fit (INCLINE / DiffMean): its base model with the maps hooked in
-  python 03_evaluate.py --model runs/incline --steer-alpha 0.5 --tasks nll --pairs runs/pairs/dev.jsonl --langs zh \
+  python 03_evaluate.py --model runs/incline --steer-alpha 0.5 --tasks nll --pairs runs/pairs_zh.dev.jsonl --langs zh \
       --out runs/eval
   # 8 processes, one GPU each (or accelerate launch --multi_gpu --num_processes 8): the files one process writes
   torchrun --nproc_per_node 8 03_evaluate.py --model runs/dft-zh --tasks all --langs zh --batch-size auto \
@@ -451,6 +452,8 @@ def load_nll(args, lang, split, hub):
 def nll_rows(pairs_file):
     """The pairs of --pairs, each checked for the fields nll reads."""
     rows = common.read_jsonl(pairs_file)
+    if not rows:
+        raise UserError(f"{pairs_file} holds no pairs: pass the dev pairs 01_build_pairs.py wrote (OUT.dev.jsonl)")
     for i, r in enumerate(rows):
         missing = [k for k in ("x_en", "y_en", "x_tgt", "y_tgt", "lang") if not isinstance(r.get(k), str)]
         if missing:
@@ -2414,9 +2417,9 @@ def run_analysis(args):
             t0 = time.time()
             batch_size = 8 if args.batch_size == "auto" else min(args.batch_size, 8)
             res = layer_analysis(model, tokenizer, lang, pairs, batch_size=batch_size, lens=lens)
-            res.update(run=run, model=model_path, model_source=source, lang=lang, data_file=src,
-                       data_sha256=common.sha256_file(src), versions=common.versions(),
-                       seconds=round(time.time() - t0, 1),
+            res.update(run=run, model=model_path, model_source=source, lang=lang,
+                       data_file=data_label(src, args.data_dir), data_sha256=common.sha256_file(src),
+                       versions=common.versions(), seconds=round(time.time() - t0, 1),
                        dtype=dtype, dtype_requested=args.dtype, device=device_of(args))
             if intervention:
                 res["intervention"] = intervention.record()

@@ -1,4 +1,4 @@
-"""
+r"""
 Benchmark 03_evaluate.py in float32 and bf16 side by side, and against lm-evaluation-harness at each dtype.
 
 One process loads the model in every --dtypes entry and runs each task in each dtype in turn (the same

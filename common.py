@@ -92,7 +92,8 @@ def read_json(path):
         try:
             return json.load(f)
         except json.JSONDecodeError as e:
-            raise UserError(f"{path}: malformed JSON at line {e.lineno}: {e.msg}") from None
+            raise UserError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}; fix the file, or "
+                            "pass the right one") from None
 
 
 def read_jsonl(path):
@@ -104,11 +105,22 @@ def read_jsonl(path):
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise UserError(f"{path}: malformed JSON on line {lineno}: {e.msg} (fix or delete that line)") from None
+                raise UserError(f"{path}: line {lineno} is not a JSON object ({e.msg} at column {e.colno}); a JSON "
+                                "Lines file has one {...} per line: fix or delete that line, or pass the right "
+                                "file") from None
             if not isinstance(rows[-1], dict):
                 raise UserError(f"{path}: line {lineno} is a JSON {type(rows[-1]).__name__}, not an object (one "
                                 "{...} per line; fix or delete that line)")
     return rows
+
+
+UMASK = os.umask(0o022)  # read once, at import (setting it is how it is read; threads come later)
+os.umask(UMASK)
+
+
+def plain_mode(path):
+    """Give a file the mode a plain open() would (mkstemp and safetensors make theirs private, 0600)."""
+    os.chmod(path, 0o666 & ~UMASK)
 
 
 @contextlib.contextmanager
@@ -122,6 +134,7 @@ def atomic_open(path, mode="w"):
     try:
         with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
             yield f
+        plain_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

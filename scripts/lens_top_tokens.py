@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Which tokens the logit lens puts first at one block: the commonest lens top-1 tokens on zh dev sentences.
+r"""Which tokens the logit lens puts first at one block: the commonest lens top-1 tokens on zh dev sentences.
 
     python scripts/lens_top_tokens.py runs/replication_gemma/tft-s1 runs/replication_gemma/dft-logits-w1-s1 \
         --pairs runs/replication_gemma/pairs_zh.dev.jsonl --block 8 --n 40 > results/gemma3/layers/top_tokens_block8.md

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Loss curves of the replication matrix: one panel per method, loss_tft / loss_lc / loss_et per step.
+r"""Loss curves of the replication matrix: one panel per method, loss_tft / loss_lc / loss_et per step.
 
     python scripts/plot_losses.py runs/replication sft tft dft-logits dft-feature --out results/loss_curves.png
 

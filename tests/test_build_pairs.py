@@ -410,7 +410,7 @@ def test_bad_inputs_write_nothing(data, tmp_path):
         with pytest.raises(UserError, match=message.replace("(", r"\(").replace("{", r"\{").replace("?", r"\?")):
             bp.main(["--data-dir", data, "--out", str(out / "p.jsonl"), *argv])
     dump_lines(str(tmp_path / "bad.jsonl"), ['{"id": 0, "instruction": "a", "input": "", "output": "b"}', '{"id": 1,'])
-    with pytest.raises(UserError, match="bad.jsonl: malformed JSON on line 2"):
+    with pytest.raises(UserError, match="bad.jsonl: line 2 is not a JSON object"):
         bp.main(["--data-dir", data, "--out", str(out / "p.jsonl"), "--source", "alpaca", "--lang", "zh",
                  "--tgt-file", str(tmp_path / "bad.jsonl")])
     assert not out.exists() or not os.listdir(out)

@@ -118,6 +118,12 @@ def test_atomic_write_leaves_nothing_on_error(tmp_path):
     assert common.read_jsonl(str(path)) == [{"a": "你好"}]
 
 
+def test_atomic_writes_get_the_mode_a_plain_open_would(tmp_path):
+    path = tmp_path / "out.json"
+    common.write_json(str(path), {"a": 1})  # mkstemp alone would leave it 0600: unreadable for a shared group
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~common.UMASK
+
+
 def test_read_jsonl_reports_line_number(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"a": 1}\n{"a": 2\n')

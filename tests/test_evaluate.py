@@ -375,6 +375,7 @@ CLI_ERRORS = [
     (["--tasks", "xnli", "--langs", "zh", "--data-dir", "{empty}"], "xnli's data is read from --data-dir"),
     (["--tasks", "nll", "--langs", "zh", "--pairs", "{empty}"], "is a folder, not a file"),
     (["--tasks", "nll", "--langs", "zh", "--pairs", "{nolang}"], "missing field(s) ['lang']"),
+    (["--tasks", "nll", "--langs", "zh", "--pairs", "{afile}"], "holds no pairs: pass the dev pairs"),
     (["--tasks", "xnli", "--langs", "zh", "--out", "{afile}"], "is a file; give a folder"),
     (["--tasks", "xnli", "--langs", "zh", "--limit", "0"], "--limit"),
     (["--tasks", "xnli", "--langs", "zh", "--model", "{noweights}"], "not a model folder"),

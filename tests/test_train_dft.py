@@ -1,6 +1,8 @@
 """02_train_dft.py: each loss term against a reference, gradient routing, the loop, resume, layer rule, errors."""
 import json
 import os
+import shutil
+import stat
 
 import pytest
 import torch
@@ -482,6 +484,32 @@ def test_auto_layers_write_curve(tmp_path, tokenizer):
     assert cfg["layers_why"]["lc"].startswith("auto") and os.path.getsize(os.path.join(out, "layer_entropy.png")) > 1000
 
 
+def test_resume_keeps_the_auto_layers_and_says_what_growing_a_finished_run_retrains(tmp_path, tokenizer,
+                                                                                      monkeypatch, capsys):
+    model = make_tiny_model("llama", tokenizer)
+    model.config.num_hidden_layers = 8
+    folder = str(tmp_path / "deep")
+    type(model)(model.config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    out = str(tmp_path / "auto")
+    argv = ["--pairs", PAIRS, "--out", out, "--model", folder, "--batch-size", "4", "--method", "dft-logits",
+            "--save-every", "2", "--warmup-ratio", "0"]
+    train.main(argv + ["--max-steps", "3", "--stop-after-steps", "2"])
+    picked = [json.load(open(os.path.join(out, "train_config.json")))[f"{k}_layer_used"] for k in ("lc", "et")]
+    monkeypatch.setattr(common, "lens_entropy_curve", lambda *a, **k: pytest.fail("the entropy rule ran again"))
+    train.main(argv + ["--max-steps", "3", "--resume"])  # steps 3; the final model, no checkpoint at step 3
+    cfg = json.load(open(os.path.join(out, "train_config.json")))
+    assert [cfg[f"{k}_layer_used"] for k in ("lc", "et")] == picked and cfg["layers_why"]["lc"].startswith("auto")
+    capsys.readouterr()
+    train.main(argv + ["--max-steps", "4", "--resume"])  # grown from the step-2 checkpoint
+    assert "steps 3-3 are trained again, their log lines replaced" in capsys.readouterr().out
+    assert [r["step"] for r in map(json.loads, open(os.path.join(out, "train_log.jsonl")))] == [1, 2, 3, 4]
+    assert stat.S_IMODE(os.stat(os.path.join(out, "model.safetensors")).st_mode) == 0o666 & ~common.UMASK
+    shutil.rmtree(os.path.join(out, "checkpoint"))
+    code, err = run_main_in_process(train.main, argv + ["--max-steps", "5"], capsys)
+    assert code == 2 and "already holds a training run without a checkpoint to continue from" in err
+
+
 def test_bad_input_errors(tmp_path, tiny_model_dirs, capsys):
     model = tiny_model_dirs["llama"]
     out = str(tmp_path / "o")
@@ -502,6 +530,7 @@ def test_bad_input_errors(tmp_path, tiny_model_dirs, capsys):
               (["--pairs", str(tmp_path)], "is a folder, not a file"),
               (["--pairs", str(tmp_path / "list.jsonl")], "line 1 is a JSON list, not an object"),
               (["--lc-layer", "9", "--method", "dft-logits"], "--lc-layer 9 is out of range"),  # before the rule runs
+              (["--lc-layer", "six", "--method", "dft-logits"], "--lc-layer must be a block number"),
               (["--out", str(tmp_path / "afile")], "is a file; give a folder")]
     # every case refuses before anything is written, so they can share --out; the first goes through the command
     # line itself, the others through the same common.run_main in this process
@@ -690,7 +719,7 @@ def test_heldout_and_tracker_errors_before_training(tmp_path, tiny_model_dirs, c
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": "1", "x_en": "a"\n')
     cases = [(["--eval-pairs", str(tmp_path / "missing.jsonl")], "file not found"),
-             (["--eval-pairs", str(bad)], "malformed JSON on line 1"),
+             (["--eval-pairs", str(bad)], "line 1 is not a JSON object"),
              (["--eval-every", "5"], "--eval-every needs --eval-pairs"),
              (["--max-grad-norm", "-1"], "must be >= 0")]
     import importlib.util
