@@ -502,7 +502,7 @@ def test_resume_keeps_the_auto_layers_and_says_what_growing_a_finished_run_retra
     assert [cfg[f"{k}_layer_used"] for k in ("lc", "et")] == picked and cfg["layers_why"]["lc"].startswith("auto")
     capsys.readouterr()
     train.main(argv + ["--max-steps", "4", "--resume"])  # grown from the step-2 checkpoint
-    assert "steps 3-3 are trained again, their log lines replaced" in capsys.readouterr().out
+    assert "steps 3-3 are trained again, their log lines replaced (a finished run" in capsys.readouterr().out
     assert [r["step"] for r in map(json.loads, open(os.path.join(out, "train_log.jsonl")))] == [1, 2, 3, 4]
     assert stat.S_IMODE(os.stat(os.path.join(out, "model.safetensors")).st_mode) == 0o666 & ~common.UMASK
     shutil.rmtree(os.path.join(out, "checkpoint"))
