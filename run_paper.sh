@@ -18,7 +18,10 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 TINY=${TINY:-0}
-DRY_RUN=${DRY_RUN:-0}
+case "${DRY_RUN:-0}" in 1|true|yes) DRY_RUN=1;; 0|false|no|"") DRY_RUN=0;;
+  *) echo "DRY_RUN=$DRY_RUN: set DRY_RUN=1 for the plan only, or leave it unset" >&2; exit 2;; esac
+TYPED=$(for v in MODEL LC_LAYER ET_LAYER STEPS LIMIT PAIRS_LIMIT NPROC BOOTSTRAP SAVE_EVERY MT_MODEL; do
+          [ -n "${!v:-}" ] && printf ' %s' "$v"; done || true)  # what TINY=1 replaces by its own sizes
 if [ -z "${PY:-}" ]; then             # PY: a Python used as it is (no set-up), as scripts/gpu_smoke.sh takes it
   [ "$DRY_RUN" = 1 ] && [ -x .venv/bin/python ] || bash setup.sh  # a dry run needs no set-up when .venv exists
   PY=.venv/bin/python
@@ -36,6 +39,7 @@ if [ "$TINY" = 1 ]; then               # every stage of the GPU path, in minutes
   MODEL=$OUT/tiny_models/lm MT_MODEL=$OUT/tiny_models/mt
   LC_LAYER=1 ET_LAYER=3 STEPS=2 LIMIT=2 PAIRS_LIMIT=24 NPROC=1 BOOTSTRAP=200 SAVE_EVERY=1
   TINY_DEVICE=${TINY_DEVICE:-$("$PY" -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")}
+  [ -z "$TYPED" ] || echo "   TINY=1 uses its own sizes, not the typed$TYPED (it honours LANGS and METHODS)"
 fi
 export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 csv() { echo "$*" | tr ' ' ','; }
@@ -51,7 +55,8 @@ PLAN_ARGS=(--model "$MODEL" --langs "$(csv $LANGS)" --methods "$(csv $METHODS)" 
 [ -n "${PAIRS_LIMIT:-}" ] && PLAN_ARGS+=(--pairs-limit "$PAIRS_LIMIT")
 [ -n "${SFT_LANG:-}" ] && PLAN_ARGS+=(--sft-lang "$SFT_LANG")
 [ -n "${TOKENS_PER_S:-}" ] && PLAN_ARGS+=(--tokens-per-s "$TOKENS_PER_S")
-[ "$KEEP_CHECKPOINTS" = 1 ] && PLAN_ARGS+=(--keep-checkpoints)
+case "$KEEP_CHECKPOINTS" in 1|true|yes) PLAN_ARGS+=(--keep-checkpoints);; 0|false|no) ;;
+  *) echo "KEEP_CHECKPOINTS=$KEEP_CHECKPOINTS: use 1 or 0" >&2; exit 2;; esac
 [ "$TINY" = 1 ] && PLAN_ARGS+=(--tiny --tiny-device "$TINY_DEVICE") && echo "   TINY on $TINY_DEVICE"
 for lang in zh vi ar; do            # PAIRS_<lang>=FILE: pairs built elsewhere (e.g. 01 --source hub) for that language
   var=PAIRS_$lang; [ -n "${!var:-}" ] && PLAN_ARGS+=(--pairs-file "$lang=${!var}")

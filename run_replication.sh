@@ -5,7 +5,7 @@
 #   bash run_replication.sh                    # Gemma-3-270M, the main replication: studies/gemma3.toml
 #   PRESET=smollm2 bash run_replication.sh     # SmolLM2-135M-Instruct, one seed: studies/smollm2.toml
 #   PRESET=gemma3_ablations bash run_replication.sh   # the ablations: studies/gemma3_ablations.toml
-#   bash run_replication.sh --dry-run          # the plan only (run_study.py's flags pass through)
+#   bash run_replication.sh --dry-run          # the plan only, as DRY_RUN=1 (run_study.py's flags pass through)
 #
 # Sizes, flags and seeds are the study file's; its results folder already holds every finished run.
 set -euo pipefail
@@ -14,6 +14,8 @@ PRESET=${PRESET:-gemma3}
 case "$PRESET" in gemma3|smollm2|gemma3_ablations) ;;
   *) echo "PRESET must be gemma3, smollm2 or gemma3_ablations, not $PRESET" >&2; exit 2;; esac
 PY=${PY:-.venv/bin/python}
+case "${DRY_RUN:-0}" in 1|true|yes) set -- "$@" --dry-run;; 0|false|no|"") ;;  # as run_paper.sh's DRY_RUN=1
+  *) echo "DRY_RUN=$DRY_RUN: set DRY_RUN=1 for the plan only, or leave it unset" >&2; exit 2;; esac
 "$PY" scripts/run_study.py "studies/$PRESET.toml" "$@"
 case " $* " in *" --dry-run "*) exit 0;; esac
 "$PY" scripts/study_tables.py "studies/$PRESET.toml" > /dev/null

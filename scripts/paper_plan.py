@@ -189,16 +189,28 @@ def plan(args):
         nproc = int(args.nproc) if args.nproc not in (None, "") else max(1, gpus)
     except ValueError:
         raise UserError(f"NPROC={args.nproc!r} is not a number of processes; set e.g. NPROC=8") from None
-    if nproc < 1 or (nproc > 1 and nproc > gpus):
-        raise UserError(f"NPROC={nproc} but {gpus} GPU(s) visible; set NPROC to at most {max(1, gpus)} "
-                        "(or check CUDA_VISIBLE_DEVICES)")
+    if nproc < 1:
+        raise UserError(f"NPROC={nproc}: a training needs at least one process; set e.g. NPROC=8")
+    if nproc > 1 and nproc > gpus:
+        too_many = (f"NPROC={nproc} but {gpus} GPU(s) visible; set NPROC to at most {max(1, gpus)} "
+                    "(or check CUDA_VISIBLE_DEVICES)")
+        if not args.dry_run:
+            raise UserError(too_many)
+        blockers.append(too_many)  # a dry run previews the plan of another machine
+    for flag, value in (("STEPS", args.steps), ("LIMIT", args.limit), ("PAIRS_LIMIT", args.pairs_limit)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag}={value}: give a positive number, or leave it unset")
+    dev_size = 4 if args.tiny else load_stage("01_build_pairs").parse_args(
+        ["--source", "alpaca", "--lang", "zh", "--out", "P"]).dev_size
+    if args.pairs_limit is not None and args.pairs_limit <= dev_size:
+        raise UserError(f"PAIRS_LIMIT={args.pairs_limit} leaves no training pairs: 01_build_pairs.py holds out "
+                        f"{dev_size} ids as dev pairs first; give PAIRS_LIMIT above {dev_size}")
+    if os.path.isfile(args.out):
+        raise UserError(f"OUT={args.out} is a file; give a folder for the run's outputs")
 
     known = PAPER_MODELS.get(args.model)
     preset = known["preset"] if known else None
     layers = args.lc_layer is not None and args.et_layer is not None
-    if not preset and not layers and any(m in LAYER_METHODS for m in methods):
-        raise UserError(f"{args.model} has no preset in 02_train_dft.py ({', '.join(PAPER_MODELS)} have): "
-                        "give its layers, e.g. LC_LAYER=2 ET_LAYER=15 (see the entropy rule in docs/TRAINING.md)")
 
     if args.tiny:
         from conftest import TINY_CONFIGS
@@ -217,12 +229,22 @@ def plan(args):
         params, num_layers = count_params(config)
     else:
         model_type, params, num_layers = known["model_type"], known["params"], known["layers"]
+    if not preset and not layers and any(m in LAYER_METHODS for m in methods):
+        raise UserError(f"{args.model} has no preset in 02_train_dft.py ({', '.join(PAPER_MODELS)} have): "
+                        "give its layers, e.g. LC_LAYER=2 ET_LAYER=15 (see the entropy rule in docs/TRAINING.md)")
+    for name, value in (("LC_LAYER", args.lc_layer), ("ET_LAYER", args.et_layer)):
+        if value is not None and not (str(value).isdigit() and 1 <= int(value) <= num_layers):
+            raise UserError(f"{name}={value}: give a block number from 1 to {num_layers} ({args.model}'s blocks)")
     layer_cls = decoder_layer_class(model_type)
 
     files = dict(f.split("=", 1) for f in args.pairs_file if "=" in f)
     bad = [f for f in args.pairs_file if "=" not in f]
     if bad:
         raise UserError(f"--pairs-file {bad[0]!r}: write LANG=FILE, e.g. PAIRS_ar=runs/pairs_ar_hub.jsonl")
+    unused = [lang for lang in files if lang not in langs]
+    if unused:
+        raise UserError(f"PAIRS_{unused[0]} is given but {unused[0]} is not in LANGS ({' '.join(langs)}): add it to "
+                        f"LANGS, or drop PAIRS_{unused[0]}")
     tokenizer, tok_source = load_tokenizer(args, config)
     en = read_alpaca(ALPACA_EN)
     en_tokens = mean_tokens(tokenizer, sample(en))
@@ -232,6 +254,10 @@ def plan(args):
             if not os.path.exists(files[lang]):
                 raise UserError(f"PAIRS_{lang}={files[lang]}: file not found; build it with 01_build_pairs.py")
             rows = common.read_jsonl(files[lang])
+            other = sorted({str(r.get("lang")) for r in rows} - {lang})
+            if other:
+                raise UserError(f"PAIRS_{lang}={files[lang]} holds rows whose lang is {other[0]}, not {lang}: pass "
+                                f"{common.LANGUAGES[lang][0]} pairs (01_build_pairs.py --lang {lang})")
             tgt = [(r["x_tgt"], r["y_tgt"]) for r in rows]
             d = dict(route="file", source=f"pairs file {files[lang]}", ids=len(rows), deviation=None)
         elif lang in SHIPPED:
@@ -311,13 +337,16 @@ def plan(args):
                 tokens_per_s=tok_s, tokens_per_s_source=tok_src, cost_factors=factors, cost_factors_source=factor_src,
                 grad_ckpt_factor=ckpt,
                 epochs=None if args.steps else epochs, global_batch=global_batch, runs=runs, evals=evals,
-                gpu_hours=sum(r["gpu_hours"] for r in runs), disk_gb=len(runs) * model_gb + 4 * model_gb,
+                gpu_hours=sum(r["gpu_hours"] for r in runs),
+                disk_gb=len(runs) * model_gb + 4 * model_gb * (len(runs) if args.keep_checkpoints else 1),
                 model_gb=model_gb, blockers=blockers, model_source=source)
 
 
 def describe(p):
+    typed = ", ".join(f"{k}={v}" for k, v in (("i", p["lc_layer"]), ("j", p["et_layer"])) if v is not None)
     lines = [f"== plan: {p['model']} ({p['params'] / 1e9:.2f}B parameters, {p['num_layers']} blocks; "
-             + (f"preset {p['preset']}" if p["preset"] else f"layers i={p['lc_layer']}, j={p['et_layer']}") + ")",
+             + "; ".join([f"preset {p['preset']}"] * bool(p["preset"]) + [f"layers {typed}"] * bool(typed)
+                         or ["no preset"]) + ")",
              f"   {p['nproc']} process(es) per training on {p['gpus']} visible GPU(s): "
              + (f"FSDP2 wrapping {p['layer_cls']} (OUT/fsdp.yaml)" if p["fsdp"] else "one process, no sharding"),
              "== pairs"]
@@ -329,7 +358,7 @@ def describe(p):
                  f"sequences cut at {MAX_LENGTH}")
     lines.append(f"== {len(p['runs'])} trainings ("
                  + (f"{p['steps']} steps x global batch {p['global_batch']}" if p["steps"] else f"{p['epochs']} epochs")
-                 + f"); sft on the English side of the {p['sft_lang']} pairs")
+                 + ")" + (f"; sft on the English side of the {p['sft_lang']} pairs" if "sft" in p["methods"] else ""))
     lines.append("   run                 pairs    tokens   cost x   GPU-hours")
     for r in p["runs"]:
         cost = p["cost_factors"][r["method"]] * p["grad_ckpt_factor"]
@@ -341,7 +370,9 @@ def describe(p):
                  + (f" x {p['grad_ckpt_factor']:.2f} for gradient checkpointing" if p["grad_ckpt_factor"] > 1 else ""))
     lines.append(f"== total about {p['gpu_hours']:.1f} GPU-hours ({p['gpu_hours'] / p['nproc']:.1f} h wall on "
                  f"{p['nproc']} GPU(s), linear scaling assumed; padding not counted); disk about {p['disk_gb']:.0f} GB "
-                 f"({len(p['runs'])} models x {p['model_gb']:.1f} GB at float32 + one 16 B/parameter checkpoint)")
+                 f"({len(p['runs'])} models x {p['model_gb']:.1f} GB at float32 + "
+                 + (f"{len(p['runs'])} kept 16 B/parameter checkpoints)" if p["keep_checkpoints"]
+                    else "one 16 B/parameter checkpoint)"))
     if p["blockers"]:
         lines.append("== what would block a real run:")
         lines += [f"   - {b}" for b in p["blockers"]]
@@ -423,7 +454,8 @@ def study_file(p):
     train = (["--preset", p["preset"]] if p["preset"] else []) + (["--max-steps", str(p["steps"])] if p["steps"]
                                                                    else []) + flags["train"]
     lines += ["[train]", f"flags = {toml(train)}", "[runs.base]", "train = false"]
-    layers = ["--lc-layer", str(p["lc_layer"]), "--et-layer", str(p["et_layer"])] if p["lc_layer"] else []
+    layers = [x for flag, value in (("--lc-layer", p["lc_layer"]), ("--et-layer", p["et_layer"])) if value is not None
+              for x in (flag, str(value))]  # typed blocks; a preset gives the others
     for r in p["runs"]:
         extra = layers if r["method"] in LAYER_METHODS else []
         lines += [f"[runs.{r['run']}]", f"flags = {toml(['--method', r['method']] + extra)}", f"pairs = {toml(r['lang'])}"]

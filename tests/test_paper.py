@@ -138,18 +138,40 @@ def tiny_gemma(tmp_path_factory, tokenizer):
     (["--methods", "tft,dft-magic"], "unknown method 'dft-magic' in METHODS"),
     (["--nproc", "4", "--visible-gpus", "1"], "NPROC=4 but 1 GPU"),
     (["--nproc", "2", "--visible-gpus", "0"], "NPROC=2 but 0 GPU"),
-    (["--model", "someone/unknown-7b"], "has no preset in 02_train_dft.py"),
+    (["--model", "someone/unknown-7b"], "model 'someone/unknown-7b' cannot be read"),
+    (["MODEL", "--lc-layer", "abc"], "LC_LAYER=abc: give a block number from 1 to 4"),
+    (["MODEL", "--et-layer", "9"], "ET_LAYER=9: give a block number from 1 to 4"),
+    (["--nproc", "0"], "NPROC=0: a training needs at least one process"),
+    (["--steps", "0"], "STEPS=0: give a positive number"),
+    (["--pairs-limit", "24"], "PAIRS_LIMIT=24 leaves no training pairs"),
+    (["--langs", "zh", "--pairs-file", "ar=x.jsonl"], "PAIRS_ar is given but ar is not in LANGS"),
+    (["--langs", "ar", "--pairs-file", f"ar={os.path.join(REPO, 'tests', 'fixtures', 'pairs_zh.jsonl')}"],
+     "holds rows whose lang is zh, not ar"),
     (["MODEL", "--langs", "ar", "--mt-model", "/nonexistent/nllb"], "Arabic has no shipped pairs and MT_MODEL"),
 ])
 def test_plan_bad_input_is_one_error_and_writes_nothing(tmp_path, tiny_gemma, argv, message):
     out = tmp_path / "out"
-    if argv[0] == "MODEL":
+    if argv[0] == "MODEL":  # a model without a preset: typed blocks (the case's own come last and win)
         argv = ["--model", tiny_gemma, "--lc-layer", "1", "--et-layer", "3"] + argv[1:]
     if "--visible-gpus" not in argv:
         argv = argv + ["--visible-gpus", "0"]
     with pytest.raises(UserError, match=message):
         paper_plan.main(argv + ["--out", str(out)])
     assert not out.exists()
+
+
+def test_a_dry_run_previews_another_machine_and_a_typed_block_joins_the_preset(tmp_path):
+    """NPROC above the visible GPUs is a blocker of a dry run (the plan of the 8-GPU machine, made on a laptop); one
+    typed block with a preset model goes to its runs alone (the preset gives the other)."""
+    argv = ["--langs", "zh", "--methods", "tft,dft-logits", "--lc-layer", "5", "--visible-gpus", "0", "--dry-run",
+            "--nproc", "8", "--keep-checkpoints", "--out", str(tmp_path / "out")]
+    p = paper_plan.plan(paper_plan.parse_args(argv))
+    assert p["nproc"] == 8 and any(b.startswith("NPROC=8 but 0 GPU(s) visible") for b in p["blockers"])
+    assert "preset llama2-7b; layers i=5)" in paper_plan.describe(p)
+    assert p["disk_gb"] == pytest.approx(2 * p["model_gb"] + 2 * 4 * p["model_gb"])  # both checkpoints kept
+    text = paper_plan.study_file(p)
+    assert '"--method", "dft-logits", "--lc-layer", "5"]' in text and "--et-layer" not in text
+    assert not (tmp_path / "out").exists()
 
 
 def test_plan_writes_fsdp_config_with_the_models_decoder_layer(tmp_path, tiny_gemma):
