@@ -12,9 +12,9 @@
 #   DRY_RUN=1 bash run_paper.sh                         # the plan and what would block a real run; writes nothing
 #   TINY=1 bash run_paper.sh                            # the whole matrix with tiny random models (minutes)
 #   TINY=1 TINY_DEVICE=cpu bash run_paper.sh            # TINY_DEVICE: where TINY runs (default cuda if a GPU is seen)
-# Re-running skips every finished part (OUT/done/<part>) and resumes an interrupted training from its checkpoint;
-# each part logs to OUT/logs/<part>.log. Settings are environment variables (below); under TINY=1 a typed LANGS or
-# METHODS is honoured (TINY_LANGS / TINY_METHODS set TINY's defaults).
+# Re-running skips every finished part (OUT/done/<part>; one made with other settings stops it: use a new OUT) and
+# resumes an interrupted training from its checkpoint; each part logs to OUT/logs/<part>.log. Settings are environment
+# variables (below); under TINY=1 a typed LANGS or METHODS is honoured (TINY_LANGS / TINY_METHODS set TINY's defaults).
 set -euo pipefail
 cd "$(dirname "$0")"
 TINY=${TINY:-0}

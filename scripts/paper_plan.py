@@ -18,6 +18,7 @@ import json
 import os
 import socket
 import sys
+import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
@@ -380,6 +381,17 @@ def describe(p):
 
 
 def write_outputs(p, out):
+    study = study_file(p)
+    if os.path.isdir(os.path.join(out, "done")):  # parts made before: the runner's check, before anything is rewritten
+        from run_study import Runner, load_study
+        with tempfile.TemporaryDirectory() as tmp:
+            with open(os.path.join(tmp, "paper.toml"), "w", encoding="utf-8") as f:
+                f.write(study)
+            folder = os.path.join(ROOT, out)  # as run_study.py resolves study.results and study.work
+            changed = Runner(load_study(f.name), folder, folder).changed_parts()
+        if changed:
+            raise UserError(f"OUT={out} holds parts made with other settings ({', '.join(changed[:4])}"
+                            f"{', ...' * (len(changed) > 4)}): use a new OUT, or delete {out} to start again")
     common.write_json(os.path.join(out, "plan.json"), p)
     if p["fsdp"]:
         template = open(os.path.join(ROOT, "configs", "fsdp_8gpu.yaml")).read()
@@ -391,7 +403,7 @@ def write_outputs(p, out):
             f.write(f"# configs/fsdp_8gpu.yaml for {p['model']}: {p['nproc']} processes, wrapping {p['layer_cls']} "
                     "(its _no_split_modules); written by scripts/paper_plan.py\n" + body)
     with common.atomic_open(os.path.join(out, "paper.toml")) as f:
-        f.write(study_file(p))
+        f.write(study)
 
 
 # TINY: sizes that only wire every stage on a CPU in minutes

@@ -5,12 +5,12 @@
     python scripts/run_study.py studies/tiny.toml                # run it; a rerun skips every finished part
     python scripts/run_study.py studies/tiny.toml --only tft     # just these runs (a group name means its seeds)
 
-The stages stay what users run by hand: every part is one subprocess of 01_build_pairs.py, 02_train_dft.py or
-03_evaluate.py, logged to WORK/logs/<part>.log; the driver logs to WORK/logs/driver.log. A finished part leaves a
-marker in WORK/done/ and its small outputs (run JSONs, gzipped per-item outcomes, training logs) in the results
-folder; a part is also finished when the results folder already holds its outputs (a fresh checkout). A stopped
-training resumes from its checkpoint; a killed part is tried again (compute.retries), a part its stage refuses
-(exit code 2: bad input) is not. Never commits to git.
+The stages stay what users run by hand: each part is one subprocess of 01_build_pairs.py, 02_train_dft.py or
+03_evaluate.py, logged to WORK/logs/<part>.log (the driver's: WORK/logs/driver.log). A finished part leaves a marker
+in WORK/done/ holding its command (a part the study now gives other flags is refused) and its small outputs (run
+JSONs, gzipped per-item outcomes, training logs) in the results folder, which also counts as finished (a fresh
+checkout). A stopped training resumes from its checkpoint; a killed part is tried again (compute.retries), one its
+stage refuses (exit 2: bad input) is not. Never commits to git.
 """
 import argparse
 import fcntl
@@ -26,8 +26,8 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from study_file import (PRECISIONS, ROOT, argparse_raises, fill, load_stage, part_cells,  # noqa: E402,F401  (load_study:
-                        load_study)  # the study scripts import it from here or from study_file)
+from study_file import (PRECISIONS, ROOT, argparse_raises, command_of, fill, load_stage,  # noqa: E402,F401
+                        load_study, part_cells)  # (load_study: the study scripts import it from here)
 import common  # noqa: E402  (study_file put the repository root on sys.path)
 from common import UserError  # noqa: E402
 
@@ -35,15 +35,13 @@ from common import UserError  # noqa: E402
 # the runner: parts as subprocesses of the stages, markers, lanes and an evaluation queue
 
 
-# A per-item row's copy of its benchmark text, the same in every run of a cell: published rows keep the item's id
-# and outcome (the run JSON names the data file and its sha256; the run's own folder keeps the full rows), which
-# makes them a fifth of the size.
+# A per-item row's copy of its benchmark text, the same in every run of a cell: published rows keep the item's id and
+# outcome (the run JSON names the data file and its sha256; the work folder keeps full rows), a fifth of the size.
 ITEM_TEXT = ("context", "choices", "prompt", "target")
 
 
 def gzip_copy(path, dest, drop=()):
-    """path gzipped to dest as `gzip -n` writes it (no name, no time: the same bytes on every machine), atomically;
-    with `drop`, path is JSON lines and those keys leave every row."""
+    """path gzipped to dest atomically, as `gzip -n` writes it (same bytes everywhere); drop: JSONL less those keys."""
     with open(path, "rb") as src, common.atomic_open(dest, "wb") as raw:
         with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as dst:
             if drop:
@@ -87,12 +85,10 @@ class Runner:
         return os.path.exists(os.path.join(self.work, "done", name))
 
     def part(self, name, argv):
-        """One part: up to compute.retries attempts of argv (a killed or failed attempt is tried again), its
-        output appended to WORK/logs/NAME.log; leaves WORK/done/NAME on success. Returns success."""
+        """One part: up to compute.retries attempts of argv, logged to WORK/logs/NAME.log; its marker WORK/done/NAME."""
         compute = self.study["compute"]
         env = dict(os.environ, OMP_NUM_THREADS=str(compute["threads"]), MKL_NUM_THREADS=str(compute["threads"]),
-                   PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
-                   **{k: str(v) for k, v in compute["env"].items()})
+                   PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", **{k: str(v) for k, v in compute["env"].items()})
         log = os.path.join(self.work, "logs", name + ".log")
         for attempt in range(1, compute["retries"] + 1):
             if self.stopping.is_set():  # Ctrl-C: no new attempt (the stage got the signal too)
@@ -104,7 +100,8 @@ class Runner:
                 print(f"\n$ {' '.join(argv_now)}", file=f, flush=True)
                 code = subprocess.run(argv_now, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
             if code == 0:
-                open(os.path.join(self.work, "done", name), "w").close()
+                with open(os.path.join(self.work, "done", name), "w", encoding="utf-8") as f:
+                    f.write(command_of(argv_now))  # what changed_parts compares with the study's command now
                 self.say(f"{name}: done ({time.time() - t0:.0f} s)")
                 return True
             # exit code 2 and an error line: the stage refused its input (a UserError, a usage error), as it would again
@@ -117,8 +114,7 @@ class Runner:
         return False
 
     def stage(self, script, processes=1, launcher="torchrun"):
-        """How a stage is started: python, or with several processes accelerate launch (02: compute.launch_flags,
-        e.g. an FSDP config) or torchrun (03: its items sharded over the processes)."""
+        """python, or with several processes accelerate launch (02; compute.launch_flags) or torchrun (03)."""
         if processes > 1 and launcher == "accelerate":
             return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
                     *fill(self.study["compute"]["launch_flags"], self.values), script]
@@ -127,18 +123,20 @@ class Runner:
         return [sys.executable, script]
 
     # ---- pairs
-
     def pairs_files(self, name):
         p = self.study["pairs"][name]
         train = (os.path.join(ROOT, fill([p["file"]], self.values)[0]) if p["file"]  # relative to the repository root
                  else os.path.join(self.work, f"pairs_{name}.jsonl"))
         return train, train[:-len(".jsonl")] + ".dev.jsonl"
 
+    def pairs_argv(self, name):
+        flags = fill(self.study["pairs"][name]["flags"] or [], self.values)
+        return [sys.executable, "01_build_pairs.py", *flags, "--out", self.pairs_files(name)[0]]
+
     def build_pairs(self, name):
         p, (train, dev) = self.study["pairs"][name], self.pairs_files(name)
         if p["flags"] is not None and not self.done(f"pairs_{name}"):
-            if not self.part(f"pairs_{name}", [sys.executable, "01_build_pairs.py", *fill(p["flags"], self.values),
-                                               "--out", train]):
+            if not self.part(f"pairs_{name}", self.pairs_argv(name)):
                 raise UserError(f"pairs {name} could not be built (see {self.work}/logs/pairs_{name}.log)")
         for path, want in ((train, p["sha256"]), (dev, p["dev_sha256"])):
             if want and common.sha256_file(path) != want:
@@ -160,7 +158,6 @@ class Runner:
         return [self.pairs_files(n)[0] for n in sorted(sets) if not common.existing_path(self.pairs_files(n)[0])]
 
     # ---- what is finished (also on a fresh checkout: the results folder)
-
     def model_of(self, run):
         """The model a run is evaluated with: its training's folder, else its model (e.g. {work}/train/tft-s{seed})."""
         if not run["train"]:
@@ -188,6 +185,19 @@ class Runner:
         cells = [have.get(key, {}).get(cell) for key, cell in part_cells(stage3, args)]
         return all(c is not None and c["settings"]["limit"] == args.limit for c in cells)
 
+    def eval_argv(self, run, part):
+        out = os.path.join(self.work, "layers", run["name"]) if part["analysis"] else os.path.join(self.work, "eval")
+        return self.stage("03_evaluate.py", self.study["compute"]["processes"]) + [
+            "--model", self.model_of(run), "--run-name", run["name"], "--out", out] + self.eval_flags(run, part)
+
+    def changed_parts(self):
+        """Finished parts whose marker records another command than the study gives them now."""
+        parts = [(f"pairs_{n}", self.pairs_argv(n)) for n, p in self.study["pairs"].items() if p["flags"] is not None]
+        parts += [(f"train_{r['name']}", self.train_argv(r, dry=True)) for r in self.runs if r["train"]]
+        parts += [(f"eval_{r['name']}_{p['name']}", self.eval_argv(r, p)) for r in self.runs for p in self.parts_of(r)]
+        made = {n: open(os.path.join(self.work, "done", n), encoding="utf-8").read() for n, _ in parts if self.done(n)}
+        return [n for n, argv in parts if made.get(n, "") not in ("", command_of(argv))]  # "": an older marker
+
     def eval_flags(self, run, part):
         values = dict(self.values, model=self.model_of(run), run=run["name"], seed=run["seed"])
         if run["pairs"]:
@@ -202,8 +212,7 @@ class Runner:
         return self.needs_training(run) or bool(self.pending_evals(run))
 
     def needs_training(self, run):
-        """Not trained here (its marker and its output folder in the work folder) and needed: an evaluation of it,
-        or of a run that comes after it, is not in the results folder yet (models are not committed)."""
+        """Not trained here (marker, model folder) and needed: an evaluation of it or of a run after it is pending."""
         trained = self.done(f"train_{run['name']}") and os.path.isdir(self.model_of(run))
         return run["train"] and not trained and self.needed(run)
 
@@ -216,7 +225,6 @@ class Runner:
         return bool(self.pending_evals(run)) or any(self.needed(r) for r in after_it)
 
     # ---- training
-
     def train_argv(self, run, dry=False):
         compute, folder = self.study["compute"], self.model_of(run)
         if os.path.isdir(folder) and not has_checkpoint(folder) and not dry:
@@ -253,7 +261,6 @@ class Runner:
         return True
 
     # ---- evaluation
-
     def evaluate(self, run):
         name, ok = run["name"], True
         work_eval, res_eval = os.path.join(self.work, "eval"), os.path.join(self.results, "eval")
@@ -263,15 +270,12 @@ class Runner:
             if os.path.exists(os.path.join(res_eval, name + ".json")) and not os.path.exists(
                     os.path.join(work_eval, name + ".json")):
                 self.seed_work_eval(name, work_eval, res_eval)  # 03 adds cells to the run JSON it finds
-            out = os.path.join(self.work, "layers", name) if part["analysis"] else work_eval
-            argv = self.stage("03_evaluate.py", self.study["compute"]["processes"]) + [
-                "--model", self.model_of(run), "--run-name", name, "--out", out] + self.eval_flags(run, part)
-            if not self.part(f"eval_{name}_{part['name']}", argv):
+            if not self.part(f"eval_{name}_{part['name']}", self.eval_argv(run, part)):
                 ok = False
                 continue
             if part["analysis"]:
                 os.makedirs(os.path.join(self.results, "layers"), exist_ok=True)
-                for f in glob.glob(os.path.join(out, f"{name}.layers.*.json")):  # gzipped, as under results/
+                for f in glob.glob(os.path.join(self.work, "layers", name, f"{name}.layers.*.json")):  # gzipped
                     gzip_copy(f, os.path.join(self.results, "layers", os.path.basename(f) + ".gz"))
                 continue
             if not os.path.samefile(work_eval, res_eval):  # results and work may be one folder (run_paper.sh's OUT)
@@ -279,8 +283,7 @@ class Runner:
         return ok
 
     def publish_eval(self, run, work_eval, res_eval):
-        """Per-item files gzipped without their benchmark text (ITEM_TEXT), then the run JSON (what marks the part as
-        done), each written atomically; the parts' logs without progress bars as RUN.log."""
+        """Per-item files gzipped less ITEM_TEXT, then the run JSON (the part's proof), atomically; logs as RUN.log."""
         name = run["name"]
         for f in glob.glob(os.path.join(work_eval, f"{name}.*.jsonl")):
             gzip_copy(f, os.path.join(res_eval, os.path.basename(f) + ".gz"), drop=ITEM_TEXT)
@@ -304,7 +307,6 @@ class Runner:
                 shutil.copyfileobj(src, dst)
 
     # ---- the schedule
-
     def guarded(self, kind, run, step):
         """step(run), or False after saying why it raised: a broken part must not leave the queues waiting for it."""
         try:
@@ -409,7 +411,6 @@ class Runner:
         return not bad
 
     # ---- the plan (--dry-run): parts, tokens, a time estimate
-
     def plan(self):
         stage2 = load_stage("02_train_dft")
         lines, tokens, steps_left = [f"== study {self.study['study']['name']}: results {self.results}, work "
@@ -442,19 +443,14 @@ class Runner:
                 what = ("no training" if not run["train"] else "trained" if self.wanted(run)
                         else "not needed by any part yet")
             lines.append(f"   {run['name']:24s} {what}; {evals}")
-        rate = self.study["compute"]["tokens_per_s"]
-        seconds = tokens / rate if rate else steps_left * seconds_per_step(self.results)
+        rate = self.study["compute"]["tokens_per_s"]  # else the seconds per step of the runs trained here so far
+        logs = [common.read_jsonl(f) for f in glob.glob(os.path.join(self.results, "train", "*", "train_log.jsonl*"))]
+        per_run = [sum(r.get("seconds", 0) for r in rows) / len(rows) for rows in logs if rows and not rate]
+        seconds = tokens / rate if rate else steps_left * (sum(per_run) / len(per_run) if per_run else float("nan"))
         lines.append(f"== to train: <= {tokens:,} tokens (padded to --max-length); about "
                      + (f"{seconds / 3600:.2f} h ({seconds / 60:.0f} min) of training" if seconds == seconds else
                         "? h of training (set compute.tokens_per_s, or finish one run here to time it)"))
         return "\n".join(lines)
-
-
-def seconds_per_step(results):
-    """Mean training seconds per step over the runs already trained in this results folder (nan: none)."""
-    logs = [common.read_jsonl(log) for log in glob.glob(os.path.join(results, "train", "*", "train_log.jsonl*"))]
-    per_run = [sum(r.get("seconds", 0) for r in rows) / len(rows) for rows in logs if rows]
-    return sum(per_run) / len(per_run) if per_run else float("nan")
 
 
 def main(argv=None):
@@ -474,6 +470,10 @@ def main(argv=None):
         raise UserError(f"--only names {', '.join(unknown)}, not runs of {args.study}; use one of "
                         f"{', '.join(dict.fromkeys(list(study.groups) + list(study.runs_expanded)))}")
     runner = Runner(study, results, work, set(args.only or []))
+    changed = runner.changed_parts()
+    if changed:
+        raise UserError(f"{', '.join(changed)} ran with other flags than {args.study} gives now ({work}/done/PART): "
+                        "delete those markers and outputs to rerun them, or use a new --work/--out (run_paper.sh: OUT)")
     for path in runner.missing_pairs():
         raise UserError(f"{args.study}: no pairs file {path} (a [pairs] file = ...); build it with "
                         "01_build_pairs.py, or fix the path (a relative one starts at the repository root)")

@@ -155,6 +155,13 @@ def fill(flags, values):
     return [f.format(**values) if "{" in f else f for f in flags]
 
 
+def command_of(argv):
+    """A part's stage arguments after its script, less those that do not change its outputs (--resume, --save-every
+    N): what the part's marker records, so that a study changed since the part ran is noticed."""
+    args = argv[next((i for i, a in enumerate(argv) if a.endswith(".py")), 0) + 1:]
+    return " ".join(a for a, before in zip(args, [""] + args) if "--save-every" not in (a, before) and a != "--resume")
+
+
 def placeholders(strings):
     """The placeholder names in strings ('{' for a lone brace, which str.format refuses)."""
     try:

@@ -146,8 +146,9 @@ def build(study, results_dir):
         out["contrasts"][name] = {m: study_contrast(study, results, name, m, con["seeds"]) for m in con["measures"]}
         for m, r in out["contrasts"][name].items():  # the reference's own contrast, where it has every term's cell
             refs = [study["references"]["values"].get(t, {}).get(m) for t in con["terms"]]
-            if r is not None and None not in refs:
+            if r is not None and None not in refs:  # "~N": a reading of a garbled cell, and so is the difference
                 r["reference"] = sum(c * float(str(v).lstrip("~")) for c, v in zip(con["terms"].values(), refs))
+                r["reference_approx"] = any(str(v).startswith("~") for v in refs)
     floor = 1.0 / (res["B"] + 1) + 1e-15
     for name, fam in study["families"].items():
         tests = [(c, m) for c in fam["contrasts"] for m in fam["measures"] or study["contrasts"][c]["measures"]]
@@ -311,7 +312,7 @@ def markdown(study, t, results_dir):
                              f"{ph} | |")
                 continue
             vals = " | ".join(fmt(r["values"][n], measures[m]["cells"]) for n in con["terms"])
-            ref = f" (reference {r['reference']:+.2f})" if "reference" in r else ""
+            ref = f" (reference {'~' * r['reference_approx']}{r['reference']:+.2f})" if "reference" in r else ""
             lines.append(f"| {label(m)} | {vals} | {r['delta']:+.3f}{ref} | {interval(r)} | "
                          f"{common.fmt_p(r['p'], res['B'], 1 if r['p'] <= 1 / (res['B'] + 1) + 1e-15 else None)} | "
                          f"{ph} | {'+'.join(map(str, r['n']))} |")

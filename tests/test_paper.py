@@ -174,6 +174,19 @@ def test_a_dry_run_previews_another_machine_and_a_typed_block_joins_the_preset(t
     assert not (tmp_path / "out").exists()
 
 
+def test_an_out_with_parts_made_with_other_settings_is_refused_before_it_is_rewritten(tmp_path):
+    out = tmp_path / "out"
+    (out / "done").mkdir(parents=True)
+    argv = ["--tiny", "--langs", "zh", "--methods", "tft", "--visible-gpus", "0", "--out", str(out)]
+    (out / "done" / "train_tft-zh").write_text("")  # a marker from before markers kept their command: no verdict
+    paper_plan.main(argv)
+    study = (out / "paper.toml").read_text()
+    (out / "done" / "train_tft-zh").write_text("--pairs elsewhere --method tft")
+    with pytest.raises(UserError, match=r"holds parts made with other settings \(train_tft-zh\): use a new OUT"):
+        paper_plan.main(argv)
+    assert (out / "paper.toml").read_text() == study
+
+
 def test_plan_writes_fsdp_config_with_the_models_decoder_layer(tmp_path, tiny_gemma):
     import yaml
     out = tmp_path / "out"
@@ -222,6 +235,20 @@ def test_run_paper_bad_input_stops_before_anything_is_written(tmp_path):
     proc = run_paper(tmp_path, NPROC="2")
     assert proc.returncode == 2 and "error: NPROC=2 but 0 GPU(s) visible" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_dry_run_values_and_run_replication_takes_dry_run_too(tmp_path):
+    """DRY_RUN=1 is run_paper.sh's dry run; run_replication.sh took only --dry-run and ran the real study on it."""
+    proc = run_paper(tmp_path, DRY_RUN="maybe")
+    assert proc.returncode == 2 and "DRY_RUN=maybe" in proc.stderr and not (tmp_path / "out").exists()
+    proc = run_paper(tmp_path, DRY_RUN="yes", TINY="1", STEPS="9")
+    assert proc.returncode == 0 and "TINY=1 uses its own sizes, not the typed STEPS" in proc.stdout
+    assert not (tmp_path / "out").exists()
+    env = dict(os.environ, PY=sys.executable, DRY_RUN="1", PRESET="smollm2")
+    proc = subprocess.run(["bash", os.path.join(REPO, "run_replication.sh"), "--work", str(tmp_path / "w")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0 and "== to train: <= 0 tokens" in proc.stdout, proc.stderr
+    assert not (tmp_path / "w").exists() and "tables:" not in proc.stdout
 
 
 def test_dry_run_with_the_defaults_prints_the_plan_offline(tmp_path):

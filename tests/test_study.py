@@ -346,6 +346,23 @@ def test_a_refused_part_is_not_tried_again(tmp_path):
     assert not os.path.exists(tmp_path / "work" / "logs" / "stopped.log")  # no attempt starts once stopping
 
 
+def test_a_part_run_with_other_flags_than_the_study_gives_now_is_refused(tiny, tmp_path, capsys):
+    """Each marker records its part's command: a study edited since (a run's flags, an evaluation's --limit) is
+    refused by name, also in a dry run, instead of reusing results the tables would describe with the new flags."""
+    results, work, _ = tiny
+    text = open(TINY, encoding="utf-8").read()
+    for old, new, changed in (('"--limit", "4"]', '"--limit", "3"]', "eval_base_primary, eval_tft-s1_primary"),
+                              ('flags = ["--method", "tft"]', 'flags = ["--method", "tft", "--lr", "5e-3"]',
+                               "train_tft-s1, train_tft-s2 ran with other flags")):
+        edited = tmp_path / "edited.toml"
+        edited.write_text(text.replace(old, new), encoding="utf-8")
+        code, err = run_main_in_process(run_study.main, [str(edited), "--dry-run", "--out", results, "--work", work],
+                                        capsys)
+        assert code == 2 and changed in err and "delete those markers and outputs" in err, err
+    done = open(os.path.join(work, "done", "train_tft-s1"), encoding="utf-8").read()
+    assert done.startswith("--pairs ") and "--method tft" in done and "--resume" not in done
+
+
 def test_labels_name_runs_seeds_and_contrasts_in_the_tables(tiny, tmp_path):
     text = open(TINY, encoding="utf-8").read().replace('seeds = [1, 2]                           # runs',
                                                        'label = "TFT"\nseeds = [1, 2]  # runs')
