@@ -1554,7 +1554,7 @@ def make_run_info(cfg, plan, accelerator, model, data, start_step):
     log = os.path.join(cfg["out"], "train_log.jsonl")
     logged = [json.loads(line)["step"] for line in open(log)] if os.path.exists(log) else []
     if logged and logged[-1] > start_step and accelerator.is_main_process:
-        finished = any(os.path.exists(os.path.join(cfg["out"], f)) for f in ("config.json", "adapter_config.json"))
+        finished = logged[-1] >= saved["total_steps"]  # else a kill between checkpoints: the usual resume
         print(f"note: the newest checkpoint is from step {start_step} and the log reaches step {logged[-1]}: steps "
               f"{start_step + 1}-{logged[-1]} are trained again, their log lines replaced"
               + (" (a finished run keeps no checkpoint of its last step)" if finished else ""), flush=True)

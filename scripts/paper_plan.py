@@ -236,6 +236,9 @@ def plan(args):
     for name, value in (("LC_LAYER", args.lc_layer), ("ET_LAYER", args.et_layer)):
         if value is not None and not (str(value).isdigit() and 1 <= int(value) <= num_layers):
             raise UserError(f"{name}={value}: give a block number from 1 to {num_layers} ({args.model}'s blocks)")
+    if layers and int(args.lc_layer) >= int(args.et_layer):
+        raise UserError(f"LC_LAYER={args.lc_layer} is not below ET_LAYER={args.et_layer}: language conversion is "
+                        "supervised below English thinking (DESIGN §3)")
     layer_cls = decoder_layer_class(model_type)
 
     files = dict(f.split("=", 1) for f in args.pairs_file if "=" in f)
@@ -255,7 +258,7 @@ def plan(args):
             if not os.path.exists(files[lang]):
                 raise UserError(f"PAIRS_{lang}={files[lang]}: file not found; build it with 01_build_pairs.py")
             rows = common.read_jsonl(files[lang])
-            other = sorted({str(r.get("lang")) for r in rows} - {lang})
+            other = sorted({str(r["lang"]) for r in rows if "lang" in r} - {lang})  # 02 does not need the field
             if other:
                 raise UserError(f"PAIRS_{lang}={files[lang]} holds rows whose lang is {other[0]}, not {lang}: pass "
                                 f"{common.LANGUAGES[lang][0]} pairs (01_build_pairs.py --lang {lang})")
@@ -380,18 +383,25 @@ def describe(p):
     return "\n".join(lines)
 
 
+def changed_in_out(study, out):
+    """Why OUT cannot take this plan, or "": parts there made with other settings (the runner's check of its markers,
+    made before the study file is rewritten)."""
+    if not os.path.isdir(os.path.join(out, "done")):
+        return ""
+    from run_study import Runner, load_study
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(os.path.join(tmp, "paper.toml"), "w", encoding="utf-8") as f:
+            f.write(study)
+        folder = os.path.join(ROOT, out)  # as run_study.py resolves study.results and study.work
+        changed = Runner(load_study(f.name), folder, folder).changed_parts()
+    return changed and (f"OUT={out} holds parts made with other settings ({', '.join(changed[:4])}"
+                        f"{', ...' * (len(changed) > 4)}): use a new OUT, or delete {out} to start again")
+
+
 def write_outputs(p, out):
     study = study_file(p)
-    if os.path.isdir(os.path.join(out, "done")):  # parts made before: the runner's check, before anything is rewritten
-        from run_study import Runner, load_study
-        with tempfile.TemporaryDirectory() as tmp:
-            with open(os.path.join(tmp, "paper.toml"), "w", encoding="utf-8") as f:
-                f.write(study)
-            folder = os.path.join(ROOT, out)  # as run_study.py resolves study.results and study.work
-            changed = Runner(load_study(f.name), folder, folder).changed_parts()
-        if changed:
-            raise UserError(f"OUT={out} holds parts made with other settings ({', '.join(changed[:4])}"
-                            f"{', ...' * (len(changed) > 4)}): use a new OUT, or delete {out} to start again")
+    if changed_in_out(study, out):
+        raise UserError(changed_in_out(study, out))
     common.write_json(os.path.join(out, "plan.json"), p)
     if p["fsdp"]:
         template = open(os.path.join(ROOT, "configs", "fsdp_8gpu.yaml")).read()
@@ -530,6 +540,8 @@ def study_file(p):
 def main(argv=None):
     args = parse_args(argv)
     p = plan(args)
+    if args.dry_run and changed_in_out(study_file(p), args.out):
+        p["blockers"].append(changed_in_out(study_file(p), args.out))
     print(describe(p), flush=True)
     if not args.dry_run:
         write_outputs(p, args.out)

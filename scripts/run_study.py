@@ -65,8 +65,9 @@ def has_checkpoint(folder):
 
 class Runner:
     def __init__(self, study, results, work, only=()):
-        self.study, self.results, self.work = study, results, work
-        self.values = dict(work=work, results=results)
+        self.study, self.results, self.work = study, os.path.normpath(results), os.path.normpath(work)
+        self.values = dict(work=self.work, results=self.results)
+        self.folders = (("work", self.work), ("results", self.results), ("root", ROOT))  # as markers write them
         chosen = {n for n, r in study.runs_expanded.items() if not only or n in only or r["group"] in only}
         for r in reversed(list(study.runs_expanded.values())):  # and the runs they come after (defined above them)
             chosen |= set(r["after"]) if r["name"] in chosen else set()
@@ -101,7 +102,7 @@ class Runner:
                 code = subprocess.run(argv_now, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
             if code == 0:
                 with open(os.path.join(self.work, "done", name), "w", encoding="utf-8") as f:
-                    f.write(command_of(argv_now))  # what changed_parts compares with the study's command now
+                    f.write(command_of(argv_now, self.folders))  # what changed_parts compares with the study's now
                 self.say(f"{name}: done ({time.time() - t0:.0f} s)")
                 return True
             # exit code 2 and an error line: the stage refused its input (a UserError, a usage error), as it would again
@@ -196,7 +197,7 @@ class Runner:
         parts += [(f"train_{r['name']}", self.train_argv(r, dry=True)) for r in self.runs if r["train"]]
         parts += [(f"eval_{r['name']}_{p['name']}", self.eval_argv(r, p)) for r in self.runs for p in self.parts_of(r)]
         made = {n: open(os.path.join(self.work, "done", n), encoding="utf-8").read() for n, _ in parts if self.done(n)}
-        return [n for n, argv in parts if made.get(n, "") not in ("", command_of(argv))]  # "": an older marker
+        return [n for n, argv in parts if made.get(n, "") not in ("", command_of(argv, self.folders))]  # "": older
 
     def eval_flags(self, run, part):
         values = dict(self.values, model=self.model_of(run), run=run["name"], seed=run["seed"])
@@ -322,8 +323,7 @@ class Runner:
         try:
             fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            raise UserError(f"another run_study.py drives {self.work} (it holds {self.work}/.driver.lock); wait for "
-                            "it to end, or stop it") from None
+            raise UserError(f"another run_study.py drives {self.work} (its .driver.lock): wait for it, or stop it") from None
         to_train = [r for r in self.runs if self.needs_training(r)]
         to_eval = [r for r in self.runs if self.pending_evals(r)]
         for setup in self.study["setup"] if to_eval else []:
@@ -473,7 +473,7 @@ def main(argv=None):
     changed = runner.changed_parts()
     if changed:
         raise UserError(f"{', '.join(changed)} ran with other flags than {args.study} gives now ({work}/done/PART): "
-                        "delete those markers and outputs to rerun them, or use a new --work/--out (run_paper.sh: OUT)")
+                        "give what changed a new name (new parts), or use a new --work/--out (run_paper.sh: OUT)")
     for path in runner.missing_pairs():
         raise UserError(f"{args.study}: no pairs file {path} (a [pairs] file = ...); build it with "
                         "01_build_pairs.py, or fix the path (a relative one starts at the repository root)")

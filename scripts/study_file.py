@@ -155,11 +155,23 @@ def fill(flags, values):
     return [f.format(**values) if "{" in f else f for f in flags]
 
 
-def command_of(argv):
-    """A part's stage arguments after its script, less those that do not change its outputs (--resume, --save-every
-    N): what the part's marker records, so that a study changed since the part ran is noticed."""
-    args = argv[next((i for i, a in enumerate(argv) if a.endswith(".py")), 0) + 1:]
-    return " ".join(a for a, before in zip(args, [""] + args) if "--save-every" not in (a, before) and a != "--resume")
+# flags that do not change a stage's outputs (03's items are independent of their batching): not in a part's record
+UNRECORDED = {"02_train_dft.py": {"--resume": 0, "--save-every": 1}, "03_evaluate.py": {"--batch-size": 1}}
+
+
+def command_of(argv, folders=()):
+    """A part's stage arguments after its script, less UNRECORDED, with each of `folders` (name, path) written as
+    {name}: what the part's marker records, so that a study changed since the part ran is noticed (and a moved
+    folder is not)."""
+    at = next((i for i, a in enumerate(argv) if a.endswith(".py")), 0)
+    skip, args, kept = UNRECORDED.get(os.path.basename(argv[at]), {}), argv[at + 1:], []
+    while args:
+        n = skip.get(args[0], -1) + 1
+        kept, args = kept + args[:1] * (n == 0), args[max(n, 1):]
+    text = " ".join(kept)
+    for name, path in sorted(folders, key=lambda f: -len(f[1])):  # the longer first: one may hold the other
+        text = re.sub(re.escape(os.path.normpath(path)) + r"(?=/|\s|$)", "{" + name + "}", text)
+    return text
 
 
 def placeholders(strings):
@@ -304,7 +316,7 @@ def load_study(path, check_flags=True):
             have = {runs[r]["seed"] for r in groups.get(term, [])}
             check.need(term not in groups or set(con["seeds"]) <= have, section, "seeds", f"contrasts.{name} takes "
                        f"seeds {con['seeds']}, but run group {term} has seeds {sorted(have, key=str)}",
-                       "list only seeds every group of its terms has")
+                       "list only seeds every group of its terms has, or name single runs instead of the group")
         check.names([con["placebo"]] * bool(con["placebo"]), section, "placebo", list(study["contrasts"]), "contrast")
         con["measures"] = con["measures"] or measures
     for name, fam in study["families"].items():

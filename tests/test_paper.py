@@ -141,6 +141,7 @@ def tiny_gemma(tmp_path_factory, tokenizer):
     (["--model", "someone/unknown-7b"], "model 'someone/unknown-7b' cannot be read"),
     (["MODEL", "--lc-layer", "abc"], "LC_LAYER=abc: give a block number from 1 to 4"),
     (["MODEL", "--et-layer", "9"], "ET_LAYER=9: give a block number from 1 to 4"),
+    (["MODEL", "--lc-layer", "3", "--et-layer", "2"], "LC_LAYER=3 is not below ET_LAYER=2"),
     (["--nproc", "0"], "NPROC=0: a training needs at least one process"),
     (["--steps", "0"], "STEPS=0: give a positive number"),
     (["--pairs-limit", "24"], "PAIRS_LIMIT=24 leaves no training pairs"),
@@ -185,6 +186,8 @@ def test_an_out_with_parts_made_with_other_settings_is_refused_before_it_is_rewr
     with pytest.raises(UserError, match=r"holds parts made with other settings \(train_tft-zh\): use a new OUT"):
         paper_plan.main(argv)
     assert (out / "paper.toml").read_text() == study
+    p = paper_plan.plan(paper_plan.parse_args(argv + ["--dry-run"]))  # a dry run lists it among the blockers
+    assert paper_plan.changed_in_out(paper_plan.study_file(p), str(out)).startswith(f"OUT={out} holds parts")
 
 
 def test_plan_writes_fsdp_config_with_the_models_decoder_layer(tmp_path, tiny_gemma):

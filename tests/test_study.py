@@ -358,9 +358,14 @@ def test_a_part_run_with_other_flags_than_the_study_gives_now_is_refused(tiny, t
         edited.write_text(text.replace(old, new), encoding="utf-8")
         code, err = run_main_in_process(run_study.main, [str(edited), "--dry-run", "--out", results, "--work", work],
                                         capsys)
-        assert code == 2 and changed in err and "delete those markers and outputs" in err, err
+        assert code == 2 and changed in err and "give what changed a new name" in err, err
     done = open(os.path.join(work, "done", "train_tft-s1"), encoding="utf-8").read()
-    assert done.startswith("--pairs ") and "--method tft" in done and "--resume" not in done
+    assert done.startswith("--pairs {work}/pairs_zh.jsonl --out {work}/train/tft-s1") and "--resume" not in done
+    moved = tmp_path / "moved"  # paths are recorded as {work}, {results}: a moved work folder is not a change
+    shutil.copytree(work, moved)
+    code, err = run_main_in_process(run_study.main, [TINY, "--dry-run", "--out", results, "--work", str(moved)],
+                                    capsys)
+    assert code == 0, err
 
 
 def test_labels_name_runs_seeds_and_contrasts_in_the_tables(tiny, tmp_path):
