@@ -352,7 +352,9 @@ def describe(p):
              + "; ".join([f"preset {p['preset']}"] * bool(p["preset"]) + [f"layers {typed}"] * bool(typed)
                          or ["no preset"]) + ")",
              f"   {p['nproc']} process(es) per training on {p['gpus']} visible GPU(s): "
-             + (f"FSDP2 wrapping {p['layer_cls']} (OUT/fsdp.yaml)" if p["fsdp"] else "one process, no sharding"),
+             + (f"FSDP2 wrapping {p['layer_cls']} (OUT/fsdp.yaml)" if p["fsdp"] else "one process, no sharding"
+                + (f" (it holds {16 * p['params'] / 1e9:.0f} GB of weights, gradients and AdamW moments: more than "
+                   "an 80-GB card; NPROC > 1 shards them)" if 16 * p["params"] > 80e9 else "")),
              "== pairs"]
     for d in p["data"]:
         lines.append(f"   {d['lang']}: {d['source']}; {d['ids']:,} ids before filtering, "

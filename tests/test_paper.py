@@ -261,6 +261,7 @@ def test_dry_run_with_the_defaults_prints_the_plan_offline(tmp_path):
     assert "meta-llama/Llama-2-7b-hf (6.74B parameters, 32 blocks; preset llama2-7b)" in text
     assert "== 10 trainings (3 epochs); sft on the English side of the ar pairs" in text
     assert "== 11 evaluations" in text and "GPU-hours" in text and "disk about" in text
+    assert "one process, no sharding (it holds 108 GB of weights, gradients and AdamW moments" in text
     for run in ("sft", "tft-zh", "dft-logits-vi", "dft-feature-ar"):
         assert f"   {run} " in text
     if not paper_plan.hub_reachable():
