@@ -947,10 +947,7 @@ def resolve_layers(cfg, model, tokenizer, rows, accelerator, lens=None):
         if value == "mid":
             value = L // 2
             why[name] = f"mid: L // 2 of {L} blocks"
-        try:
-            k = int(value)
-        except ValueError:
-            raise common.UserError(f"--{name}-layer must be a block number, 'auto' or 'mid', got {value!r}") from None
+        k = int(value)  # its form was checked by resolve_config
         if not 1 <= k <= L:
             raise common.UserError(f"--{name}-layer {k} is out of range: this model has blocks 1..{L}")
         from_preset = PRESETS.get(cfg.get("preset"), {}).get(f"{name}_layer") == str(value)  # else typed

@@ -402,8 +402,9 @@ def changed_in_out(study, out):
 
 def write_outputs(p, out):
     study = study_file(p)
-    if changed_in_out(study, out):
-        raise UserError(changed_in_out(study, out))
+    changed = changed_in_out(study, out)
+    if changed:
+        raise UserError(changed)
     common.write_json(os.path.join(out, "plan.json"), p)
     if p["fsdp"]:
         template = open(os.path.join(ROOT, "configs", "fsdp_8gpu.yaml")).read()
@@ -542,8 +543,9 @@ def study_file(p):
 def main(argv=None):
     args = parse_args(argv)
     p = plan(args)
-    if args.dry_run and changed_in_out(study_file(p), args.out):
-        p["blockers"].append(changed_in_out(study_file(p), args.out))
+    changed = changed_in_out(study_file(p), args.out) if args.dry_run else ""  # write_outputs refuses it otherwise
+    if changed:
+        p["blockers"].append(changed)
     print(describe(p), flush=True)
     if not args.dry_run:
         write_outputs(p, args.out)

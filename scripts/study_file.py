@@ -355,17 +355,19 @@ def load_study(path, check_flags=True):
         why = p["flags"] is not None and stage_refuses("01_build_pairs", fill(p["flags"], PLACEHOLDERS) + ["--out", "P"])
         check.need(not why, f"pairs.{name}", "flags", f"01_build_pairs.py refuses pairs {name}'s flags: {why}",
                    "fix them (python 01_build_pairs.py --help lists every flag)")
-    for nth, part in enumerate(parts if check_flags else []):
-        why = stage_refuses("03_evaluate", ["--model", "M", "--out", NO_PATH] + fill(study["evaluation"]["flags"]
-                                                                               + part["flags"], PLACEHOLDERS))
+    part_argvs = [["--model", "M", "--out", NO_PATH] + fill(study["evaluation"]["flags"] + part["flags"], PLACEHOLDERS)
+                  for part in parts]
+    for nth, (part, argv) in enumerate(zip(parts, part_argvs) if check_flags else []):
+        why = stage_refuses("03_evaluate", argv)
         check.need(why is None, "evaluation.parts", "flags", f"03_evaluate.py refuses part {part['name']}'s flags: "
                    f"{why}", "fix them (python 03_evaluate.py --help lists every flag)", nth)
     if check_flags and not any(r["reuse"] for r in runs.values()):  # a reused run's cells come from its own study
         stage3, written = load_stage("03_evaluate"), set()
-        for part in (p for p in parts if not p["analysis"]):
+        for part, argv in zip(parts, part_argvs):
+            if part["analysis"]:
+                continue
             with argparse_raises():
-                args = stage3.parse_args(["--model", "M", "--out", NO_PATH] + fill(study["evaluation"]["flags"]
-                                                                               + part["flags"], PLACEHOLDERS))
+                args = stage3.parse_args(argv)
             written |= {f"{key} {cell}" for key, cell in part_cells(stage3, args)} if not args.analysis else set()
         for name, m in study["measures"].items():
             for cell in m["cells"]:
