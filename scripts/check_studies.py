@@ -2,7 +2,7 @@
 """Do the study files reproduce the committed tables? Every number of each committed table against its regenerated
 version (scripts/study_tables.py on the study file, written to a temporary folder); exit 0 only if all are equal.
 
-    python scripts/check_studies.py                      # the four run studies (minutes: 10,000 resamples each)
+    python scripts/check_studies.py                      # every run study (minutes: 10,000 resamples each)
     python scripts/check_studies.py gemma3 --keep /tmp/x # one study; keep the regenerated tables there
 
 Layout may differ (other columns, other order, more numbers); the numbers may not. A committed markdown table
@@ -32,6 +32,7 @@ STUDIES = {
     "gemma3_ablations": ["results/gemma3/ablations/tables.md", "results/gemma3/ablations/compare.json",
                          "results/gemma3/ablations/base_check.md"],
     "gemma3_readout": ["results/gemma3_readout/tables.md", "results/gemma3_readout/tables.json"],
+    "peers_smollm2": ["results/peers_smollm2/peers.md"],
 }
 NUMBER = re.compile(r"[+-]?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?")
 NUMERIC_CELL = re.compile(r"^(?:[\s\d.,+\-±\[\]()≤<=/e]|p=|steps)*\d(?:[\s\d.,+\-±\[\]()≤<=/e]|p=|steps)*$")

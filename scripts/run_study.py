@@ -31,9 +31,6 @@ from study_file import (PRECISIONS, ROOT, argparse_raises, command_of, fill, loa
 import common  # noqa: E402  (study_file put the repository root on sys.path)
 from common import UserError  # noqa: E402
 
-# -----------------------------------------------------------------------------
-# the runner: parts as subprocesses of the stages, markers, lanes and an evaluation queue
-
 
 # A per-item row's copy of its benchmark text, the same in every run of a cell: published rows keep the item's id and
 # outcome (the run JSON names the data file and its sha256; the work folder keeps full rows), a fifth of the size.
@@ -44,19 +41,23 @@ def gzip_copy(path, dest, drop=()):
     """path gzipped to dest atomically, as `gzip -n` writes it (same bytes everywhere); drop: JSONL less those keys."""
     with open(path, "rb") as src, common.atomic_open(dest, "wb") as raw:
         with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as dst:
-            if drop:
-                for line in src:  # bytes split at b"\n" only (str.splitlines would also split inside JSON strings)
-                    row = {k: v for k, v in json.loads(line).items() if k not in drop}
-                    dst.write((json.dumps(row, ensure_ascii=False) + "\n").encode())
-            else:
-                shutil.copyfileobj(src, dst)
+            if not drop:
+                return shutil.copyfileobj(src, dst)
+            for line in src:  # bytes split at b"\n" only (str.splitlines would also split inside JSON strings)
+                row = {k: v for k, v in json.loads(line).items() if k not in drop}
+                dst.write((json.dumps(row, ensure_ascii=False) + "\n").encode())
 
 
 def copy(path, folder):
     """shutil.copy into folder, unless the file is already there (results and work may be one folder)."""
-    if not os.path.exists(os.path.join(folder, os.path.basename(path))) or not os.path.samefile(
-            path, os.path.join(folder, os.path.basename(path))):
+    dest = os.path.join(folder, os.path.basename(path))
+    if not os.path.exists(dest) or not os.path.samefile(path, dest):
         shutil.copy(path, folder)
+
+
+def item_files(folder, run, ext):  # RUN.TASK.LANG.EXT of this run only: a glob for incline-a0 finds incline-a0.5's
+    return [f for f in glob.glob(os.path.join(folder, glob.escape(run) + ".*" + ext))
+            if os.path.basename(f)[len(run) + 1:-len(ext)].count(".") == 1]
 
 
 def has_checkpoint(folder):
@@ -286,7 +287,7 @@ class Runner:
     def publish_eval(self, run, work_eval, res_eval):
         """Per-item files gzipped less ITEM_TEXT, then the run JSON (the part's proof), atomically; logs as RUN.log."""
         name = run["name"]
-        for f in glob.glob(os.path.join(work_eval, f"{name}.*.jsonl")):
+        for f in item_files(work_eval, name, ".jsonl"):
             gzip_copy(f, os.path.join(res_eval, os.path.basename(f) + ".gz"), drop=ITEM_TEXT)
         with open(os.path.join(work_eval, name + ".json"), "rb") as src, common.atomic_open(
                 os.path.join(res_eval, name + ".json"), "wb") as dst:
@@ -303,7 +304,7 @@ class Runner:
         log = os.path.join(res_eval, name + ".log")
         if os.path.exists(log):  # the lines of parts run on another machine: publish_eval puts them first
             shutil.copy(log, os.path.join(self.work, "logs", f"eval_{name}.earlier.log"))
-        for f in glob.glob(os.path.join(res_eval, f"{name}.*.jsonl.gz")):
+        for f in item_files(res_eval, name, ".jsonl.gz"):
             with gzip.open(f, "rb") as src, open(os.path.join(work_eval, os.path.basename(f)[:-3]), "wb") as dst:
                 shutil.copyfileobj(src, dst)
 
@@ -427,18 +428,17 @@ class Runner:
                     argv = self.train_argv(run, dry=True)
                     args = stage2.parse_args(argv[argv.index("02_train_dft.py") + 1:])
                 if args.fit or args.fit_tuned_lens:  # a forward pass over the pairs, no optimizer steps
-                    lines.append(f"   {run['name']:24s} fit ({args.fit or 'tuned lens'}; not in the training time); "
-                                 + evals)
-                    continue
-                cfg = stage2.resolve_config(args)
-                pairs = self.pairs_files(run["pairs"])[0]
-                per_step = cfg["batch_size"] * (cfg["grad_accum"] or 1)
-                steps = cfg["max_steps"] or (math.ceil(cfg["epochs"] * len(common.read_jsonl(pairs)) / per_step)
-                                             if os.path.exists(pairs) else None)
-                step_tokens = per_step * cfg["max_length"] * self.study["compute"]["processes"]
-                tokens += (steps or 0) * step_tokens
-                steps_left += steps or 0
-                what = f"train ({steps or '?'} steps, <= {(steps or 0) * step_tokens:,} tokens)"
+                    what = f"fit ({args.fit or 'tuned lens'}; not in the training time)"
+                else:
+                    cfg = stage2.resolve_config(args)
+                    pairs = self.pairs_files(run["pairs"])[0]
+                    per_step = cfg["batch_size"] * (cfg["grad_accum"] or 1)
+                    steps = cfg["max_steps"] or (math.ceil(cfg["epochs"] * len(common.read_jsonl(pairs)) / per_step)
+                                                 if os.path.exists(pairs) else None)
+                    step_tokens = per_step * cfg["max_length"] * self.study["compute"]["processes"]
+                    tokens += (steps or 0) * step_tokens
+                    steps_left += steps or 0
+                    what = f"train ({steps or '?'} steps, <= {(steps or 0) * step_tokens:,} tokens)"
             else:
                 what = ("no training" if not run["train"] else "trained" if self.wanted(run)
                         else "not needed by any part yet")

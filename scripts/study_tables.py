@@ -8,9 +8,8 @@ Reads only the results folder (and the folders of reused runs): 03's run JSONs a
 logs. Sections: scores ± item standard error per run and mean ± standard error over seeds per group (reference
 numbers beside ours where the study carries them); every contrast per measure, bootstrapped over items with one
 draw per resample shared by all its runs (common.contrast_bootstrap), 95% percentile interval, two-sided p;
-each confirmatory family with Holm-adjusted p (a test not yet run counts as p = 1), its placebo, the claim rule
-and whether the interval lies within ±|placebo Δ| (an equivalence reading);
-the seed-to-seed spread of every group; wall time per run.
+each confirmatory family: Holm-adjusted p (a test not yet run counts as p = 1), its placebo, the claim rule, whether
+the interval lies within ±|placebo Δ|; the seed-to-seed spread of each group; wall time per run; each fit's residual.
 """
 import argparse
 import copy
@@ -79,13 +78,9 @@ def run_folder(run, results_dir):
     return os.path.join(ROOT, run["reuse"]) if run["reuse"] else results_dir
 
 
-def metric_of(entry, metric):
-    return metric or ("nll" if entry["aggregation"] == "ratio" else entry["metric"])
-
-
 def cell_se(entry, metric):
     """The run JSON's standard error of a cell, on the table's scale (per-item scores in %)."""
-    metric = metric_of(entry, metric)
+    metric = metric or ("nll" if entry["aggregation"] == "ratio" else entry["metric"])  # the task's own, if none
     m = entry.get("metrics", {}).get(metric) or (entry.get("metrics", {}).get("f1") if metric == "f1_lang" else None)
     se = m.get("stderr") if m else entry.get("stderr") if metric in (entry["metric"], "nll") else None
     return None if se is None else se * (100.0 if entry["aggregation"] == "mean" else 1.0)
@@ -131,7 +126,7 @@ def build(study, results_dir):
     results, res = Results(study, results_dir), study["resampling"]
     measures = study["measures"]
     out = dict(study=study["study"]["name"], resampling=res, runs={}, groups={}, contrasts={}, families={},
-               spread=[], wall={}, references=study["references"])
+               spread=[], wall={}, fits={}, references=study["references"])
     for run in study.runs_expanded:
         out["runs"][run] = {m: results.score(run, m) for m in measures}
     for group, runs in study.groups.items():
@@ -177,7 +172,10 @@ def build(study, results_dir):
                     if r:
                         out["spread"].append(dict(group=group, a=a, b=b, measure=m, **r))
     for run in study.runs_expanded:
-        rows = train_log(results, run)
+        rows, fit = train_file(results, run), train_file(results, run, common.INTERVENTION_CONFIG)
+        if fit:  # 02 --fit: nothing trained; its fitting time and held-out residual per block
+            out["fits"][run] = {k: fit.get(k) for k in ("method", "placebo", "layers", "positions", "fit_seconds",
+                                                        "heldout_residual", "n_pairs_used", "n_eval_pairs")}
         entries = [e for t in (results.run_json(run) or {}).get("results", {}).values() for e in t.values()]
         out["wall"][run] = dict(train_s=plot_losses.busy_seconds(rows) if rows else None,
                                 steps=rows[-1]["step"] if rows else None,
@@ -186,7 +184,7 @@ def build(study, results_dir):
                                 eval_s=sum(e.get("seconds", 0) for e in entries) if entries else None)
     out["curves"], out["item_checks"] = [], []
     for a, b in pairs_of(study, "curves", "-"):  # e.g. one run trained on two machines: held-out L_TFT side by side
-        ca, cb = ({r["step"]: r["eval_loss_tft"] for r in train_log(results, x) or []
+        ca, cb = ({r["step"]: r["eval_loss_tft"] for r in train_file(results, x) or []
                    if r.get("eval_loss_tft") is not None} for x in (a, b))
         out["curves"].append(dict(a=a, b=b, rows=[dict(step=s, a=ca[s], b=cb[s], diff=ca[s] - cb[s])
                                                   for s in sorted(set(ca) & set(cb))]))
@@ -202,11 +200,13 @@ def placebo_rule(study, fam):
     return " and |Δ| > |placebo Δ| (each contrast's own placebo)" if own else ""
 
 
-def train_log(results, run):
-    """02's training log rows of a run, or None when it has none."""
+def train_file(results, run, name="train_log.jsonl"):
+    """A file 02 wrote for a run (its training log's rows, a fit's intervention_config.json), or None without it."""
     _, stored, train_dir = results.where[run]
-    log = os.path.join(train_dir, stored, "train_log.jsonl")
-    return common.read_jsonl(log) if os.path.exists(log) or os.path.exists(log + ".gz") else None
+    path = os.path.join(train_dir, stored, name)
+    if not (os.path.exists(path) or os.path.exists(path + ".gz")):
+        return None
+    return common.read_jsonl(path) if name.endswith(".jsonl") else common.read_json(path)
 
 
 def pairs_of(study, key, sep):
@@ -241,22 +241,14 @@ def max_abs_diff(a, b):
     if isinstance(a, (int, float)) and isinstance(b, (int, float)):
         return abs(a - b)
     if isinstance(a, dict) and isinstance(b, dict):
-        return max((max_abs_diff(a[k], b[k]) for k in a if k in b), default=0.0)
+        a, b = [a[k] for k in a if k in b], [b[k] for k in a if k in b]
     if isinstance(a, list) and isinstance(b, list):
         return max((max_abs_diff(x, y) for x, y in zip(a, b)), default=0.0)
     return 0.0
 
 
-def yes_no(flag):
-    return "–" if flag is None else "yes" if flag else "no"
-
-
 def with_se(value, se, measure_cells):
     return fmt(value, measure_cells) + (f" ± {fmt(se, measure_cells)}" if se is not None else "")
-
-
-def interval(r):
-    return f"[{r['lo']:+.3f}, {r['hi']:+.3f}]"
 
 
 def markdown(study, t, results_dir):
@@ -266,6 +258,8 @@ def markdown(study, t, results_dir):
     s = study["study"]
     term_label = lambda term: (study["runs"].get(term) or study.runs_expanded[term])["label"] or term  # noqa: E731
     contrast_label = lambda name: study["contrasts"][name]["label"] or name  # noqa: E731
+    interval = lambda r: f"[{r['lo']:+.3f}, {r['hi']:+.3f}]"  # noqa: E731
+    yes_no = lambda flag: "–" if flag is None else "yes" if flag else "no"  # noqa: E731
     shown = lambda path: os.path.relpath(path, ROOT) if path.startswith(ROOT + os.sep) else path  # noqa: E731
     command = f"scripts/study_tables.py {shown(s['path'])}" + (
         "" if os.path.normpath(os.path.join(ROOT, s["results"])) == results_dir else f" --out {shown(results_dir)}")
@@ -340,10 +334,18 @@ def markdown(study, t, results_dir):
     lines += ["\n## Wall time per run\n", "Training: the logged optimizer-step and held-out seconds (model loading, "
               "checkpoint saves and steps lost to a killed attempt excluded); evaluation: the run JSON's per-cell "
               "seconds.\n", *common.table_header("run", "steps", "training s", "of which held-out s", "evaluation s")]
-    for run, w in t["wall"].items():
-        secs = lambda s: "–" if s is None else f"{s:.1f}"  # noqa: E731
-        lines.append(f"| {run} | {w['steps'] or '–'} | {secs(w['train_s'])} | {secs(w['heldout_s'])} | "
-                     f"{secs(w['eval_s'])} |")
+    secs = lambda s: "–" if s is None else f"{s:.1f}"  # noqa: E731
+    lines += [f"| {run} | {w['steps'] or '–'} | {secs(w['train_s'])} | {secs(w['heldout_s'])} | {secs(w['eval_s'])} |"
+              for run, w in t["wall"].items()]
+    if t["fits"]:
+        lines += ["\n## Fits (02 --fit: nothing trained)\n", "Held-out residual per block: |f(h_tgt) − h_en|² / "
+                  "|h_tgt − h_en|² over the dev pairs, f the fitted map (1: no closer than no map).\n",
+                  *common.table_header("run", "method", "blocks", "positions", "fitting s", "held-out residual")]
+        for run, f in t["fits"].items():
+            blocks = ", ".join(map(str, f["layers"])) if len(f["layers"]) < 4 else f"{len(f['layers'])} blocks"
+            ratios = ", ".join(f"{k}: {v['ratio']:.3f}" for k, v in (f["heldout_residual"] or {}).items())
+            method = f["method"] + (f" (placebo: {f['placebo']})" if f.get("placebo") else "")
+            lines.append(f"| {run} | {method} | {blocks} | {f['positions']} | {f['fit_seconds']:.0f} | {ratios} |")
     lines += plot_layers.layer_tables(study, {n: run_folder(r, results_dir) for n, r in study.runs_expanded.items()})
     for c in t["curves"]:
         lines += [f"\n## Held-out L_TFT (nats/token): {c['a']} beside {c['b']}\n",
@@ -360,7 +362,7 @@ def markdown(study, t, results_dir):
 def loss_curves(study, results_dir, path):
     """plot_losses' held-out / training curves of every trained run with a training log; False when none has one."""
     results = Results(study, results_dir)
-    logs = {name: train_log(results, name) for name, run in study.runs_expanded.items() if run["train"]}
+    logs = {name: train_file(results, name) for name, run in study.runs_expanded.items() if run["train"]}
     logs = {name: rows for name, rows in logs.items() if rows is not None}
     if logs:
         import contextlib

@@ -209,7 +209,7 @@ def test_dry_run_plan_lists_runs_and_tokens(tmp_path):
     assert "to train: <= 2,048 tokens" in out.stdout and not (tmp_path / "r").exists()
 
 
-@pytest.mark.parametrize("name", ["smollm2", "gemma3", "gemma3_ablations"])
+@pytest.mark.parametrize("name", ["smollm2", "gemma3", "gemma3_ablations", "peers_smollm2"])
 def test_the_committed_studies_plan_nothing(name, tmp_path):
     """Every part of the run studies is published under results/ (per-item, layer and log files gzipped): their
     study files on a fresh checkout train and evaluate nothing."""
@@ -380,6 +380,29 @@ def test_labels_name_runs_seeds_and_contrasts_in_the_tables(tiny, tmp_path):
     assert "| TFT, seed 1 |" in tables and "| TFT, seed 2 |" in tables  # the scores of each seed
     assert "| measure | dft-logits | TFT | Δ |" in tables  # a contrast's terms
     assert "| dft-logits − tft | NLL zh ↓ |" in tables  # the family names its contrast by the label
+
+
+def test_a_run_publishes_only_its_own_per_item_files(tmp_path):
+    """incline-a0's files are not incline-a0.5's, though a glob of incline-a0.* finds both."""
+    for name in ("incline-a0.nll.zh.jsonl", "incline-a0.5.nll.zh.jsonl", "incline-a0.translation.en-zh.jsonl"):
+        (tmp_path / name).write_text("{}\n")
+    assert sorted(os.path.basename(f) for f in run_study.item_files(str(tmp_path), "incline-a0", ".jsonl")) == [
+        "incline-a0.nll.zh.jsonl", "incline-a0.translation.en-zh.jsonl"]
+    assert [os.path.basename(f) for f in run_study.item_files(str(tmp_path), "incline-a0.5", ".jsonl")] == [
+        "incline-a0.5.nll.zh.jsonl"]
+
+
+def test_a_fit_shows_its_time_and_held_out_residual(tmp_path):
+    """The peers study's committed results: each fit (intervention_config.json) in the fits table, and alpha 0 item by
+    item equal to base."""
+    results = os.path.join(REPO, "results", "peers_smollm2")
+    for name in ("eval", "train"):
+        os.symlink(os.path.join(results, name), tmp_path / name)
+    assert study_tables.main([os.path.join(REPO, "studies", "peers_smollm2.toml"), "--out", str(tmp_path)]) is None
+    tables = (tmp_path / "tables.md").read_text(encoding="utf-8")
+    assert "| diffmean | diffmean | 16 | prompt | 3046 | 16: 0.285 |" in tables
+    assert "| incline | incline | 30 blocks | last | 3186 | 1: 0.235, 2: 0.167, " in tables
+    assert tables.count("| nll zh | 69 / 69 | 69 | 69 | 0 | yes |") == 2  # incline-a0 and diffmean-a0 against base
 
 
 def test_a_pairs_file_is_found_from_the_repository_root(tmp_path, monkeypatch):
