@@ -371,7 +371,9 @@ def describe(p):
         lines.append(f"   {r['run']:18s} {r['pairs']:7,d} {r['tokens'] / 1e6:8.1f}M {cost:7.2f} {r['gpu_hours']:10.2f}")
     lines.append(f"== {len(p['evals'])} evaluations: base and sft on every language's cells, each other model on its "
                  "own language's (not included in the GPU-hours)")
-    lines.append(f"== throughput {p['tokens_per_s']:,.0f} TFT tokens/s per GPU: {p['tokens_per_s_source']}; "
+    guessed = p["tiny"] and p["tokens_per_s_source"].startswith("results/gpu_smoke/")  # a 1.1B timing scaled down
+    lines.append("== throughput: not planned (TINY: a tiny random model, minutes on a CPU)" if guessed else
+                 f"== throughput {p['tokens_per_s']:,.0f} TFT tokens/s per GPU: {p['tokens_per_s_source']}; "
                  f"cost x = step cost vs tft ({p['cost_factors_source']}; mid-align {MID_ALIGN_COST} assumed)"
                  + (f" x {p['grad_ckpt_factor']:.2f} for gradient checkpointing" if p["grad_ckpt_factor"] > 1 else ""))
     lines.append(f"== total about {p['gpu_hours']:.1f} GPU-hours ({p['gpu_hours'] / p['nproc']:.1f} h wall on "
