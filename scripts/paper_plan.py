@@ -334,12 +334,12 @@ def plan(args):
     paper_model = args.model if known else ("meta-llama/Llama-2-7b-hf" if args.tiny else None)
     return dict(model=args.model, paper_model=paper_model, out=args.out, save_every=args.save_every,
                 keep_checkpoints=args.keep_checkpoints, bootstrap=args.bootstrap, pairs_limit=args.pairs_limit,
-                preset=preset, tiny=args.tiny, tiny_device=args.tiny_device, langs=langs, methods=methods, nproc=nproc, gpus=gpus,
-                lc_layer=args.lc_layer, et_layer=args.et_layer, steps=args.steps, limit=args.limit,
+                preset=preset, tiny=args.tiny, tiny_device=args.tiny_device, langs=langs, methods=methods, nproc=nproc,
+                gpus=gpus, lc_layer=args.lc_layer, et_layer=args.et_layer, steps=args.steps, limit=args.limit,
                 model_type=model_type, params=params, num_layers=num_layers, layer_cls=layer_cls,
                 fsdp=nproc > 1, data=data, sft_lang=sft_lang, mt_model=args.mt_model, tokenizer=tok_source,
                 tokens_per_s=tok_s, tokens_per_s_source=tok_src, cost_factors=factors, cost_factors_source=factor_src,
-                grad_ckpt_factor=ckpt,
+                tokens_per_s_scaled=not (args.tokens_per_s or args.timing), grad_ckpt_factor=ckpt,
                 epochs=None if args.steps else epochs, global_batch=global_batch, runs=runs, evals=evals,
                 gpu_hours=sum(r["gpu_hours"] for r in runs),
                 disk_gb=len(runs) * model_gb + 4 * model_gb * (len(runs) if args.keep_checkpoints else 1),
@@ -365,19 +365,20 @@ def describe(p):
     lines.append(f"== {len(p['runs'])} trainings ("
                  + (f"{p['steps']} steps x global batch {p['global_batch']}" if p["steps"] else f"{p['epochs']} epochs")
                  + ")" + (f"; sft on the English side of the {p['sft_lang']} pairs" if "sft" in p["methods"] else ""))
+    unplanned = p["tiny"] and p["tokens_per_s_scaled"]  # the 1.1B GPU timing scaled to a tiny model means nothing
     lines.append("   run                 pairs    tokens   cost x   GPU-hours")
     for r in p["runs"]:
-        cost = p["cost_factors"][r["method"]] * p["grad_ckpt_factor"]
-        lines.append(f"   {r['run']:18s} {r['pairs']:7,d} {r['tokens'] / 1e6:8.1f}M {cost:7.2f} {r['gpu_hours']:10.2f}")
+        cost, hours = p["cost_factors"][r["method"]] * p["grad_ckpt_factor"], f"{r['gpu_hours']:.2f}" * (not unplanned)
+        lines.append(f"   {r['run']:18s} {r['pairs']:7,d} {r['tokens'] / 1e6:8.1f}M {cost:7.2f} {hours or '–':>10s}")
     lines.append(f"== {len(p['evals'])} evaluations: base and sft on every language's cells, each other model on its "
                  "own language's (not included in the GPU-hours)")
-    guessed = p["tiny"] and p["tokens_per_s_source"].startswith("results/gpu_smoke/")  # a 1.1B timing scaled down
-    lines.append("== throughput: not planned (TINY: a tiny random model, minutes on a CPU)" if guessed else
+    lines.append(f"== throughput: not planned (TINY; cost x as {p['cost_factors_source']})" if unplanned else
                  f"== throughput {p['tokens_per_s']:,.0f} TFT tokens/s per GPU: {p['tokens_per_s_source']}; "
                  f"cost x = step cost vs tft ({p['cost_factors_source']}; mid-align {MID_ALIGN_COST} assumed)"
                  + (f" x {p['grad_ckpt_factor']:.2f} for gradient checkpointing" if p["grad_ckpt_factor"] > 1 else ""))
-    lines.append(f"== total about {p['gpu_hours']:.1f} GPU-hours ({p['gpu_hours'] / p['nproc']:.1f} h wall on "
-                 f"{p['nproc']} GPU(s), linear scaling assumed; padding not counted); disk about {p['disk_gb']:.0f} GB "
+    lines.append("== total " + ("GPU-hours not estimated (TINY)" if unplanned else f"about {p['gpu_hours']:.1f} "
+                 f"GPU-hours ({p['gpu_hours'] / p['nproc']:.1f} h wall on {p['nproc']} GPU(s), linear scaling assumed; "
+                 f"padding not counted)") + f"; disk about {p['disk_gb']:.0f} GB "
                  f"({len(p['runs'])} models x {p['model_gb']:.1f} GB at float32 + "
                  + (f"{len(p['runs'])} kept 16 B/parameter checkpoints)" if p["keep_checkpoints"]
                     else "one 16 B/parameter checkpoint)"))

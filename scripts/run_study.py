@@ -38,11 +38,11 @@ ITEM_TEXT = ("context", "choices", "prompt", "target")
 
 
 def gzip_copy(path, dest, drop=()):
-    """path gzipped to dest atomically, as `gzip -n` writes it (same bytes everywhere); drop: JSONL less those keys."""
+    """path gzipped to dest atomically, as `gzip -n -9` (no name, no time: same bytes anywhere); drop: these keys."""
     with open(path, "rb") as src, common.atomic_open(dest, "wb") as raw:
         with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as dst:
             if not drop:
-                return shutil.copyfileobj(src, dst)
+                return shutil.copyfileobj(src, dst)  # the file as it is, and done
             for line in src:  # bytes split at b"\n" only (str.splitlines would also split inside JSON strings)
                 row = {k: v for k, v in json.loads(line).items() if k not in drop}
                 dst.write((json.dumps(row, ensure_ascii=False) + "\n").encode())

@@ -203,8 +203,8 @@ def placebo_rule(study, fam):
 def train_file(results, run, name="train_log.jsonl"):
     """A file 02 wrote for a run (its training log's rows, a fit's intervention_config.json), or None without it."""
     _, stored, train_dir = results.where[run]
-    path = os.path.join(train_dir, stored, name)
-    if not (os.path.exists(path) or os.path.exists(path + ".gz")):
+    path = common.existing_path(os.path.join(train_dir, stored, name))  # or its .gz
+    if path is None:
         return None
     return common.read_jsonl(path) if name.endswith(".jsonl") else common.read_json(path)
 
@@ -241,7 +241,7 @@ def max_abs_diff(a, b):
     if isinstance(a, (int, float)) and isinstance(b, (int, float)):
         return abs(a - b)
     if isinstance(a, dict) and isinstance(b, dict):
-        a, b = [a[k] for k in a if k in b], [b[k] for k in a if k in b]
+        return max((max_abs_diff(a[k], b[k]) for k in a if k in b), default=0.0)
     if isinstance(a, list) and isinstance(b, list):
         return max((max_abs_diff(x, y) for x, y in zip(a, b)), default=0.0)
     return 0.0

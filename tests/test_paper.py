@@ -225,7 +225,8 @@ def test_plan_throughput_from_a_gpu_timing(tmp_path):
     assert p["tokens_per_s"] == 1000 and p["tokens_per_s_source"] == "TOKENS_PER_S given by the user"
     assert "== throughput 1,000 TFT tokens/s per GPU" in paper_plan.describe(p)
     # without a timing TINY's tiny model is not planned from the 1.1B GPU figure (millions of tokens/s)
-    assert "== throughput: not planned" in paper_plan.describe(paper_plan.plan(paper_plan.parse_args(base)))
+    text = paper_plan.describe(paper_plan.plan(paper_plan.parse_args(base)))
+    assert "== throughput: not planned" in text and "== total GPU-hours not estimated (TINY); disk" in text
 
 
 def run_paper(tmp_path, **env):
