@@ -2092,7 +2092,9 @@ def plot_layers(curves, lang, path):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     tuned = any(c.get("tuned") for c in curves.values())
-    fig.suptitle(f"Logit lens on {lang} inputs (solid: English tokens, dashed: {lang} tokens; bands: 95% over sentences)"
+    bands = any(c.get("standard_errors") for c in curves.values())  # older result files have none
+    fig.suptitle(f"Logit lens on {lang} inputs (solid: English tokens, dashed: {lang} tokens"
+                 + ("; bands: 95% over sentences)" if bands else ")")
                  + (f"\ntuned lens at its fitted blocks (o: English, x: {lang}; bars: 95% over sentences)" if tuned else ""))
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -121,7 +121,7 @@ def okapi_task_files(folder, tasks_dir, data_dir=common.DATA_DIR):
     for i, r in enumerate(common.read_json(os.path.join(data_dir, "okapi_truthfulqa", "zh_validation.json"))):
         labels = r["mc1_targets_labels"]
         if labels.count(1) != 1:
-            raise SystemExit(f"truthfulqa zh item {i}: MC1 needs exactly one correct choice, labels are {labels}")
+            raise common.UserError(f"truthfulqa zh item {i}: MC1 needs exactly one correct choice, labels are {labels}")
         order = [labels.index(1)] + [k for k in range(len(labels)) if labels[k] != 1]
         perm.append(order)
         choices = [r["mc1_targets_choices"][k] for k in order]
@@ -296,20 +296,23 @@ def main():
     args = p.parse_args()
     for flag in ("xnli_limit", "mmlu_limit", "truthfulqa_limit", "mgsm_limit", "nll_limit"):
         if getattr(args, flag) < 0:
-            raise SystemExit(f"--{flag.replace('_', '-')} must be >= 0")
-    if args.repeats < 1:
-        raise SystemExit("--repeats must be >= 1")
+            raise common.UserError(f"--{flag.replace('_', '-')} must be >= 0")
+    if args.repeats < 1 or args.batch_size < 1:
+        raise common.UserError(f"--repeats {args.repeats} / --batch-size {args.batch_size}: give at least 1")
     dtypes = common.parse_list(args.dtypes)
     if not dtypes or any(d not in ("float32", "bfloat16", "float16") for d in dtypes):
-        raise SystemExit(f"--dtypes {args.dtypes}: use float32, bfloat16 or float16")
+        raise common.UserError(f"--dtypes {args.dtypes}: use float32, bfloat16 or float16")
     if args.nll_pairs and not os.path.exists(args.nll_pairs):
-        raise SystemExit(f"--nll-pairs {args.nll_pairs}: no such file")
-    if not args.skip_harness and not (args.lmeval_python and os.path.exists(args.lmeval_python)):
-        raise SystemExit("no harness python: pass --lmeval-python PATH or set LMEVAL_PYTHON (see the set-up in "
+        raise common.UserError(f"--nll-pairs {args.nll_pairs}: no such file")
+    if not args.skip_harness and args.lmeval_python and not os.path.exists(args.lmeval_python):
+        raise common.UserError(f"--lmeval-python {args.lmeval_python}: not found; give the python of the venv with "
+                               "lm-eval (see the set-up in `bench_evaluate.py --help`), or --skip-harness")
+    if not args.skip_harness and not args.lmeval_python:
+        raise common.UserError("no harness python: pass --lmeval-python PATH or set LMEVAL_PYTHON (see the set-up in "
                          "`bench_evaluate.py --help`), or --skip-harness")
     run = [(t, h, min(getattr(args, flag), args.harness_max_items)) for t, h, flag in TASKS if getattr(args, flag)]
     if not run and not args.nll_pairs:
-        raise SystemExit("every task has limit 0: nothing to run")
+        raise common.UserError("every task has limit 0: nothing to run")
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     model_dir, _, source = common.resolve_model(common.DEFAULT_MODEL)
@@ -322,13 +325,13 @@ def main():
                              if args.nll_pairs else None),
                   started=time.strftime("%Y-%m-%d %H:%M:%S"))
 
+    harness_setup = None
+    if not args.skip_harness and run:  # before loading the models: a harness python without lm_eval is refused
+        harness_setup = prepare_harness(args, dtypes, run, model_dir)
     models = {}
     for dtype in dtypes:
         models[dtype] = common.load_model_and_tokenizer(model_dir, dtype, padding_side="left")
         models[dtype][0].eval()
-    harness_setup = None
-    if not args.skip_harness and run:
-        harness_setup = prepare_harness(args, dtypes, run, model_dir)
     ours_repeats, harness_repeats = [], []
     for r in range(args.repeats):  # interleaved: ours, the harness, ours, ...
         if args.repeats > 1:
@@ -410,9 +413,12 @@ def median_runs(repeats):
 
 def prepare_harness(args, dtypes, run, model_dir):
     """The harness's task files and driver in a temp folder: (its command and environment, TruthfulQA's perm)."""
-    tasks_dir = subprocess.run([args.lmeval_python, "-c", "import lm_eval.tasks, os; "
-                                "print(os.path.dirname(lm_eval.tasks.__file__))"],
-                               capture_output=True, text=True, check=True).stdout.strip()
+    found = subprocess.run([args.lmeval_python, "-c", "import lm_eval.tasks, os; "
+                            "print(os.path.dirname(lm_eval.tasks.__file__))"], capture_output=True, text=True)
+    if found.returncode != 0:
+        raise common.UserError(f"--lmeval-python {args.lmeval_python} cannot import lm_eval (install lm-eval 0.4.13 "
+                               "in that venv; the set-up is in `bench_evaluate.py --help`), or use --skip-harness")
+    tasks_dir = found.stdout.strip()
     folder = tempfile.mkdtemp(prefix="bench_eval_tasks_")
     xnli_rows = ev._tsv(os.path.join(common.DATA_DIR, "xnli", "dev-zh.tsv"))
     mgsm_rows = ev._tsv(os.path.join(common.DATA_DIR, "mgsm", "mgsm_zh.tsv"))
@@ -437,7 +443,7 @@ def run_harness(args, harness):
     r = subprocess.run(command, env=env, capture_output=True, text=True)
     if r.returncode != 0:
         print(r.stderr[-4000:])
-        raise SystemExit("the harness run failed (its stderr is above)")
+        raise common.UserError("the harness run failed (its stderr is above)")
     h = json.load(open(out))
     print("[harness] " + ", ".join(f"{d} {t}: {x['cpu_seconds']:.1f} CPU s"
                                    for d, by in h.items() for t, x in by.items()), flush=True)
@@ -453,4 +459,4 @@ def _cpu_name():
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)

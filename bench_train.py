@@ -2,7 +2,8 @@
 Benchmark: the cost of one optimizer step of tft, dft-logits and dft-feature on the same batch,
 next to the arithmetic cost model of DESIGN §2 (a DFT step should cost what its extra work costs).
 
-  python bench_train.py                                  # default model, CPU, fixture pairs
+  python bench_train.py                                  # default model, CPU, fixture pairs (tens of minutes)
+  python bench_train.py --batch-size 2 --max-length 96 --repeats 1 --warmup 0 --skip-memory   # about a minute
   python bench_train.py --model meta-llama/Llama-2-7b-hf --device cuda --dtype bfloat16 --lc-layer 2 --et-layer 15
 
 The methods are timed in one process, interleaved round by round (a busy machine slows them alike);
@@ -217,8 +218,13 @@ def main():
         print("RESULT " + json.dumps(measure_memory(args)), flush=True)
         return
     methods = common.parse_list(args.methods)
-    if "tft" not in methods:
-        raise common.UserError("--methods must include tft: every ratio is to tft")
+    if "tft" not in methods or set(methods) - set(METHODS):
+        raise common.UserError(f"--methods {args.methods}: pick from {', '.join(METHODS)}, tft among them (every "
+                               "ratio is to tft)")
+    if args.repeats < 1 or args.warmup < 0:
+        raise common.UserError(f"--repeats {args.repeats} / --warmup {args.warmup}: time at least one round")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise common.UserError(f"--device {args.device}: torch sees no CUDA GPU here; use --device cpu")
     precisions = common.parse_list(args.precisions)
     if not precisions or set(precisions) - {"no", "bf16"}:
         raise common.UserError(f"--precisions takes no and/or bf16, got {args.precisions!r}")

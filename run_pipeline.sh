@@ -3,7 +3,8 @@
 #   1. 500 Chinese Alpaca pairs (431 train + 69 dev: 31 of the 100 dev ids are over 256 tokens)
 #   2. 30 steps of DFT (logit lens, auto layers; held-out loss on 32 dev pairs at steps 15 and 30)
 #   3. the base and the trained model on a few benchmark items, side by side (answers cut at 32 tokens).
-# Rerunning starts afresh: it deletes $OUT (default runs/pipeline). Sizes are environment variables.
+# Rerunning starts afresh: it deletes $OUT (default runs/pipeline), and only a folder it made itself (its
+# .run_pipeline mark): any other existing OUT is refused. Sizes are environment variables.
 set -euo pipefail
 cd "$(dirname "$0")"
 bash setup.sh
@@ -16,7 +17,13 @@ LIMIT=${LIMIT:-50}          # items per task x language in the evaluation
 # auto: bf16 where the CPU/GPU computes it natively (training autocast, evaluation weights); no: float32
 PRECISION=${PRECISION:-auto}
 BASE=HuggingFaceTB/SmolLM2-135M-Instruct
+if [ -e "$OUT" ] && [ ! -e "$OUT/.run_pipeline" ]; then
+    echo "error: OUT=$OUT exists and is not a folder run_pipeline.sh made (no $OUT/.run_pipeline): rerunning deletes" \
+         "OUT, so pick a new OUT, or delete it yourself" >&2
+    exit 2
+fi
 rm -rf "$OUT"
+mkdir -p "$OUT" && touch "$OUT/.run_pipeline"
 
 echo "== 1/3 parallel pairs"
 $PY 01_build_pairs.py --source alpaca --lang "$TGT" --limit 500 --dev-size 100 \

@@ -28,9 +28,12 @@ def main():
     p.add_argument("--model", default=common.DEFAULT_MODEL)
     p.add_argument("--batch", type=int, default=16, help="prompts (MGSM-zh questions) = rows per decoding step")
     p.add_argument("--new-tokens", type=int, default=160, help="tokens generated per prompt (no stop string)")
-    p.add_argument("--attn", default=None, help="attention implementation (default: the model's, sdpa)")
+    p.add_argument("--attn", default=None, choices=["eager", "sdpa"], help="attention implementation (default: the "
+                   "model's, sdpa)")
     p.add_argument("--profile", action="store_true", help="also print torch.profiler's top operators")
     args = p.parse_args()
+    if min(args.batch, args.new_tokens) < 1:
+        raise common.UserError(f"--batch {args.batch} / --new-tokens {args.new_tokens}: give positive numbers")
     torch.set_num_threads(1)
     rows = ev._tsv(os.path.join(common.DATA_DIR, "mgsm", "mgsm_zh.tsv"))
     prompts = ["问题：" + question + "\n逐步解答：" for question, _ in rows[:args.batch]]
@@ -55,4 +58,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)

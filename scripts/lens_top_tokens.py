@@ -20,22 +20,25 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("models", nargs="+", help="model folders")
+    ap.add_argument("models", nargs="+", help="model folders (or hub names)")
     ap.add_argument("--pairs", required=True, help="pairs JSONL (x_tgt is read)")
     ap.add_argument("--block", type=int, default=8, help="block k (1-based, as in the layer analysis)")
     ap.add_argument("--n", type=int, default=40, help="first N sentences")
     ap.add_argument("--top", type=int, default=12, help="tokens listed per model")
-    ap.add_argument("--dtype", default="bfloat16")
-    args = ap.parse_args()
+    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    args = ap.parse_args(argv)
+    if min(args.n, args.top) < 1:
+        raise common.UserError(f"--n {args.n} / --top {args.top}: give positive numbers")
     texts = [r["x_tgt"] for r in common.read_jsonl(args.pairs)][:args.n]
-    print(f"Lens top-1 tokens at block {args.block}, first {len(texts)} sentences of {args.pairs} ({args.dtype})\n")
-    print("| model | positions | commonest top-1 tokens (share of positions) |\n|---|---|---|")
+    rows = []  # printed once every model has run: a failure leaves no half table
     for path in args.models:
         with contextlib.redirect_stdout(sys.stderr):  # the loader's notes stay out of the table
             model, tok = common.load_model_and_tokenizer(path, args.dtype, "cpu", padding_side="right")
         parts = common.model_parts(model.eval())
+        if not 1 <= args.block <= len(parts.blocks):
+            raise common.UserError(f"--block {args.block}: {path} has blocks 1 to {len(parts.blocks)}")
         counts = collections.Counter()
         with torch.no_grad():
             for i in range(0, len(texts), 8):
@@ -47,8 +50,10 @@ def main():
         n = sum(counts.values())
         listed = ", ".join(f"`{json.dumps(tok.decode([t]), ensure_ascii=False)}` {c / n:.3f}"
                            for t, c in counts.most_common(args.top))
-        print(f"| {os.path.basename(path.rstrip('/'))} | {n} | {listed} |", flush=True)
+        rows.append(f"| {os.path.basename(path.rstrip('/'))} | {n} | {listed} |")
+    print(f"Lens top-1 tokens at block {args.block}, first {len(texts)} sentences of {args.pairs} ({args.dtype})\n")
+    print("| model | positions | commonest top-1 tokens (share of positions) |\n|---|---|---|\n" + "\n".join(rows))
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)

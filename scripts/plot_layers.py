@@ -3,6 +3,7 @@
 <run>.layers.<lang>.json files, and layer_tables(), the per-block tables of a study (scripts/study_tables.py).
 
     python scripts/plot_layers.py results/gemma3/layers     # -> results/gemma3/layers/layers.zh.png
+    python scripts/plot_layers.py results/layers_smollm2 --out /tmp/layers.png   # elsewhere
 
 Each 03_evaluate.py --analysis layers call draws its own runs only; a matrix analysed one model at a time needs
 one figure with every run, base first.
@@ -15,21 +16,33 @@ from study_file import load_stage  # (it puts the repository root on sys.path: 0
 import common  # noqa: E402
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("folder", help="folder holding <run>.layers.<lang>.json(.gz) files; the figure is written there")
+    ap.add_argument("folder", help="folder holding <run>.layers.<lang>.json(.gz) files")
     ap.add_argument("--lang", default="zh", help="target language of the analysis (default %(default)s)")
-    args = ap.parse_args()
+    ap.add_argument("--out", help="the figure (default FOLDER/layers.LANG.png)")
+    args = ap.parse_args(argv)
+    if not os.path.isdir(args.folder):
+        raise common.UserError(f"{args.folder} is not a folder: pass the folder of 03_evaluate.py --analysis layers "
+                               "(its <run>.layers.<lang>.json files)")
     # The figure must be the one 03_evaluate.py --analysis layers draws, so its own plot_layers is used.
     evaluate = load_stage("03_evaluate")
     pattern = os.path.join(args.folder, f"*.layers.{args.lang}.json")  # results/ keeps them gzipped
     files = sorted(glob.glob(pattern) + glob.glob(pattern + ".gz"),
                    key=lambda p: (not os.path.basename(p).startswith("base."), p))
+    if not files:
+        names = glob.glob(os.path.join(args.folder, "*.layers.*"))
+        found = sorted({p.split(".layers.")[-1].split(".")[0] for p in names})
+        raise common.UserError(f"no {args.lang} layer files (*.layers.{args.lang}.json) in {args.folder}"
+                               + (f"; it holds {', '.join(found)}: pass --lang" if found else
+                                  ": run 03_evaluate.py --analysis layers --out there first"))
     curves = {}
     for path in files:
         curve = common.read_json(path)
         curves[curve["run"]] = curve
-    evaluate.plot_layers(curves, args.lang, os.path.join(args.folder, f"layers.{args.lang}.png"))
+    out = args.out or os.path.join(args.folder, f"layers.{args.lang}.png")
+    evaluate.plot_layers(curves, args.lang, out)
+    print(f"wrote {out} ({', '.join(curves)})")
 
 
 LAYER_MEASURES = [("mass_en", "English lens mass"), ("mass_tgt", "{lang} lens mass"),
@@ -103,4 +116,4 @@ def layer_tables(study, folders):
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)

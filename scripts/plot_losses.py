@@ -29,23 +29,26 @@ import common  # noqa: E402
 TERMS = ("loss_tft", "loss_lc", "loss_et")
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("run_dir")
-    ap.add_argument("methods", nargs="+")
-    ap.add_argument("--out", required=True, help="PNG path")
+    ap.add_argument("run_dir", help="folder holding one folder per run (02_train_dft.py --out)")
+    ap.add_argument("methods", nargs="+", help="the runs' folder names in RUN_DIR")
+    ap.add_argument("--out", required=True, help="PNG path (its table goes beside it as .md)")
     ap.add_argument("--heldout", action="store_true", help="held-out curves of every run in one figure")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if not args.out.endswith(".png"):
+        raise common.UserError(f"--out {args.out}: give a .png path (the table is written beside it as .md)")
     logs = {}
     for m in args.methods:
         p = os.path.join(args.run_dir, m, "train_log.jsonl")
-        if common.existing_path(p):  # results/ keeps it gzipped
-            logs[m] = common.read_jsonl(p)
-        else:
-            print(f"missing {p}, skipped")
-    if not logs:
-        print("no training logs")
-        return
+        if not common.existing_path(p):  # results/ keeps it gzipped
+            runs = sorted(d for d in os.listdir(args.run_dir) if common.existing_path(
+                os.path.join(args.run_dir, d, "train_log.jsonl"))) if os.path.isdir(args.run_dir) else []
+            raise common.UserError(f"no training log {p}(.gz): " + (f"the runs in {args.run_dir} are {', '.join(runs)}"
+                                   if runs else f"{args.run_dir} holds no run of 02_train_dft.py"))
+        logs[m] = common.read_jsonl(p)
+        if not logs[m]:
+            raise common.UserError(f"{p} is empty: the run logged no optimizer step yet")
     if args.heldout:
         return heldout(logs, args.out)
     fig, axes = plt.subplots(1, len(logs), figsize=(4.2 * len(logs), 3.4), squeeze=False)
@@ -129,4 +132,4 @@ def heldout(logs, out):
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)

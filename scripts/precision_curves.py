@@ -5,8 +5,9 @@ held-out eval_loss), the relative difference |bf16 - float32| / |float32|.
 
     python scripts/precision_curves.py --pairs runs/pairs_zh.jsonl --out results/precision_curves --steps 30
 
-Runs go to OUT/runs/METHOD-PRECISION (skipped when finished, so the script resumes); the comparison is written
-as OUT/precision_curves.json and OUT/precision_curves.md. Extra training flags after `--`.
+Runs go to OUT/runs/METHOD-PRECISION, their flags to OUT/runs/METHOD-PRECISION.command (a finished run is
+skipped, so the script resumes; one trained with other flags is refused); the comparison is written as
+OUT/precision_curves.json and OUT/precision_curves.md. Extra training flags after `--`.
 """
 import argparse
 import os
@@ -26,16 +27,24 @@ def finished(out):
 
 def train(method, precision, args, extra):
     out = os.path.join(args.out, "runs", f"{method}-{precision}")
-    if finished(out):
-        return out
-    if os.path.exists(out):
-        raise common.UserError(f"{out} holds an unfinished run: delete it and rerun")
     cmd = [sys.executable, TRAIN, "--pairs", args.pairs, "--out", out, "--model", args.model, "--method", method,
            "--max-steps", str(args.steps), "--mixed-precision", precision, "--lc-layer", str(args.lc_layer),
            "--et-layer", str(args.et_layer), "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
            "--lr", str(args.lr), "--seed", str(args.seed), "--log-every", "10", *extra]
+    marker = out + ".command"  # what the finished run was trained with: a rerun with other flags must not reuse it
+    if finished(out):
+        if os.path.exists(marker) and open(marker).read() != " ".join(cmd[2:]):
+            raise common.UserError(f"{out} was trained with other flags ({marker}): give a new --out, or delete "
+                                   f"{out} and {marker} to train it again")
+        return out
+    if os.path.exists(out):
+        raise common.UserError(f"{out} holds an unfinished run: delete it and rerun")
     print(" ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
+    if subprocess.run(cmd).returncode != 0:
+        raise common.UserError(f"02_train_dft.py stopped on {method} with --mixed-precision {precision} (its "
+                               "message is above); fix what it says and rerun: finished runs are kept")
+    with common.atomic_open(marker) as f:
+        f.write(" ".join(cmd[2:]))
     return out
 
 
@@ -78,7 +87,7 @@ def main():
             rows.append(f"| {method} | {term} | {len(d)} | {100 * max(d):.2f}% (step {worst + 1}) | "
                         f"{100 * sum(d) / len(d):.2f}% | {'yes' if max(d) <= args.threshold else 'no'} |")
         rows.append(f"| {method} | step time float32 / bf16 | | {seconds['no']:.0f} s / {seconds['bf16']:.0f} s "
-                    f"({seconds['bf16'] / seconds['no']:.2f}x) | | |")
+                    f"(bf16 takes {seconds['bf16'] / seconds['no']:.2f}x) | | |")
     header = (f"{args.model}, {args.steps} steps x batch {args.batch_size}, max length {args.max_length}, "
               f"lr {args.lr}, seed {args.seed}, i={args.lc_layer}, j={args.et_layer}; "
               f"pairs {os.path.basename(args.pairs)} "
