@@ -297,14 +297,15 @@ def main():
     for flag in ("xnli_limit", "mmlu_limit", "truthfulqa_limit", "mgsm_limit", "nll_limit"):
         if getattr(args, flag) < 0:
             raise common.UserError(f"--{flag.replace('_', '-')} must be >= 0")
-    if args.repeats < 1 or args.batch_size < 1:
-        raise common.UserError(f"--repeats {args.repeats} / --batch-size {args.batch_size}: give at least 1")
+    for flag in ("repeats", "batch_size", "threads", "harness_max_items"):
+        if getattr(args, flag) < 1:
+            raise common.UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: give at least 1")
     dtypes = common.parse_list(args.dtypes)
     if not dtypes or any(d not in ("float32", "bfloat16", "float16") for d in dtypes):
         raise common.UserError(f"--dtypes {args.dtypes}: use float32, bfloat16 or float16")
     if args.nll_pairs and not os.path.exists(args.nll_pairs):
         raise common.UserError(f"--nll-pairs {args.nll_pairs}: no such file")
-    if not args.skip_harness and args.lmeval_python and not os.path.exists(args.lmeval_python):
+    if not args.skip_harness and args.lmeval_python and not os.path.isfile(args.lmeval_python):
         raise common.UserError(f"--lmeval-python {args.lmeval_python}: not found; give the python of the venv with "
                                "lm-eval (see the set-up in `bench_evaluate.py --help`), or --skip-harness")
     if not args.skip_harness and not args.lmeval_python:
@@ -416,8 +417,9 @@ def prepare_harness(args, dtypes, run, model_dir):
     found = subprocess.run([args.lmeval_python, "-c", "import lm_eval.tasks, os; "
                             "print(os.path.dirname(lm_eval.tasks.__file__))"], capture_output=True, text=True)
     if found.returncode != 0:
-        raise common.UserError(f"--lmeval-python {args.lmeval_python} cannot import lm_eval (install lm-eval 0.4.13 "
-                               "in that venv; the set-up is in `bench_evaluate.py --help`), or use --skip-harness")
+        why = (found.stderr.strip().splitlines() or ["no message"])[-1]
+        raise common.UserError(f"--lmeval-python {args.lmeval_python} cannot import lm_eval ({why}): install lm-eval "
+                               "0.4.13 in that venv (the set-up is in `bench_evaluate.py --help`), or --skip-harness")
     tasks_dir = found.stdout.strip()
     folder = tempfile.mkdtemp(prefix="bench_eval_tasks_")
     xnli_rows = ev._tsv(os.path.join(common.DATA_DIR, "xnli", "dev-zh.tsv"))

@@ -223,6 +223,11 @@ def main():
                                "ratio is to tft)")
     if args.repeats < 1 or args.warmup < 0:
         raise common.UserError(f"--repeats {args.repeats} / --warmup {args.warmup}: time at least one round")
+    if args.batch_size < 1 or args.threads < 0:
+        raise common.UserError(f"--batch-size {args.batch_size} / --threads {args.threads}: give a batch of at least "
+                               "1 and 0 threads (torch's default) or more")
+    if not common.existing_path(args.pairs):
+        raise common.UserError(f"--pairs {args.pairs}: file not found; build it with 01_build_pairs.py")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise common.UserError(f"--device {args.device}: torch sees no CUDA GPU here; use --device cpu")
     precisions = common.parse_list(args.precisions)

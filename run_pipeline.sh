@@ -23,7 +23,8 @@ if [ -e "$OUT" ] && [ ! -e "$OUT/.run_pipeline" ]; then
     exit 2
 fi
 rm -rf "$OUT"
-mkdir -p "$OUT" && touch "$OUT/.run_pipeline"
+mkdir -p "$OUT"
+touch "$OUT/.run_pipeline"
 
 echo "== 1/3 parallel pairs"
 $PY 01_build_pairs.py --source alpaca --lang "$TGT" --limit 500 --dev-size 100 \

@@ -41,6 +41,8 @@ def main(argv=None):
         curve = common.read_json(path)
         curves[curve["run"]] = curve
     out = args.out or os.path.join(args.folder, f"layers.{args.lang}.png")
+    if os.path.isdir(out):
+        raise common.UserError(f"--out {out} is a folder: give the figure's file name, e.g. {out}/layers.png")
     evaluate.plot_layers(curves, args.lang, out)
     print(f"wrote {out} ({', '.join(curves)})")
 

@@ -44,8 +44,9 @@ def main(argv=None):
         if not common.existing_path(p):  # results/ keeps it gzipped
             runs = sorted(d for d in os.listdir(args.run_dir) if common.existing_path(
                 os.path.join(args.run_dir, d, "train_log.jsonl"))) if os.path.isdir(args.run_dir) else []
-            raise common.UserError(f"no training log {p}(.gz): " + (f"the runs in {args.run_dir} are {', '.join(runs)}"
-                                   if runs else f"{args.run_dir} holds no run of 02_train_dft.py"))
+            raise common.UserError(f"no training log {p}(.gz): " + (
+                f"the runs in {args.run_dir} are {', '.join(runs)}" if runs else f"{args.run_dir} holds no run of "
+                "02_train_dft.py" if os.path.isdir(args.run_dir) else f"{args.run_dir} does not exist"))
         logs[m] = common.read_jsonl(p)
         if not logs[m]:
             raise common.UserError(f"{p} is empty: the run logged no optimizer step yet")

@@ -5,9 +5,9 @@ held-out eval_loss), the relative difference |bf16 - float32| / |float32|.
 
     python scripts/precision_curves.py --pairs runs/pairs_zh.jsonl --out results/precision_curves --steps 30
 
-Runs go to OUT/runs/METHOD-PRECISION, their flags to OUT/runs/METHOD-PRECISION.command (a finished run is
-skipped, so the script resumes; one trained with other flags is refused); the comparison is written as
-OUT/precision_curves.json and OUT/precision_curves.md. Extra training flags after `--`.
+Runs go to OUT/runs/METHOD-PRECISION (a finished run is skipped, so the script resumes; one trained with other
+settings, by its train_config.json and the flags after `--` in METHOD-PRECISION.extra, is refused); the comparison
+goes to OUT/precision_curves.json and OUT/precision_curves.md. Extra training flags after `--`.
 """
 import argparse
 import os
@@ -31,11 +31,14 @@ def train(method, precision, args, extra):
            "--max-steps", str(args.steps), "--mixed-precision", precision, "--lc-layer", str(args.lc_layer),
            "--et-layer", str(args.et_layer), "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
            "--lr", str(args.lr), "--seed", str(args.seed), "--log-every", "10", *extra]
-    marker = out + ".command"  # what the finished run was trained with: a rerun with other flags must not reuse it
+    marker = out + ".extra"  # the flags after `--` it was trained with (train_config.json holds the others)
     if finished(out):
-        if os.path.exists(marker) and open(marker).read() != " ".join(cmd[2:]):
-            raise common.UserError(f"{out} was trained with other flags ({marker}): give a new --out, or delete "
-                                   f"{out} and {marker} to train it again")
+        differ = changed_settings(out, method, precision, args)
+        if os.path.exists(marker) and open(marker).read() != " ".join(extra):
+            differ.append(f"the flags after -- ({marker})")
+        if differ:
+            raise common.UserError(f"{out} was trained with another {', '.join(differ)}: give a new --out, or "
+                                   f"delete {out} to train it again")
         return out
     if os.path.exists(out):
         raise common.UserError(f"{out} holds an unfinished run: delete it and rerun")
@@ -44,8 +47,22 @@ def train(method, precision, args, extra):
         raise common.UserError(f"02_train_dft.py stopped on {method} with --mixed-precision {precision} (its "
                                "message is above); fix what it says and rerun: finished runs are kept")
     with common.atomic_open(marker) as f:
-        f.write(" ".join(cmd[2:]))
+        f.write(" ".join(extra))
     return out
+
+
+def changed_settings(out, method, precision, args):
+    """This call's settings that the finished run in out was not trained with (its train_config.json)."""
+    cfg = common.read_json(os.path.join(out, "train_config.json"))
+    want = dict(method=method, mixed_precision=precision, max_steps=args.steps, batch_size=args.batch_size,
+                max_length=args.max_length, lr=args.lr, seed=args.seed, lc_layer=str(args.lc_layer),
+                et_layer=str(args.et_layer), pairs_sha256=common.sha256_file(args.pairs))
+    differ = [f"--{k.replace('_', '-')} ({cfg.get(k)})" for k, v in want.items() if cfg.get(k) != v]
+    model = str(cfg.get("model"))
+    if model != args.model and not (os.path.isdir(model) and os.path.isdir(args.model)
+                                    and os.path.samefile(model, args.model)):
+        differ.append(f"--model ({model})")
+    return [d.replace("--pairs-sha256", "--pairs file") for d in differ]
 
 
 def compare(fp32_log, bf16_log):
@@ -75,6 +92,8 @@ def main():
     p.add_argument("--threshold", type=float, default=0.02, help="the target: every term within this per step")
     args, extra = p.parse_known_args()
     extra = [a for a in extra if a != "--"]
+    if not os.path.isfile(args.pairs):
+        raise common.UserError(f"--pairs {args.pairs}: file not found; build it with 01_build_pairs.py")
     rows, results = [], {}
     for method in common.parse_list(args.methods):
         logs = {mp: common.read_jsonl(os.path.join(train(method, mp, args, extra), "train_log.jsonl"))

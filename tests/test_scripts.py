@@ -50,7 +50,11 @@ def test_precision_curves_refuses_a_finished_run_trained_with_other_flags(tmp_pa
     assert first.returncode == 0, first.stderr[-2000:]
     assert script(*base).returncode == 0  # the same flags: both runs reused
     again = script(*base, "--lr", "1e-3")
-    assert again.returncode == 2 and "was trained with other flags" in again.stderr
-    broken = script(*base[:2], str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "b"), *base[5:])
-    assert broken.returncode == 2 and "02_train_dft.py stopped on tft" in broken.stderr
+    assert again.returncode == 2 and "was trained with another --lr (0.0001)" in again.stderr
+    moved = script(*base[:2], os.path.relpath(PAIRS_FIXTURE, REPO), *base[3:])  # the same file, named otherwise
+    assert moved.returncode == 0, moved.stderr[-2000:]
+    extra = script(*base, "--", "--warmup-ratio", "0")
+    assert extra.returncode == 2 and "the flags after --" in extra.stderr
+    broken = script(*base[:3], "--out", str(tmp_path / "b"), *base[5:8], "foo", *base[9:])  # 02 refuses the method
+    assert broken.returncode == 2 and "02_train_dft.py stopped on foo" in broken.stderr
     assert "Traceback" not in broken.stderr
