@@ -368,8 +368,9 @@ def describe(p):
     unplanned = p["tiny"] and p["tokens_per_s_scaled"]  # the 1.1B GPU timing scaled to a tiny model means nothing
     lines.append("   run                 pairs    tokens   cost x   GPU-hours")
     for r in p["runs"]:
-        cost, hours = p["cost_factors"][r["method"]] * p["grad_ckpt_factor"], f"{r['gpu_hours']:.2f}" * (not unplanned)
-        lines.append(f"   {r['run']:18s} {r['pairs']:7,d} {r['tokens'] / 1e6:8.1f}M {cost:7.2f} {hours or '–':>10s}")
+        cost = p["cost_factors"][r["method"]] * p["grad_ckpt_factor"]
+        hours = "–" if unplanned else f"{r['gpu_hours']:.2f}"
+        lines.append(f"   {r['run']:18s} {r['pairs']:7,d} {r['tokens'] / 1e6:8.1f}M {cost:7.2f} {hours:>10s}")
     lines.append(f"== {len(p['evals'])} evaluations: base and sft on every language's cells, each other model on its "
                  "own language's (not included in the GPU-hours)")
     lines.append(f"== throughput: not planned (TINY; cost x as {p['cost_factors_source']})" if unplanned else

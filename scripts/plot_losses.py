@@ -42,11 +42,12 @@ def main(argv=None):
     for m in args.methods:
         p = os.path.join(args.run_dir, m, "train_log.jsonl")
         if not common.existing_path(p):  # results/ keeps it gzipped
-            runs = sorted(d for d in os.listdir(args.run_dir) if common.existing_path(
-                os.path.join(args.run_dir, d, "train_log.jsonl"))) if os.path.isdir(args.run_dir) else []
-            raise common.UserError(f"no training log {p}(.gz): " + (
-                f"the runs in {args.run_dir} are {', '.join(runs)}" if runs else f"{args.run_dir} holds no run of "
-                "02_train_dft.py" if os.path.isdir(args.run_dir) else f"{args.run_dir} does not exist"))
+            if not os.path.isdir(args.run_dir):
+                raise common.UserError(f"no training log {p}(.gz): {args.run_dir} does not exist")
+            runs = sorted(d for d in os.listdir(args.run_dir)
+                          if common.existing_path(os.path.join(args.run_dir, d, "train_log.jsonl")))
+            raise common.UserError(f"no training log {p}(.gz): " + (f"the runs in {args.run_dir} are {', '.join(runs)}"
+                                   if runs else f"{args.run_dir} holds no run of 02_train_dft.py"))
         logs[m] = common.read_jsonl(p)
         if not logs[m]:
             raise common.UserError(f"{p} is empty: the run logged no optimizer step yet")

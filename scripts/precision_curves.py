@@ -25,7 +25,7 @@ def finished(out):
     return os.path.exists(os.path.join(out, "model.safetensors"))
 
 
-def train(method, precision, args, extra):
+def train(method, precision, args, extra, pairs_sha256):
     out = os.path.join(args.out, "runs", f"{method}-{precision}")
     cmd = [sys.executable, TRAIN, "--pairs", args.pairs, "--out", out, "--model", args.model, "--method", method,
            "--max-steps", str(args.steps), "--mixed-precision", precision, "--lc-layer", str(args.lc_layer),
@@ -33,7 +33,7 @@ def train(method, precision, args, extra):
            "--lr", str(args.lr), "--seed", str(args.seed), "--log-every", "10", *extra]
     marker = out + ".extra"  # the flags after `--` it was trained with (train_config.json holds the others)
     if finished(out):
-        differ = changed_settings(out, method, precision, args)
+        differ = changed_settings(out, method, precision, args, pairs_sha256)
         if os.path.exists(marker) and open(marker).read() != " ".join(extra):
             differ.append(f"the flags after -- ({marker})")
         if differ:
@@ -51,18 +51,19 @@ def train(method, precision, args, extra):
     return out
 
 
-def changed_settings(out, method, precision, args):
+def changed_settings(out, method, precision, args, pairs_sha256):
     """This call's settings that the finished run in out was not trained with (its train_config.json)."""
     cfg = common.read_json(os.path.join(out, "train_config.json"))
     want = dict(method=method, mixed_precision=precision, max_steps=args.steps, batch_size=args.batch_size,
                 max_length=args.max_length, lr=args.lr, seed=args.seed, lc_layer=str(args.lc_layer),
-                et_layer=str(args.et_layer), pairs_sha256=common.sha256_file(args.pairs))
-    differ = [f"--{k.replace('_', '-')} ({cfg.get(k)})" for k, v in want.items() if cfg.get(k) != v]
+                et_layer=str(args.et_layer), pairs_sha256=pairs_sha256)
+    flag = lambda key: "--pairs file" if key == "pairs_sha256" else "--" + key.replace("_", "-")  # noqa: E731
+    differ = [f"{flag(k)} ({cfg.get(k)})" for k, v in want.items() if cfg.get(k) != v]
     model = str(cfg.get("model"))
     if model != args.model and not (os.path.isdir(model) and os.path.isdir(args.model)
                                     and os.path.samefile(model, args.model)):
         differ.append(f"--model ({model})")
-    return [d.replace("--pairs-sha256", "--pairs file") for d in differ]
+    return differ
 
 
 def compare(fp32_log, bf16_log):
@@ -94,9 +95,9 @@ def main():
     extra = [a for a in extra if a != "--"]
     if not os.path.isfile(args.pairs):
         raise common.UserError(f"--pairs {args.pairs}: file not found; build it with 01_build_pairs.py")
-    rows, results = [], {}
+    rows, results, pairs_sha256 = [], {}, common.sha256_file(args.pairs)
     for method in common.parse_list(args.methods):
-        logs = {mp: common.read_jsonl(os.path.join(train(method, mp, args, extra), "train_log.jsonl"))
+        logs = {mp: common.read_jsonl(os.path.join(train(method, mp, args, extra, pairs_sha256), "train_log.jsonl"))
                 for mp in ("no", "bf16")}
         diffs = compare(logs["no"], logs["bf16"])
         seconds = {mp: sum(r["seconds"] for r in log) for mp, log in logs.items()}
