@@ -49,9 +49,9 @@ def gzip_copy(path, dest, drop=()):
 
 
 def copy(path, folder):
-    """shutil.copy into folder, unless the file is already there (results and work may be one folder)."""
+    """shutil.copy into folder, if the file exists and is not already there (results and work may be one folder)."""
     dest = os.path.join(folder, os.path.basename(path))
-    if not os.path.exists(dest) or not os.path.samefile(path, dest):
+    if os.path.exists(path) and (not os.path.exists(dest) or not os.path.samefile(path, dest)):
         shutil.copy(path, folder)
 
 
@@ -144,9 +144,7 @@ class Runner:
             if want and common.sha256_file(path) != want:
                 raise UserError(f"{path} has sha256 {common.sha256_file(path)}, not the study's {want}: the pairs "
                                 "differ from the ones the study was registered with; rebuild them or fix the hash")
-        stats = train[:-len(".jsonl")] + ".stats.json"
-        if os.path.exists(stats):
-            copy(stats, self.results)
+        copy(train[:-len(".jsonl")] + ".stats.json", self.results)
         with open(os.path.join(self.results, "pairs.sha256"), "a+", encoding="utf-8") as f:  # what the runs saw
             f.seek(0)
             known = f.read()
@@ -256,8 +254,7 @@ class Runner:
         out = os.path.join(self.results, "train", name)
         os.makedirs(out, exist_ok=True)
         for f in ("train_config.json", "intervention_config.json", "provenance.json"):  # a training's or a fit's
-            if os.path.exists(os.path.join(folder, f)):
-                copy(os.path.join(folder, f), out)
+            copy(os.path.join(folder, f), out)
         if os.path.exists(os.path.join(folder, "train_log.jsonl")) and not os.path.samefile(folder, out):  # gzipped
             gzip_copy(os.path.join(folder, "train_log.jsonl"), os.path.join(out, "train_log.jsonl.gz"))
         return True
@@ -437,7 +434,7 @@ class Runner:
                                                  if os.path.exists(pairs) else None)
                     step_tokens = per_step * cfg["max_length"] * self.study["compute"]["processes"]
                     tokens += (steps or 0) * step_tokens
-                    steps_left += steps or 0
+                    steps_left += steps if steps is not None else math.nan  # pairs not built yet
                     what = f"train ({steps or '?'} steps, <= {(steps or 0) * step_tokens:,} tokens)"
             else:
                 what = ("no training" if not run["train"] else "trained" if self.wanted(run)
@@ -447,9 +444,11 @@ class Runner:
         logs = [common.read_jsonl(f) for f in glob.glob(os.path.join(self.results, "train", "*", "train_log.jsonl*"))]
         per_run = [sum(r.get("seconds", 0) for r in rows) / len(rows) for rows in logs if rows and not rate]
         seconds = tokens / rate if rate else steps_left * (sum(per_run) / len(per_run) if per_run else float("nan"))
-        lines.append(f"== to train: <= {tokens:,} tokens (padded to --max-length); about "
-                     + (f"{seconds / 3600:.2f} h ({seconds / 60:.0f} min) of training" if seconds == seconds else
-                        "? h of training (set compute.tokens_per_s, or finish one run here to time it)"))
+        total = f"<= {tokens:,} tokens (padded to --max-length); about " + (
+            f"{seconds / 3600:.2f} h ({seconds / 60:.0f} min) of training" if seconds == seconds else
+            "? h of training (set compute.tokens_per_s, or finish one run here to time it)")
+        lines.append("== to train: " + ("? (a run's steps are unknown until its pairs are built)" if steps_left !=
+                                        steps_left else total if steps_left else "nothing (no optimizer steps left)"))
         return "\n".join(lines)
 
 

@@ -254,7 +254,7 @@ def test_dry_run_values_and_run_replication_takes_dry_run_too(tmp_path):
     env = dict(os.environ, PY=sys.executable, DRY_RUN="1", PRESET="smollm2")
     proc = subprocess.run(["bash", os.path.join(REPO, "run_replication.sh"), "--work", str(tmp_path / "w")],
                           capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0 and "== to train: <= 0 tokens" in proc.stdout, proc.stderr
+    assert proc.returncode == 0 and "== to train: nothing (no optimizer steps left)" in proc.stdout, proc.stderr
     assert not (tmp_path / "w").exists() and "tables:" not in proc.stdout
 
 

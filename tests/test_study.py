@@ -209,13 +209,22 @@ def test_dry_run_plan_lists_runs_and_tokens(tmp_path):
     assert "to train: <= 2,048 tokens" in out.stdout and not (tmp_path / "r").exists()
 
 
+def test_dry_run_says_steps_are_unknown_before_the_pairs_are_built(tmp_path):
+    """Trained by epochs, a run's steps depend on its pairs: a plan made before they exist claims no token bound."""
+    study = tmp_path / "epochs.toml"
+    study.write_text(open(TINY, encoding="utf-8").read().replace('"--max-steps", "2"', '"--epochs", "1"'))
+    out = runner(str(study), "--dry-run", "--out", str(tmp_path / "r"), "--work", str(tmp_path / "w"))
+    assert out.returncode == 0, out.stderr
+    assert "train (? steps" in out.stdout and "== to train: ? (a run's steps are unknown" in out.stdout, out.stdout
+
+
 @pytest.mark.parametrize("name", ["smollm2", "gemma3", "gemma3_ablations", "peers_smollm2"])
 def test_the_committed_studies_plan_nothing(name, tmp_path):
     """Every part of the run studies is published under results/ (per-item, layer and log files gzipped): their
     study files on a fresh checkout train and evaluate nothing."""
     out = runner(os.path.join(REPO, "studies", f"{name}.toml"), "--dry-run", "--work", str(tmp_path / "w"))
     assert out.returncode == 0, out.stderr
-    assert "to train: <= 0 tokens" in out.stdout and "evaluate " not in out.stdout, out.stdout
+    assert "to train: nothing (no optimizer steps left)" in out.stdout and "evaluate " not in out.stdout, out.stdout
 
 
 def test_a_log_published_on_another_machine_keeps_its_lines(tmp_path):
