@@ -270,12 +270,13 @@ def markdown(study, t, results_dir):
              "(lower is better); accuracies and F1 in %; chrF / BLEU 0-100. Bootstrap: "
              f"{res['B']:,} resamples, seed {res['seed']}, {res['draws']} draws; one item draw per resample shared "
              "by every run of a contrast; 95% percentile intervals; two-sided p (common.bootstrap_p).\n"]
-    ms = list(measures)
+    ms = list(measures)  # and the runs: a fit's own row is empty (its hooked runs are scored; its time is in Fits)
+    scored_runs = [r for r, row in t["runs"].items() if r not in t["fits"] or any(v is not None for v in row.values())]
     lines += ["## Scores (± item standard error)\n" + (f"\nIn brackets: {study['references']['source']}.\n"
                                                       if refs else ""),
               *common.table_header("run", *map(label, ms))]
-    for run, row in t["runs"].items():
-        group = study.runs_expanded[run]["group"]
+    for run in scored_runs:
+        row, group = t["runs"][run], study.runs_expanded[run]["group"]
         cells = []
         for m in ms:
             v = row[m]
@@ -336,7 +337,7 @@ def markdown(study, t, results_dir):
               "seconds.\n", *common.table_header("run", "steps", "training s", "of which held-out s", "evaluation s")]
     secs = lambda s: "–" if s is None else f"{s:.1f}"  # noqa: E731
     lines += [f"| {run} | {w['steps'] or '–'} | {secs(w['train_s'])} | {secs(w['heldout_s'])} | {secs(w['eval_s'])} |"
-              for run, w in t["wall"].items()]
+              for run, w in t["wall"].items() if run in scored_runs]
     if t["fits"]:
         lines += ["\n## Fits (02 --fit: nothing trained)\n", "Held-out residual per block: |f(h_tgt) − h_en|² / "
                   "|h_tgt − h_en|² over the dev pairs, f the fitted map (1: no closer than no map).\n",

@@ -402,8 +402,8 @@ def test_a_run_publishes_only_its_own_per_item_files(tmp_path):
 
 
 def test_a_fit_shows_its_time_and_held_out_residual(tmp_path):
-    """The peers study's committed results: each fit (intervention_config.json) in the fits table, and alpha 0 item by
-    item equal to base."""
+    """The peers study's committed results: each fit (intervention_config.json) in the fits table, not as an empty
+    row of the scores and wall-time tables, and alpha 0 item by item equal to base."""
     results = os.path.join(REPO, "results", "peers_smollm2")
     for name in ("eval", "train"):
         os.symlink(os.path.join(results, name), tmp_path / name)
@@ -412,6 +412,7 @@ def test_a_fit_shows_its_time_and_held_out_residual(tmp_path):
     assert "| diffmean | diffmean | 16 | prompt | 3046 | 16: 0.285 |" in tables
     assert "| incline | incline | 30 blocks | last | 3186 | 1: 0.235, 2: 0.167, " in tables
     assert tables.count("| nll zh | 69 / 69 | 69 | 69 | 0 | yes |") == 2  # incline-a0 and diffmean-a0 against base
+    assert "| incline | – |" not in tables and "| diffmean | – |" not in tables and "| incline-a1 | 4.056 " in tables
 
 
 def test_a_pairs_file_is_found_from_the_repository_root(tmp_path, monkeypatch):
