@@ -19,6 +19,7 @@ import gzip
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -106,8 +107,10 @@ class Runner:
                     f.write(command_of(argv_now, self.folders))  # what changed_parts compares with the study's now
                 self.say(f"{name}: done ({time.time() - t0:.0f} s)")
                 return True
-            # exit code 2 and an error line: the stage refused its input (a UserError, a usage error), as it would again
-            refused = code == 2 and [line.strip() for line in open(log, errors="replace") if "error:" in line]
+            # exit 2 (a launcher exits 1, naming it) and an error line: the stage refused its input, as it would again
+            text = open(log, errors="replace").read().rsplit("\n$ ", 1)[-1]  # this attempt's lines
+            refused = (code == 2 or re.search(r"exitcode\s*: 2 |non-zero exit status 2\.", text)) and [
+                line.strip() for line in text.splitlines() if "error:" in line]
             self.say(f"{name}: " + ("stopped by the interrupt" if self.stopping.is_set() else f"REFUSED, not tried "
                                     f"again: {refused[-1]}" if refused else f"FAILED with exit code {code}")
                      + f" ({log})")
@@ -244,7 +247,6 @@ class Runner:
 
     def train(self, run):
         name, folder = run["name"], self.model_of(run)
-        os.makedirs(os.path.join(self.work, "train"), exist_ok=True)
         if has_checkpoint(folder):
             self.say(f"train_{name}: resuming from its checkpoint")
         if not self.part(f"train_{name}", lambda: self.train_argv(run)):
@@ -273,7 +275,6 @@ class Runner:
                 ok = False
                 continue
             if part["analysis"]:
-                os.makedirs(os.path.join(self.results, "layers"), exist_ok=True)
                 for f in glob.glob(os.path.join(self.work, "layers", name, f"{name}.layers.*.json")):  # gzipped
                     gzip_copy(f, os.path.join(self.results, "layers", os.path.basename(f) + ".gz"))
                 continue
@@ -447,9 +448,9 @@ class Runner:
         total = f"<= {tokens:,} tokens (padded to --max-length); about " + (
             f"{seconds / 3600:.2f} h ({seconds / 60:.0f} min) of training" if seconds == seconds else
             "? h of training (set compute.tokens_per_s, or finish one run here to time it)")
-        lines.append("== to train: " + ("? (a run's steps are unknown until its pairs are built)" if steps_left !=
-                                        steps_left else total if steps_left else "nothing (no optimizer steps left)"))
-        return "\n".join(lines)
+        return "\n".join(lines + ["== to train: " + ("? (a run's steps are unknown until its pairs are built)" if
+                                                    steps_left != steps_left else total if steps_left else
+                                                    "nothing (no optimizer steps left)")])
 
 
 def main(argv=None):

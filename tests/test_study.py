@@ -341,7 +341,8 @@ def test_a_missing_pairs_file_is_refused_before_anything_runs(tmp_path, capsys):
 
 def test_a_refused_part_is_not_tried_again(tmp_path):
     """Exit code 2 with an error line is a stage refusing its input (a UserError, a usage error): it would refuse
-    again, so the driver says why and moves on; a part stopped by Ctrl-C is not tried again either."""
+    again, so the driver says why and moves on (also under a launcher, which exits 1); a part stopped by Ctrl-C is not
+    tried again either."""
     study = run_study.load_study(TINY, check_flags=False)
     r = run_study.Runner(study, str(tmp_path / "results"), str(tmp_path / "work"))
     os.makedirs(tmp_path / "work" / "logs")
@@ -350,6 +351,14 @@ def test_a_refused_part_is_not_tried_again(tmp_path):
     assert open(tmp_path / "work" / "logs" / "refused.log").read().count("\n$ ") == 1
     driver = open(tmp_path / "work" / "logs" / "driver.log").read()
     assert "refused: REFUSED, not tried again: error: --et-layer 45 is out of range" in driver
+    script = tmp_path / "refuses.py"  # under torchrun: the launcher exits 1 and names each process's exit code
+    script.write_text("import sys\nprint('error: --lc-layer 0 is out of range', file=sys.stderr)\nsys.exit(2)\n")
+    assert not r.part("launched", r.stage(str(script), processes=2))
+    driver = open(tmp_path / "work" / "logs" / "driver.log").read()
+    assert "launched: REFUSED, not tried again: error: --lc-layer 0" in driver
+    script.write_text("import sys\nprint('RuntimeError: CUDA error: out of memory', file=sys.stderr)\nsys.exit(1)\n")
+    assert not r.part("crashed", r.stage(str(script), processes=2))  # a crash is tried again
+    assert open(tmp_path / "work" / "logs" / "crashed.log").read().count("\n$ ") == study["compute"]["retries"] > 1
     r.stopping.set()
     assert not r.part("stopped", [sys.executable, "-c", "import sys; sys.exit(1)"])
     assert not os.path.exists(tmp_path / "work" / "logs" / "stopped.log")  # no attempt starts once stopping
