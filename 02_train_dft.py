@@ -332,10 +332,17 @@ def resolve_config(args):
     if cfg["method"] == "sft" and (cfg["lc"] != "none" or cfg["et"] != "none"):
         raise common.UserError("--method sft trains on English only; --lc/--et need target-language inputs "
                                "(use tft or dft-*)")
-    for name in ("lc", "et"):  # the range needs the model; the form does not
+    for name in ("lc", "et"):  # the top of the range needs the model; the form, the bottom and the order do not
         if cfg[f"{name}_layer"] not in ("auto", "mid") and not str(cfg[f"{name}_layer"]).isdigit():
             raise common.UserError(f"--{name}-layer must be a block number, 'auto' or 'mid', got "
                                    f"{cfg[f'{name}_layer']!r}")
+        if cfg[name] != "none" and str(cfg[f"{name}_layer"]).isdigit() and int(cfg[f"{name}_layer"]) < 1:
+            raise common.UserError(f"--{name}-layer {cfg[f'{name}_layer']} is out of range: blocks are numbered "
+                                   "from 1 (block k's output; DESIGN §3)")
+    typed = [int(cfg[f"{name}_layer"]) for name in ("lc", "et") if cfg[name] != "none"
+             and str(cfg[f"{name}_layer"]).isdigit()]
+    if len(typed) == 2 and typed[0] >= typed[1] and not cfg["allow_layer_order"]:
+        raise common.UserError(LAYER_ORDER.format(*typed) + " (pass --allow-layer-order to train anyway)")
     if cfg["eval_every"] is not None and not cfg["eval_pairs"]:
         raise common.UserError("--eval-every needs --eval-pairs FILE (the held-out pairs, e.g. X.dev.jsonl from "
                                "01_build_pairs.py)")
@@ -930,6 +937,9 @@ def copy_lens(folder, dest):
     os.replace(tmp, dest)
 
 
+LAYER_ORDER = "LC layer {} >= ET layer {}: DESIGN §3 expects i < j"
+
+
 def resolve_layers(cfg, model, tokenizer, rows, accelerator, lens=None):
     """Fill cfg['lc_layer_used'] / ['et_layer_used'] and say why; validate the range and the order. Returns the
     entropy rule's (curve, picked blocks, prompts) for layer_entropy.json/.png, or None where it did not run.
@@ -979,7 +989,7 @@ def resolve_layers(cfg, model, tokenizer, rows, accelerator, lens=None):
                              "lens (layer_entropy.json)")
     cfg.update({f"{name}_layer_used": k for name, k in needed.items()})
     if len(needed) == 2 and cfg["lc_layer_used"] >= cfg["et_layer_used"]:
-        msg = f"LC layer {cfg['lc_layer_used']} >= ET layer {cfg['et_layer_used']}: DESIGN §3 expects i < j"
+        msg = LAYER_ORDER.format(cfg["lc_layer_used"], cfg["et_layer_used"])
         if not cfg["allow_layer_order"]:
             raise common.UserError(msg + " (pass --allow-layer-order to train anyway)")
         print(f"warning: {msg}", flush=True)

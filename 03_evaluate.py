@@ -1825,6 +1825,14 @@ def item_cell(entry, rows, metric=None, percent=False):
     """The run's cell as common.ItemCell: its statistic on any draw of its items (fractions as the run JSON, or %
     with percent); metric: another of its per-item metrics (default the run JSON's; NLL for a ratio cell)."""
     metric = metric or ("nll" if entry["aggregation"] == "ratio" else entry["metric"])
+    first = rows[0] if rows else {}
+    scores = set(first.get("scores") or {})
+    scores |= {"f1_lang"} if "f1" in scores else set()  # runs scored before f1_lang existed stored it as f1
+    offered = ({"chrf", "bleu"} if entry["aggregation"] == "corpus" else scores) | (
+        {"nll"} if "nll_sum" in first else set())
+    if rows and metric not in offered:
+        raise UserError(f"{entry.get('items_file', 'a cell')}: its items have no {metric!r} score; a measure on this "
+                        f"cell takes one of {', '.join(sorted(offered))} as its metric")
     if entry["aggregation"] != "corpus" or metric == "nll":
         return common.ItemCell(rows, metric, percent=percent)
     bleu, chrf = bleu_metrics(entry.get("tgt_lang"))

@@ -155,10 +155,11 @@ class Runner:
                             if os.path.exists(x) and f"  {os.path.basename(x)}\n" not in known))
 
     def missing_pairs(self):
-        """The pairs files given as finished (pairs.NAME.file) that a part still to run reads and that are not there."""
+        """Given pairs files (pairs.NAME.file; its .dev.jsonl if {dev} is read) that a part needs and are missing."""
         sets = {r["pairs"] for r in self.runs
                 if r["pairs"] and self.study["pairs"][r["pairs"]]["file"] and self.pending(r)}
-        return [self.pairs_files(n)[0] for n in sorted(sets) if not common.existing_path(self.pairs_files(n)[0])]
+        wanted = [f for n in sorted(sets) for f in self.pairs_files(n)[:1 + self.study.uses_dev]]
+        return [f for f in wanted if not common.existing_path(f)]
 
     # ---- what is finished (also on a fresh checkout: the results folder)
     def model_of(self, run):
@@ -438,15 +439,14 @@ class Runner:
                     steps_left += steps if steps is not None else math.nan  # pairs not built yet
                     what = f"train ({steps or '?'} steps, <= {(steps or 0) * step_tokens:,} tokens)"
             else:
-                what = ("no training" if not run["train"] else "trained" if self.wanted(run)
-                        else "not needed by any part yet")
+                what = "no training" if not run["train"] else "trained" if self.wanted(run) else "not needed yet"
             lines.append(f"   {run['name']:24s} {what}; {evals}")
         rate = self.study["compute"]["tokens_per_s"]  # else the seconds per step of the runs trained here so far
         logs = [common.read_jsonl(f) for f in glob.glob(os.path.join(self.results, "train", "*", "train_log.jsonl*"))]
         per_run = [sum(r.get("seconds", 0) for r in rows) / len(rows) for rows in logs if rows and not rate]
         seconds = tokens / rate if rate else steps_left * (sum(per_run) / len(per_run) if per_run else float("nan"))
         total = f"<= {tokens:,} tokens (padded to --max-length); about " + (
-            f"{seconds / 3600:.2f} h ({seconds / 60:.0f} min) of training" if seconds == seconds else
+            f"{seconds / 3600:.2f} h ({seconds / 60:.1f} min) of training" if seconds == seconds else
             "? h of training (set compute.tokens_per_s, or finish one run here to time it)")
         return "\n".join(lines + ["== to train: " + ("? (a run's steps are unknown until its pairs are built)" if
                                                     steps_left != steps_left else total if steps_left else
@@ -475,8 +475,8 @@ def main(argv=None):
         raise UserError(f"{', '.join(changed)} ran with other flags than {args.study} gives now ({work}/done/PART): "
                         "give what changed a new name (new parts), or use a new --work/--out (run_paper.sh: OUT)")
     for path in runner.missing_pairs():
-        raise UserError(f"{args.study}: no pairs file {path} (a [pairs] file = ...); build it with "
-                        "01_build_pairs.py, or fix the path (a relative one starts at the repository root)")
+        raise UserError(f"{args.study}: no pairs file {path} (a [pairs] file = ..., or the .dev.jsonl beside it that "
+                        "{dev} reads); build it with 01_build_pairs.py, or fix the path (relative: to the repository)")
     planner = study["compute"]["planner"]
     if planner:  # e.g. scripts/paper_plan.py: the paper study's checks, GPU-hours and FSDP config
         argv = [sys.executable] + fill(planner, runner.values) + (["--dry-run"] if args.dry_run else [])

@@ -247,7 +247,8 @@ def load_study(path, check_flags=True):
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise UserError(f"{path}: not valid TOML: {e}; fix that line") from None
+        raise UserError(f"{path}: not valid TOML: {e}; fix that line (an unclosed value: the one it starts on)"
+                        ) from None
     check, study = Checker(path, text), Study()
     for section in raw:
         check.need(section in SCHEMA and section not in LISTED[1:], section, None, f"unknown section [{section}]",
@@ -340,6 +341,7 @@ def load_study(path, check_flags=True):
     places += [(f"runs.{g}", "flags", r["flags"], TRAINING, 0) for g, r in study["runs"].items()]
     places += [(f"runs.{g}", "model", [r["model"] or ""], MODEL, 0) for g, r in study["runs"].items()]
     places += [("evaluation.parts", "flags", p["flags"], EVALUATION, nth) for nth, p in enumerate(parts)]
+    study["uses_dev"] = any("dev" in placeholders(strings) for _, _, strings, _, _ in places)  # a .dev.jsonl is read
     for section, key, strings, allowed, nth in places:
         unknown = sorted(placeholders(strings) - set(allowed))
         what = "a lone brace" if unknown == ["{"] else "{" + (unknown or [""])[0] + "}"
@@ -362,15 +364,27 @@ def load_study(path, check_flags=True):
         check.need(why is None, "evaluation.parts", "flags", f"03_evaluate.py refuses part {part['name']}'s flags: "
                    f"{why}", "fix them (python 03_evaluate.py --help lists every flag)", nth)
     if check_flags and not any(r["reuse"] for r in runs.values()):  # a reused run's cells come from its own study
-        stage3, written = load_stage("03_evaluate"), set()
+        stage3, written = load_stage("03_evaluate"), {run: set() for run in runs}  # the cells each run's parts write
         for part, argv in zip(parts, part_argvs):
-            if part["analysis"]:
-                continue
             with argparse_raises():
                 args = stage3.parse_args(argv)
-            written |= {f"{key} {cell}" for key, cell in part_cells(stage3, args)} if not args.analysis else set()
+            for r in runs.values() if not (part["analysis"] or args.analysis) else []:
+                if part["runs"] is None or {r["name"], r["group"]} & set(part["runs"]):
+                    written[r["name"]] |= {f"{key} {cell}" for key, cell in part_cells(stage3, args)}
+        anywhere = set().union(*written.values())
         for name, m in study["measures"].items():
             for cell in m["cells"]:
-                check.need(cell in written, f"measures.{name}", "cells", f"measure {name} reads cell {cell!r}, which "
+                check.need(cell in anywhere, f"measures.{name}", "cells", f"measure {name} reads cell {cell!r}, which "
                            "no evaluation part writes", "add its task and language to a part's --tasks and --langs")
+        tests = [(f"contrasts.{c}", c, con["measures"]) for c, con in study["contrasts"].items()]
+        tests += [(f"families.{f}", c, fam["measures"]) for f, fam in study["families"].items() if fam["measures"]
+                  for c in fam["contrasts"]]
+        for section, name, measure_names in tests:  # a test its runs are never evaluated on could never run
+            con = study["contrasts"][name]
+            for run in (r for t in con["terms"] for r in groups.get(t, [t])
+                        if t not in groups or not con["seeds"] or runs[r]["seed"] in con["seeds"]):
+                for cell in (c for m in measure_names for c in study["measures"][m]["cells"]):
+                    check.need(cell in written[run], section, "measures", f"contrast {name} reads cell {cell!r} of "
+                               f"run {run}, which no evaluation part evaluates for it", "add the run to a part that "
+                               "writes the cell (its runs = [...]), or drop the measure from the contrast")
     return study

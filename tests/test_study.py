@@ -281,6 +281,11 @@ BAD = {  # (old text, new text, what the error says)
     "family's placebo": ('placebo = "seed_placebo"', 'placebo = "seed_placbo"',
                          ":57: families.primary names contrast 'seed_placbo'"),
     "unknown section": ("[contrasts.seed_placebo]", "[contrast.seed_placebo]", ":50: unknown section [contrast]"),
+    "layer order": ('"--lc-layer", "1", "--et-layer", "3"]', '"--lc-layer", "3", "--et-layer", "1"]',
+                    ":28: 02_train_dft.py refuses run dft-logits-s1's flags: LC layer 3 >= ET layer 1"),
+    "runs a part skips": ('name = "primary"', 'name = "primary"\nruns = ["base", "tft"]',
+                          ":47: contrast dft_vs_tft reads cell 'nll zh' of run dft-logits-s1, which no evaluation part "
+                          "evaluates for it"),
 }
 
 
@@ -296,6 +301,14 @@ def test_bad_study_files_are_refused_naming_the_line(case, tmp_path, capsys):
                                     capsys)
     assert code == 2 and f"error: {bad}{message}" in err and "; " in err.split(message, 1)[1]  # and the fix
     assert not out.exists() and not (tmp_path / "w").exists()
+
+
+def test_a_file_that_is_not_toml_is_refused(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(open(TINY, encoding="utf-8").read().replace("seeds = [1, 2]", "seeds = [1, 2", 1), encoding="utf-8")
+    code, err = run_main_in_process(run_study.main, [str(bad), "--out", str(tmp_path / "r")], capsys)
+    assert code == 2 and err.startswith(f"error: {bad}: not valid TOML: ") and "fix that line" in err, err
+    assert not (tmp_path / "r").exists()
 
 
 def test_a_part_is_published_only_with_every_cell_at_its_limit(tmp_path):
@@ -337,6 +350,12 @@ def test_a_missing_pairs_file_is_refused_before_anything_runs(tmp_path, capsys):
                                                          str(tmp_path / "w"), *dry], capsys)
         assert code == 2 and f"no pairs file {os.path.join(REPO, 'runs', 'no', 'pairs.jsonl')}" in err, err
         assert not (tmp_path / "r").exists() and not (tmp_path / "w").exists()
+    shutil.copy(os.path.join(REPO, "tests", "fixtures", "pairs_zh.jsonl"), tmp_path)  # not its .dev.jsonl: {dev} reads it
+    bad.write_text(text.replace("runs/no/pairs.jsonl", str(tmp_path / "pairs_zh.jsonl")), encoding="utf-8")
+    code, err = run_main_in_process(run_study.main, [str(bad), "--out", str(tmp_path / "r"), "--work",
+                                                     str(tmp_path / "w")], capsys)
+    assert code == 2 and f"no pairs file {tmp_path / 'pairs_zh.dev.jsonl'}" in err, err
+    assert not (tmp_path / "r").exists() and not (tmp_path / "w").exists()
 
 
 def test_a_refused_part_is_not_tried_again(tmp_path):
@@ -422,6 +441,21 @@ def test_a_fit_shows_its_time_and_held_out_residual(tmp_path):
     assert "| incline | incline | 30 blocks | last | 3186 | 1: 0.235, 2: 0.167, " in tables
     assert tables.count("| nll zh | 69 / 69 | 69 | 69 | 0 | yes |") == 2  # incline-a0 and diffmean-a0 against base
     assert "| incline | – |" not in tables and "| diffmean | – |" not in tables and "| incline-a1 | 4.056 " in tables
+
+
+@pytest.mark.parametrize("metric", ["bogus", "acc"])
+def test_a_metric_the_items_do_not_have_is_refused(metric, tmp_path, capsys):
+    """A measure's metric that its cells' per-item rows lack (misspelt, or another task's) would be a column of NaN
+    with p values beside it: one error naming the cell's file and the metrics it has."""
+    text = open(os.path.join(REPO, "studies", "peers_smollm2.toml"), encoding="utf-8").read()
+    study = tmp_path / "peers.toml"
+    study.write_text(text.replace('cells = ["nll zh"]', f'cells = ["nll zh"]\nmetric = "{metric}"'), encoding="utf-8")
+    for name in ("eval", "train"):
+        os.symlink(os.path.join(REPO, "results", "peers_smollm2", name), tmp_path / name)
+    code, err = run_main_in_process(study_tables.main, [str(study), "--out", str(tmp_path)], capsys)
+    assert code == 2 and f"base.nll.zh.jsonl: its items have no '{metric}' score; a measure on this cell takes one of " \
+        "nll as its metric" in err, err
+    assert not (tmp_path / "tables.md").exists()
 
 
 def test_a_pairs_file_is_found_from_the_repository_root(tmp_path, monkeypatch):

@@ -514,7 +514,7 @@ def test_bad_input_errors(tmp_path, tiny_model_dirs, capsys):
     model = tiny_model_dirs["llama"]
     out = str(tmp_path / "o")
     cases = [
-        (["--lc-layer", "9", "--et-layer", "3", "--method", "dft-logits"], "out of range: this model has blocks 1..4"),
+        (["--lc-layer", "2", "--et-layer", "9", "--method", "dft-logits"], "out of range: this model has blocks 1..4"),
         (["--lc-layer", "3", "--et-layer", "2", "--method", "dft-logits"], "pass --allow-layer-order"),
         (["--method", "sft", "--lc", "logits"], "English only"),
         (["--max-length", "10"], "no pair fits --max-length 10"),
@@ -531,6 +531,7 @@ def test_bad_input_errors(tmp_path, tiny_model_dirs, capsys):
               (["--pairs", str(tmp_path / "list.jsonl")], "line 1 is a JSON list, not an object"),
               (["--lc-layer", "9", "--method", "dft-logits"], "--lc-layer 9 is out of range"),  # before the rule runs
               (["--lc-layer", "six", "--method", "dft-logits"], "--lc-layer must be a block number"),
+              (["--lc-layer", "0", "--method", "dft-logits"], "--lc-layer 0 is out of range: blocks are numbered"),
               (["--out", str(tmp_path / "afile")], "is a file; give a folder")]
     # every case refuses before anything is written, so they can share --out; the first goes through the command
     # line itself, the others through the same common.run_main in this process
