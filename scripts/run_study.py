@@ -27,8 +27,8 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from study_file import (PRECISIONS, ROOT, argparse_raises, command_of, fill, load_stage,  # noqa: E402,F401
-                        load_study, part_cells)  # (load_study: the study scripts import it from here)
+from study_file import (PRECISIONS, ROOT, argparse_raises, command_change, command_of, fill,  # noqa: E402,F401
+                        load_stage, load_study, part_cells)  # (load_study: the study scripts import it from here)
 import common  # noqa: E402  (study_file put the repository root on sys.path)
 from common import UserError  # noqa: E402
 
@@ -195,12 +195,13 @@ class Runner:
             "--model", self.model_of(run), "--run-name", run["name"], "--out", out] + self.eval_flags(run, part)
 
     def changed_parts(self):
-        """Finished parts whose marker records another command than the study gives them now."""
+        """Finished parts whose marker records another command than the study gives them now: 'NAME (what changed)'."""
         parts = [(f"pairs_{n}", self.pairs_argv(n)) for n, p in self.study["pairs"].items() if p["flags"] is not None]
         parts += [(f"train_{r['name']}", self.train_argv(r, dry=True)) for r in self.runs if r["train"]]
         parts += [(f"eval_{r['name']}_{p['name']}", self.eval_argv(r, p)) for r in self.runs for p in self.parts_of(r)]
         made = {n: open(os.path.join(self.work, "done", n), encoding="utf-8").read() for n, _ in parts if self.done(n)}
-        return [n for n, argv in parts if made.get(n, "") not in ("", command_of(argv, self.folders))]  # "": older
+        now = {n: command_of(argv, self.folders) for n, argv in parts}  # an empty marker (older ones): no verdict
+        return [f"{n} ({command_change(made[n], now[n])})" for n in now if made.get(n, "") not in ("", now[n])]
 
     def eval_flags(self, run, part):
         values = dict(self.values, model=self.model_of(run), run=run["name"], seed=run["seed"])
@@ -477,9 +478,8 @@ def main(argv=None):
     for path in runner.missing_pairs():
         raise UserError(f"{args.study}: no pairs file {path} (a [pairs] file = ..., or the .dev.jsonl beside it that "
                         "{dev} reads); build it with 01_build_pairs.py, or fix the path (relative: to the repository)")
-    planner = study["compute"]["planner"]
-    if planner:  # e.g. scripts/paper_plan.py: the paper study's checks, GPU-hours and FSDP config
-        argv = [sys.executable] + fill(planner, runner.values) + (["--dry-run"] if args.dry_run else [])
+    if study["compute"]["planner"]:  # e.g. scripts/paper_plan.py: the paper study's checks, GPU-hours and FSDP config
+        argv = [sys.executable] + fill(study["compute"]["planner"], runner.values) + (["--dry-run"] if args.dry_run else [])
         if subprocess.run(argv, cwd=ROOT).returncode != 0:
             raise UserError(f"the study's planner refused it: {' '.join(argv)}")
     if args.dry_run:

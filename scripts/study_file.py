@@ -11,6 +11,7 @@ whose coefficients do not sum to zero: each is one error naming the line of the 
 """
 import argparse
 import contextlib
+import difflib
 import importlib.util
 import io
 import os
@@ -172,6 +173,17 @@ def command_of(argv, folders=()):
     for name, path in sorted(folders, key=lambda f: -len(f[1])):  # the longer first: one may hold the other
         text = re.sub(re.escape(os.path.normpath(path)) + r"(?=/|\s|$)", "{" + name + "}", text)
     return text
+
+
+def command_change(old, new):
+    """The first difference of two recorded commands, e.g. '--limit 4 -> --limit 3' (and how many more there are)."""
+    a, b = old.split(), new.split()
+    ops = [op for op in difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes() if op[0] != "equal"]
+    _, i1, i2, j1, j2 = ops[0]  # i1 == j1: what comes before is the same
+    k = int(i1 > 0 and not (a[i1:i2] + b[j1:j2])[0].startswith("-"))  # a value changed: its flag too
+    more = f"; {len(ops) - 1} more difference(s)" if len(ops) > 1 else ""
+    show = lambda words: " ".join(words[:6]) + (" ..." if len(words) > 6 else "") or "(nothing)"  # noqa: E731
+    return f"{show(a[i1 - k:i2])} -> {show(b[j1 - k:j2])}{more}"
 
 
 def placeholders(strings):

@@ -183,7 +183,8 @@ def test_an_out_with_parts_made_with_other_settings_is_refused_before_it_is_rewr
     paper_plan.main(argv)
     study = (out / "paper.toml").read_text()
     (out / "done" / "train_tft-zh").write_text("--pairs elsewhere --method tft")
-    with pytest.raises(UserError, match=r"holds parts made with other settings \(train_tft-zh\): use a new OUT"):
+    changed = r"other settings \(train_tft-zh \(--pairs elsewhere -> --pairs \{work\}/pairs_zh.jsonl --out .* \.\.\.\)\)"
+    with pytest.raises(UserError, match=changed + ": use a new OUT"):
         paper_plan.main(argv)
     assert (out / "paper.toml").read_text() == study
     p = paper_plan.plan(paper_plan.parse_args(argv + ["--dry-run"]))  # a dry run lists it among the blockers

@@ -388,14 +388,17 @@ def test_a_part_run_with_other_flags_than_the_study_gives_now_is_refused(tiny, t
     refused by name, also in a dry run, instead of reusing results the tables would describe with the new flags."""
     results, work, _ = tiny
     text = open(TINY, encoding="utf-8").read()
-    for old, new, changed in (('"--limit", "4"]', '"--limit", "3"]', "eval_base_primary, eval_tft-s1_primary"),
+    for old, new, changed in (('"--limit", "4"]', '"--limit", "3"]',
+                               "eval_base_primary (--limit 4 -> --limit 3), eval_tft-s1_primary (--limit 4 -> --limit 3)"),
                               ('flags = ["--method", "tft"]', 'flags = ["--method", "tft", "--lr", "5e-3"]',
-                               "train_tft-s1, train_tft-s2 ran with other flags")):
+                               "train_tft-s1 ((nothing) -> --lr 5e-3), train_tft-s2 ((nothing) -> --lr 5e-3) ran with "
+                               "other flags")):
         edited = tmp_path / "edited.toml"
         edited.write_text(text.replace(old, new), encoding="utf-8")
         code, err = run_main_in_process(run_study.main, [str(edited), "--dry-run", "--out", results, "--work", work],
                                         capsys)
         assert code == 2 and changed in err and "give what changed a new name" in err, err
+    assert run_study.command_change("a --x 1 --y 2", "a --x 3 --y 4") == "--x 1 -> --x 3; 1 more difference(s)"
     done = open(os.path.join(work, "done", "train_tft-s1"), encoding="utf-8").read()
     assert done.startswith("--pairs {work}/pairs_zh.jsonl --out {work}/train/tft-s1") and "--resume" not in done
     moved = tmp_path / "moved"  # paths are recorded as {work}, {results}: a moved work folder is not a change
