@@ -18,5 +18,4 @@ case "${DRY_RUN:-0}" in 1|true|yes) set -- "$@" --dry-run;; 0|false|no|"") ;;  #
   *) echo "DRY_RUN=$DRY_RUN: set DRY_RUN=1 for the plan only, or leave it unset" >&2; exit 2;; esac
 "$PY" scripts/run_study.py "studies/$PRESET.toml" "$@"
 case " $* " in *" --dry-run "*) exit 0;; esac
-"$PY" scripts/study_tables.py "studies/$PRESET.toml" > /dev/null
-echo "tables: $(sed -n 's/^results = "\(.*\)"/\1/p' "studies/$PRESET.toml")/tables.md"
+"$PY" scripts/study_tables.py "studies/$PRESET.toml" | tail -n 1   # wrote RESULTS/FILE.md and .json

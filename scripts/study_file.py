@@ -51,7 +51,7 @@ SCHEMA = {
                 "launch_flags": (STRS, []), "keep_checkpoints": (bool, False)},
     "references": {"source": (str, ""), "values": (dict, {})},
     "tables": {"title": (str, None), "notes": (str, ""), "loss_curves": (bool, True), "layers_reference": (str, None),
-               "curves": (STRS, []), "item_checks": (STRS, [])},
+               "curves": (STRS, []), "item_checks": (STRS, []), "file": (str, "tables")},
 }
 NAMED = ("pairs", "runs", "measures", "contrasts", "families")  # [section.NAME] tables
 LISTED = ("setup", "evaluation.parts")  # [[section]] arrays of tables
@@ -339,6 +339,8 @@ def load_study(path, check_flags=True):
         check.names([fam["placebo"]] * bool(fam["placebo"]), f"families.{name}", "placebo", list(study["contrasts"]),
                     "contrast")
         check.names(fam["measures"], f"families.{name}", "measures", measures, "measure")
+    check.need(NAME_RE.match(study["tables"]["file"]), "tables", "file", f"tables.file {study['tables']['file']!r} "
+               "cannot be a file name", "use letters, digits, '.', '_' and '-' (no extension)")
     check.names([study["tables"]["layers_reference"]] * bool(study["tables"]["layers_reference"]), "tables",
                 "layers_reference", list(groups), "run group")
     for group, values in study["references"]["values"].items():

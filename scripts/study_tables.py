@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The tables of a study (studies/README.md): RESULTS/tables.md, tables.json and loss_curves.png.
+"""The tables of a study (studies/README.md): RESULTS/tables.md, tables.json ([tables] file) and loss_curves.png.
 
     python scripts/study_tables.py studies/tiny.toml                 # into the study's results folder
     python scripts/study_tables.py studies/tiny.toml --out /tmp/t    # read the results there, write there
@@ -260,6 +260,7 @@ def markdown(study, t, results_dir):
     contrast_label = lambda name: study["contrasts"][name]["label"] or name  # noqa: E731
     interval = lambda r: f"[{r['lo']:+.3f}, {r['hi']:+.3f}]"  # noqa: E731
     yes_no = lambda flag: "–" if flag is None else "yes" if flag else "no"  # noqa: E731
+    p_text = lambda p: common.fmt_p(p, res["B"], 1 if p <= 1 / (res["B"] + 1) + 1e-15 else None)  # noqa: E731
     shown = lambda path: os.path.relpath(path, ROOT) if path.startswith(ROOT + os.sep) else path  # noqa: E731
     command = f"scripts/study_tables.py {shown(s['path'])}" + (
         "" if os.path.normpath(os.path.join(ROOT, s["results"])) == results_dir else f" --out {shown(results_dir)}")
@@ -308,8 +309,7 @@ def markdown(study, t, results_dir):
                 continue
             vals = " | ".join(fmt(r["values"][n], measures[m]["cells"]) for n in con["terms"])
             ref = f" (reference {'~' * r['reference_approx']}{r['reference']:+.2f})" if "reference" in r else ""
-            lines.append(f"| {label(m)} | {vals} | {r['delta']:+.3f}{ref} | {interval(r)} | "
-                         f"{common.fmt_p(r['p'], res['B'], 1 if r['p'] <= 1 / (res['B'] + 1) + 1e-15 else None)} | "
+            lines.append(f"| {label(m)} | {vals} | {r['delta']:+.3f}{ref} | {interval(r)} | {p_text(r['p'])} | "
                          f"{ph} | {'+'.join(map(str, r['n']))} |")
     for name, rows in t["families"].items():
         fam = study["families"][name]
@@ -321,7 +321,7 @@ def markdown(study, t, results_dir):
         for r in rows:
             g, pl = r["result"], r["placebo"]
             place = "–" if pl is None else f"{pl['delta']:+.3f} {interval(pl)}"
-            body = "not yet run | | " if g is None else f"{g['delta']:+.3f} | {interval(g)} | {g['p']:.4f}"
+            body = "not yet run | | " if g is None else f"{g['delta']:+.3f} | {interval(g)} | {p_text(g['p'])}"
             lines.append(f"| {contrast_label(r['contrast'])} | {label(r['measure'])} | {body} | "
                          f"{'≤ ' if r['p_holm_bound'] else ''}{r['p_holm']:.4f} | {place} | "
                          f"{yes_no(r['claim'])} | {yes_no(r['within_placebo'])} |")
@@ -331,7 +331,7 @@ def markdown(study, t, results_dir):
         for r in t["spread"]:
             c = measures[r["measure"]]["cells"]
             lines.append(f"| {r['a']} → {r['b']} | {label(r['measure'])} | {fmt(r['values'][r['a']], c)} | "
-                         f"{fmt(r['values'][r['b']], c)} | {r['delta']:+.3f} | {interval(r)} | {r['p']:.4f} |")
+                         f"{fmt(r['values'][r['b']], c)} | {r['delta']:+.3f} | {interval(r)} | {p_text(r['p'])} |")
     lines += ["\n## Wall time per run\n", "Training: the logged optimizer-step and held-out seconds (model loading, "
               "checkpoint saves and steps lost to a killed attempt excluded); evaluation: the run JSON's per-cell "
               "seconds.\n", *common.table_header("run", "steps", "training s", "of which held-out s", "evaluation s")]
@@ -389,10 +389,11 @@ def main(argv=None):
     os.makedirs(out, exist_ok=True)
     if study["tables"]["loss_curves"] and loss_curves(study, out, os.path.join(out, "loss_curves.png")):
         text += "\nLoss curves: `loss_curves.png` (held-out and training L_TFT per run; `loss_curves.md`).\n"
-    with common.atomic_open(os.path.join(out, "tables.md")) as f:
+    name = os.path.join(out, study["tables"]["file"])  # e.g. tables: tables.md and tables.json
+    with common.atomic_open(name + ".md") as f:
         f.write(text)
-    common.write_json(os.path.join(out, "tables.json"), tables)
-    print(text)
+    common.write_json(name + ".json", tables)
+    print(text + f"\nwrote {name}.md and {name}.json")
 
 
 if __name__ == "__main__":

@@ -227,6 +227,19 @@ def test_the_committed_studies_plan_nothing(name, tmp_path):
     assert "to train: nothing (no optimizer steps left)" in out.stdout and "evaluate " not in out.stdout, out.stdout
 
 
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "studies", "*.toml"))), ids=os.path.basename)
+def test_a_studys_tables_never_overwrite_committed_tables_made_otherwise(path):
+    """What study_tables.py writes into a study's results folder (FILE.md, FILE.json, loss_curves.png/.md) is either
+    absent or its own earlier output: never the tables of the time that scripts/check_studies.py reads."""
+    study = run_study.load_study(path, check_flags=False)
+    results = os.path.join(REPO, study["study"]["results"])
+    tables = os.path.join(results, study["tables"]["file"] + ".md")
+    text = open(tables, encoding="utf-8").read() if os.path.exists(tables) else None
+    assert text is None or f"Written by `scripts/study_tables.py studies/{os.path.basename(path)}`" in text
+    if study["tables"]["loss_curves"] and os.path.exists(os.path.join(results, "loss_curves.png")):
+        assert text is not None and "Loss curves: `loss_curves.png`" in text
+
+
 def test_a_log_published_on_another_machine_keeps_its_lines(tmp_path):
     """A run whose first cells were evaluated on another machine: when this machine adds a cell, the published
     RUN.log keeps the other machine's lines (the parts' logs here know only this machine's parts)."""
