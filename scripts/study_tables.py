@@ -291,7 +291,7 @@ def markdown(study, t, results_dir):
         for group, row in t["groups"].items():
             cells = ["–" if row[m]["mean"] is None else with_se(row[m]["mean"], row[m]["se"], measures[m]["cells"])
                      + (f" (k = {row[m]['k']})" if row[m]["k"] < len(study.groups[group]) else "") for m in ms]
-            lines.append(f"| {group} | " + " | ".join(cells) + " |")
+            lines.append(f"| {term_label(group)} | " + " | ".join(cells) + " |")
     holm = {(r["contrast"], r["measure"]): r for rows in t["families"].values() for r in rows}
     for name, rows in t["contrasts"].items():
         con = study["contrasts"][name]
@@ -329,9 +329,9 @@ def markdown(study, t, results_dir):
         lines += ["\n## Seed-to-seed spread (the same bootstrap, one run each side: what seeds alone change)\n",
                   *common.table_header("A → B", "measure", "A", "B", "B − A", "95% interval", "p")]
         for r in t["spread"]:
-            c = measures[r["measure"]]["cells"]
-            lines.append(f"| {r['a']} → {r['b']} | {label(r['measure'])} | {fmt(r['values'][r['a']], c)} | "
-                         f"{fmt(r['values'][r['b']], c)} | {r['delta']:+.3f} | {interval(r)} | {p_text(r['p'])} |")
+            c, a, b = measures[r["measure"]]["cells"], r["a"], r["b"]
+            lines.append(f"| {term_label(a)} → {term_label(b)} | {label(r['measure'])} | {fmt(r['values'][a], c)} | "
+                         f"{fmt(r['values'][b], c)} | {r['delta']:+.3f} | {interval(r)} | {p_text(r['p'])} |")
     lines += ["\n## Wall time per run\n", "Training: the logged optimizer-step and held-out seconds (model loading, "
               "checkpoint saves and steps lost to a killed attempt excluded); evaluation: the run JSON's per-cell "
               "seconds.\n", *common.table_header("run", "steps", "training s", "of which held-out s", "evaluation s")]
