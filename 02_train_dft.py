@@ -338,7 +338,7 @@ def resolve_config(args):
                                    f"{cfg[f'{name}_layer']!r}")
         if cfg[name] != "none" and str(cfg[f"{name}_layer"]).isdigit() and int(cfg[f"{name}_layer"]) < 1:
             raise common.UserError(f"--{name}-layer {cfg[f'{name}_layer']} is out of range: blocks are numbered "
-                                   "from 1 (block k's output; DESIGN §3)")
+                                   "from 1 (block k's output: docs/TRAINING.md, layer indexing)")
     typed = [int(cfg[f"{name}_layer"]) for name in ("lc", "et") if cfg[name] != "none"
              and str(cfg[f"{name}_layer"]).isdigit()]
     if len(typed) == 2 and typed[0] >= typed[1] and not cfg["allow_layer_order"]:

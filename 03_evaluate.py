@@ -1832,7 +1832,7 @@ def item_cell(entry, rows, metric=None, percent=False):
         {"nll"} if "nll_sum" in first else set())
     if rows and metric not in offered:
         raise UserError(f"{entry.get('items_file', 'a cell')}: its items have no {metric!r} score; a measure on this "
-                        f"cell takes one of {', '.join(sorted(offered))} as its metric")
+                        f"cell takes one of {', '.join(sorted(offered)) or '(none: its rows hold no score)'} as its metric")
     if entry["aggregation"] != "corpus" or metric == "nll":
         return common.ItemCell(rows, metric, percent=percent)
     bleu, chrf = bleu_metrics(entry.get("tgt_lang"))

@@ -109,8 +109,8 @@ class Runner:
                 return True
             # exit 2 (a launcher exits 1, naming it) and an error line: the stage refused its input, as it would again
             text = open(log, errors="replace").read().rsplit("\n$ ", 1)[-1]  # this attempt's lines
-            refused = (code == 2 or re.search(r"exitcode\s*: 2 |non-zero exit status 2\.", text)) and [
-                line.strip() for line in text.splitlines() if "error:" in line]
+            launched = argv_now[1:2] == ["-m"] and re.search(r"exitcode\s*: 2 |non-zero exit status 2\.", text)
+            refused = (code == 2 or launched) and [line.strip() for line in text.splitlines() if "error:" in line]
             self.say(f"{name}: " + ("stopped by the interrupt" if self.stopping.is_set() else f"REFUSED, not tried "
                                     f"again: {refused[-1]}" if refused else f"FAILED with exit code {code}")
                      + f" ({log})")
@@ -155,11 +155,10 @@ class Runner:
                             if os.path.exists(x) and f"  {os.path.basename(x)}\n" not in known))
 
     def missing_pairs(self):
-        """Given pairs files (pairs.NAME.file; its .dev.jsonl if {dev} is read) that a part needs and are missing."""
-        sets = {r["pairs"] for r in self.runs
-                if r["pairs"] and self.study["pairs"][r["pairs"]]["file"] and self.pending(r)}
-        wanted = [f for n in sorted(sets) for f in self.pairs_files(n)[:1 + self.study.uses_dev]]
-        return [f for f in wanted if not common.existing_path(f)]
+        """Given pairs files (pairs.NAME.file; its .dev.jsonl where a run's flags read {dev}) a part needs, missing."""
+        wanted = [f for r in self.runs if r["pairs"] and self.study["pairs"][r["pairs"]]["file"] and self.pending(r)
+                  for f in self.pairs_files(r["pairs"])[:1 + r["reads_dev"]]]
+        return list(dict.fromkeys(f for f in wanted if not common.existing_path(f)))  # a train file before its dev
 
     # ---- what is finished (also on a fresh checkout: the results folder)
     def model_of(self, run):
@@ -336,7 +335,7 @@ class Runner:
         idle = [r for r in self.runs if r not in to_eval and r not in to_train]
         unneeded = [r["name"] for r in idle if r["train"] and not self.wanted(r)]
         finished = [r["name"] for r in idle if r["name"] not in unneeded]
-        for text, names in (("finished before, skipped", finished), ("not needed by any part yet", unneeded)):
+        for text, names in (("finished before, skipped", finished), ("not needed yet", unneeded)):
             if names:
                 self.say(f"{text}: {', '.join(names)}")
         ready = set(self.study.runs_expanded) - {r["name"] for r in to_train}
@@ -438,7 +437,8 @@ class Runner:
                     step_tokens = per_step * cfg["max_length"] * self.study["compute"]["processes"]
                     tokens += (steps or 0) * step_tokens
                     steps_left += steps if steps is not None else math.nan  # pairs not built yet
-                    what = f"train ({steps or '?'} steps, <= {(steps or 0) * step_tokens:,} tokens)"
+                    what = (f"train ({steps} steps, <= {steps * step_tokens:,} tokens)" if steps is not None
+                            else "train (? steps: its pairs are not built yet)")
             else:
                 what = "no training" if not run["train"] else "trained" if self.wanted(run) else "not needed yet"
             lines.append(f"   {run['name']:24s} {what}; {evals}")

@@ -6,8 +6,9 @@
 Validation reads only: an unknown section or key, a wrong type, a placeholder where the runner does not fill it,
 a run whose flags 02_train_dft.py refuses (its own parser and configuration check, nothing runs), pairs or
 evaluation flags 01 / 03 refuse (an unknown task included), a contrast naming a run, measure or seed the study does
-not define, a measure naming a task 03 does not have or a cell no evaluation part writes, a comparative contrast
-whose coefficients do not sum to zero: each is one error naming the line of the file and the fix.
+not define, a measure naming a task 03 does not have or a cell no evaluation part writes, a contrast (or a family's
+test or placebo) on a cell no part evaluates for one of its runs, a comparative contrast whose coefficients do not
+sum to zero: each is one error naming the line of the file and the fix.
 """
 import argparse
 import contextlib
@@ -179,6 +180,8 @@ def command_change(old, new):
     """The first difference of two recorded commands, e.g. '--limit 4 -> --limit 3' (and how many more there are)."""
     a, b = old.split(), new.split()
     ops = [op for op in difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes() if op[0] != "equal"]
+    if not ops:
+        return "only spacing differs"
     _, i1, i2, j1, j2 = ops[0]  # i1 == j1: what comes before is the same
     k = int(i1 > 0 and not (a[i1:i2] + b[j1:j2])[0].startswith("-"))  # a value changed: its flag too
     more = f"; {len(ops) - 1} more difference(s)" if len(ops) > 1 else ""
@@ -238,6 +241,7 @@ def expand_runs(study, check):
             check.names([pairs], section, "pairs", pair_sets, "pairs")
         check.names(r["after"], section, "after", list(groups) + list(runs), "run defined above it")
         groups[name] = []
+        trains_on_dev = "dev" in placeholders(study["train"]["flags"] + r["flags"])  # e.g. --eval-pairs {dev}
         for seed in r["seeds"] if r["seeds"] is not None else [r["seed"]]:
             run = name if r["seeds"] is None else f"{name}-s{seed}"
             check.need(run not in runs, section, None, f"run {run} is defined twice", "rename one of them")
@@ -245,6 +249,7 @@ def expand_runs(study, check):
                 runs[x]["seed"] == seed for x in groups.get(a, [a]))]  # a group: its run of this seed, else all
             runs[run] = dict(name=run, group=name, seed=seed, flags=r["flags"], pairs=pairs, train=r["train"], after=after,
                              model=r["model"] or study["study"]["model"], reuse=r["reuse"],
+                             reads_dev=r["train"] and not r["reuse"] and trains_on_dev,
                              label=f"{r['label']}, seed {seed}" if r["label"] and r["seeds"] else r["label"] or run,
                              stored_as=(r["stored_as"] or run).format(seed=seed, run=run, name=name))
             groups[name].append(run)
@@ -259,7 +264,7 @@ def load_study(path, check_flags=True):
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise UserError(f"{path}: not valid TOML: {e}; fix that line (an unclosed value: the one it starts on)"
+        raise UserError(f"{path}: not valid TOML: {e}; fix that line (an unclosed value: where it starts, above)"
                         ) from None
     check, study = Checker(path, text), Study()
     for section in raw:
@@ -302,6 +307,7 @@ def load_study(path, check_flags=True):
         covered = [r for r in runs.values() if part["runs"] is None or {r["name"], r["group"]} & set(part["runs"])]
         flags = study["evaluation"]["flags"] + part["flags"]
         for r in covered if any("{dev}" in f or "{pairs}" in f for f in flags) else []:
+            r["reads_dev"] = r["reads_dev"] or "dev" in placeholders(flags)  # its .dev.jsonl must exist (run_study)
             check.need(r["pairs"], "evaluation.parts", "flags", f"part {part['name']} uses {{dev}} or {{pairs}}, but "
                        f"run {r['name']} has no pair set", f"set pairs = \"...\" in [runs.{r['group']}]", nth)
     keys = sorted({key for spec in load_stage("03_evaluate").TASKS.values() for key in spec.result_keys})
@@ -355,7 +361,6 @@ def load_study(path, check_flags=True):
     places += [(f"runs.{g}", "flags", r["flags"], TRAINING, 0) for g, r in study["runs"].items()]
     places += [(f"runs.{g}", "model", [r["model"] or ""], MODEL, 0) for g, r in study["runs"].items()]
     places += [("evaluation.parts", "flags", p["flags"], EVALUATION, nth) for nth, p in enumerate(parts)]
-    study["uses_dev"] = any("dev" in placeholders(strings) for _, _, strings, _, _ in places)  # a .dev.jsonl is read
     for section, key, strings, allowed, nth in places:
         unknown = sorted(placeholders(strings) - set(allowed))
         what = "a lone brace" if unknown == ["{"] else "{" + (unknown or [""])[0] + "}"
@@ -391,8 +396,10 @@ def load_study(path, check_flags=True):
                 check.need(cell in anywhere, f"measures.{name}", "cells", f"measure {name} reads cell {cell!r}, which "
                            "no evaluation part writes", "add its task and language to a part's --tasks and --langs")
         tests = [(f"contrasts.{c}", c, con["measures"]) for c, con in study["contrasts"].items()]
-        tests += [(f"families.{f}", c, fam["measures"]) for f, fam in study["families"].items() if fam["measures"]
-                  for c in fam["contrasts"]]
+        for f, fam in study["families"].items():  # each confirmatory contrast and its placebo on the family's measures
+            for c in fam["contrasts"]:
+                tests += [(f"families.{f}", name, fam["measures"] or study["contrasts"][c]["measures"])
+                          for name in (c, study["contrasts"][c]["placebo"] or fam["placebo"]) if name]
         for section, name, measure_names in tests:  # a test its runs are never evaluated on could never run
             con = study["contrasts"][name]
             for run in (r for t in con["terms"] for r in groups.get(t, [t])
@@ -400,5 +407,6 @@ def load_study(path, check_flags=True):
                 for cell in (c for m in measure_names for c in study["measures"][m]["cells"]):
                     check.need(cell in written[run], section, "measures", f"contrast {name} reads cell {cell!r} of "
                                f"run {run}, which no evaluation part evaluates for it", "add the run to a part that "
-                               "writes the cell (its runs = [...]), or drop the measure from the contrast")
+                               "writes the cell (its runs = [...]), or list the contrast's measures = [...] without "
+                               "it (no measures key: every measure)")
     return study

@@ -91,9 +91,10 @@ def term_runs(study, name, seeds=None):
     return [r for r in runs if seeds is None or name not in study.groups or study.runs_expanded[r]["seed"] in seeds]
 
 
-def study_contrast(study, results, name, measure, seeds=None):
-    """contrast() of the study's contrast NAME on one measure (its groups' runs of these seeds, default all)."""
-    terms = [(t, coef, term_runs(study, t, seeds)) for t, coef in study["contrasts"][name]["terms"].items()]
+def study_contrast(study, results, name, measure):
+    """contrast() of contrast NAME on one measure (its groups' runs of its seeds, default all), wherever it is asked."""
+    con = study["contrasts"][name]
+    terms = [(t, coef, term_runs(study, t, con["seeds"])) for t, coef in con["terms"].items()]
     return contrast(results, terms, measure, study["resampling"])
 
 
@@ -138,7 +139,7 @@ def build(study, results_dir):
                               se=float(np.std(vals, ddof=1) / math.sqrt(len(vals))) if len(vals) > 1 else None)
             out["groups"][group] = row
     for name, con in study["contrasts"].items():
-        out["contrasts"][name] = {m: study_contrast(study, results, name, m, con["seeds"]) for m in con["measures"]}
+        out["contrasts"][name] = {m: study_contrast(study, results, name, m) for m in con["measures"]}
         for m, r in out["contrasts"][name].items():  # the reference's own contrast, where it has every term's cell
             refs = [study["references"]["values"].get(t, {}).get(m) for t in con["terms"]]
             if r is not None and None not in refs:  # "~N": a reading of a garbled cell, and so is the difference
@@ -152,8 +153,7 @@ def build(study, results_dir):
         rows = []
         for (c, m), g, (p_holm, k) in zip(tests, got, common.holm(ps, [p <= floor for p in ps])):
             name_p = study["contrasts"][c]["placebo"] or fam["placebo"]  # a contrast's own placebo, else the family's
-            placebo = (out["contrasts"][name_p].get(m) or study_contrast(study, results, name_p, m)
-                       if name_p else None)
+            placebo = (out["contrasts"][name_p].get(m) or study_contrast(study, results, name_p, m)) if name_p else None
             # a named placebo not yet run leaves the claim pending: the rule needs it
             claim = None if g is None or (name_p and placebo is None) else bool(
                 p_holm < fam["alpha"] and (g["lo"] > 0 or g["hi"] < 0)

@@ -316,6 +316,24 @@ def test_bad_study_files_are_refused_naming_the_line(case, tmp_path, capsys):
     assert not out.exists() and not (tmp_path / "w").exists()
 
 
+def test_a_familys_placebo_on_a_cell_its_runs_lack_is_refused(tmp_path, capsys):
+    """The family reads its placebo on the family's measures: tft-s2, evaluated on NLL only, has no XCOPA cell, so
+    the claim rule could never be applied."""
+    text = open(TINY, encoding="utf-8").read()
+    for old, new in (('terms = { dft-logits = 1, tft = -1 }', 'terms = { dft-logits = 1, tft = -1 }\nseeds = [1]'),
+                     ('terms = { tft-s2 = 1, tft-s1 = -1 }', 'terms = { tft-s2 = 1, tft-s1 = -1 }\nmeasures = ["nll_zh"]'),
+                     ('name = "primary"', 'name = "primary"\nruns = ["base", "dft-logits", "tft-s1"]'),
+                     ('[measures.nll_zh]', '[[evaluation.parts]]\nname = "nll_s2"\nruns = ["tft-s2"]\n'
+                      'flags = ["--tasks", "nll", "--langs", "zh", "--pairs", "{dev}", "--limit", "4"]\n\n[measures.nll_zh]')):
+        assert old in text
+        text = text.replace(old, new)
+    bad = tmp_path / "bad.toml"
+    bad.write_text(text, encoding="utf-8")
+    code, err = run_main_in_process(run_study.main, [str(bad), "--dry-run", "--out", str(tmp_path / "r")], capsys)
+    assert code == 2 and "contrast seed_placebo reads cell 'xcopa zh' of run tft-s2, which no evaluation part " \
+        "evaluates for it" in err and f"{bad}:64:" in err, err  # the family's measures line
+
+
 def test_a_file_that_is_not_toml_is_refused(tmp_path, capsys):
     bad = tmp_path / "bad.toml"
     bad.write_text(open(TINY, encoding="utf-8").read().replace("seeds = [1, 2]", "seeds = [1, 2", 1), encoding="utf-8")
@@ -369,6 +387,10 @@ def test_a_missing_pairs_file_is_refused_before_anything_runs(tmp_path, capsys):
                                                      str(tmp_path / "w")], capsys)
     assert code == 2 and f"no pairs file {tmp_path / 'pairs_zh.dev.jsonl'}" in err, err
     assert not (tmp_path / "r").exists() and not (tmp_path / "w").exists()
+    bad.write_text(bad.read_text(encoding="utf-8").replace('"--pairs", "{dev}"', '"--pairs", "{pairs}"'), encoding="utf-8")
+    code, err = run_main_in_process(run_study.main, [str(bad), "--dry-run", "--out", str(tmp_path / "r"), "--work",
+                                                     str(tmp_path / "w")], capsys)
+    assert code == 0, err  # no flag reads {dev}: its .dev.jsonl is not needed
 
 
 def test_a_refused_part_is_not_tried_again(tmp_path):
@@ -391,6 +413,10 @@ def test_a_refused_part_is_not_tried_again(tmp_path):
     script.write_text("import sys\nprint('RuntimeError: CUDA error: out of memory', file=sys.stderr)\nsys.exit(1)\n")
     assert not r.part("crashed", r.stage(str(script), processes=2))  # a crash is tried again
     assert open(tmp_path / "work" / "logs" / "crashed.log").read().count("\n$ ") == study["compute"]["retries"] > 1
+    with open(tmp_path / "work" / "logs" / "again.log", "w") as f:  # an earlier attempt that refused...
+        f.write("\n$ earlier\nerror: --lc-layer 0 is out of range\n  exitcode  : 2 (pid: 1)\n")
+    assert not r.part("again", r.stage(str(script), processes=2))  # ...does not make this crash a refusal
+    assert open(tmp_path / "work" / "logs" / "again.log").read().count("\n$ ") == 1 + study["compute"]["retries"]
     r.stopping.set()
     assert not r.part("stopped", [sys.executable, "-c", "import sys; sys.exit(1)"])
     assert not os.path.exists(tmp_path / "work" / "logs" / "stopped.log")  # no attempt starts once stopping
@@ -412,6 +438,7 @@ def test_a_part_run_with_other_flags_than_the_study_gives_now_is_refused(tiny, t
                                         capsys)
         assert code == 2 and changed in err and "give what changed a new name" in err, err
     assert run_study.command_change("a --x 1 --y 2", "a --x 3 --y 4") == "--x 1 -> --x 3; 1 more difference(s)"
+    assert run_study.command_change("a --x 1\n", "a --x 1") == "only spacing differs"
     done = open(os.path.join(work, "done", "train_tft-s1"), encoding="utf-8").read()
     assert done.startswith("--pairs {work}/pairs_zh.jsonl --out {work}/train/tft-s1") and "--resume" not in done
     moved = tmp_path / "moved"  # paths are recorded as {work}, {results}: a moved work folder is not a change
@@ -425,14 +452,31 @@ def test_labels_name_runs_seeds_and_contrasts_in_the_tables(tiny, tmp_path):
     text = open(TINY, encoding="utf-8").read().replace('seeds = [1, 2]                           # runs',
                                                        'label = "TFT"\nseeds = [1, 2]  # runs')
     study_path, out = tmp_path / "labelled.toml", tmp_path / "results"
-    study_path.write_text(text, encoding="utf-8")
+    study_path.write_text(text + '\n[tables]\nfile = "labelled"\n', encoding="utf-8")
     shutil.copytree(tiny[0], out)
+    before = (out / "tables.md").read_bytes() if (out / "tables.md").exists() else None
     assert study_tables.main([str(study_path), "--out", str(out)]) is None
-    tables = (out / "tables.md").read_text(encoding="utf-8")
+    tables = (out / "labelled.md").read_text(encoding="utf-8")  # [tables] file: not over the tables.md there
+    after = (out / "tables.md").read_bytes() if (out / "tables.md").exists() else None
+    assert (out / "labelled.json").exists() and after == before
     assert f"Written by `scripts/study_tables.py {study_path} --out {out}`" in tables
     assert "| TFT, seed 1 |" in tables and "| TFT, seed 2 |" in tables  # the scores of each seed
     assert "| measure | dft-logits | TFT | Δ |" in tables  # a contrast's terms
     assert "| dft-logits − tft | NLL zh ↓ |" in tables  # the family names its contrast by the label
+    assert "| TFT | " in tables.split("## Seed groups")[1] and "| TFT, seed 1 → TFT, seed 2 | " in tables
+
+
+def test_a_family_reads_a_contrast_with_its_seeds_on_every_measure(tiny, tmp_path):
+    """A contrast restricted to seed 1 stays restricted where its family reads it on a measure of the family's own."""
+    text = open(TINY, encoding="utf-8").read().replace(
+        'terms = { dft-logits = 1, tft = -1 }', 'terms = { dft-logits = 1, tft = -1 }\nseeds = [1]\nmeasures = ["nll_zh"]')
+    study_path, out = tmp_path / "seed1.toml", tmp_path / "results"
+    study_path.write_text(text, encoding="utf-8")
+    shutil.copytree(tiny[0], out)
+    assert study_tables.main([str(study_path), "--out", str(out)]) is None
+    tables = json.loads((out / "tables.json").read_text(encoding="utf-8"))
+    row = next(r for r in tables["families"]["primary"] if r["measure"] == "xcopa")
+    assert row["result"]["values"]["tft"] == pytest.approx(tables["runs"]["tft-s1"]["xcopa"][0])
 
 
 def test_a_run_publishes_only_its_own_per_item_files(tmp_path):
