@@ -264,8 +264,8 @@ def load_study(path, check_flags=True):
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise UserError(f"{path}: not valid TOML: {e}; fix that line (an unclosed value: where it starts, above)"
-                        ) from None
+        raise UserError(f"{path}: not valid TOML: {e}; fix that line (an unclosed value: where it starts, "
+                        "above)") from None
     check, study = Checker(path, text), Study()
     for section in raw:
         check.need(section in SCHEMA and section not in LISTED[1:], section, None, f"unknown section [{section}]",
@@ -387,9 +387,10 @@ def load_study(path, check_flags=True):
         for part, argv in zip(parts, part_argvs):
             with argparse_raises():
                 args = stage3.parse_args(argv)
-            for r in runs.values() if not (part["analysis"] or args.analysis) else []:
+            cells = set() if part["analysis"] or args.analysis else {f"{k} {c}" for k, c in part_cells(stage3, args)}
+            for r in runs.values():
                 if part["runs"] is None or {r["name"], r["group"]} & set(part["runs"]):
-                    written[r["name"]] |= {f"{key} {cell}" for key, cell in part_cells(stage3, args)}
+                    written[r["name"]] |= cells
         anywhere = set().union(*written.values())
         for name, m in study["measures"].items():
             for cell in m["cells"]:
