@@ -1832,7 +1832,8 @@ def item_cell(entry, rows, metric=None, percent=False):
         {"nll"} if "nll_sum" in first else set())
     if rows and metric not in offered:
         raise UserError(f"{entry.get('items_file', 'a cell')}: its items have no {metric!r} score; a measure on this "
-                        f"cell takes one of {', '.join(sorted(offered)) or '(none: its rows hold no score)'} as its metric")
+                        f"cell takes one of {', '.join(sorted(offered)) or '(none: its rows hold no score)'} as its "
+                        "metric")
     if entry["aggregation"] != "corpus" or metric == "nll":
         return common.ItemCell(rows, metric, percent=percent)
     bleu, chrf = bleu_metrics(entry.get("tgt_lang"))
@@ -1900,7 +1901,7 @@ def compare_runs(path_a, path_b, out_dir, resamples, seed, allow_mismatch=False)
         res = common.contrast_bootstrap([(-1.0, [cell_a]), (1.0, [cell_b])], resamples, seed, draws="indices")
         p = res["p"]
         table.append(dict(task=task, lang=lang, metric=ea["metric"], a=cell_a.value(), b=cell_b.value(),
-                          delta=res["delta"], p=p, p_at_floor=p <= 1.0 / (resamples + 1) + 1e-15, n=n, mismatch=bad,
+                          delta=res["delta"], p=p, p_at_floor=common.p_at_floor(p, resamples), n=n, mismatch=bad,
                           scale=100.0 if ea["aggregation"] == "mean" else 1.0))
     if not table:
         raise UserError(f"{path_a} and {path_b} share no item ids in any task x language")

@@ -972,6 +972,11 @@ def holm(pvalues, floors=None):
     return out
 
 
+def p_at_floor(p, resamples):
+    """Whether a bootstrap p is the smallest a B-resample bootstrap can give, 1/(B+1) (common.bootstrap_p)."""
+    return p <= 1.0 / (resamples + 1) + 1e-15
+
+
 def fmt_p(p, resamples, k=None):
     """A p-value as printed: at the floor of a B-resample bootstrap, "< k/(B+1)" (with B + 1 written out)."""
     return f"< {k}/{resamples + 1}" if k is not None else f"{p:.4f}"

@@ -447,10 +447,10 @@ class Runner:
         per_run = [sum(r.get("seconds", 0) for r in rows) / len(rows) for rows in logs if rows and not rate]
         seconds = tokens / rate if rate else steps_left * (sum(per_run) / len(per_run) if per_run else float("nan"))
         total = f"<= {tokens:,} tokens (padded to --max-length); about " + (
-            f"{seconds / 3600:.2f} h ({seconds / 60:.1f} min) of training" if seconds == seconds else
+            f"{seconds / 3600:.2f} h ({seconds / 60:.1f} min) of training" if not math.isnan(seconds) else
             "? h of training (set compute.tokens_per_s, or finish one run here to time it)")
         return "\n".join(lines + ["== to train: " + ("? (a run's steps are unknown until its pairs are built)" if
-                                                    steps_left != steps_left else total if steps_left else
+                                                    math.isnan(steps_left) else total if steps_left else
                                                     "nothing (no optimizer steps left)")])
 
 

@@ -145,13 +145,12 @@ def build(study, results_dir):
             if r is not None and None not in refs:  # "~N": a reading of a garbled cell, and so is the difference
                 r["reference"] = sum(c * float(str(v).lstrip("~")) for c, v in zip(con["terms"].values(), refs))
                 r["reference_approx"] = any(str(v).startswith("~") for v in refs)
-    floor = 1.0 / (res["B"] + 1) + 1e-15
     for name, fam in study["families"].items():
         tests = [(c, m) for c in fam["contrasts"] for m in fam["measures"] or study["contrasts"][c]["measures"]]
         got = [out["contrasts"][c].get(m) or study_contrast(study, results, c, m) for c, m in tests]
         ps = [g["p"] if g else 1.0 for g in got]  # a test not yet run counts as p = 1
         rows = []
-        for (c, m), g, (p_holm, k) in zip(tests, got, common.holm(ps, [p <= floor for p in ps])):
+        for (c, m), g, (p_holm, k) in zip(tests, got, common.holm(ps, [common.p_at_floor(p, res["B"]) for p in ps])):
             name_p = study["contrasts"][c]["placebo"] or fam["placebo"]  # a contrast's own placebo, else the family's
             placebo = (out["contrasts"][name_p].get(m) or study_contrast(study, results, name_p, m)) if name_p else None
             # a named placebo not yet run leaves the claim pending: the rule needs it
@@ -260,7 +259,7 @@ def markdown(study, t, results_dir):
     contrast_label = lambda name: study["contrasts"][name]["label"] or name  # noqa: E731
     interval = lambda r: f"[{r['lo']:+.3f}, {r['hi']:+.3f}]"  # noqa: E731
     yes_no = lambda flag: "–" if flag is None else "yes" if flag else "no"  # noqa: E731
-    p_text = lambda p: common.fmt_p(p, res["B"], 1 if p <= 1 / (res["B"] + 1) + 1e-15 else None)  # noqa: E731
+    p_text = lambda p: common.fmt_p(p, res["B"], 1 if common.p_at_floor(p, res["B"]) else None)  # noqa: E731
     shown = lambda path: os.path.relpath(path, ROOT) if path.startswith(ROOT + os.sep) else path  # noqa: E731
     command = f"scripts/study_tables.py {shown(s['path'])}" + (
         "" if os.path.normpath(os.path.join(ROOT, s["results"])) == results_dir else f" --out {shown(results_dir)}")
