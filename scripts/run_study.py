@@ -265,9 +265,7 @@ class Runner:
     # ---- evaluation
     def evaluate(self, run):
         name, ok = run["name"], True
-        work_eval, res_eval = os.path.join(self.work, "eval"), os.path.join(self.results, "eval")
-        for folder in (work_eval, res_eval):
-            os.makedirs(folder, exist_ok=True)
+        work_eval, res_eval = os.path.join(self.work, "eval"), os.path.join(self.results, "eval")  # made by run()
         for part in self.pending_evals(run):
             if os.path.exists(os.path.join(res_eval, name + ".json")) and not os.path.exists(
                     os.path.join(work_eval, name + ".json")):
@@ -317,7 +315,7 @@ class Runner:
             return False
 
     def run(self):
-        for folder in (os.path.join(self.work, "logs"), os.path.join(self.work, "done"), self.results):
+        for folder in [os.path.join(self.work, f) for f in ("logs", "done", "eval")] + [os.path.join(self.results, "eval")]:
             os.makedirs(folder, exist_ok=True)
         self.lock = open(os.path.join(self.work, ".driver.lock"), "w")
         try:
@@ -400,8 +398,7 @@ class Runner:
                 to_train.clear()
                 failed.update(r["name"] for r in to_eval)
                 self.cond.notify_all()
-                # not Thread.join: a join interrupted by Ctrl-C can report its thread finished while it still
-                # waits on a stage (seen on Python 3.11: the driver left a fit running without its marker)
+                # not Thread.join: an interrupted join can report a thread finished that still waits on a stage
                 while self.busy:
                     self.cond.wait()
             raise SystemExit(130) from None
@@ -415,6 +412,9 @@ class Runner:
         stage2 = load_stage("02_train_dft")
         lines, tokens, steps_left = [f"== study {self.study['study']['name']}: results {self.results}, work "
                                      f"{self.work}"], 0, 0
+        for setup in self.study["setup"] if any(self.pending_evals(r) for r in self.runs) else []:
+            lines.append(f"   setup {setup['name']:18s} {'done' if self.done('setup_' + setup['name']) else 'run'}: "
+                         + " ".join(fill(setup["command"], self.values)))
         for name in dict.fromkeys(r["pairs"] for r in self.runs if r["pairs"] and self.pending(r)):
             built = self.study["pairs"][name]["file"] or self.done(f"pairs_{name}")
             lines.append(f"   pairs {name:18s} {'built' if built else 'build'}: {self.pairs_files(name)[0]}")

@@ -207,6 +207,7 @@ def test_dry_run_plan_lists_runs_and_tokens(tmp_path):
     for run in RUNS[1:]:
         assert f"{run}" in out.stdout and "train (2 steps, <= 512 tokens)" in out.stdout  # 2 x batch 2 x 128
     assert "to train: <= 2,048 tokens" in out.stdout and not (tmp_path / "r").exists()
+    assert f"setup tiny_models        run: scripts/paper_tiny_models.py {tmp_path / 'w'}/tiny_models" in out.stdout
 
 
 def test_dry_run_says_steps_are_unknown_before_the_pairs_are_built(tmp_path):
