@@ -55,7 +55,7 @@ METHODS = {  # which sequences the loss sees; DESIGN §2 "named presets"
     # ours (DESIGN §6): dft-logits read through a tuned lens (--tuned-lens DIR) instead of the logit lens
     "dft-logits-tuned": dict(tft_side="tgt", lc="logits", et="logits", readout="tuned"),
 }
-SIGNAL_NAMES = ("none", "logits", "feature", "contrastive")  # their classes: SIGNALS, beside the objective
+SIGNAL_NAMES = ("none", "logits", "feature", "contrastive")  # --lc / --et; their classes: SIGNALS, by the objective
 
 # the inference-time peers (DESIGN §6): fitted from the pairs on the frozen model, nothing trained. Defaults: INCLINE
 # as its released code (every block, the last prompt token); DiffMean at the block DFT supervises for L_ET, every
@@ -107,7 +107,7 @@ def build_parser():
     g.add_argument("--preset", choices=sorted(PRESETS), help="the paper's recipe for a model (layers, batch, lr, ...)")
     g = p.add_argument_group("objective (DESIGN §2)")
     g.add_argument("--method", choices=sorted(METHODS), default="tft",
-                   help="sft | tft | dft-logits | dft-feature | mid-align")
+                   help="the objective: its sequences and signals (METHODS; docs/TRAINING.md's table)")
     g.add_argument("--lc", choices=SIGNAL_NAMES, help="language-conversion signal (default: the --method's)")
     g.add_argument("--et", choices=SIGNAL_NAMES, help="English-thinking signal (default: the --method's)")
     g.add_argument("--readout", choices=["logit", "tuned"], default="logit",
@@ -651,7 +651,7 @@ class TunedReadout(nn.Module):
 
 class Signal:
     """One intermediate term (L_LC or L_ET) at block k: what it reads and its summed loss (the caller divides by
-    `count`'s denominator). A new signal is one subclass and one SIGNALS entry.
+    `count`'s denominator). A new signal is one subclass, one SIGNALS entry and its name in SIGNAL_NAMES.
 
     lens: runs its own sequence [P(x_tgt); English] up to block k (batch[name]); reads_prompt: reads block k of the
     target prompt from the L_TFT pass; english: needs the English prompt P(x_en)'s hidden states; min_pairs: pairs
@@ -743,7 +743,8 @@ class NoSignal(Signal):
     """--lc/--et none: no term (every attribute false, so callers read SIGNALS[name] without a check)."""
 
 
-SIGNALS = dict(zip(SIGNAL_NAMES, (NoSignal, LensCE, FeatureCosine, Contrastive)))
+SIGNALS = {"none": NoSignal, "logits": LensCE, "feature": FeatureCosine, "contrastive": Contrastive}
+assert tuple(SIGNALS) == SIGNAL_NAMES, "a signal's name goes in SIGNAL_NAMES (argparse's choices) and in SIGNALS"
 
 
 def signals_of(cfg):

@@ -161,10 +161,10 @@ def measure_times(args, methods, precisions):
             for k in ("lc", "et"):
                 if k in batch:
                     tokens[k]["continuation"] = len(prompt) * int((batch[k]["attention_mask"].sum(1) - prompt).max())
-        pooled = [k for sig, k in ((cfg["lc"], cfg["lc_layer_used"]), (cfg["et"], cfg["et_layer_used"]))
-                  if sig in ("feature", "contrastive")]
+        read = [k for term in objective.terms for k in term.english_layers()]  # blocks of P(x_en) the terms read
+        en_layers = L if any(term.english_last for term in objective.terms) else max(read, default=0)
         results[f"{precision}/{method}"] = dict(
-            method=method, precision=precision, en_layers=L if cfg["et"] == "feature" else max(pooled, default=0),
+            method=method, precision=precision, en_layers=en_layers,
             en_grad=cfg["feature_grad"] == "both", seconds=statistics.median(times[precision, method]),
             all_seconds=times[precision, method], cpu_seconds=statistics.median(cpu_times[precision, method]),
             all_cpu_seconds=cpu_times[precision, method], tokens=tokens, num_layers=parts.num_layers,

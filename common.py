@@ -173,11 +173,15 @@ def sha256_file(path):
 def versions():
     import transformers
     out = {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__}
+
+    def git(*args):
+        return subprocess.run(["git", "-C", REPO_DIR, *args], capture_output=True, text=True, timeout=5).stdout.strip()
     try:
-        out["git_commit"] = subprocess.run(["git", "-C", REPO_DIR, "rev-parse", "HEAD"], capture_output=True,
-                                           text=True, timeout=5).stdout.strip() or None
+        out["git_commit"] = git("rev-parse", "HEAD") or None
+        # the commit alone does not say what ran once tracked files were edited (e.g. a user's new signal)
+        out["git_dirty"] = bool(git("status", "--porcelain", "--untracked-files=no")) if out["git_commit"] else None
     except (OSError, subprocess.SubprocessError):
-        out["git_commit"] = None
+        out["git_commit"] = out["git_dirty"] = None
     out["machine"] = machine()
     return out
 

@@ -1,6 +1,7 @@
 """common.py: the logit lens against the models' own logits, block capture, loading errors, I/O."""
 import json
 import os
+import subprocess
 
 import pytest
 import torch
@@ -177,6 +178,22 @@ def test_default_model_smoke():
         out = model(**enc)
     torch.testing.assert_close(common.lens_logits(parts, raw[30]), out.logits, rtol=1e-4, atol=1e-4)
     assert "Paris" in tok.decode(model.generate(**enc, max_new_tokens=12, do_sample=False)[0])
+
+
+def test_versions_say_whether_tracked_files_differ_from_the_commit(tmp_path, monkeypatch):
+    git = lambda *a: subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *a],
+                                    check=True, capture_output=True)
+    git("init", "-q")
+    (tmp_path / "stage.py").write_text("x = 1\n")
+    git("add", "stage.py")
+    git("commit", "-q", "-m", "c")
+    monkeypatch.setattr(common, "REPO_DIR", str(tmp_path))
+    (tmp_path / "notes.txt").write_text("untracked files do not count\n")
+    assert common.versions()["git_dirty"] is False
+    (tmp_path / "stage.py").write_text("x = 2\n")
+    assert common.versions()["git_dirty"] is True
+    monkeypatch.setattr(common, "REPO_DIR", str(tmp_path / "nowhere"))  # not a checkout: neither is known
+    assert (common.versions()["git_commit"], common.versions()["git_dirty"]) == (None, None)
 
 
 def test_machine_records_what_decides_rounding():

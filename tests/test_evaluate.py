@@ -4,6 +4,7 @@ All on the tiny random models of conftest.py (seconds on 2 cores); one @slow tes
 """
 import json
 import os
+import re
 import types
 
 import pytest
@@ -420,6 +421,14 @@ def test_model_folder_without_tokenizer_is_one_clear_error(tokenizer, tmp_path):
 @pytest.fixture(scope="module")
 def tiny_llama(tokenizer):
     return make_tiny_model("llama", tokenizer)
+
+
+def test_help_lists_every_row_of_tasks():
+    """03 --help's task list is written by hand (prompt formats): a row added to TASKS must be described there."""
+    block = ev.__doc__.split("Tasks, one row of TASKS each")[1].split("Metrics named")[0]
+    named = {name + cot for name, both in re.findall(r"^  (\w+)(\(_cot\))?", block, re.M)
+             for cot in ("", "_cot")[:1 + bool(both)]}
+    assert named == set(ev.TASKS)
 
 
 @pytest.mark.parametrize("task", list(ev.TASKS))
