@@ -95,8 +95,9 @@ RATIO_MIN_CHARS = 10  # "Yes" -> "是" says nothing about alignment: the ratio i
 # ja 0.29 / 0.80, de ru sw 0.70 / 1.53 (0.1% / 99.9% quantiles).
 RATIO_MIN_CHARS_LOW = 30
 # A short response is often the same in every language (a name, a formula, a URL, "12 cm"): the
-# untranslated filter judges y from this many letters of prose on (x, the instruction, always); the
-# wrong-script filter judges x and y from this many on ("Chia 100 cho 7." is Vietnamese without diacritics).
+# untranslated filter judges x and y from this many letters of prose on (an instruction copied unchanged: at any
+# length); the wrong-script filter judges x and y from this many on ("Chia 100 cho 7." is Vietnamese without
+# diacritics).
 JUDGE_MIN_LETTERS = 20
 
 NUMBERS_CHECKED = 2  # a pair is checked by its numbers when its English side carries at least this many (ours)
@@ -187,7 +188,7 @@ def same_number(a, b):
         return a == b
 
 
-def load_gsm8k(en_rows, tgt_rows, tgt_name, source="gsm8k"):
+def load_gsm8k(en_rows, tgt_rows, source="gsm8k"):
     """tgt_rows: (where, gsm8k_train_index, question, answer or None). The English answer is copied to the
     target side when there is no translated one; the final numbers must agree either way."""
     bad = next((k for k, r in enumerate(en_rows) if not {"question", "answer"} <= set(r)), None)
@@ -285,11 +286,10 @@ def load_rows(args, translate):
         en_path = args.en_file or data(GSM8K_EN)
         en_rows = common.read_jsonl(en_path)
         if translate:
-            return load_gsm8k(en_rows, [(f"{en_path} line {i + 1}", i, None, None) for i in range(len(en_rows))],
-                              en_path), [en_path]
+            return load_gsm8k(en_rows, [(f"{en_path} line {i + 1}", i, None, None)
+                                        for i in range(len(en_rows))]), [en_path]
         tgt_paths = args.tgt_file or [data(GSM8K_TGT.format(lang=lang))]
-        return load_gsm8k(en_rows, [r for p in tgt_paths for r in read_gsm8k_tsv(p)], " + ".join(tgt_paths)), \
-            [en_path, *tgt_paths]
+        return load_gsm8k(en_rows, [r for p in tgt_paths for r in read_gsm8k_tsv(p)]), [en_path, *tgt_paths]
     if args.source == "parallel":
         en_tpl, tgt_tpl, codes = PARALLEL[args.corpus]
         code = codes.get(lang, lang)
@@ -323,7 +323,7 @@ def load_rows(args, translate):
         return load_alpaca(read_json_list(en_path), hub, source, source), [en_path, source]
     fields = parse_fields(args.hub_fields, ("id", "question"), ("answer",))
     hub = [(f"{source} row {k}", r["id"], r["question"], r.get("answer")) for k, r in enumerate(rename(hub, fields))]
-    return load_gsm8k(common.read_jsonl(en_path), hub, source, source), [en_path, source]
+    return load_gsm8k(common.read_jsonl(en_path), hub, source), [en_path, source]
 
 
 def read_json_list(path):
@@ -641,7 +641,8 @@ def wrong_script(en, tgt, lang, min_letters):
 
 def token_lengths(rows, tokenizer):
     """Tokens of the longest sequence the trainer builds from each pair: prompt (with the tokenizer's special
-    tokens, e.g. BOS) and response tokenized apart, + EOS, as 02_train_dft.py encodes them."""
+    tokens, e.g. BOS) and continuation tokenized apart, as 02_train_dft.py encodes them, + EOS (counted on LC's too,
+    which 02 ends without one: the budget errs one token long there)."""
     n = lambda texts, special: [len(ids) for ids in tokenizer(texts, add_special_tokens=special)["input_ids"]]
     p_en = n([common.build_prompt(r["x_en"]) for r in rows], True)
     p_tgt = n([common.build_prompt(r["x_tgt"]) for r in rows], True)
@@ -660,8 +661,9 @@ def drop_reason(row, lang, min_ratio, max_ratio, anchors_only=False):
         return "empty"
     if row.get("_numbers"):
         return "numbers_absent"
-    # (English, target, letters from which the text is judged): x always (an instruction is always translated),
-    # y from JUDGE_MIN_LETTERS letters of prose on (a short answer is often the same in every language)
+    # (English, target, is the instruction): an instruction copied unchanged is untranslated at any length (an
+    # instruction is always translated); otherwise from JUDGE_MIN_LETTERS letters of prose on (a short answer is
+    # often the same in every language)
     sides = ([(row["x_en"], row["x_tgt"], True)]
              + ([] if row.get("_y_english") else [(row["y_en"], row["y_tgt"], False)]))
     if any(broken_code(en, tgt) for en, tgt, _ in sides):

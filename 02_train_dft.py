@@ -1,13 +1,14 @@
 r"""
 Stage 2: Deep Supervision Fine-Tuning (DFT) with hand-written hidden-state supervision.
 
-One plain PyTorch loop (accelerate for multi-device) trains one of four methods on the pairs
+One plain PyTorch loop (accelerate for multi-device) trains one of these methods on the pairs
 written by 01_build_pairs.py:
   sft          L_TFT on the English side only (x_en -> y_en)
   tft          L_TFT on the target side (x_tgt -> y_tgt), the paper's main baseline
   dft-logits   L_TFT + L_LC + L_ET, each a logit-lens cross-entropy against English tokens
   dft-feature  L_TFT + L_LC + L_ET, each a cosine distance to the parallel English hidden states
   mid-align    L_TFT + a contrastive (InfoNCE) term at the middle block, the closest peer (Liu & Niehues 2025)
+  dft-logits-tuned  dft-logits read through a tuned lens (--tuned-lens DIR; ours, DESIGN §6)
 (docs/DESIGN.md §2 defines every term; `--lc/--et` mix the signals freely: logits, feature, contrastive.)
 
 Examples:
@@ -620,7 +621,7 @@ def continue_prompt(parts, layer, prompt_kv, tft_hidden, tft, seq):
             parts.backbone(input_ids=seq["input_ids"].gather(1, where),
                            attention_mask=torch.cat([own_prompt, present], 1).long(),
                            position_ids=where, past_key_values=cache, use_cache=True)
-        except common._StopForward:
+        except common.StopForward:
             pass
     return torch.cat([last_prompt, captured[layer]], 1), torch.cat([head_labels, labels], 1)
 
@@ -761,8 +762,6 @@ class DFTObjective(nn.Module):
         super().__init__()
         self.model = model
         self.cfg = cfg
-        self.lc, self.et = cfg["lc"], cfg["et"]
-        self.lc_layer, self.et_layer = cfg.get("lc_layer_used"), cfg.get("et_layer_used")
         lens_layers = [cfg[f"{name}_layer_used"] for name, signal in signals_of(cfg) if signal.lens]
         self.readout = TunedReadout(lens, lens_layers) if cfg.get("readout") == "tuned" else LogitReadout()
         self.terms = [signal(name, cfg[f"{name}_layer_used"], cfg, self.readout) for name, signal in signals_of(cfg)]
@@ -849,8 +848,7 @@ class DFTObjective(nn.Module):
 
     @staticmethod
     def head(parts, hidden):
-        logits = parts.lm_head(hidden)
-        return torch.tanh(logits / parts.softcap) * parts.softcap if parts.softcap else logits
+        return common.softcapped(parts, parts.lm_head(hidden))  # lm_head trained, unlike the lens's
 
     def english_states(self, parts, en):
         """Hidden states of P(x_en): raw h_k for LC feature and for contrastive terms, the normed last layer h_L for
@@ -895,10 +893,11 @@ def pick_layers(entropy, min_gap=None):
     return min(first, second), max(first, second)
 
 
-def save_entropy_curve(out_dir, entropy, picked, model_name, num_prompts):
+def save_entropy_curve(out_dir, entropy, picked, model_name, num_prompts, readout="logit"):
     common.write_json(os.path.join(out_dir, "layer_entropy.json"),
                       dict(model=model_name, prompts=num_prompts, entropy_by_block=entropy, lc_layer=picked[0],
-                           et_layer=picked[1], rule=f"two largest drops, >= max(2, L//{LAYER_GAP_DIVISOR}) blocks apart"))
+                           et_layer=picked[1], readout=readout,
+                           rule=f"two largest drops, >= max(2, L//{LAYER_GAP_DIVISOR}) blocks apart"))
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -908,7 +907,7 @@ def save_entropy_curve(out_dir, entropy, picked, model_name, num_prompts):
     for k, label in zip(picked, ("LC (i)", "ET (j)")):
         ax.axvline(k, ls="--", c="gray")
         ax.text(k, max(entropy), f" {label}={k}", va="top")
-    ax.set(xlabel="block", ylabel="logit-lens entropy (nats)",
+    ax.set(xlabel="block", ylabel=f"{readout}-lens entropy (nats)",
            title=f"{os.path.basename(model_name)}: target-language prompts")
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "layer_entropy.png"), dpi=120)
@@ -1064,7 +1063,6 @@ def pooled_block_states(model, tokenizer, rows, layers, how, max_length, batch_s
     through blocks 1..max(layers) of the frozen model, the raw output of each block pooled over the tokens of x
     (mean) or taken at the last prompt token (last). A pair whose prompt is longer than max_length tokens on either
     side is dropped (INCLINE's code drops sentences over 500 tokens); none is cut."""
-    from tqdm import tqdm
     parts = common.model_parts(model)
     device = next(model.parameters()).device
     encoded = [{side: common.encode_prompt(tokenizer, r[f"x_{side}"]) for side in ("en", "tgt")} for r in rows]
@@ -1429,10 +1427,10 @@ def heldout_losses(objective, accelerator, examples, cfg, pad_id, show_bar):
     """Every term of the objective on held-out examples, no gradient: global means over all ranks' shards.
 
     Rank r takes examples r, r+world, ...; every rank runs the same number of batches (a rank that runs out
-    repeats its first batch with weight 0), so sharded launchers see the same collectives on every rank.
+    runs a batch of its first examples (of all examples, if its shard is empty) with weight 0), so sharded
+    launchers see the same collectives on every rank.
     A contrastive term contrasts each held-out batch's own pairs (batches differ in size across ranks, so
     nothing is gathered)."""
-    from tqdm import tqdm
     world, rank = accelerator.num_processes, accelerator.process_index
     min_pairs = max([signal.min_pairs for _, signal in signals_of(cfg)], default=1)  # a contrastive batch: 2
     size = max(min_pairs, cfg["batch_size"])
@@ -1786,8 +1784,8 @@ def least_squares_translator(hidden, target, ridge=1e-6):
 
 
 def fit_tuned_lens(args):
-    """--fit-tuned-lens: translators h + A_k h + b_k (A, b zero at the start: the logit lens) for the chosen blocks,
-    fitted with Adam on the frozen model by KL(final-layer distribution || lens_k) and read through the model's
+    """--fit-tuned-lens: translators h + A_k h + b_k for the chosen blocks (started by --fit-init: least squares, or
+    zero = the logit lens), fitted with Adam on the frozen model by KL(final-layer distribution || lens_k) and read through the model's
     own final norm and lm_head (and softcap); held-out KL of both readouts on the dev pairs; one folder."""
     check_fit_args(args)
     cfg = {name: value for name, value in vars(args).items() if name != "given"}
@@ -1930,7 +1928,7 @@ def main(argv=None):
     os.makedirs(cfg["out"], exist_ok=True)  # only now: a run stopped by bad input above leaves no folder
     if entropy_curve and accelerator.is_main_process and not cfg["resume"]:  # a resumed run keeps its first files
         entropy, picked, prompts = entropy_curve
-        save_entropy_curve(cfg["out"], entropy, picked, cfg["model"], prompts)
+        save_entropy_curve(cfg["out"], entropy, picked, cfg["model"], prompts, cfg["layer_rule_readout"])
     start_run(accelerator, cfg, run_info, start_step)
 
     stream = micro_batches(examples, cfg, accelerator, tokenizer.pad_token_id, start_step)

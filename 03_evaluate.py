@@ -437,15 +437,22 @@ def load_nll(args, lang, split, hub):
     pairs_file = args.pairs
     if not pairs_file:
         raise UserError("task nll needs --pairs DEV.jsonl (the dev pairs written by 01_build_pairs.py)")
-    items, seen = [], set()
+    items, seen, lines = [], set(), {}
     for i, r in enumerate(nll_rows(pairs_file)):
         if lang == "en":
             if (r["x_en"], r["y_en"]) in seen:
                 continue
             seen.add((r["x_en"], r["y_en"]))
-            items.append(dict(id=r.get("id", i), x=r["x_en"], y=r["y_en"]))
+            items.append(dict(id=r["id"], x=r["x_en"], y=r["y_en"]))
         elif r["lang"] == lang:
-            items.append(dict(id=r.get("id", i), x=r["x_tgt"], y=r["y_tgt"]))
+            items.append(dict(id=r["id"], x=r["x_tgt"], y=r["y_tgt"]))
+        else:
+            continue
+        first = lines.setdefault(json.dumps(r["id"]), i + 1)
+        if first != i + 1:  # a bootstrap pairs items by id: a repeated one would pair the wrong items
+            raise UserError(f"{pairs_file} line {i + 1}: id {r['id']!r} of {lang} appears again (first at line "
+                            f"{first}{', with other English text' if lang == 'en' else ''}); give every pair its "
+                            "own id (01_build_pairs.py does)")
     return items, pairs_file
 
 
@@ -456,6 +463,7 @@ def nll_rows(pairs_file):
         raise UserError(f"{pairs_file} holds no pairs: pass the dev pairs 01_build_pairs.py wrote (OUT.dev.jsonl)")
     for i, r in enumerate(rows):
         missing = [k for k in ("x_en", "y_en", "x_tgt", "y_tgt", "lang") if not isinstance(r.get(k), str)]
+        missing += ["id"] * (not isinstance(r.get("id"), (str, int)) or isinstance(r.get("id"), bool))
         if missing:
             raise UserError(f"{pairs_file} line {i + 1}: missing field(s) {missing} (01_build_pairs.py writes them)")
     return rows
@@ -1751,6 +1759,13 @@ def is_run_json(obj):
     return isinstance(obj, dict) and obj.get("format") == "dft-eval-run/1"
 
 
+def same_model(recorded, given):
+    """One model folder however it is spelt (runs/tft, runs/tft/, its absolute path); hub names as written."""
+    if isinstance(recorded, str) and os.path.isdir(recorded) and os.path.isdir(given):
+        return os.path.samefile(recorded, given)
+    return isinstance(recorded, str) and os.path.normpath(recorded) == os.path.normpath(given)
+
+
 def fmt_score(entry):
     """Percent for fractions (acc, F1, EM), as the paper prints them; BLEU/chrF and NLL as they are."""
     scale = 100.0 if entry["aggregation"] == "mean" else 1.0
@@ -1939,8 +1954,7 @@ def compare_runs(path_a, path_b, out_dir, resamples, seed, allow_mismatch=False)
 def analysis_texts(lang, args, n):
     """n parallel (English, target) sentences: the --pairs file, else NTREX, else Tatoeba."""
     if args.pairs:
-        rows = [r for r in common.read_jsonl(args.pairs) if r.get("lang") == lang]
-        pairs = [(r["x_en"], r["x_tgt"]) for r in rows]
+        pairs = [(r["x_en"], r["x_tgt"]) for r in nll_rows(args.pairs) if r["lang"] == lang]
         src = args.pairs
     elif lang in NTREX_CODES:
         src = os.path.join(args.data_dir, "ntrex128", f"newstest2019-ref.{NTREX_CODES[lang]}.txt")
@@ -2350,7 +2364,7 @@ def run_eval(args, ranks=SINGLE):
 
         def open_record():
             record = common.read_json(json_path) if os.path.exists(json_path) else None
-            if record is not None and (not is_run_json(record) or record.get("model") != model_path):
+            if record is not None and (not is_run_json(record) or not same_model(record.get("model"), model_path)):
                 raise UserError(f"{json_path} holds results of another model ({record.get('model')}); "
                                 "pass --run-name or another --out")
             steered = intervention.record() if intervention else None

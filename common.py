@@ -3,9 +3,11 @@ Shared helpers for the three pipeline stages (01_build_pairs, 02_train_dft, 03_e
 
 Only what two or more stages need lives here: errors, I/O, the prompt template, the language
 table, model loading (with the offline fallback), and the one place that knows where each
-architecture keeps its decoder blocks, final norm and lm_head (the logit lens).
+architecture keeps its decoder blocks, final norm and lm_head (the logit lens, and forwards cut after a
+block).
 This module never imports a stage.
 """
+import collections
 import contextlib
 import gzip
 import hashlib
@@ -451,7 +453,7 @@ def load_model_and_tokenizer(name_or_path=DEFAULT_MODEL, dtype="float32", device
     path, adapter, source = resolve_model(name_or_path)
     config = AutoConfig.from_pretrained(path)
     check_architecture(config)
-    if attn_implementation is None and config.model_type in ("gemma2", "gemma3", "gemma3_text"):
+    if attn_implementation is None and config.model_type in ("gemma2", "gemma3_text"):
         attn_implementation = "eager"  # SDPA ignores Gemma's attention softcap
     kwargs = {"dtype": getattr(torch, dtype)}
     if attn_implementation:
@@ -612,13 +614,15 @@ def lens_logits(parts, hidden, normed=False, translator=None):
         weight, bias = translator
         hidden = hidden + F.linear(hidden, weight.to(hidden.dtype), bias.to(hidden.dtype))
     h = hidden if normed else frozen_call(parts.final_norm, hidden)
-    logits = frozen_call(parts.lm_head, h)
-    if parts.softcap:
-        logits = torch.tanh(logits / parts.softcap) * parts.softcap
-    return logits
+    return softcapped(parts, frozen_call(parts.lm_head, h))
 
 
-class _StopForward(Exception):
+def softcapped(parts, logits):
+    """The model's final-logit softcap (Gemma-2: 30 tanh(logits / 30)), as its own forward applies it."""
+    return torch.tanh(logits / parts.softcap) * parts.softcap if parts.softcap else logits
+
+
+class StopForward(Exception):
     pass
 
 
@@ -627,7 +631,8 @@ def capture_blocks(parts, layers, stop_after=None):
     """Record the raw outputs of blocks `layers` (1-based: 1 = first block) during a forward.
 
     With stop_after=k the forward is cut after block k (blocks above k are never run), which is how
-    the lens losses stay as cheap as their arithmetic; call the backbone inside `run_truncated`.
+    the lens losses stay as cheap as their arithmetic: `run_truncated` calls the backbone and catches
+    StopForward (02's `continue_prompt` does so itself, to pass the prompt's keys and values).
     """
     captured = {}
     handles = []
@@ -636,7 +641,7 @@ def capture_blocks(parts, layers, stop_after=None):
         def hook(module, args, output):
             captured[k] = output[0] if isinstance(output, tuple) else output
             if k == stop_after:
-                raise _StopForward
+                raise StopForward
         return hook
 
     for k in sorted(set(layers) | ({stop_after} if stop_after else set())):
@@ -660,7 +665,7 @@ def run_truncated_states(parts, layers, input_ids, attention_mask):
     with capture_blocks(parts, layers, stop_after=max(layers)) as captured:
         try:
             parts.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        except _StopForward:
+        except StopForward:
             pass
     return captured
 
@@ -702,8 +707,6 @@ def lens_entropy_curve(model, tokenizer, texts, batch_size=8, max_length=256, le
 # k = 0..L-1 (0: the embeddings, k: the output of block k; the last block needs none). Our provenance is a file of
 # its own, which the package never reads.
 
-TUNED_LENS_FIELDS = ("base_model_name_or_path", "d_model", "num_hidden_layers", "bias", "base_model_revision",
-                     "unembed_hash", "lens_type")
 TUNED_LENS_PROVENANCE = "provenance.json"
 
 
@@ -866,6 +869,10 @@ class ItemCell:
     def __init__(self, rows, metric, corpus=None, percent=True):
         import numpy as np
         self.ids = [json.dumps(r["id"]) for r in rows]
+        if len(set(self.ids)) < len(self.ids):  # items are paired by id: a repeated one would pair the wrong items
+            repeated = collections.Counter(self.ids).most_common(1)[0][0]
+            raise UserError(f"item id {repeated} appears more than once in one cell's per-item rows: give every item "
+                            "its own id (a pairs file's ids must be unique per language) and evaluate again")
         if metric == "nll":
             self.stats = np.array([[r["nll_sum"], r["n_tokens"]] for r in rows], dtype=np.float64).reshape(-1, 2)
             self.score = lambda sums, n: sums[:, 0] / sums[:, 1]

@@ -350,6 +350,26 @@ def test_compare_holm_floor_and_mismatch_refusal(tmp_path):
     assert "**--allow-mismatch**" in open(tmp_path / "compare_a_vs_c.md").read()
 
 
+def test_compare_refuses_a_cell_whose_items_repeat_an_id(tmp_path):
+    """Items are paired by id: a repeated id (a hand-written pairs file) would pair the wrong items silently."""
+    a = _write_run(tmp_path, "a", {("xnli", "zh"): ([0, 1, 1], "validation", "s1")})
+    b = _write_run(tmp_path, "b", {("xnli", "zh"): ([1, 1, 0], "validation", "s1")})
+    for run in ("a", "b"):  # both evaluated on one pairs file whose ids are 0, 1, 1
+        rows = [json.loads(line) for line in open(tmp_path / f"{run}.xnli.zh.jsonl")]
+        with open(tmp_path / f"{run}.xnli.zh.jsonl", "w") as f:
+            f.writelines(json.dumps(dict(r, id=min(r["id"], 1))) + "\n" for r in rows)
+    with pytest.raises(ev.UserError, match="item id 1 appears more than once in one cell"):
+        ev.compare_runs(a, b, str(tmp_path), 200, 0)
+
+
+def test_a_model_folder_is_the_same_model_however_it_is_spelt(tmp_path, monkeypatch):
+    (tmp_path / "runs" / "tft").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert ev.same_model("runs/tft", "runs/tft/") and ev.same_model("runs/tft", str(tmp_path / "runs" / "tft"))
+    assert ev.same_model("org/name", "org/name") and not ev.same_model("org/name", "org/other")
+    assert not ev.same_model(None, "runs/tft") and not ev.same_model("runs/tft", "runs")
+
+
 def test_results_table_nlu_average_and_degenerate_mark(tmp_path):
     runs = [dict(run="m", results={
         "xnli": {"zh": dict(score=0.4, stderr=0.01, aggregation="mean", settings=dict(dtype="bfloat16"),
@@ -376,6 +396,9 @@ CLI_ERRORS = [
     (["--tasks", "xnli", "--langs", "zh", "--data-dir", "{empty}"], "xnli's data is read from --data-dir"),
     (["--tasks", "nll", "--langs", "zh", "--pairs", "{empty}"], "is a folder, not a file"),
     (["--tasks", "nll", "--langs", "zh", "--pairs", "{nolang}"], "missing field(s) ['lang']"),
+    (["--tasks", "nll", "--langs", "zh", "--pairs", "{noid}"], "line 2: missing field(s) ['id']"),
+    (["--tasks", "nll", "--langs", "zh", "--pairs", "{dupid}"], "line 2: id 'a' of zh appears again (first at line 1"),
+    (["--analysis", "layers", "--langs", "zh", "--pairs", "{noid}"], "line 2: missing field(s) ['id']"),
     (["--tasks", "nll", "--langs", "zh", "--pairs", "{afile}"], "holds no pairs: pass the dev pairs"),
     (["--tasks", "xnli", "--langs", "zh", "--out", "{afile}"], "is a file; give a folder"),
     (["--tasks", "xnli", "--langs", "zh", "--limit", "0"], "--limit"),
@@ -389,11 +412,14 @@ def test_cli_errors(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     (tmp_path / "noweights").mkdir()
     (tmp_path / "noweights" / "config.json").write_text("{}")
-    (tmp_path / "nolang.jsonl").write_text(json.dumps(dict(x_en="a", y_en="b", x_tgt="c", y_tgt="d")) + "\n")
+    (tmp_path / "nolang.jsonl").write_text(json.dumps(dict(id=1, x_en="a", y_en="b", x_tgt="c", y_tgt="d")) + "\n")
+    pair = dict(id="a", lang="zh", x_en="a", y_en="b", x_tgt="c", y_tgt="d")
+    (tmp_path / "noid.jsonl").write_text(json.dumps(pair) + "\n" + json.dumps({**pair, "id": None}) + "\n")
+    (tmp_path / "dupid.jsonl").write_text(json.dumps(pair) + "\n" + json.dumps({**pair, "x_tgt": "e"}) + "\n")
     (tmp_path / "afile").write_text("")
     out = tmp_path / "out"  # every case refuses before writing anything, so they share it (a case's own --out wins)
     names = dict(empty=tmp_path / "empty", noweights=tmp_path / "noweights", nolang=tmp_path / "nolang.jsonl",
-                 afile=tmp_path / "afile")
+                 afile=tmp_path / "afile", noid=tmp_path / "noid.jsonl", dupid=tmp_path / "dupid.jsonl")
     runs = [["--out", str(out)] + [a.format(**names) for a in args] for args, _ in CLI_ERRORS]
     r = run_stage("03_evaluate.py", *runs[0])  # the command line itself; the others through common.run_main here
     results = [(r.returncode, r.stderr)] + [run_main_in_process(ev.main, argv, capsys) for argv in runs[1:]]
