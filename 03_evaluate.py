@@ -1925,6 +1925,11 @@ def compare_runs(path_a, path_b, out_dir, resamples, seed, allow_mismatch=False)
     lines = [f"# {b['run']} vs {a['run']} (B - A)\n", f"A = {path_a}\nB = {path_b}\n",
              f"Paired bootstrap over items, B = {resamples} resamples, seed {seed}; p at the floor prints as "
              f"< 1/{resamples + 1}. p (Holm): adjusted over the {len(table)} cells of this comparison.\n"]
+    one_sided = [f"{task} {lang} ({side} only)" for side, x, y in (("A", a, b), ("B", b, a))
+                 for task in sorted(x["results"]) for lang in sorted(x["results"][task])
+                 if lang not in y["results"].get(task, {})]
+    if one_sided:
+        lines.append("Not compared, evaluated in one run only: " + ", ".join(one_sided) + ".\n")
     if mismatched:
         lines.append("**--allow-mismatch**: these cells are not comparable and were compared on their shared item "
                      "ids anyway:\n" + "".join(f"- {m}\n" for m in mismatched))
@@ -1942,7 +1947,7 @@ def compare_runs(path_a, path_b, out_dir, resamples, seed, allow_mismatch=False)
         f.write(text)
     common.write_json(os.path.join(out_dir, stem + ".json"), dict(a=path_a, b=path_b, resamples=resamples, seed=seed,
                                                                   allow_mismatch=allow_mismatch, mismatches=mismatched,
-                                                                  rows=table))
+                                                                  one_sided=one_sided, rows=table))
     print(text)
     return table
 

@@ -350,6 +350,14 @@ def test_compare_holm_floor_and_mismatch_refusal(tmp_path):
     assert "**--allow-mismatch**" in open(tmp_path / "compare_a_vs_c.md").read()
 
 
+def test_compare_names_the_cells_of_one_run_only(tmp_path):
+    a = _write_run(tmp_path, "a", {("xnli", "zh"): ([0, 1] * 5, "validation", "s1"), ("xnli", "vi"): ([1] * 4, "v", "s")})
+    b = _write_run(tmp_path, "b", {("xnli", "zh"): ([1, 1] * 5, "validation", "s1"), ("xcopa", "zh"): ([1] * 4, "t", "s")})
+    ev.compare_runs(a, b, str(tmp_path), 200, 0)
+    assert "evaluated in one run only: xnli vi (A only), xcopa zh (B only)." in open(tmp_path / "compare_a_vs_b.md").read()
+    assert json.load(open(tmp_path / "compare_a_vs_b.json"))["one_sided"] == ["xnli vi (A only)", "xcopa zh (B only)"]
+
+
 def test_compare_refuses_a_cell_whose_items_repeat_an_id(tmp_path):
     """Items are paired by id: a repeated id (a hand-written pairs file) would pair the wrong items silently."""
     a = _write_run(tmp_path, "a", {("xnli", "zh"): ([0, 1, 1], "validation", "s1")})
