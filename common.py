@@ -417,8 +417,13 @@ def resolve_model(name_or_path):
     """Return (folder or hub name to pass to from_pretrained, adapter folder or None, one-line source)."""
     if os.path.isdir(name_or_path):
         if os.path.exists(os.path.join(name_or_path, "adapter_config.json")):
-            base = json.load(open(os.path.join(name_or_path, "adapter_config.json")))["base_model_name_or_path"]
-            base_path, _, source = resolve_model(base)
+            base = read_json(os.path.join(name_or_path, "adapter_config.json")).get("base_model_name_or_path")
+            try:
+                base_path, _, source = resolve_model(base or "")
+            except UserError as e:  # as peft reads it: a relative path from the current folder, else a hub name
+                raise UserError(f"LoRA adapter {name_or_path}: its base model {base!r} (adapter_config.json's "
+                                f"base_model_name_or_path) cannot be loaded: {e}. Restore the base, or write its "
+                                "folder or hub name there") from None
             _check_tokenizer(name_or_path)  # the tokenizer is loaded from the adapter folder
             return base_path, name_or_path, f"LoRA adapter {name_or_path} on {source}"
         if not os.path.exists(os.path.join(name_or_path, "config.json")) or not _has_weights(name_or_path):

@@ -180,6 +180,15 @@ def test_default_model_smoke():
     assert "Paris" in tok.decode(model.generate(**enc, max_new_tokens=12, do_sample=False)[0])
 
 
+def test_an_adapter_whose_base_is_gone_is_named_in_the_error(tmp_path):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps(dict(base_model_name_or_path=str(tmp_path / "gone"))))
+    with pytest.raises(common.UserError, match=r"LoRA adapter .*adapter: its base model '.*gone' \(adapter_config"
+                                               r".*model folder not found: .*gone"):
+        common.resolve_model(str(adapter))
+
+
 def test_versions_say_whether_tracked_files_differ_from_the_commit(tmp_path, monkeypatch):
     git = lambda *a: subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *a],
                                     check=True, capture_output=True)
