@@ -1548,7 +1548,7 @@ def make_run_info(cfg, plan, accelerator, model, data, start_step):
     total_steps = plan["total_steps"]
     segment = dict(start_step=start_step, total_steps=total_steps, max_steps=cfg["max_steps"], epochs=cfg["epochs"],
                    started=time.strftime("%Y-%m-%dT%H:%M:%S"), git_commit=run_info["versions"].get("git_commit"),
-                   world_size=world, device=run_info["device"])
+                   git_dirty=run_info["versions"].get("git_dirty"), world_size=world, device=run_info["device"])
     if not cfg["resume"]:
         return dict(run_info, segments=[segment])
     saved = common.read_json(os.path.join(cfg["out"], "train_config.json"))

@@ -439,31 +439,33 @@ def load_nll(args, lang, split, hub):
         raise UserError("task nll needs --pairs DEV.jsonl (the dev pairs written by 01_build_pairs.py)")
     items, seen, lines = [], set(), {}
     for i, r in enumerate(nll_rows(pairs_file)):
+        item_id = r["id"]
         if lang == "en":
             if (r["x_en"], r["y_en"]) in seen:
                 continue
             seen.add((r["x_en"], r["y_en"]))
-            items.append(dict(id=r["id"], x=r["x_en"], y=r["y_en"]))
+            if json.dumps(item_id) in lines:  # dev files of several languages joined: ids are per language
+                item_id = f"{item_id}@{r['lang']}"
+            items.append(dict(id=item_id, x=r["x_en"], y=r["y_en"]))
         elif r["lang"] == lang:
-            items.append(dict(id=r["id"], x=r["x_tgt"], y=r["y_tgt"]))
+            items.append(dict(id=item_id, x=r["x_tgt"], y=r["y_tgt"]))
         else:
             continue
-        first = lines.setdefault(json.dumps(r["id"]), i + 1)
+        first = lines.setdefault(json.dumps(item_id), i + 1)
         if first != i + 1:  # a bootstrap pairs items by id: a repeated one would pair the wrong items
-            raise UserError(f"{pairs_file} line {i + 1}: id {r['id']!r} of {lang} appears again (first at line "
-                            f"{first}{', with other English text' if lang == 'en' else ''}); give every pair its "
-                            "own id (01_build_pairs.py does)")
+            raise UserError(f"{pairs_file} line {i + 1}: id {r['id']!r} of {r['lang']} appears again (first at "
+                            f"line {first}); give every pair of a language its own id (01_build_pairs.py does)")
     return items, pairs_file
 
 
-def nll_rows(pairs_file):
-    """The pairs of --pairs, each checked for the fields nll reads."""
+def nll_rows(pairs_file, fields=("x_en", "y_en", "x_tgt", "y_tgt", "lang", "id")):
+    """The pairs of --pairs, each checked for the fields its reader reads (nll's by default)."""
     rows = common.read_jsonl(pairs_file)
     if not rows:
         raise UserError(f"{pairs_file} holds no pairs: pass the dev pairs 01_build_pairs.py wrote (OUT.dev.jsonl)")
     for i, r in enumerate(rows):
-        missing = [k for k in ("x_en", "y_en", "x_tgt", "y_tgt", "lang") if not isinstance(r.get(k), str)]
-        missing += ["id"] * (not isinstance(r.get("id"), (str, int)) or isinstance(r.get("id"), bool))
+        missing = [k for k in fields if not isinstance(r.get(k), (str, int) if k == "id" else str)
+                   or isinstance(r.get(k), bool)]
         if missing:
             raise UserError(f"{pairs_file} line {i + 1}: missing field(s) {missing} (01_build_pairs.py writes them)")
     return rows
@@ -1850,9 +1852,9 @@ def item_cell(entry, rows, metric=None, percent=False):
                         f"cell takes one of {', '.join(sorted(offered)) or '(none: its rows hold no score)'} as its "
                         "metric")
     if entry["aggregation"] != "corpus" or metric == "nll":
-        return common.ItemCell(rows, metric, percent=percent)
+        return common.ItemCell(rows, metric, percent=percent, source=entry.get("items_file"))
     bleu, chrf = bleu_metrics(entry.get("tgt_lang"))
-    return common.ItemCell(rows, metric, corpus=bleu if metric == "bleu" else chrf)
+    return common.ItemCell(rows, metric, corpus=bleu if metric == "bleu" else chrf, source=entry.get("items_file"))
 
 
 
@@ -1959,7 +1961,7 @@ def compare_runs(path_a, path_b, out_dir, resamples, seed, allow_mismatch=False)
 def analysis_texts(lang, args, n):
     """n parallel (English, target) sentences: the --pairs file, else NTREX, else Tatoeba."""
     if args.pairs:
-        pairs = [(r["x_en"], r["x_tgt"]) for r in nll_rows(args.pairs) if r["lang"] == lang]
+        pairs = [(r["x_en"], r["x_tgt"]) for r in nll_rows(args.pairs, ("x_en", "x_tgt", "lang")) if r["lang"] == lang]
         src = args.pairs
     elif lang in NTREX_CODES:
         src = os.path.join(args.data_dir, "ntrex128", f"newstest2019-ref.{NTREX_CODES[lang]}.txt")

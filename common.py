@@ -176,14 +176,17 @@ def versions():
     import transformers
     out = {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__}
 
-    def git(*args):
-        return subprocess.run(["git", "-C", REPO_DIR, *args], capture_output=True, text=True, timeout=5).stdout.strip()
-    try:
-        out["git_commit"] = git("rev-parse", "HEAD") or None
-        # the commit alone does not say what ran once tracked files were edited (e.g. a user's new signal)
-        out["git_dirty"] = bool(git("status", "--porcelain", "--untracked-files=no")) if out["git_commit"] else None
-    except (OSError, subprocess.SubprocessError):
-        out["git_commit"] = out["git_dirty"] = None
+    def git(*args):  # its output, or None when git fails (no checkout, no git, a broken index)
+        try:
+            done = subprocess.run(["git", "--no-optional-locks", "-C", REPO_DIR, *args], capture_output=True,
+                                  text=True, timeout=5)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+    out["git_commit"] = git("rev-parse", "HEAD") or None
+    # the commit alone does not say what ran once tracked files were edited (e.g. a user's new signal)
+    status = git("status", "--porcelain", "--untracked-files=no") if out["git_commit"] else None
+    out["git_dirty"] = None if status is None else bool(status)
     out["machine"] = machine()
     return out
 
@@ -871,13 +874,14 @@ class ItemCell:
     (accuracy, F1) = its mean (x 100 with percent); chrF / BLEU (corpus = a sacrebleu metric) = the corpus score of
     the drawn sentences."""
 
-    def __init__(self, rows, metric, corpus=None, percent=True):
+    def __init__(self, rows, metric, corpus=None, percent=True, source=None):
         import numpy as np
         self.ids = [json.dumps(r["id"]) for r in rows]
         if len(set(self.ids)) < len(self.ids):  # items are paired by id: a repeated one would pair the wrong items
             repeated = collections.Counter(self.ids).most_common(1)[0][0]
-            raise UserError(f"item id {repeated} appears more than once in one cell's per-item rows: give every item "
-                            "its own id (a pairs file's ids must be unique per language) and evaluate again")
+            raise UserError(f"item id {repeated} appears more than once in {source or 'one cell'}'s per-item rows: "
+                            "give every item its own id (a pairs file's ids must be unique per language) and "
+                            "evaluate again")
         if metric == "nll":
             self.stats = np.array([[r["nll_sum"], r["n_tokens"]] for r in rows], dtype=np.float64).reshape(-1, 2)
             self.score = lambda sums, n: sums[:, 0] / sums[:, 1]

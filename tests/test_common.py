@@ -201,6 +201,8 @@ def test_versions_say_whether_tracked_files_differ_from_the_commit(tmp_path, mon
     assert common.versions()["git_dirty"] is False
     (tmp_path / "stage.py").write_text("x = 2\n")
     assert common.versions()["git_dirty"] is True
+    (tmp_path / ".git" / "index").write_bytes(b"broken")  # git status fails: unknown, not clean
+    assert (common.versions()["git_commit"] is not None, common.versions()["git_dirty"]) == (True, None)
     monkeypatch.setattr(common, "REPO_DIR", str(tmp_path / "nowhere"))  # not a checkout: neither is known
     assert (common.versions()["git_commit"], common.versions()["git_dirty"]) == (None, None)
 

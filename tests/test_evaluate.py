@@ -350,6 +350,19 @@ def test_compare_holm_floor_and_mismatch_refusal(tmp_path):
     assert "**--allow-mismatch**" in open(tmp_path / "compare_a_vs_c.md").read()
 
 
+def test_nll_ids_are_per_language(tmp_path):
+    """Dev files of two languages joined (01 numbers some sources' ids per language, e.g. tatoeba-7 in each): every
+    target cell keeps its ids; the English cell, whose texts come from both, tells a repeated id by its language."""
+    rows = [dict(id=f"t-{i}", lang=lang, x_en=f"{lang} en {i}", y_en="y", x_tgt=f"{lang} {i}", y_tgt="z")
+            for lang in ("de", "fr") for i in range(3)]
+    pairs = tmp_path / "dev.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = types.SimpleNamespace(pairs=str(pairs))
+    assert [i["id"] for i in ev.load_nll(args, "fr", "dev", False)[0]] == ["t-0", "t-1", "t-2"]
+    assert [i["id"] for i in ev.load_nll(args, "en", "dev", False)[0]] == ["t-0", "t-1", "t-2", "t-0@fr", "t-1@fr",
+                                                                           "t-2@fr"]
+
+
 def test_compare_names_the_cells_of_one_run_only(tmp_path):
     a = _write_run(tmp_path, "a", {("xnli", "zh"): ([0, 1] * 5, "validation", "s1"), ("xnli", "vi"): ([1] * 4, "v", "s")})
     b = _write_run(tmp_path, "b", {("xnli", "zh"): ([1, 1] * 5, "validation", "s1"), ("xcopa", "zh"): ([1] * 4, "t", "s")})
@@ -366,7 +379,7 @@ def test_compare_refuses_a_cell_whose_items_repeat_an_id(tmp_path):
         rows = [json.loads(line) for line in open(tmp_path / f"{run}.xnli.zh.jsonl")]
         with open(tmp_path / f"{run}.xnli.zh.jsonl", "w") as f:
             f.writelines(json.dumps(dict(r, id=min(r["id"], 1))) + "\n" for r in rows)
-    with pytest.raises(ev.UserError, match="item id 1 appears more than once in one cell"):
+    with pytest.raises(ev.UserError, match=r"item id 1 appears more than once in a\.xnli\.zh\.jsonl.s per-item rows"):
         ev.compare_runs(a, b, str(tmp_path), 200, 0)
 
 
@@ -406,7 +419,7 @@ CLI_ERRORS = [
     (["--tasks", "nll", "--langs", "zh", "--pairs", "{nolang}"], "missing field(s) ['lang']"),
     (["--tasks", "nll", "--langs", "zh", "--pairs", "{noid}"], "line 2: missing field(s) ['id']"),
     (["--tasks", "nll", "--langs", "zh", "--pairs", "{dupid}"], "line 2: id 'a' of zh appears again (first at line 1"),
-    (["--analysis", "layers", "--langs", "zh", "--pairs", "{noid}"], "line 2: missing field(s) ['id']"),
+    (["--analysis", "layers", "--langs", "zh", "--pairs", "{nolang}"], "line 1: missing field(s) ['lang']"),
     (["--tasks", "nll", "--langs", "zh", "--pairs", "{afile}"], "holds no pairs: pass the dev pairs"),
     (["--tasks", "xnli", "--langs", "zh", "--out", "{afile}"], "is a file; give a folder"),
     (["--tasks", "xnli", "--langs", "zh", "--limit", "0"], "--limit"),
