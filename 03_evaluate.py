@@ -1844,7 +1844,7 @@ def item_cell(entry, rows, metric=None, percent=False):
     metric = metric or ("nll" if entry["aggregation"] == "ratio" else entry["metric"])
     first = rows[0] if rows else {}
     scores = set(first.get("scores") or {})
-    scores |= {"f1_lang"} if "f1" in scores else set()  # runs scored before f1_lang existed stored it as f1
+    scores |= {new for new, old in common.OLD_METRIC_NAMES.items() if old in scores}
     offered = ({"chrf", "bleu"} if entry["aggregation"] == "corpus" else scores) | (
         {"nll"} if "nll_sum" in first else set())
     if rows and metric not in offered:

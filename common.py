@@ -868,6 +868,9 @@ def load_runs(folder):
     return runs
 
 
+OLD_METRIC_NAMES = {"f1_lang": "f1"}  # per-item rows scored before f1_lang existed hold it as f1
+
+
 class ItemCell:
     """One run's items of one task x language as per-item sufficient statistics, so that the cell's statistic on
     any multiset of its items is a function of counts @ stats: NLL = summed NLL / summed tokens; a per-item score
@@ -889,8 +892,8 @@ class ItemCell:
             self.stats = np.array(corpus._extract_corpus_statistics([r.get("prediction") or "" for r in rows],
                                                                     [[r["gold"] for r in rows]]), dtype=np.float64)
             self.score = lambda sums, n: np.array([corpus._compute_score_from_stats(list(s)).score for s in sums])
-        else:  # runs scored before f1_lang existed stored it as f1
-            values = [r["scores"].get(metric, r["scores"].get("f1") if metric == "f1_lang" else None) for r in rows]
+        else:
+            values = [r["scores"].get(metric, r["scores"].get(OLD_METRIC_NAMES.get(metric))) for r in rows]
             self.stats = np.array(values, dtype=np.float64).reshape(-1, 1)
             scale = 100.0 if percent else 1.0
             self.score = lambda sums, n: scale * sums[:, 0] / n
