@@ -1426,9 +1426,9 @@ def eval_batches(num_examples, world, size, min_size=1):
 def heldout_losses(objective, accelerator, examples, cfg, pad_id, show_bar):
     """Every term of the objective on held-out examples, no gradient: global means over all ranks' shards.
 
-    Rank r takes examples r, r+world, ...; every rank runs the same number of batches (a rank that runs out
-    runs a batch of its first examples (of all examples, if its shard is empty) with weight 0), so sharded
-    launchers see the same collectives on every rank.
+    Rank r takes examples r, r+world, ...; every rank runs the same number of batches (a rank that runs out runs,
+    with weight 0, a batch of its first examples, or of all examples if its shard is empty), so sharded launchers
+    see the same collectives on every rank.
     A contrastive term contrasts each held-out batch's own pairs (batches differ in size across ranks, so
     nothing is gathered)."""
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -1785,8 +1785,9 @@ def least_squares_translator(hidden, target, ridge=1e-6):
 
 def fit_tuned_lens(args):
     """--fit-tuned-lens: translators h + A_k h + b_k for the chosen blocks (started by --fit-init: least squares, or
-    zero = the logit lens), fitted with Adam on the frozen model by KL(final-layer distribution || lens_k) and read through the model's
-    own final norm and lm_head (and softcap); held-out KL of both readouts on the dev pairs; one folder."""
+    zero = the logit lens), fitted with Adam on the frozen model by KL(final-layer distribution || lens_k) and read
+    through the model's own final norm and lm_head (and softcap); held-out KL of both readouts on the dev pairs; one
+    folder."""
     check_fit_args(args)
     cfg = {name: value for name, value in vars(args).items() if name != "given"}
     for name in ("fit_tokens", "fit_batch", "fit_eval_tokens", "batch_size", "max_length"):
